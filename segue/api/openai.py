@@ -1,0 +1,141 @@
+"""OpenAI request types, their validation, error bodies and response chunks."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+NonNegInt = Annotated[int, Meta(ge=0)]
+
+
+class StreamOptions(Struct):
+    include_usage: bool = False
+
+
+class _Common(Struct, kw_only=True):
+    model: str
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    # Extensions (as in vLLM): run past EOS; return token ids; per-request deadline (s).
+    ignore_eos: bool = False
+    return_token_ids: bool = False
+    timeout: Annotated[float, Meta(gt=0.0)] | None = None
+    logprobs: Any = None
+
+
+class CompletionRequest(_Common, kw_only=True):
+    prompt: str | list[Any]
+    echo: bool = False
+
+
+class TextPart(Struct):
+    type: str
+    text: str = ""
+
+
+class Message(Struct):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Common, kw_only=True):
+    messages: list[Message]
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+
+
+completion_decoder = msgspec.json.Decoder(CompletionRequest)
+chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
+encode = msgspec.json.Encoder().encode
+
+
+class APIError(Exception):
+    """A client-visible error with an OpenAI-style body."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None,
+        err_type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = err_type or (
+            "invalid_request_error" if status < 500 else "service_unavailable_error"
+        )
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code or self.status,
+            }
+        }
+
+
+_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def validation_error(e: msgspec.ValidationError | msgspec.DecodeError) -> APIError:
+    """msgspec says 'Expected `int`, got `str` - at `$.max_tokens`': name the field."""
+    msg = str(e)
+    if isinstance(e, msgspec.ValidationError):
+        m = _PATH_RE.search(msg)
+        param = m.group(1) if m else None
+        if "Object missing required field" in msg:
+            param = msg.rsplit("`", 2)[-2] if "`" in msg else param
+        return APIError(400, f"Invalid request: {msg}", param=param or None)
+    return APIError(400, f"Request body is not valid JSON: {msg}", code="invalid_json")
+
+
+def prompt_text_or_ids(prompt: str | list[Any]) -> str | list[int]:
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt  # type: ignore[return-value]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        raise APIError(400, "Batched prompts (a list of several strings) are not supported",
+                       param="prompt")
+    raise APIError(400, "prompt must be a string or a non-empty list of token ids",
+                   param="prompt")
+
+
+def message_dicts(messages: list[Message]) -> list[dict]:
+    if not messages:
+        raise APIError(400, "messages must contain at least one message", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if m.role not in ("system", "user", "assistant", "developer", "tool"):
+            raise APIError(400, f"messages[{i}].role {m.role!r} is not supported",
+                           param=f"messages[{i}].role")
+        content = m.content
+        if isinstance(content, list):
+            if any(p.type != "text" for p in content):
+                raise APIError(400, "only text content parts are supported",
+                               param=f"messages[{i}].content")
+            content = "".join(p.text for p in content)
+        out.append({"role": m.role, "content": content or ""})
+    return out
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

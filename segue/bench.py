@@ -1,0 +1,203 @@
+"""`segue bench`: a closed-loop load generator for any OpenAI-compatible endpoint.
+
+Each of C clients sends one request, reads the whole response, and sends the next, for
+`--duration` seconds per concurrency level. Streams are read event by event to time the
+first token (TTFT) and the gaps between content events (inter-token latency; an event may
+carry several tokens when the server coalesces). Token counts come from the server's usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import aiohttp
+
+_WORDS = ("the of and to in is was he for it with as his on be at by had are but from or "
+          "have an they which one you were all we her she there would their").split()
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="model name (default: first of /v1/models)")
+    p.add_argument("--concurrency", default="1,8,64", help="comma-separated levels")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per level")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load first")
+    p.add_argument("--prompt-tokens", type=int, default=100,
+                   help="prompt length in words (one token each with the built-in tokenizer)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument("--no-stream", action="store_true")
+    p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (vLLM, segue)")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int = 0
+    errors: int = 0
+    duration_s: float = 0.0
+    requests_per_s: float = 0.0
+    output_tokens_per_s: float = 0.0
+    ttft_ms_p50: float = 0.0
+    ttft_ms_p99: float = 0.0
+    itl_ms_p50: float = 0.0
+    itl_ms_p99: float = 0.0
+    latency_ms_p50: float = 0.0
+    latency_ms_p99: float = 0.0
+    error_samples: list[str] = field(default_factory=list)
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] * 1000.0
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.ttft: list[float] = []
+        self.itl: list[float] = []
+        self.lat: list[float] = []
+        self.tokens = 0
+        self.requests = 0
+        self.errors: list[str] = []
+
+
+async def _one(session: aiohttp.ClientSession, url: str, body: dict, stream: bool,
+               st: _Stats | None) -> None:
+    t0 = time.perf_counter()
+    ttft = None
+    last = None
+    gaps: list[float] = []
+    tokens = 0
+    try:
+        async with session.post(url, json=body) as r:
+            if r.status != 200:
+                raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:200]}")
+            if stream:
+                async for line in r.content:
+                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                        continue
+                    ev = json.loads(line[6:])
+                    if "error" in ev:
+                        raise RuntimeError(f"stream error: {ev['error'].get('message')}")
+                    if ev.get("usage"):
+                        tokens = ev["usage"]["completion_tokens"]
+                    if ev.get("choices"):
+                        now = time.perf_counter()
+                        if ttft is None:
+                            ttft = now - t0
+                        else:
+                            gaps.append(now - last)
+                        last = now
+            else:
+                data = await r.json()
+                tokens = data["usage"]["completion_tokens"]
+    except (aiohttp.ClientError, RuntimeError, TimeoutError, ValueError) as e:
+        if st is not None:
+            st.errors.append(str(e)[:200] or type(e).__name__)
+        return
+    if st is None:
+        return
+    st.requests += 1
+    st.tokens += tokens
+    st.lat.append(time.perf_counter() - t0)
+    if ttft is not None:
+        st.ttft.append(ttft)
+        st.itl.extend(gaps)
+
+
+async def _level(args, url: str, body: dict, c: int, progress) -> LevelResult:
+    stream = not args.no_stream
+    conn = aiohttp.TCPConnector(limit=c, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+        stats: _Stats | None = None
+
+        async def client(deadline: float) -> None:
+            while time.perf_counter() < deadline:
+                await _one(session, url, body, stream, stats)
+
+        if args.warmup > 0:
+            end = time.perf_counter() + args.warmup
+            await asyncio.gather(*(client(end) for _ in range(c)))
+        stats = _Stats()
+        t0 = time.perf_counter()
+        end = t0 + args.duration
+        tasks = [asyncio.create_task(client(end)) for _ in range(c)]
+        while not all(t.done() for t in tasks):
+            await asyncio.sleep(0.2)
+            if progress is not None:
+                progress.n = round(min(time.perf_counter() - t0, args.duration), 1)
+                progress.set_postfix(c=c, req=stats.requests, err=len(stats.errors))
+        elapsed = time.perf_counter() - t0
+    return LevelResult(
+        concurrency=c, requests=stats.requests, errors=len(stats.errors),
+        duration_s=round(elapsed, 3),
+        requests_per_s=round(stats.requests / elapsed, 2),
+        output_tokens_per_s=round(stats.tokens / elapsed, 1),
+        ttft_ms_p50=round(_pct(stats.ttft, 0.5), 3), ttft_ms_p99=round(_pct(stats.ttft, 0.99), 3),
+        itl_ms_p50=round(_pct(stats.itl, 0.5), 3), itl_ms_p99=round(_pct(stats.itl, 0.99), 3),
+        latency_ms_p50=round(_pct(stats.lat, 0.5), 3),
+        latency_ms_p99=round(_pct(stats.lat, 0.99), 3),
+        error_samples=sorted(set(stats.errors))[:3],
+    )
+
+
+async def _bench(args) -> list[LevelResult]:
+    base = args.url.rstrip("/")
+    model = args.model
+    if model is None:
+        async with aiohttp.ClientSession() as s, s.get(base + "/v1/models") as r:
+            model = (await r.json())["data"][0]["id"]
+    prompt = " ".join(_WORDS[i % len(_WORDS)] for i in range(args.prompt_tokens))
+    body: dict = {"model": model, "max_tokens": args.max_tokens, "temperature": 0}
+    if args.endpoint == "chat":
+        url = base + "/v1/chat/completions"
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        url = base + "/v1/completions"
+        body["prompt"] = prompt
+    if not args.no_stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    if args.ignore_eos:
+        body["ignore_eos"] = True
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    results = []
+    for c in levels:
+        progress = None
+        if not args.no_progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=args.duration, desc=f"c={c}", unit="s", file=sys.stderr,
+                            bar_format="{desc} {bar} {n:.1f}/{total:.0f}s {postfix}")
+        try:
+            results.append(await _level(args, url, body, c, progress))
+        finally:
+            if progress is not None:
+                progress.close()
+    return results
+
+
+def run_bench(args) -> int:
+    results = asyncio.run(_bench(args))
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        cols = ("concurrency", "requests", "errors", "requests_per_s", "output_tokens_per_s",
+                "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "latency_ms_p50")
+        print(" ".join(f"{c:>12.12}" for c in cols))
+        for r in results:
+            print(" ".join(f"{getattr(r, c):>12}" for c in cols))
+            for e in r.error_samples:
+                print(f"   error: {e}")
+    return 1 if any(r.requests == 0 for r in results) else 0

@@ -1,0 +1,142 @@
+"""The `segue` command: serve | frontend | worker | bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from segue.log import setup_logging
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mocker engine")
+    g.add_argument("--mocker-max-num-seqs", type=int, default=256)
+    g.add_argument("--mocker-kv-blocks", type=int, default=16384)
+    g.add_argument("--mocker-block-size", type=int, default=16)
+    g.add_argument("--mocker-step-ms", type=float, default=5.0,
+                   help="decode step time for one sequence, before --mocker-speedup")
+    g.add_argument("--mocker-prefill-tps", type=float, default=50000.0,
+                   help="prefill speed in prompt tokens per second, before --mocker-speedup")
+    g.add_argument("--mocker-speedup", type=float, default=1.0,
+                   help="divide every simulated time by this (large = near-instant)")
+    g.add_argument("--mocker-seed", type=int, default=0)
+
+
+def _add_frontend_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--router", default="round-robin",
+                   choices=["round-robin", "random", "least-loaded"])
+    p.add_argument("--migration-limit", type=int, default=3)
+    p.add_argument("--stall-timeout", type=float, default=5.0,
+                   help="seconds without any frame from a worker before it counts as hung")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="default per-request deadline in seconds (none by default)")
+    p.add_argument("--model-name", default=None, help="served model name")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="segue", description=__doc__)
+    ap.add_argument("--log-level", default=os.environ.get("SEGUE_LOG_LEVEL", "INFO"))
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="frontend + N workers as child processes")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--engine", default="mocker", choices=["mocker"])
+    s.add_argument("--model", default=None, help="Hugging Face model directory")
+    _add_frontend_flags(s)
+    _add_engine_flags(s)
+
+    f = sub.add_parser("frontend", help="the OpenAI HTTP frontend")
+    f.add_argument("--host", default="127.0.0.1")
+    f.add_argument("--port", type=int, default=8000)
+    f.add_argument("--discovery", required=True, help="file:DIR")
+    f.add_argument("--namespace", default="default")
+    f.add_argument("--model", default=None, help="Hugging Face model directory (tokenizer)")
+    _add_frontend_flags(f)
+
+    w = sub.add_parser("worker", help="one engine worker")
+    w.add_argument("--engine", default="mocker", choices=["mocker"])
+    w.add_argument("--model", default=None)
+    w.add_argument("--role", default="aggregated", choices=["aggregated", "prefill", "decode"])
+    w.add_argument("--discovery", required=True)
+    w.add_argument("--namespace", default="default")
+    w.add_argument("--host", default="127.0.0.1")
+    w.add_argument("--port", type=int, default=0)
+    w.add_argument("--drain-timeout", type=float, default=30.0)
+    w.add_argument("--keepalive", type=float, default=0.5,
+                   help="seconds between keep-alive frames while a request makes no tokens")
+    w.add_argument("--lease-ttl", type=float, default=2.0)
+    _add_engine_flags(w)
+
+    b = sub.add_parser("bench", help="closed-loop load generator for any OpenAI endpoint")
+    from segue.bench import add_bench_args
+
+    add_bench_args(b)
+    return ap
+
+
+def _model_name(args) -> str:
+    if args.model_name:
+        return args.model_name
+    return os.path.basename(os.path.normpath(args.model)) if args.model else "segue-mocker"
+
+
+async def _frontend(args) -> None:
+    from segue.discovery import open_discovery
+    from segue.frontend.server import FrontendConfig, run_frontend
+    from segue.tokenizer import load_tokenizer
+    from segue.worker.server import install_signal_handlers
+
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    cfg = FrontendConfig(
+        host=args.host, port=args.port, model_name=_model_name(args), router=args.router,
+        migration_limit=args.migration_limit, stall_timeout=args.stall_timeout,
+        request_timeout=args.request_timeout,
+    )
+    tok = load_tokenizer(args.model)
+    await run_frontend(cfg, tok, open_discovery(args.discovery, args.namespace), stop)
+
+
+async def _worker(args) -> None:
+    from segue.discovery import open_discovery
+    from segue.engines import create_engine
+    from segue.tokenizer import load_tokenizer
+    from segue.worker.server import Worker, WorkerConfig, install_signal_handlers
+
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    tok = load_tokenizer(args.model)
+    engine = create_engine(args.engine, args, tok)
+    cfg = WorkerConfig(
+        role=args.role, host=args.host, port=args.port, lease_ttl=args.lease_ttl,
+        keepalive_s=args.keepalive, drain_timeout=args.drain_timeout,
+    )
+    await Worker(engine, open_discovery(args.discovery, args.namespace), cfg).run(stop)
+
+
+def _run(coro) -> None:
+    import uvloop
+
+    uvloop.run(coro)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "bench":
+        from segue.bench import run_bench
+
+        sys.exit(run_bench(args))
+    setup_logging(args.cmd, args.log_level.upper())
+    if args.cmd == "serve":
+        from segue.serve import serve
+
+        sys.exit(serve(args))
+    _run(_frontend(args) if args.cmd == "frontend" else _worker(args))
+
+
+if __name__ == "__main__":
+    main()

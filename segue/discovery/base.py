@@ -1,0 +1,36 @@
+"""The discovery interface every backend implements: lease + TTL + watch."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+
+import msgspec
+
+
+class Instance(msgspec.Struct, frozen=True):
+    id: str
+    role: str  # "aggregated" | "prefill" | "decode"
+    url: str
+    pid: int
+    host: str
+    model: str = ""
+
+
+class Lease(abc.ABC):
+    @abc.abstractmethod
+    async def revoke(self) -> None:
+        """Leave discovery now (graceful shutdown); renewal stops."""
+
+
+class Discovery(abc.ABC):
+    @abc.abstractmethod
+    async def register(self, instance: Instance, ttl: float) -> Lease:
+        """Publish an instance; it stays visible while the lease is renewed."""
+
+    @abc.abstractmethod
+    def watch(self) -> AsyncIterator[dict[str, Instance]]:
+        """Yields the full set of live instances (by id) each time it changes."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        pass

@@ -1,0 +1,98 @@
+"""The engine interface a worker drives.
+
+An engine takes an `EngineRequest` and returns a `RequestStream`: a channel the engine
+pushes token ids into and finishes. The worker reads it with a timeout (to send keep-alive
+frames) and calls `engine.abort()` when its caller goes away; abort must free the request's
+KV at once and finish the stream with reason "abort".
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass
+
+from segue.protocol import EngineRequest
+
+
+@dataclass(slots=True)
+class EngineOutput:
+    token_ids: list[int]
+    finish_reason: str | None = None  # "length" | "stop" | "abort" | "error"
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+
+class EngineRequestError(ValueError):
+    """The engine cannot serve this request at all (too long for its KV cache...)."""
+
+
+class RequestStream:
+    """Single-producer, single-consumer token channel; coalesces tokens produced between
+    reads so a fast engine sends fewer, larger frames."""
+
+    __slots__ = ("request_id", "_pending", "_finish", "_error", "_event", "result")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._pending: list[int] = []
+        self._finish: str | None = None
+        self._error: str | None = None
+        self._event = asyncio.Event()
+        self.result: object = None  # phase-specific result (a KV handle for a prefill)
+
+    def push(self, token_id: int) -> None:
+        self._pending.append(token_id)
+        self._event.set()
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        if self._finish is None:
+            self._finish = reason
+            self._error = error
+            self._event.set()
+
+    @property
+    def finished(self) -> bool:
+        return self._finish is not None
+
+    async def get(self, timeout: float | None = None) -> EngineOutput | None:
+        """Next batch of tokens (and the finish reason once done); None on timeout."""
+        if not self._pending and self._finish is None:
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout)
+            except TimeoutError:
+                return None
+        self._event.clear()
+        out = EngineOutput(self._pending, self._finish, self._error)
+        self._pending = []
+        return out
+
+
+class Engine(abc.ABC):
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    @abc.abstractmethod
+    def add_request(self, req: EngineRequest) -> RequestStream:
+        """Queue a request; raises EngineRequestError if it can never be served."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> bool:
+        """Abort a request and free its KV at once; True if it was still live."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def healthy(self) -> bool:
+        return True

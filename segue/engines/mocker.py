@@ -1,0 +1,219 @@
+"""A simulated engine with the scheduling and memory behaviour of a real one.
+
+Continuous batching (at most `max_num_seqs` running), a FIFO waiting queue, a KV block pool
+reserved on admission for prompt + max_tokens and freed on finish or abort, and a timing
+model: a prefill takes prompt_tokens / prefill_tps, a decode step takes step_ms growing with
+the batch size, all divided by `speedup`.
+
+Output is a pure function of (seed, context): each token is picked from the tokenizer's
+readable vocabulary by a hash folded over prompt + tokens generated so far. A request that
+is re-sent with prompt + generated tokens therefore continues exactly where it stopped.
+The mocker never emits EOS: a request runs to max_tokens unless a stop token is asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from segue.engines.base import Engine, EngineRequestError, EngineStats, RequestStream
+from segue.protocol import EngineRequest
+
+log = logging.getLogger("segue.mocker")
+
+_MASK = (1 << 64) - 1
+_FNV_PRIME = 0x100000001B3
+_FNV_OFFSET = 0xCBF29CE484222325
+
+
+def fold(h: int, token_ids: list[int]) -> int:
+    """FNV-1a over token ids: the context fingerprint the next token is drawn from."""
+    for t in token_ids:
+        h = ((h ^ t) * _FNV_PRIME) & _MASK
+    return h
+
+
+def draw(h: int, seed: int, n: int) -> int:
+    """splitmix64 finaliser of (context hash, seed), reduced to [0, n)."""
+    x = (h ^ (seed * 0x9E3779B97F4A7C15)) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return (x ^ (x >> 31)) % n
+
+
+@dataclass
+class MockerConfig:
+    max_num_seqs: int = 256
+    kv_blocks: int = 16384
+    block_size: int = 16
+    step_ms: float = 5.0
+    prefill_tps: float = 50000.0
+    batch_slowdown: float = 0.01  # extra step time per running sequence, as a fraction
+    speedup: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args) -> MockerConfig:
+        return cls(
+            max_num_seqs=args.mocker_max_num_seqs,
+            kv_blocks=args.mocker_kv_blocks,
+            block_size=args.mocker_block_size,
+            step_ms=args.mocker_step_ms,
+            prefill_tps=args.mocker_prefill_tps,
+            speedup=args.mocker_speedup,
+            seed=args.mocker_seed,
+        )
+
+
+class _Seq:
+    __slots__ = ("req", "stream", "h", "seed", "generated", "blocks", "prefilled", "done")
+
+    def __init__(self, req: EngineRequest, stream: RequestStream, seed: int, blocks: int):
+        self.req = req
+        self.stream = stream
+        self.seed = seed
+        self.h = 0
+        self.generated = 0
+        self.blocks = blocks
+        self.prefilled = False
+        self.done = False
+
+
+class MockerEngine(Engine):
+    def __init__(self, config: MockerConfig, tokenizer) -> None:
+        self.cfg = config
+        self.vocab = tokenizer.output_vocab()
+        self.eos = tokenizer.eos_token_ids
+        self.waiting: deque[_Seq] = deque()
+        self.running: dict[str, _Seq] = {}
+        self.free_blocks = config.kv_blocks
+        self._seqs: dict[str, _Seq] = {}
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="mocker-scheduler")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for rid in list(self._seqs):
+            self.abort(rid)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.running),
+            waiting=len(self.waiting),
+            kv_blocks_used=self.cfg.kv_blocks - self.free_blocks,
+            kv_blocks_total=self.cfg.kv_blocks,
+        )
+
+    @property
+    def healthy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.cfg.block_size)
+
+    def add_request(self, req: EngineRequest) -> RequestStream:
+        if req.request_id in self._seqs:
+            raise EngineRequestError(f"request id {req.request_id!r} is already running")
+        blocks = self.blocks_for(len(req.token_ids) + req.max_tokens)
+        if blocks > self.cfg.kv_blocks:
+            raise EngineRequestError(
+                f"request needs {blocks} KV blocks, the engine has {self.cfg.kv_blocks}"
+            )
+        stream = RequestStream(req.request_id)
+        # Greedy output depends only on the engine seed; sampled output also on the request's.
+        seed = self.cfg.seed if req.temperature == 0 else self.cfg.seed ^ (req.seed + 1)
+        seq = _Seq(req, stream, seed, blocks)
+        self._seqs[req.request_id] = seq
+        self.waiting.append(seq)
+        self._wakeup.set()
+        return stream
+
+    def abort(self, request_id: str) -> bool:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return False
+        self._finish(seq, "abort")
+        return True
+
+    def _finish(self, seq: _Seq, reason: str) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        self._seqs.pop(seq.req.request_id, None)
+        if self.running.pop(seq.req.request_id, None) is not None:
+            self.free_blocks += seq.blocks
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        seq.stream.finish(reason)
+        self._wakeup.set()  # freed blocks may let a waiting request in
+
+    def _emit(self, seq: _Seq) -> None:
+        tok = self.vocab[draw(seq.h, seq.seed, len(self.vocab))]
+        seq.h = fold(seq.h, (tok,))
+        seq.generated += 1
+        seq.stream.push(tok)
+        req = seq.req
+        if tok in req.stop_token_ids or (not req.ignore_eos and tok in self.eos):
+            self._finish(seq, "stop")
+        elif seq.generated >= req.max_tokens:
+            self._finish(seq, "length")
+
+    def _admit(self) -> list[_Seq]:
+        admitted = []
+        while (
+            self.waiting
+            and len(self.running) < self.cfg.max_num_seqs
+            and self.waiting[0].blocks <= self.free_blocks
+        ):
+            seq = self.waiting.popleft()
+            self.free_blocks -= seq.blocks
+            self.running[seq.req.request_id] = seq
+            admitted.append(seq)
+        return admitted
+
+    async def _sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(seconds, 0.0) / self.cfg.speedup)
+
+    async def _loop(self) -> None:
+        cfg = self.cfg
+        while True:
+            if not self.running and not self.waiting:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            admitted = self._admit()
+            decoding = [s for s in self.running.values() if s.prefilled]
+            if admitted:
+                prompt_tokens = sum(len(s.req.token_ids) for s in admitted)
+                for s in admitted:
+                    s.h = fold(0, s.req.token_ids)
+                await self._sleep(prompt_tokens / cfg.prefill_tps)
+                for s in admitted:
+                    if not s.done:  # aborted during prefill
+                        s.prefilled = True
+                        if s.req.max_tokens == 0:
+                            self._finish(s, "length")
+                        else:
+                            self._emit(s)
+            if decoding:
+                step = cfg.step_ms / 1000.0 * (1.0 + cfg.batch_slowdown * (len(decoding) - 1))
+                await self._sleep(step)
+                for s in decoding:
+                    if not s.done:
+                        self._emit(s)
+            elif not admitted:
+                # Waiting requests that do not fit yet: wait for a finish to free blocks.
+                self._wakeup.clear()
+                await self._wakeup.wait()

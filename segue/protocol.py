@@ -1,0 +1,125 @@
+"""The request plane between the frontend (or a first-stage worker) and a worker.
+
+A call is one HTTP POST whose body is a msgpack `EngineRequest`; the response body is a
+sequence of length-prefixed msgpack `Frame`s. Every token frame carries the offset of its
+first token in the client's output so a caller that re-sends a request can drop what it
+already has; the end of a stream is always an explicit `Final` (or `HandBack`/`Error`)
+frame, so a stream that simply stops is known to be broken. Closing the HTTP response
+cancels the call on the worker.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+GENERATE_PATH = "/generate"
+CONTENT_TYPE = "application/x-segue-frames"
+
+
+class KvHandle(msgspec.Struct, frozen=True):
+    """Where a prefill worker keeps the KV of a prompt, for a decode worker to pull."""
+
+    url: str  # base URL of the worker that holds the payload
+    kv_id: str
+    num_tokens: int  # how many leading tokens of the context the payload covers
+    digest: str  # fingerprint of those token ids; the puller checks it
+    nbytes: int
+
+
+class EngineRequest(msgspec.Struct, kw_only=True):
+    request_id: str
+    token_ids: list[int]  # prompt + tokens already generated (on migration)
+    max_tokens: int  # remaining budget for this call
+    start_offset: int = 0  # index in the client's output of the first token this call makes
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    # Disaggregation: "prefill" asks only for the KV of the context (a Prefilled frame),
+    # "decode" decodes from kv (pulled from another worker), "generate" does it all here
+    # (or, on a first-stage worker in a disaggregated deployment, across stages).
+    phase: str = "generate"
+    kv: KvHandle | None = None
+
+
+class Tokens(msgspec.Struct, tag="tok"):
+    offset: int
+    token_ids: list[int]
+
+
+class KeepAlive(msgspec.Struct, tag="ka"):
+    """Sent while the engine is busy (a long prefill, a queue) so the caller's stall timer
+    only fires on a worker that is really hung."""
+
+
+class Final(msgspec.Struct, tag="fin"):
+    finish_reason: str  # "length" | "stop"
+    offset: int  # total tokens of the client's output once this call is done
+
+
+class Prefilled(msgspec.Struct, tag="pre"):
+    kv: KvHandle
+    first_token: int | None = None
+
+
+class HandBack(msgspec.Struct, tag="back"):
+    """The worker is shutting down and gives the request back: re-send it elsewhere."""
+
+    reason: str
+
+
+class Error(msgspec.Struct, tag="err"):
+    code: str  # "draining" | "bad_request" | "engine_error" | "overloaded" | "remote_failed"
+    message: str
+    retryable: bool = False
+
+
+Frame = Tokens | KeepAlive | Final | Prefilled | HandBack | Error
+
+_encoder = msgspec.msgpack.Encoder()
+_frame_decoder = msgspec.msgpack.Decoder(Frame)
+_request_decoder = msgspec.msgpack.Decoder(EngineRequest)
+_LEN = struct.Struct(">I")
+
+
+def encode_request(req: EngineRequest) -> bytes:
+    return _encoder.encode(req)
+
+
+def decode_request(data: bytes) -> EngineRequest:
+    return _request_decoder.decode(data)
+
+
+def encode_frame(frame: Frame) -> bytes:
+    body = _encoder.encode(frame)
+    return _LEN.pack(len(body)) + body
+
+
+class FrameParser:
+    """Splits a byte stream into frames; chunks may hold several frames or part of one."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, chunk: bytes) -> list[Frame]:
+        buf = self._buf
+        buf += chunk
+        frames: list[Frame] = []
+        pos = 0
+        n = len(buf)
+        while n - pos >= 4:
+            (size,) = _LEN.unpack_from(buf, pos)
+            if n - pos - 4 < size:
+                break
+            frames.append(_frame_decoder.decode(buf[pos + 4 : pos + 4 + size]))
+            pos += 4 + size
+        if pos:
+            del buf[:pos]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
