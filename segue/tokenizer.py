@@ -176,7 +176,7 @@ class HFTokenizer(Tokenizer):
         if isinstance(eos_ids, int):
             eos_ids = [eos_ids]
         self.eos_token_ids = frozenset(eos_ids or [])
-        added = {t.id for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        added = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self._special = added | set(self.eos_token_ids)
 
     @property

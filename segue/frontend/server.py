@@ -338,11 +338,12 @@ class Frontend:
 
     async def _complete(self, prep: _Prepared, headers: dict) -> web.Response:
         async def collect():
-            parts, ids, finish = [], [], None
+            parts, ids, reason = [], [], None
             async for text, tids, finish in self._tokens(prep):
                 parts.append(text)
                 ids.extend(tids)
-            return "".join(parts), ids, finish
+                reason = finish
+            return "".join(parts), ids, reason
 
         try:
             text, _, finish = await self._with_deadline(prep, collect())

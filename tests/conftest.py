@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import Deployment  # noqa: E402
+
+
+@pytest.fixture
+def deploy(tmp_path):
+    d = Deployment(tmp_path)
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def agg2(deploy):
+    """Frontend (round-robin) + 2 fast mocker workers."""
+    deploy.start_frontend()
+    deploy.start_worker()
+    deploy.start_worker()
+    return deploy
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "model_max_length": 512,
+        "chat_template": "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] "
+                         "{{ m['content'] }}\n{% endfor %}[assistant] ",
+    }))
+    return tmp_path

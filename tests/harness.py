@@ -1,0 +1,149 @@
+"""Real processes for tests: `segue frontend` / `segue worker` started through the CLI on
+dynamic ports, their logs captured to files, stopped by process group."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+T = TypeVar("T")
+READY_RE = re.compile(r"segue (?:worker|frontend) ready .*?url=(\S+)")
+FAST_MOCKER = ["--mocker-step-ms", "2", "--mocker-prefill-tps", "1000000"]
+
+
+def wait_until(cond: Callable[[], T], timeout: float = 10.0, interval: float = 0.01,
+               what: str = "condition") -> T:
+    """Poll `cond` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict | None = None):
+        self.name = name
+        self.args = args
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "segue", *args], stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True, env={**os.environ, **(env or {})},
+        )
+        self.pid = self.popen.pid
+        self.url = ""
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 20.0) -> str:
+        def ready():
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.name} exited early:\n{self.log()}")
+            m = READY_RE.search(self.log())
+            return m.group(1) if m else None
+
+        self.url = wait_until(ready, timeout, what=f"{self.name} ready line")
+        return self.url
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> None:
+        wait_until(lambda: text in self.log(), timeout, what=f"{text!r} in {self.name} log")
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGCONT)
+                os.killpg(self.pid, signal.SIGTERM)
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.popen.wait()
+            except ProcessLookupError:
+                pass
+        self._log.close()
+        return self.popen.returncode
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.url)
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus samples as {'name{label="v"}': value}."""
+    text = httpx.get(url + "/metrics", timeout=5).text
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+class Deployment:
+    """A discovery directory, a frontend and workers, all real processes."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.discovery = f"file:{tmp / 'discovery'}"
+        self.procs: list[Proc] = []
+        self.frontend: Proc | None = None
+        self.workers: list[Proc] = []
+        self._n = 0
+
+    def start_frontend(self, *extra: str) -> Proc:
+        p = Proc("frontend", ["frontend", "--port", "0", "--discovery", self.discovery,
+                              *extra], self.tmp)
+        self.procs.append(p)
+        p.wait_ready()
+        self.frontend = p
+        return p
+
+    def start_worker(self, *extra: str, role: str = "aggregated", wait: bool = True,
+                     fast: bool = True) -> Proc:
+        self._n += 1
+        args = ["worker", "--discovery", self.discovery, "--role", role,
+                *(FAST_MOCKER if fast else []), *extra]
+        p = Proc(f"worker{self._n}-{role}", args, self.tmp)
+        self.procs.append(p)
+        self.workers.append(p)
+        p.wait_ready()
+        if wait and self.frontend is not None:
+            self.wait_routable(p)
+        return p
+
+    def wait_routable(self, worker: Proc, timeout: float = 10.0) -> None:
+        def seen():
+            h = httpx.get(self.frontend.url + "/health", timeout=5).json()
+            return any(w["url"] == worker.url and w["routable"] for w in h["workers"])
+
+        wait_until(seen, timeout, what=f"{worker.name} routable in the frontend")
+
+    @property
+    def url(self) -> str:
+        return self.frontend.url
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
