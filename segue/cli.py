@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--keepalive", type=float, default=0.5,
                    help="seconds between keep-alive frames while a request makes no tokens")
     w.add_argument("--lease-ttl", type=float, default=2.0)
+    w.add_argument("--fault-exit-after-tokens", type=int, default=None, help=argparse.SUPPRESS)
     _add_engine_flags(w)
 
     b = sub.add_parser("bench", help="closed-loop load generator for any OpenAI endpoint")
@@ -114,6 +115,7 @@ async def _worker(args) -> None:
     cfg = WorkerConfig(
         role=args.role, host=args.host, port=args.port, lease_ttl=args.lease_ttl,
         keepalive_s=args.keepalive, drain_timeout=args.drain_timeout,
+        exit_after_tokens=args.fault_exit_after_tokens,
     )
     await Worker(engine, open_discovery(args.discovery, args.namespace), cfg).run(stop)
 

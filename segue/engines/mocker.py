@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -92,8 +93,11 @@ class MockerEngine(Engine):
         self._seqs: dict[str, _Seq] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._due = 0.0
+        self._loop_time = time.monotonic  # replaced by the loop's clock in start()
 
     async def start(self) -> None:
+        self._loop_time = asyncio.get_running_loop().time
         self._task = asyncio.create_task(self._loop(), name="mocker-scheduler")
 
     async def stop(self) -> None:
@@ -185,7 +189,11 @@ class MockerEngine(Engine):
         return admitted
 
     async def _sleep(self, seconds: float) -> None:
-        await asyncio.sleep(max(seconds, 0.0) / self.cfg.speedup)
+        # Sleep to a running deadline rather than for each interval: timers have about 1 ms
+        # resolution, and sub-millisecond steps must still add up to the simulated time.
+        now = self._loop_time()
+        self._due = max(self._due, now) + max(seconds, 0.0) / self.cfg.speedup
+        await asyncio.sleep(max(self._due - now, 0.0))
 
     async def _loop(self) -> None:
         cfg = self.cfg

@@ -52,6 +52,9 @@ class WorkerConfig:
     lease_ttl: float = 2.0
     keepalive_s: float = 0.5
     drain_timeout: float = 30.0
+    # Fault injection for tests: the process dies (os._exit) right after it has sent the
+    # token at this offset of a client's output, before any final frame.
+    exit_after_tokens: int | None = None
 
 
 class Worker:
@@ -150,9 +153,15 @@ class Worker:
                 await resp.write(_KEEPALIVE_FRAME)
                 continue
             data = b""
-            if out.token_ids:
-                data = encode_frame(Tokens(offset, out.token_ids))
-                offset += len(out.token_ids)
+            ids = out.token_ids
+            if ids:
+                crash_at = self.cfg.exit_after_tokens
+                if crash_at is not None and offset + len(ids) >= crash_at:
+                    await resp.write(encode_frame(Tokens(offset, ids[: crash_at - offset])))
+                    log.warning("fault injection: exiting after token %d", crash_at)
+                    os._exit(9)
+                data = encode_frame(Tokens(offset, ids))
+                offset += len(ids)
             reason = out.finish_reason
             if reason == "abort":
                 if not self.handing_back:

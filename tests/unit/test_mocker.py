@@ -67,7 +67,7 @@ async def test_kv_blocks_reserved_and_freed(engine):
 
 async def test_abort_frees_at_once_in_every_phase(engine):
     a = engine.add_request(req("a", [1], 300))  # 19 blocks
-    b = engine.add_request(req("b", [1], 300))
+    engine.add_request(req("b", [1], 300))
     c = engine.add_request(req("c", [1], 10))  # waits: max_num_seqs=2
     await a.get()
     assert engine.stats().waiting == 1

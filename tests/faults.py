@@ -1,0 +1,33 @@
+"""Shared pieces of the fault tests."""
+
+from __future__ import annotations
+
+import time
+
+from harness import Deployment, Proc
+
+
+def worker_of(d: Deployment, rid: str, timeout: float = 10.0) -> Proc:
+    """The worker whose log shows `New Request ID: rid` (all logs polled each round)."""
+    needle = f"New Request ID: {rid}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hits = [w for w in d.workers if needle in w.log()]
+        if hits:
+            return hits[-1]
+        time.sleep(0.005)
+    raise AssertionError(f"no worker logged {needle!r}")
+
+
+def metric(d_or_proc, name: str, default: float = 0.0) -> float:
+    proc = d_or_proc.frontend if isinstance(d_or_proc, Deployment) else d_or_proc
+    return proc.metrics().get(name, default)
+
+
+def migrations(d: Deployment, reason: str) -> float:
+    return metric(d, f'segue_frontend_migrations_total{{reason="{reason}"}}')
+
+
+def total_migrations(d: Deployment) -> float:
+    return sum(v for k, v in d.frontend.metrics().items()
+               if k.startswith("segue_frontend_migrations_total"))
