@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -98,3 +99,52 @@ class StreamReader:
     def close(self) -> None:
         self._cm.__exit__(None, None, None)
         self._client.close()
+
+
+class RawRequest:
+    """An HTTP request over a plain socket, so a test controls how the client goes away:
+    `close(abrupt=True)` sends a TCP RST (SO_LINGER 0), `abrupt=False` a normal FIN."""
+
+    def __init__(self, url: str, kind: str, b: dict, rid: str) -> None:
+        import socket
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        payload = json.dumps(b).encode()
+        self.sock = socket.create_connection((u.hostname, u.port), timeout=30)
+        head = (f"POST {path(kind)} HTTP/1.1\r\nHost: {u.netloc}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                f"X-Request-Id: {rid}\r\n\r\n").encode()
+        self.sock.sendall(head + payload)
+        self.received = b""
+
+    def read_events(self, n: int) -> None:
+        """Read until n SSE data events have arrived."""
+        while self.received.count(b"data: ") < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"connection closed early: {self.received[-300:]!r}")
+            self.received += chunk
+
+    def read_all(self) -> bytes:
+        while chunk := self.sock.recv(65536):
+            self.received += chunk
+            if self.received.endswith(b"0\r\n\r\n") or (
+                b"Content-Length" in self.received and self.received.endswith(b"}")
+            ):
+                break
+        return self.received
+
+    def close(self, abrupt: bool = True) -> None:
+        import socket
+        import struct
+
+        if abrupt:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            # FIN, then drain until the server closes too, so no RST is sent.
+            self.sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                while self.sock.recv(65536):
+                    pass
+        self.sock.close()

@@ -218,12 +218,16 @@ class Frontend:
         except oai.APIError as e:
             status = e.status
             return web.json_response(e.body(), status=e.status, headers=headers)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionResetError) as e:
+            # The client went away: noticed while waiting (the handler is cancelled) or
+            # while writing to it (the write fails).
             status = 499
             if not self.shutting_down:
                 self.metrics.cancellations.inc()
                 log.info("Cancelled Request ID: %s", rid)
-            raise
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise asyncio.CancelledError() from e
         finally:
             self.metrics.inflight.dec()
             self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()

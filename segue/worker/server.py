@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -76,6 +77,9 @@ class Worker:
         self.aborts_total = Counter(
             "segue_worker_aborts", "Engine requests aborted because the caller went away",
             registry=self.registry,
+        )
+        self.output_tokens = Counter(
+            "segue_worker_output_tokens", "Tokens sent to callers", registry=self.registry
         )
         for name, doc, attr in (
             ("segue_engine_running_requests", "Requests running in the engine", "running"),
@@ -143,7 +147,7 @@ class Worker:
             # Still live in the engine means the caller went away (or the write failed).
             if self.engine.abort(req.request_id):
                 self.aborts_total.inc()
-                log.info("Aborted Request ID: %s", req.request_id)
+                log.info("Aborted Request ID: %s (t=%.6f)", req.request_id, time.time())
         return resp
 
     async def _pump(self, offset: int, stream: RequestStream, resp: web.StreamResponse) -> None:
@@ -162,6 +166,7 @@ class Worker:
                     os._exit(9)
                 data = encode_frame(Tokens(offset, ids))
                 offset += len(ids)
+                self.output_tokens.inc(len(ids))
             reason = out.finish_reason
             if reason == "abort":
                 if not self.handing_back:
