@@ -1,0 +1,93 @@
+"""The gap a streaming client sees when its worker is SIGKILLed mid-stream.
+
+Frontend + 2 mocker workers (5 ms decode steps). For each trial a long greedy stream runs,
+the worker holding it is killed after 50 tokens, and we time kill -> next token at the
+client. The mocker's re-prefill of prompt + generated tokens is reported separately (it is
+simulated work any engine must redo). Afterwards we check that no request was ever sent to
+the dead worker (no connection_refused migrations).
+
+    python bench/migration_gap.py --trials 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from harness import Deployment, scrape  # noqa: E402
+
+
+def trial(d: Deployment, i: int, prompt_tokens: int) -> dict:
+    rid = f"gap-{i}"
+    body = {"model": "segue-mocker", "prompt": " ".join(["the"] * prompt_tokens),
+            "max_tokens": 400, "temperature": 0, "stream": True, "return_token_ids": True}
+    times: list[tuple[float, int]] = []
+    t_kill = None
+    with httpx.stream("POST", d.url + "/v1/completions", json=body,
+                      headers={"X-Request-Id": rid}, timeout=60) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            n = len(json.loads(line[6:])["choices"][0]["token_ids"])
+            now = time.perf_counter()
+            if t_kill is None and n:
+                times.append((now, n))
+                if sum(k for _, k in times) >= 50:
+                    victim = next(w for w in d.workers
+                                  if w.alive() and f"New Request ID: {rid}" in w.log())
+                    t_kill = time.perf_counter()
+                    victim.signal(signal.SIGKILL)
+                    victim.popen.wait()
+                    after = None
+            elif t_kill is not None and n and after is None:
+                after = now
+    gaps = [b[0] - a[0] for a, b in zip(times, times[1:], strict=False)]
+    return {"gap_ms": (after - t_kill) * 1000, "step_ms": statistics.median(gaps) * 1000,
+            "victim": victim}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--prompt-tokens", type=int, default=100)
+    ap.add_argument("--prefill-tps", type=float, default=50000)
+    a = ap.parse_args()
+    d = Deployment(Path(tempfile.mkdtemp(prefix="segue-gap-")))
+    mocker = ["--mocker-step-ms", "5", "--mocker-prefill-tps", str(a.prefill_tps)]
+    try:
+        d.start_frontend()
+        d.start_worker(*mocker, fast=False)
+        d.start_worker(*mocker, fast=False)
+        res = []
+        for i in range(a.trials):
+            r = trial(d, i, a.prompt_tokens)
+            d.workers.remove(r.pop("victim"))
+            d.start_worker(*mocker, fast=False)
+            res.append(r)
+        m = scrape(d.url)
+        refused = m.get('segue_frontend_migrations_total{reason="connection_refused"}', 0)
+        gaps = sorted(r["gap_ms"] for r in res)
+        reprefill_ms = (a.prompt_tokens + 50) / a.prefill_tps * 1000
+        print(json.dumps({
+            "trials": a.trials,
+            "gap_ms_p50": round(statistics.median(gaps), 2), "gap_ms_max": round(gaps[-1], 2),
+            "decode_step_ms_p50": round(statistics.median(r["step_ms"] for r in res), 2),
+            "mocker_reprefill_ms": round(reprefill_ms, 2),
+            "gap_minus_reprefill_ms_p50": round(statistics.median(gaps) - reprefill_ms, 2),
+            "requests_sent_to_dead_worker": int(refused),
+        }))
+    finally:
+        d.stop()
+
+
+if __name__ == "__main__":
+    main()
