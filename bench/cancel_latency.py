@@ -34,6 +34,10 @@ def main() -> None:
         w = d.start_worker("--mocker-max-num-seqs", "1", "--mocker-prefill-tps", "200",
                            "--mocker-step-ms", "5", fast=False)
         out = {}
+
+        def m() -> dict[str, float]:
+            return scrape(w.url)
+
         for phase in ("queued", "prefill", "decode"):
             lat = []
             for i in range(a.trials):
@@ -47,7 +51,6 @@ def main() -> None:
                 req = RawRequest(d.url, "completions", body("completions", prompt, 5000, True),
                                  rid)
                 w.wait_log(f"New Request ID: {rid}")
-                m = lambda: scrape(w.url)  # noqa: E731
                 if phase == "queued":
                     wait_until(lambda: m()["segue_engine_waiting_requests"] == 1)
                 elif phase == "prefill":

@@ -22,6 +22,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mocker-speedup", type=float, default=1.0,
                    help="divide every simulated time by this (large = near-instant)")
     g.add_argument("--mocker-seed", type=int, default=0)
+    g.add_argument("--mocker-kv-bytes-per-token", type=int, default=1024,
+                   help="size of the simulated KV payload a prefill hands over")
 
 
 def _add_frontend_flags(p: argparse.ArgumentParser) -> None:
@@ -33,6 +35,10 @@ def _add_frontend_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=None,
                    help="default per-request deadline in seconds (none by default)")
     p.add_argument("--model-name", default=None, help="served model name")
+    p.add_argument("--disagg-strategy", default="none",
+                   choices=["none", "frontend", "decode-first", "prefill-first"])
+    p.add_argument("--prefill-fallback", default="none", choices=["none", "local"],
+                   help="with no prefill worker left, prefill on the decode worker")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--keepalive", type=float, default=0.5,
                    help="seconds between keep-alive frames while a request makes no tokens")
     w.add_argument("--lease-ttl", type=float, default=2.0)
+    w.add_argument("--stall-timeout", type=float, default=5.0,
+                   help="seconds without a frame from a remote stage before it counts as hung")
+    w.add_argument("--kv-ttl", type=float, default=30.0,
+                   help="seconds a prefilled KV payload waits for its pull before it is freed")
+    w.add_argument("--prefill-fallback", default="none", choices=["none", "local"],
+                   help="decode worker: prefill locally when no prefill worker is left")
     w.add_argument("--fault-exit-after-tokens", type=int, default=None, help=argparse.SUPPRESS)
     _add_engine_flags(w)
 
@@ -96,7 +108,8 @@ async def _frontend(args) -> None:
     cfg = FrontendConfig(
         host=args.host, port=args.port, model_name=_model_name(args), router=args.router,
         migration_limit=args.migration_limit, stall_timeout=args.stall_timeout,
-        request_timeout=args.request_timeout,
+        request_timeout=args.request_timeout, disagg_strategy=args.disagg_strategy,
+        prefill_fallback=args.prefill_fallback,
     )
     tok = load_tokenizer(args.model)
     await run_frontend(cfg, tok, open_discovery(args.discovery, args.namespace), stop)
@@ -115,7 +128,8 @@ async def _worker(args) -> None:
     cfg = WorkerConfig(
         role=args.role, host=args.host, port=args.port, lease_ttl=args.lease_ttl,
         keepalive_s=args.keepalive, drain_timeout=args.drain_timeout,
-        exit_after_tokens=args.fault_exit_after_tokens,
+        stall_timeout=args.stall_timeout, kv_ttl=args.kv_ttl,
+        prefill_fallback=args.prefill_fallback, exit_after_tokens=args.fault_exit_after_tokens,
     )
     await Worker(engine, open_discovery(args.discovery, args.namespace), cfg).run(stop)
 

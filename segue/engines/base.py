@@ -28,6 +28,7 @@ class EngineStats:
     waiting: int
     kv_blocks_used: int
     kv_blocks_total: int
+    held: int = 0  # prefilled KV kept for a decode worker to pull
 
 
 class EngineRequestError(ValueError):
@@ -83,8 +84,10 @@ class Engine(abc.ABC):
         pass
 
     @abc.abstractmethod
-    def add_request(self, req: EngineRequest) -> RequestStream:
-        """Queue a request; raises EngineRequestError if it can never be served."""
+    def add_request(self, req: EngineRequest, kv_payload: bytes | None = None
+                    ) -> RequestStream:
+        """Queue a request; raises EngineRequestError if it can never be served (or, for a
+        decode, if the KV payload does not belong to its tokens)."""
 
     @abc.abstractmethod
     def abort(self, request_id: str) -> bool:
@@ -92,6 +95,20 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> EngineStats: ...
+
+    # Disaggregation. A "prefill" request finishes with reason "prefilled" and
+    # `stream.result` set to a key; the engine keeps that KV (its blocks stay used) until
+    # `release_kv(key)`. A "decode" request comes with the payload pulled from the prefill
+    # side, which `add_request` checks against the request's tokens.
+
+    def kv_payload(self, key: str) -> bytes:
+        raise NotImplementedError(f"{type(self).__name__} cannot export KV")
+
+    def kv_nbytes(self, key: str) -> int:
+        return 0  # unknown until pulled
+
+    def release_kv(self, key: str) -> bool:
+        raise NotImplementedError(f"{type(self).__name__} cannot export KV")
 
     @property
     def healthy(self) -> bool:

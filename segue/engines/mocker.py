@@ -9,13 +9,19 @@ Output is a pure function of (seed, context): each token is picked from the toke
 readable vocabulary by a hash folded over prompt + tokens generated so far. A request that
 is re-sent with prompt + generated tokens therefore continues exactly where it stopped.
 The mocker never emits EOS: a request runs to max_tokens unless a stop token is asked for.
+
+Disaggregation: a prefill produces a simulated KV payload of `kv_bytes_per_token` bytes per
+context token, derived from the token ids and their positions, so a decode worker can
+check that a payload belongs to its prompt; a decode from a payload skips the prefill time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 
@@ -44,6 +50,15 @@ def draw(h: int, seed: int, n: int) -> int:
     return (x ^ (x >> 31)) % n
 
 
+def simulated_kv(token_ids: list[int], bytes_per_token: int) -> bytes:
+    """The mocker's stand-in for a KV cache: a function of each token and its position."""
+    reps = max(1, bytes_per_token // 16)
+    return b"".join(
+        hashlib.blake2b(b"%d:%d" % (i, t), digest_size=16).digest() * reps
+        for i, t in enumerate(token_ids)
+    )
+
+
 @dataclass
 class MockerConfig:
     max_num_seqs: int = 256
@@ -54,6 +69,7 @@ class MockerConfig:
     batch_slowdown: float = 0.01  # extra step time per running sequence, as a fraction
     speedup: float = 1.0
     seed: int = 0
+    kv_bytes_per_token: int = 1024
 
     @classmethod
     def from_args(cls, args) -> MockerConfig:
@@ -65,6 +81,7 @@ class MockerConfig:
             prefill_tps=args.mocker_prefill_tps,
             speedup=args.mocker_speedup,
             seed=args.mocker_seed,
+            kv_bytes_per_token=args.mocker_kv_bytes_per_token,
         )
 
 
@@ -91,6 +108,7 @@ class MockerEngine(Engine):
         self.running: dict[str, _Seq] = {}
         self.free_blocks = config.kv_blocks
         self._seqs: dict[str, _Seq] = {}
+        self.held: dict[str, tuple[int, list[int]]] = {}  # prefilled KV: key -> blocks, ids
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._due = 0.0
@@ -109,10 +127,13 @@ class MockerEngine(Engine):
                 pass
         for rid in list(self._seqs):
             self.abort(rid)
+        for key in list(self.held):
+            self.release_kv(key)
 
     def stats(self) -> EngineStats:
         return EngineStats(
             running=len(self.running),
+            held=len(self.held),
             waiting=len(self.waiting),
             kv_blocks_used=self.cfg.kv_blocks - self.free_blocks,
             kv_blocks_total=self.cfg.kv_blocks,
@@ -125,10 +146,18 @@ class MockerEngine(Engine):
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.cfg.block_size)
 
-    def add_request(self, req: EngineRequest) -> RequestStream:
+    def add_request(self, req: EngineRequest, kv_payload: bytes | None = None
+                    ) -> RequestStream:
         if req.request_id in self._seqs:
             raise EngineRequestError(f"request id {req.request_id!r} is already running")
-        blocks = self.blocks_for(len(req.token_ids) + req.max_tokens)
+        if req.phase == "decode":
+            n = req.kv.num_tokens if req.kv else -1
+            if kv_payload is None or n != len(req.token_ids) or kv_payload != simulated_kv(
+                req.token_ids, self.cfg.kv_bytes_per_token
+            ):
+                raise EngineRequestError("KV payload does not belong to this request's tokens")
+        new_tokens = 0 if req.phase == "prefill" else req.max_tokens
+        blocks = self.blocks_for(len(req.token_ids) + new_tokens)
         if blocks > self.cfg.kv_blocks:
             raise EngineRequestError(
                 f"request needs {blocks} KV blocks, the engine has {self.cfg.kv_blocks}"
@@ -137,6 +166,9 @@ class MockerEngine(Engine):
         # Greedy output depends only on the engine seed; sampled output also on the request's.
         seed = self.cfg.seed if req.temperature == 0 else self.cfg.seed ^ (req.seed + 1)
         seq = _Seq(req, stream, seed, blocks)
+        if req.phase == "decode":  # the KV arrived with the request: no prefill to do
+            seq.h = fold(0, req.token_ids)
+            seq.prefilled = True
         self._seqs[req.request_id] = seq
         self.waiting.append(seq)
         self._wakeup.set()
@@ -148,6 +180,31 @@ class MockerEngine(Engine):
             return False
         self._finish(seq, "abort")
         return True
+
+    def kv_payload(self, key: str) -> bytes:
+        return simulated_kv(self.held[key][1], self.cfg.kv_bytes_per_token)
+
+    def kv_nbytes(self, key: str) -> int:
+        return len(self.held[key][1]) * max(1, self.cfg.kv_bytes_per_token // 16) * 16
+
+    def release_kv(self, key: str) -> bool:
+        entry = self.held.pop(key, None)
+        if entry is None:
+            return False
+        self.free_blocks += entry[0]
+        self._wakeup.set()
+        return True
+
+    def _hold(self, seq: _Seq) -> None:
+        """A prefill is done: keep its blocks under a key until the KV is pulled or dropped."""
+        seq.done = True
+        rid = seq.req.request_id
+        self._seqs.pop(rid, None)
+        self.running.pop(rid, None)
+        key = f"{rid}.{uuid.uuid4().hex[:8]}"
+        self.held[key] = (seq.blocks, seq.req.token_ids)
+        seq.stream.result = key
+        seq.stream.finish("prefilled")
 
     def _finish(self, seq: _Seq, reason: str) -> None:
         if seq.done:
@@ -201,7 +258,7 @@ class MockerEngine(Engine):
             if not self.running and not self.waiting:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            admitted = self._admit()
+            admitted = [s for s in self._admit() if not s.prefilled]
             decoding = [s for s in self.running.values() if s.prefilled]
             if admitted:
                 prompt_tokens = sum(len(s.req.token_ids) for s in admitted)
@@ -209,12 +266,15 @@ class MockerEngine(Engine):
                     s.h = fold(0, s.req.token_ids)
                 await self._sleep(prompt_tokens / cfg.prefill_tps)
                 for s in admitted:
-                    if not s.done:  # aborted during prefill
-                        s.prefilled = True
-                        if s.req.max_tokens == 0:
-                            self._finish(s, "length")
-                        else:
-                            self._emit(s)
+                    if s.done:  # aborted during prefill
+                        continue
+                    s.prefilled = True
+                    if s.req.phase == "prefill":
+                        self._hold(s)
+                    elif s.req.max_tokens == 0:
+                        self._finish(s, "length")
+                    else:
+                        self._emit(s)
             if decoding:
                 step = cfg.step_ms / 1000.0 * (1.0 + cfg.batch_slowdown * (len(decoding) - 1))
                 await self._sleep(step)

@@ -53,6 +53,8 @@ class FrontendConfig:
     default_max_tokens_chat: int = 1024
     default_max_tokens_completion: int = 16
     shutdown_grace: float = 30.0
+    disagg_strategy: str = "none"
+    prefill_fallback: str = "none"
     max_connections: int = 1024
 
 
@@ -129,6 +131,7 @@ class Frontend:
         self.migrator = Migrator(
             self.router, self.session, self.metrics.migrations,
             migration_limit=self.cfg.migration_limit, stall_timeout=self.cfg.stall_timeout,
+            strategy=self.cfg.disagg_strategy, prefill_fallback=self.cfg.prefill_fallback,
         )
         self._watch_task = asyncio.create_task(self._watch(), name="discovery-watch")
 
@@ -408,6 +411,10 @@ class Frontend:
 
         async def run() -> None:
             nonlocal resp
+            # Headers go out at once (a long prefill must not look like a dead server) when
+            # a worker can take the request; with none, the client gets a plain 503.
+            if self.migrator.can_route():
+                resp = await start()
             async for text, ids, finish in self._tokens(prep):
                 if resp is None:
                     resp = await start()

@@ -1,11 +1,20 @@
 """A worker: one engine behind the request plane, registered in discovery.
 
-Serves POST /generate (msgpack request in, length-prefixed frames out), GET /health and
-GET /metrics. When the caller goes away (aiohttp cancels the handler), the engine request
-is aborted and its KV freed. SIGTERM drains: leave discovery, answer new calls with a
-retryable "draining" frame, let in-flight requests finish within the drain timeout, then
-hand the rest back (a HandBack frame) so the caller migrates them; exit 0. A second signal
-exits at once.
+Serves POST /generate (msgpack request in, length-prefixed frames out), GET/DELETE
+/kv/{key} (prefilled KV for decode workers), GET /health and GET /metrics. When the caller
+goes away (aiohttp cancels the handler), the engine request is aborted and its KV freed,
+and any remote stage this worker called is cancelled with it. SIGTERM drains: leave
+discovery, answer new calls with a retryable "draining" frame, let in-flight requests
+finish within the drain timeout, then hand the rest back (a HandBack frame) so the caller
+migrates them; exit 0. A second signal exits at once.
+
+What a worker does with a request depends on its role and the request's phase:
+  aggregated            prefill + decode here
+  decode   (decode-first)  call a prefill worker, pull the KV, decode here
+  prefill  (prefill-first) prefill here, call a decode worker with the KV, relay its stream
+  phase=prefill         prefill here, answer with a KV handle
+  phase=decode          pull the KV named in the request, decode here
+  phase=local           do it all here (the fallback when no prefill worker is left)
 """
 
 from __future__ import annotations
@@ -13,14 +22,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
+import re
 import signal
 import socket
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
+import aiohttp
 import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -31,17 +44,37 @@ from segue.log import request_id_var
 from segue.protocol import (
     CONTENT_TYPE,
     GENERATE_PATH,
+    EngineRequest,
     Error,
     Final,
     HandBack,
     KeepAlive,
+    KvHandle,
+    Prefilled,
     Tokens,
     decode_request,
     encode_frame,
 )
+from segue.router import Router
+from segue.transport import CallFailed, call, client_timeout, drop_kv, fetch_kv
+from segue.worker.kv_store import KvStore
 
 log = logging.getLogger("segue.worker")
 _KEEPALIVE_FRAME = encode_frame(KeepAlive())
+_KV_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+_FIRST_STAGE = {"aggregated": "local", "decode": "decode-first", "prefill": "prefill-first"}
+
+
+def token_digest(token_ids: list[int]) -> str:
+    return hashlib.blake2b(msgspec.msgpack.encode(token_ids), digest_size=16).hexdigest()
+
+
+class StageError(Exception):
+    """Ends a call with an Error frame (the caller decides whether to retry)."""
+
+    def __init__(self, code: str, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.frame = Error(code, message, retryable)
 
 
 @dataclass
@@ -53,6 +86,9 @@ class WorkerConfig:
     lease_ttl: float = 2.0
     keepalive_s: float = 0.5
     drain_timeout: float = 30.0
+    stall_timeout: float = 5.0  # for calls this worker makes to remote stages
+    kv_ttl: float = 30.0
+    prefill_fallback: str = "none"  # "local": a decode worker with no prefill peer prefills
     # Fault injection for tests: the process dies (os._exit) right after it has sent the
     # token at this offset of a client's output, before any final frame.
     exit_after_tokens: int | None = None
@@ -70,37 +106,45 @@ class Worker:
         self.handing_back = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self.registry = CollectorRegistry()
-        self.requests_total = Counter(
-            "segue_worker_requests", "Engine requests started", registry=self.registry
-        )
+        self._calls = 0  # open /generate calls (including remote-stage waits)
+        self.session: aiohttp.ClientSession | None = None
+        self.router: Router | None = None
+        self.timeout = client_timeout(cfg.stall_timeout)
+        self.registry = r = CollectorRegistry()
+        self.requests_total = Counter("segue_worker_requests", "Engine requests started",
+                                      registry=r)
         self.aborts_total = Counter(
             "segue_worker_aborts", "Engine requests aborted because the caller went away",
-            registry=self.registry,
+            registry=r,
         )
-        self.output_tokens = Counter(
-            "segue_worker_output_tokens", "Tokens sent to callers", registry=self.registry
+        self.remote_aborts_total = Counter(
+            "segue_worker_remote_aborts", "Remote stages cancelled because the caller went away",
+            registry=r,
         )
+        self.output_tokens = Counter("segue_worker_output_tokens", "Tokens sent to callers",
+                                     registry=r)
         for name, doc, attr in (
             ("segue_engine_running_requests", "Requests running in the engine", "running"),
             ("segue_engine_waiting_requests", "Requests waiting in the engine", "waiting"),
             ("segue_engine_kv_blocks_used", "KV cache blocks in use", "kv_blocks_used"),
             ("segue_engine_kv_blocks_total", "KV cache blocks in the pool", "kv_blocks_total"),
         ):
-            g = Gauge(name, doc, registry=self.registry)
+            g = Gauge(name, doc, registry=r)
             g.set_function(lambda a=attr: getattr(self.engine.stats(), a))
+        self.kv = KvStore(engine, cfg.kv_ttl, r)
 
     # -- HTTP handlers -------------------------------------------------------------------
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post(GENERATE_PATH, self.handle_generate)
+        app.router.add_get("/kv/{key}", self.handle_kv_pull)
+        app.router.add_delete("/kv/{key}", self.handle_kv_drop)
         app.router.add_get("/health", self.handle_health)
         app.router.add_get("/metrics", self.handle_metrics)
         return app
 
     async def handle_health(self, request: web.Request) -> web.Response:
-        s = self.engine.stats()
         healthy = self.engine.healthy
         body = {
             "status": "draining" if self.draining else ("ok" if healthy else "unhealthy"),
@@ -108,12 +152,25 @@ class Worker:
             "role": self.cfg.role,
             "pid": os.getpid(),
             "url": self.url,
-            "engine": dataclasses.asdict(s),
+            "engine": dataclasses.asdict(self.engine.stats()),
         }
         return web.json_response(body, status=200 if healthy else 503)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry), content_type="text/plain")
+
+    async def handle_kv_pull(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        payload = self.kv.take(key) if _KV_KEY_RE.match(key) else None
+        if payload is None:
+            return web.json_response({"error": f"no KV payload {key!r} (expired, freed or "
+                                               "never made)"}, status=404)
+        return web.Response(body=payload, content_type="application/octet-stream")
+
+    async def handle_kv_drop(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        ok = _KV_KEY_RE.match(key) and self.kv.drop(key, "its request was cancelled")
+        return web.Response(status=204 if ok else 404)
 
     async def handle_generate(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -122,35 +179,73 @@ class Worker:
             return web.json_response({"error": f"bad engine request: {e}"}, status=400)
         request_id_var.set(req.request_id)
         resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
+        await resp.prepare(request)
         if self.draining or not self.engine.healthy:
             code = "draining" if self.draining else "engine_unhealthy"
-            await resp.prepare(request)
             await resp.write(encode_frame(Error(code, f"worker {self.id} is {code}", True)))
             return resp
         log.info("New Request ID: %s", req.request_id)
         self.requests_total.inc()
-        try:
-            stream = self.engine.add_request(req)
-        except EngineRequestError as e:
-            await resp.prepare(request)
-            await resp.write(encode_frame(Error("bad_request", str(e))))
-            return resp
-        self.active[req.request_id] = stream
+        phase = _FIRST_STAGE[self.cfg.role] if req.phase == "generate" else req.phase
+        self._calls += 1
         self._idle.clear()
         try:
-            await resp.prepare(request)
-            await self._pump(req.start_offset, stream, resp)
+            if phase == "local":
+                await self._run_engine(req, resp)
+            elif phase == "prefill":
+                key = await self._run_engine(req, resp)
+                if key is not None:
+                    await self._hand_over(key, req, request, resp)
+            elif phase == "decode":
+                await self._decode(req, req.kv, resp)
+            elif phase == "decode-first":
+                await self._decode_first(req, resp)
+            elif phase == "prefill-first":
+                await self._prefill_first(req, resp)
+            else:
+                raise StageError("bad_request", f"unknown phase {req.phase!r}", False)
+        except StageError as e:
+            log.warning("request %s failed: %s", req.request_id, e)
+            await resp.write(encode_frame(e.frame))
+        finally:
+            self._calls -= 1
+            if self._calls == 0:
+                self._idle.set()
+        return resp
+
+    # -- stages --------------------------------------------------------------------------
+
+    async def _run_engine(self, req: EngineRequest, resp: web.StreamResponse,
+                          payload: bytes | None = None) -> str | None:
+        """Runs the request in the engine, streaming Tokens/KeepAlive frames to the caller.
+        Returns the KV key of a finished prefill; writes the final frame of anything else."""
+        try:
+            stream = self.engine.add_request(req, payload)
+        except EngineRequestError as e:
+            code = "kv_mismatch" if req.phase == "decode" else "bad_request"
+            raise StageError(code, str(e), retryable=code == "kv_mismatch") from None
+        self.active[req.request_id] = stream
+        returned = False
+        try:
+            key = await self._pump(req.start_offset, stream, resp)
+            returned = True
+            return key
         finally:
             self.active.pop(req.request_id, None)
-            if not self.active:
-                self._idle.set()
             # Still live in the engine means the caller went away (or the write failed).
             if self.engine.abort(req.request_id):
                 self.aborts_total.inc()
                 log.info("Aborted Request ID: %s (t=%.6f)", req.request_id, time.time())
-        return resp
+            elif not returned and isinstance(stream.result, str):
+                # The prefill finished in the same moment its caller left: nobody will
+                # ever hear of this KV, so free it now.
+                self.engine.release_kv(stream.result)
+                self.aborts_total.inc()
+                log.info("Aborted Request ID: %s (t=%.6f, prefill had just finished)",
+                         req.request_id, time.time())
 
-    async def _pump(self, offset: int, stream: RequestStream, resp: web.StreamResponse) -> None:
+    async def _pump(self, offset: int, stream: RequestStream,
+                    resp: web.StreamResponse) -> str | None:
         while True:
             out = await stream.get(self.cfg.keepalive_s)
             if out is None:
@@ -168,9 +263,13 @@ class Worker:
                 offset += len(ids)
                 self.output_tokens.inc(len(ids))
             reason = out.finish_reason
+            if reason == "prefilled":
+                if data:
+                    await resp.write(data)
+                return stream.result  # type: ignore[return-value]
             if reason == "abort":
                 if not self.handing_back:
-                    return  # aborted for its caller: nobody to tell
+                    return None  # aborted for its caller: nobody to tell
                 log.info("Handed back Request ID: %s", stream.request_id)
                 data += encode_frame(HandBack("worker shutting down"))
             elif reason == "error":
@@ -180,12 +279,173 @@ class Worker:
             if data:
                 await resp.write(data)
             if reason is not None:
+                return None
+
+    async def _hand_over(self, key: str, req: EngineRequest, request: web.Request,
+                         resp: web.StreamResponse) -> None:
+        """Answer a prefill with its KV handle; if the caller is already gone (it gave up
+        on us, e.g. after a stall), free the KV now rather than at its TTL."""
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            self.engine.release_kv(key)
+            log.info("prefill %s done after its caller left: KV freed", req.request_id)
+            return
+        handle = self._publish(key, req)
+        try:
+            await resp.write(encode_frame(Prefilled(handle)))
+        except BaseException:
+            self.kv.drop(key, "its caller left")
+            raise
+
+    def _publish(self, key: str, req: EngineRequest) -> KvHandle:
+        """Keeps a prefilled KV for pulling and describes it."""
+        self.kv.put(key)
+        return KvHandle(url=self.url, kv_id=key, num_tokens=len(req.token_ids),
+                        digest=token_digest(req.token_ids),
+                        nbytes=self.engine.kv_nbytes(key))
+
+    async def _decode(self, req: EngineRequest, kv: KvHandle | None,
+                      resp: web.StreamResponse) -> None:
+        """Pull the KV named by `kv`, check it is this request's, decode here."""
+        if kv is None:
+            raise StageError("bad_request", "a decode needs a KV handle", False)
+        if kv.num_tokens != len(req.token_ids) or kv.digest != token_digest(req.token_ids):
+            raise StageError("kv_mismatch", "KV handle is for other tokens", True)
+        try:
+            payload = await self._with_keepalive(
+                resp, fetch_kv(self.session, kv.url, kv.kv_id, self.timeout))
+        except CallFailed as e:
+            raise StageError("remote_failed", f"KV pull from {kv.url} failed: {e.reason}",
+                             True) from None
+        except (asyncio.CancelledError, ConnectionResetError):
+            # Our caller left mid-transfer: the holder may not have served the pull yet.
+            asyncio.get_running_loop().create_task(drop_kv(self.session, kv.url, kv.kv_id))
+            raise
+        await self._run_engine(msgspec.structs.replace(req, phase="decode", kv=kv), resp, payload)
+
+    async def _decode_first(self, req: EngineRequest, resp: web.StreamResponse) -> None:
+        """Decode worker first: get the prompt prefilled remotely, then decode here."""
+        inst = self.router.pick(("prefill",))
+        if inst is None:
+            if self.cfg.prefill_fallback == "local":
+                log.info("no prefill worker: prefilling %s locally", req.request_id)
+                await self._run_engine(req, resp)
                 return
+            raise StageError("unavailable", "no prefill worker available", False)
+        kv = None
+        prefill = msgspec.structs.replace(req, phase="prefill")
+        with self._remote_stage(req, inst, "prefill"):
+            async with contextlib.aclosing(self._relay(resp, inst, prefill)) as frames:
+                async for f in frames:
+                    if type(f) is Prefilled:
+                        kv = f.kv
+                        break
+                    raise self._remote_failure(inst, "prefill", f)
+        if kv is None:
+            raise self._remote_failure(inst, "prefill", CallFailed("stream_ended", inst))
+        await self._decode(req, kv, resp)
+
+    async def _prefill_first(self, req: EngineRequest, resp: web.StreamResponse) -> None:
+        """Prefill worker first: prefill here, then have a decode worker pull the KV and
+        relay its stream."""
+        key = await self._run_engine(msgspec.structs.replace(req, phase="prefill"), resp)
+        if key is None:
+            return
+        kv = self._publish(key, req)
+        try:
+            inst = self.router.pick(("decode",))
+            if inst is None:
+                raise StageError("unavailable", "no decode worker available", False)
+            with self._remote_stage(req, inst, "decode"):
+                decode = msgspec.structs.replace(req, phase="decode", kv=kv)
+                async with contextlib.aclosing(self._relay(resp, inst, decode)) as frames:
+                    async for f in frames:
+                        if type(f) is Tokens or type(f) is Final:
+                            await resp.write(encode_frame(f))
+                            if type(f) is Final:
+                                return
+                        else:
+                            raise self._remote_failure(inst, "decode", f)
+            raise self._remote_failure(inst, "decode", CallFailed("stream_ended", inst))
+        finally:
+            self.kv.drop(key, "request over before its KV was pulled")
+
+    def _remote_failure(self, inst: Instance, stage: str, f) -> StageError:
+        """What to tell our caller when the remote stage failed (a frame or CallFailed)."""
+        if type(f) is Error and not f.retryable:
+            return StageError(f.code, f.message, False)
+        if isinstance(f, CallFailed):
+            self.router.mark_down(inst, f.reason)
+            why = f.reason
+        else:
+            why = f"answered {type(f).__name__}" + (f" {f.code}" if type(f) is Error else "")
+        return StageError("remote_failed", f"remote {stage} on {inst.id} failed: {why}", True)
+
+    async def _relay(self, resp: web.StreamResponse, inst: Instance, req: EngineRequest):
+        """Frames of a call to a remote stage, minus its keep-alives. Our own keep-alives go
+        to our caller while we wait, so its stall timer judges us, not our peer. Failures
+        of the call come out as CallFailed frames (see _remote_failure)."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for f in call(self.session, inst, req, self.timeout):
+                    if type(f) is not KeepAlive:
+                        await queue.put(f)
+                await queue.put(CallFailed("stream_ended", inst))
+            except CallFailed as e:
+                await queue.put(e)
+
+        task = asyncio.create_task(pump())
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), self.cfg.keepalive_s)
+                except TimeoutError:
+                    await resp.write(_KEEPALIVE_FRAME)
+                    continue
+                yield item
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @contextlib.contextmanager
+    def _remote_stage(self, req: EngineRequest, inst: Instance, stage: str):
+        """Logs (and counts) a remote stage cancelled because our caller went away."""
+        try:
+            with self.router.track(inst):
+                yield
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.remote_aborts_total.inc()
+            log.info("Aborted Remote Request ID: %s (%s on %s)", req.request_id, stage, inst.id)
+            raise
+
+    async def _with_keepalive(self, resp: web.StreamResponse, work: Awaitable):
+        """Await `work`, sending keep-alive frames meanwhile so the caller's stall timer
+        does not fire on a slow but live transfer."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.cfg.keepalive_s)
+                if done:
+                    return task.result()
+                await resp.write(_KEEPALIVE_FRAME)
+        finally:
+            task.cancel()
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    async def _watch(self) -> None:
+        async for instances in self.discovery.watch():
+            self.router.update({k: v for k, v in instances.items() if k != self.id})
+
     async def run(self, stop: asyncio.Event) -> None:
         await self.engine.start()
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1024, enable_cleanup_closed=True))
+        self.router = Router("round-robin", self.session)
+        watch = asyncio.create_task(self._watch()) if self.cfg.role != "aggregated" else None
         runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.host, self.cfg.port)
@@ -200,7 +460,7 @@ class Worker:
         print(f"segue worker ready id={self.id} role={self.cfg.role} url={self.url}", flush=True)
         log.info("worker %s ready at %s", self.id, self.url)
         await stop.wait()
-        log.info("draining: leaving discovery, %d requests in flight", len(self.active))
+        log.info("draining: leaving discovery, %d requests in flight", self._calls)
         self.draining = True
         await lease.revoke()
         try:
@@ -212,7 +472,12 @@ class Worker:
                 self.engine.abort(rid)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), 5.0)
+        if watch:
+            watch.cancel()
         await runner.cleanup()
+        self.kv.clear()
+        await self.router.close()
+        await self.session.close()
         await self.engine.stop()
         await self.discovery.close()
         log.info("worker %s stopped", self.id)
@@ -231,3 +496,5 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+
+
