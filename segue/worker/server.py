@@ -418,7 +418,8 @@ class Worker:
                 yield
         except (asyncio.CancelledError, ConnectionResetError):
             self.remote_aborts_total.inc()
-            log.info("Aborted Remote Request ID: %s (%s on %s)", req.request_id, stage, inst.id)
+            log.info("Aborted Remote Request ID: %s (%s on %s, t=%.6f)", req.request_id, stage,
+                     inst.id, time.time())
             raise
 
     async def _with_keepalive(self, resp: web.StreamResponse, work: Awaitable):
