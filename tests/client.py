@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -21,6 +22,11 @@ class Result:
     usage: dict | None = None
     error: dict | None = None
     done: bool = False  # saw [DONE]
+
+
+def uid(prefix: str) -> str:
+    """A request id unique across repeated runs against one deployment."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def body(kind: str, prompt: str, max_tokens: int, stream: bool, **extra) -> dict:

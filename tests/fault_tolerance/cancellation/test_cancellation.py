@@ -8,7 +8,7 @@ import signal
 
 import aiohttp
 import pytest
-from client import RawRequest, StreamReader, body, complete
+from client import RawRequest, StreamReader, body, complete, uid
 from faults import metric, total_migrations, worker_of
 from harness import Deployment, wait_until
 
@@ -60,7 +60,7 @@ def test_request_cancellation_aggregated(single):
     once the worker has it; the worker aborts and the frontend logs the cancellation."""
     d, w = single, single.workers[0]
     for name, (kind, stream) in KINDS.items():
-        rid = f"ref-agg-{name}"
+        rid = uid(f"ref-agg-{name}")
         before = counters(d)
         req = RawRequest(d.url, kind, body(kind, "tell me a story", 5000, stream), rid)
         w.wait_log(f"New Request ID: {rid}")
@@ -76,7 +76,7 @@ def test_request_cancellation_aggregated(single):
 def test_cancel_in_each_phase(single, name, phase, abrupt):
     d, w = single, single.workers[0]
     kind, stream = KINDS[name]
-    rid = f"phase-{name}-{phase}-{abrupt}"
+    rid = uid(f"phase-{name}-{phase}-{abrupt}")
     blocker = None
     if phase == "queued":  # occupy the only engine slot
         blocker = RawRequest(d.url, "completions", body("completions", "x", 30000, True),
@@ -113,7 +113,7 @@ def test_cancel_in_each_phase(single, name, phase, abrupt):
 def test_disconnect_after_finish_is_a_noop(single, name):
     d, w = single, single.workers[0]
     kind, stream = KINDS[name]
-    rid = f"done-{name}"
+    rid = uid(f"done-{name}")
     before = counters(d)
     req = RawRequest(d.url, kind, body(kind, "hi", 5, stream), rid)
     data = req.read_all()
