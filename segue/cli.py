@@ -26,6 +26,13 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="size of the simulated KV payload a prefill hands over")
 
 
+def _add_real_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("hf engine")
+    g.add_argument("--max-num-seqs", type=int, default=8)
+    g.add_argument("--kv-blocks", type=int, default=4096)
+    g.add_argument("--device", default="auto", help="cpu, cuda or auto")
+
+
 def _add_frontend_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", default="round-robin",
                    choices=["round-robin", "random", "least-loaded"])
@@ -50,10 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--engine", default="mocker", choices=["mocker"])
+    s.add_argument("--engine", default="mocker", choices=["mocker", "hf"])
     s.add_argument("--model", default=None, help="Hugging Face model directory")
     _add_frontend_flags(s)
     _add_engine_flags(s)
+    _add_real_engine_flags(s)
 
     f = sub.add_parser("frontend", help="the OpenAI HTTP frontend")
     f.add_argument("--host", default="127.0.0.1")
@@ -64,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_frontend_flags(f)
 
     w = sub.add_parser("worker", help="one engine worker")
-    w.add_argument("--engine", default="mocker", choices=["mocker"])
+    w.add_argument("--engine", default="mocker", choices=["mocker", "hf"])
     w.add_argument("--model", default=None)
     w.add_argument("--role", default="aggregated", choices=["aggregated", "prefill", "decode"])
     w.add_argument("--discovery", required=True)
@@ -75,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--keepalive", type=float, default=0.5,
                    help="seconds between keep-alive frames while a request makes no tokens")
     w.add_argument("--lease-ttl", type=float, default=2.0)
+    _add_real_engine_flags(w)
     w.add_argument("--stall-timeout", type=float, default=5.0,
                    help="seconds without a frame from a remote stage before it counts as hung")
     w.add_argument("--kv-ttl", type=float, default=30.0,
@@ -83,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode worker: prefill locally when no prefill worker is left")
     w.add_argument("--fault-exit-after-tokens", type=int, default=None, help=argparse.SUPPRESS)
     _add_engine_flags(w)
+
+    m = sub.add_parser("make-model", help="build a tiny random-weight Llama model directory")
+    m.add_argument("dir")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--vocab-size", type=int, default=1024)
+    m.add_argument("--hidden-size", type=int, default=64)
+    m.add_argument("--layers", type=int, default=2)
 
     b = sub.add_parser("bench", help="closed-loop load generator for any OpenAI endpoint")
     from segue.bench import add_bench_args
@@ -142,6 +158,13 @@ def _run(coro) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.cmd == "make-model":
+        from segue.models.tiny import build_tiny_llama
+
+        path = build_tiny_llama(args.dir, seed=args.seed, vocab_size=args.vocab_size,
+                                hidden_size=args.hidden_size, layers=args.layers)
+        print(f"tiny model written to {path}")
+        return
     if args.cmd == "bench":
         from segue.bench import run_bench
 

@@ -70,7 +70,8 @@ def serve(args) -> int:
     disc = f"file:{disc_dir}"
     model = ["--model", args.model] if args.model else []
     worker_args = ["worker", "--engine", args.engine, "--discovery", disc, *model,
-                   *_passthrough(args, "mocker_")]
+                   *_passthrough(args, "mocker_"), "--max-num-seqs", str(args.max_num_seqs),
+                   "--kv-blocks", str(args.kv_blocks), "--device", args.device]
     fe_args = ["frontend", "--host", args.host, "--port", str(args.port), "--discovery", disc,
                "--router", args.router, "--migration-limit", str(args.migration_limit),
                "--stall-timeout", str(args.stall_timeout), *model]

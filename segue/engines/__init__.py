@@ -10,4 +10,11 @@ def create_engine(name: str, args, tokenizer) -> Engine:
         from segue.engines.mocker import MockerConfig, MockerEngine
 
         return MockerEngine(MockerConfig.from_args(args), tokenizer)
-    raise ValueError(f"unknown engine {name!r} (available: mocker)")
+    if name == "hf":
+        from segue.engines.hf import HFConfig, HFEngine
+
+        if not args.model:
+            raise ValueError("--engine hf needs --model DIR (see `segue make-model`)")
+        return HFEngine(HFConfig(model_dir=args.model, max_num_seqs=args.max_num_seqs,
+                                 kv_blocks=args.kv_blocks, device=args.device), tokenizer)
+    raise ValueError(f"unknown engine {name!r} (available: mocker, hf)")

@@ -1,0 +1,63 @@
+"""Builds a tiny random-weight Llama model directory that needs no download.
+
+A byte-level BPE tokenizer is trained on a built-in corpus, a chat template is written to
+`tokenizer_config.json`, and a `LlamaForCausalLM` is initialised from `seed` (same seed,
+same weights, same outputs). The EOS row of `lm_head` is zeroed: EOS then always scores 0
+while the best of the other ~1000 random logits is positive, so greedy decoding runs to
+`max_tokens`, as the fault tests need.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from segue.tokenizer import _WORDS
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def build_tokenizer(out: Path, vocab_size: int) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [" ".join(_WORDS[i:i + 12]) for i in range(0, len(_WORDS), 3)]
+    tok.train_from_iterator(corpus * 4, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "model_max_length": 2048, "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }, indent=2))
+    return tok.get_vocab_size()
+
+
+def build_tiny_llama(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024,
+                     hidden_size: int = 64, layers: int = 2, heads: int = 4,
+                     max_positions: int = 2048) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(out, vocab_size)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, tie_word_embeddings=False, dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[config.eos_token_id] = 0.0
+    model.save_pretrained(out, safe_serialization=True)
+    return out

@@ -1,0 +1,144 @@
+"""The reference scenarios on the Hugging Face transformers engine, with a tiny Llama the
+tests build themselves (random weights, fp32, EOS suppressed)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from client import RawRequest, StreamReader, body, complete
+from faults import metric, total_migrations, worker_of
+from harness import Deployment, wait_until
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+PROMPT = "the river and the sea"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from segue.models.tiny import build_tiny_llama
+
+    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0))
+
+
+def hf_body(model, kind, prompt, n, stream, **kw):
+    b = body(kind, prompt, n, stream, **kw)
+    b["model"] = model.rsplit("/", 1)[-1]
+    return b
+
+
+def start(d: Deployment, model: str, workers: int = 1, *fe: str, roles=None) -> None:
+    d.start_frontend("--model", model, *fe)
+    for role in roles or ["aggregated"] * workers:
+        d.start_worker("--engine", "hf", "--model", model, role=role, fast=False)
+    for w in d.workers:
+        if roles:
+            wait_until(lambda w=w: w.log().count("joined (") >= len(roles) - 1,
+                       what="peers seen")
+
+
+def idle(w) -> bool:
+    m = w.metrics()
+    return (m["segue_engine_running_requests"] == 0 and m["segue_engine_kv_blocks_used"] == 0
+            and m["segue_engine_waiting_requests"] == 0)
+
+
+def test_greedy_output_equals_transformers_generate(deploy, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from segue.tokenizer import HFTokenizer
+
+    start(deploy, tiny_model)
+    r = complete(deploy.url, "completions", hf_body(tiny_model, "completions", PROMPT, 24, False))
+    assert r.status == 200 and r.finish_reason == "length"
+    ids = HFTokenizer(tiny_model).encode(PROMPT)
+    m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    want = m.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):]
+    assert r.token_ids == want.tolist()
+    assert r.usage["prompt_tokens"] == len(ids)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+def test_request_migration_on_hf(deploy, tiny_model, sig):
+    """Reference migration scenarios on a real model: the migrated output (re-prefilled
+    on the other worker) equals an uninterrupted run."""
+    deploy.start_frontend("--model", tiny_model)
+    for _ in range(2):
+        deploy.start_worker("--engine", "hf", "--model", tiny_model, "--drain-timeout", "0.5",
+                            fast=False)
+    b = hf_body(tiny_model, "chat", PROMPT, 300, True)
+    want = complete(deploy.url, "chat", {**b, "stream": False, "stream_options": None})
+    rid = f"hf-mig-{sig.name}"
+    s = StreamReader(deploy.url, "chat", b, rid)
+    s.read_tokens(20)
+    victim = worker_of(deploy, rid)
+    victim.signal(sig)
+    got = s.finish()
+    assert got.error is None and got.token_ids == want.token_ids
+    assert got.usage == want.usage and got.finish_reason == "length"
+    assert total_migrations(deploy) == 1
+    assert "Stream disconnected... recreating stream..." in deploy.frontend.log()
+    if sig == signal.SIGTERM:
+        assert victim.popen.wait(10) == 0
+
+
+def test_request_cancellation_aggregated_on_hf(deploy, tiny_model):
+    start(deploy, tiny_model)
+    w = deploy.workers[0]
+    for i, (kind, stream) in enumerate([("completions", False), ("chat", False),
+                                        ("chat", True)]):
+        rid = f"hf-cancel-{i}"
+        req = RawRequest(deploy.url, kind, hf_body(tiny_model, kind, PROMPT, 1500, stream), rid)
+        w.wait_log(f"New Request ID: {rid}")
+        if stream:
+            req.read_events(5)
+        req.close()
+        wait_until(lambda w=w: idle(w), 5, what="engine idle")
+        wait_until(lambda i=i: metric(w, "segue_worker_aborts_total") == i + 1, 5,
+                   what="abort counted")
+        w.wait_log(f"Aborted Request ID: {rid} ")
+        deploy.frontend.wait_log(f"Cancelled Request ID: {rid}")
+
+
+@pytest.mark.parametrize("strategy", ["frontend", "decode-first", "prefill-first"])
+def test_disagg_moves_real_kv_and_equals_aggregated(deploy, tiny_model, strategy):
+    start(deploy, tiny_model, 0, "--disagg-strategy", strategy, roles=["prefill", "decode"])
+    b = hf_body(tiny_model, "completions", PROMPT * 8, 30, False)
+    got = complete(deploy.url, "completions", b)
+    agg = Deployment(deploy.tmp / "agg")
+    (deploy.tmp / "agg").mkdir()
+    try:
+        start(agg, tiny_model)
+        want = complete(agg.url, "completions", b)
+    finally:
+        agg.stop()
+    assert got.status == 200 and got.token_ids == want.token_ids
+    p = next(w for w in deploy.workers if "prefill" in w.name)
+    assert metric(p, "segue_worker_kv_transferred_bytes_total") > 0
+    for w in deploy.workers:
+        wait_until(lambda w=w: idle(w), 5, what="idle")
+
+
+def test_disagg_decode_cancel_and_kill_on_hf(deploy, tiny_model):
+    start(deploy, tiny_model, 0, "--disagg-strategy", "decode-first",
+          roles=["prefill", "decode", "decode"])
+    rid = "hf-dc"
+    req = RawRequest(deploy.url, "chat", hf_body(tiny_model, "chat", PROMPT, 1500, True), rid)
+    req.read_events(5)
+    req.close()
+    deploy.frontend.wait_log(f"Cancelled Request ID: {rid}")
+    for w in deploy.workers:
+        wait_until(lambda w=w: idle(w), 5, what="idle")
+    b = hf_body(tiny_model, "completions", PROMPT, 200, True)
+    want = complete(deploy.url, "completions", {**b, "stream": False, "stream_options": None})
+    s = StreamReader(deploy.url, "completions", b, "hf-kd")
+    s.read_tokens(10)
+    victim = next(w for w in deploy.workers if "decode" in w.name and "hf-kd" in w.log())
+    victim.signal(signal.SIGKILL)
+    got = s.finish()
+    assert got.token_ids == want.token_ids and total_migrations(deploy) == 1
+
+
