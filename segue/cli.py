@@ -27,7 +27,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_real_engine_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("hf engine")
+    g = p.add_argument_group("hf and vllm engines")
     g.add_argument("--max-num-seqs", type=int, default=8)
     g.add_argument("--kv-blocks", type=int, default=4096)
     g.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--engine", default="mocker", choices=["mocker", "hf"])
+    s.add_argument("--engine", default="mocker", choices=["mocker", "hf", "vllm"])
     s.add_argument("--model", default=None, help="Hugging Face model directory")
     _add_frontend_flags(s)
     _add_engine_flags(s)
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_frontend_flags(f)
 
     w = sub.add_parser("worker", help="one engine worker")
-    w.add_argument("--engine", default="mocker", choices=["mocker", "hf"])
+    w.add_argument("--engine", default="mocker", choices=["mocker", "hf", "vllm"])
     w.add_argument("--model", default=None)
     w.add_argument("--role", default="aggregated", choices=["aggregated", "prefill", "decode"])
     w.add_argument("--discovery", required=True)

@@ -204,6 +204,9 @@ def load_tokenizer(model_dir: str | None) -> Tokenizer:
     return HFTokenizer(model_dir) if model_dir else BuiltinTokenizer()
 
 
+_MAX_HELD_TOKENS = 4  # a UTF-8 character is at most 4 bytes, so at most 4 byte tokens
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without ever emitting half of a
     UTF-8 character (or of a merged word piece): text is released only once decoding the
@@ -222,7 +225,12 @@ class IncrementalDetokenizer:
         decode = self._tok.decode
         prefix_text = decode(self.ids[self._prefix : self._read])
         new_text = decode(self.ids[self._prefix :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+        # Hold back a trailing partial character, but never more than a character's worth
+        # of tokens: a model emitting invalid byte sequences must not make this quadratic.
+        held = len(self.ids) - self._read
+        if len(new_text) > len(prefix_text) and (
+            not new_text.endswith("\ufffd") or held > _MAX_HELD_TOKENS
+        ):
             self._prefix = self._read
             self._read = len(self.ids)
             return new_text[len(prefix_text) :]

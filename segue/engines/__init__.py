@@ -17,4 +17,11 @@ def create_engine(name: str, args, tokenizer) -> Engine:
             raise ValueError("--engine hf needs --model DIR (see `segue make-model`)")
         return HFEngine(HFConfig(model_dir=args.model, max_num_seqs=args.max_num_seqs,
                                  kv_blocks=args.kv_blocks, device=args.device), tokenizer)
-    raise ValueError(f"unknown engine {name!r} (available: mocker, hf)")
+    if name == "vllm":
+        from segue.engines.vllm import VllmConfig, VllmEngine
+
+        if not args.model:
+            raise ValueError("--engine vllm needs --model DIR (see `segue make-model`)")
+        return VllmEngine(VllmConfig(model_dir=args.model, max_num_seqs=args.max_num_seqs,
+                                     max_model_len=tokenizer.context_length), tokenizer)
+    raise ValueError(f"unknown engine {name!r} (available: mocker, hf, vllm)")
