@@ -67,14 +67,19 @@ def test_vllm_output_equals_transformers(deploy, vllm_model, vllm_start):
     m = AutoModelForCausalLM.from_pretrained(vllm_model, dtype=torch.float32).eval()
     want = m.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):]
     assert r.token_ids == want.tolist()
-    # cancellation (reference aggregated scenario, streaming chat after 5 responses)
-    req = RawRequest(deploy.url, "chat", vbody(vllm_model, "chat", PROMPT, 1500, True), "v-c")
-    w.wait_log("New Request ID: v-c")
-    req.read_events(5)
-    req.close()
-    w.wait_log("Aborted Request ID: v-c ")
-    deploy.frontend.wait_log("Cancelled Request ID: v-c")
-    wait_until(lambda: idle(w), 10, what="vLLM scheduler idle")
+    # the reference aggregated cancellation: completion, chat, streaming chat (5 read)
+    for i, (kind, stream) in enumerate([("completions", False), ("chat", False),
+                                        ("chat", True)]):
+        rid = f"v-cancel-{i}"
+        req = RawRequest(deploy.url, kind, vbody(vllm_model, kind, PROMPT, 1500, stream), rid)
+        w.wait_log(f"New Request ID: {rid}")
+        if stream:
+            req.read_events(5)
+        req.close()
+        w.wait_log(f"Aborted Request ID: {rid} ")
+        deploy.frontend.wait_log(f"Cancelled Request ID: {rid}")
+        wait_until(lambda: idle(w), 10, what="vLLM scheduler idle")
+        assert metric(w, "segue_worker_aborts_total") == i + 1
     assert metric(w, "segue_engine_kv_blocks_total") > 0
 
 
