@@ -10,6 +10,7 @@ cancels the call on the worker.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import msgspec
@@ -26,6 +27,11 @@ class KvHandle(msgspec.Struct, frozen=True):
     num_tokens: int  # how many leading tokens of the context the payload covers
     digest: str  # fingerprint of those token ids; the puller checks it
     nbytes: int
+
+
+def token_digest(token_ids: list[int]) -> str:
+    """Fingerprint of a token sequence: ties a KV payload to the tokens it was made from."""
+    return hashlib.blake2b(msgspec.msgpack.encode(token_ids), digest_size=16).hexdigest()
 
 
 class EngineRequest(msgspec.Struct, kw_only=True):

@@ -16,7 +16,6 @@ tensor bytes; the decode side rebuilds the cache and feeds the last token. No pi
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import threading
 import uuid
@@ -27,7 +26,7 @@ from pathlib import Path
 import msgspec
 
 from segue.engines.base import Engine, EngineRequestError, EngineStats, RequestStream
-from segue.protocol import EngineRequest
+from segue.protocol import EngineRequest, token_digest
 
 log = logging.getLogger("segue.hf")
 
@@ -37,10 +36,6 @@ class _KvHeader(msgspec.Struct):
     num_tokens: int  # tokens the cache covers
     dtype: str
     shapes: list[list[int]]  # per layer: keys shape (values have the same)
-
-
-def _digest(token_ids: list[int]) -> str:
-    return hashlib.blake2b(msgspec.msgpack.encode(token_ids), digest_size=16).hexdigest()
 
 
 @dataclass
@@ -153,7 +148,7 @@ class HFEngine(Engine):
     def kv_payload(self, key: str) -> bytes:
         _, cache, ids = self.held[key]
         layers = cache.layers if cache is not None else []
-        header = _KvHeader(_digest(ids), len(ids) - 1, self.cfg.dtype,
+        header = _KvHeader(token_digest(ids), len(ids) - 1, self.cfg.dtype,
                            [list(layer.keys.shape) for layer in layers])
         head = msgspec.msgpack.encode(header)
         parts = [len(head).to_bytes(4, "big"), head]
@@ -189,7 +184,7 @@ class HFEngine(Engine):
             header = msgspec.msgpack.decode(payload[4:4 + n], type=_KvHeader)
         except (TypeError, ValueError, msgspec.DecodeError):
             raise EngineRequestError("KV payload is not a segue KV payload") from None
-        if header.digest != _digest(token_ids) or header.num_tokens != len(token_ids) - 1:
+        if header.digest != token_digest(token_ids) or header.num_tokens != len(token_ids) - 1:
             raise EngineRequestError("KV payload does not belong to this request's tokens")
         if header.dtype != self.cfg.dtype:
             raise EngineRequestError(f"KV payload is {header.dtype}, engine is {self.cfg.dtype}")

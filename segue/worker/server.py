@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import re
@@ -54,6 +53,7 @@ from segue.protocol import (
     Tokens,
     decode_request,
     encode_frame,
+    token_digest,
 )
 from segue.router import Router
 from segue.transport import CallFailed, call, client_timeout, drop_kv, fetch_kv
@@ -63,10 +63,6 @@ log = logging.getLogger("segue.worker")
 _KEEPALIVE_FRAME = encode_frame(KeepAlive())
 _KV_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 _FIRST_STAGE = {"aggregated": "local", "decode": "decode-first", "prefill": "prefill-first"}
-
-
-def token_digest(token_ids: list[int]) -> str:
-    return hashlib.blake2b(msgspec.msgpack.encode(token_ids), digest_size=16).hexdigest()
 
 
 class StageError(Exception):
