@@ -23,5 +23,6 @@ def create_engine(name: str, args, tokenizer) -> Engine:
         if not args.model:
             raise ValueError("--engine vllm needs --model DIR (see `segue make-model`)")
         return VllmEngine(VllmConfig(model_dir=args.model, max_num_seqs=args.max_num_seqs,
-                                     max_model_len=tokenizer.context_length), tokenizer)
+                                     max_model_len=tokenizer.context_length,
+                                     disaggregated=args.role != "aggregated"), tokenizer)
     raise ValueError(f"unknown engine {name!r} (available: mocker, hf, vllm)")

@@ -102,3 +102,49 @@ def test_request_migration_on_vllm(deploy, vllm_model, vllm_start, sig):
     assert total_migrations(deploy) == 1
     if sig == signal.SIGTERM:
         assert victim.popen.wait(30) == 0
+
+
+def test_vllm_disaggregated_all_strategies(deploy, vllm_model, vllm_start):
+    """One vLLM prefill worker and one vLLM decode worker serve three frontends, one per
+    strategy. The prompt's KV is computed by the prefill worker, carried over segue's
+    request plane, and loaded by the decode worker's vLLM connector (a cache hit, not a
+    recompute); the output equals transformers' greedy generate()."""
+    import torch
+    from harness import Proc
+    from transformers import AutoModelForCausalLM
+
+    from segue.tokenizer import HFTokenizer
+
+    p = start_worker(deploy, vllm_model, "--role", "prefill")
+    dw = start_worker(deploy, vllm_model, "--role", "decode")
+    fronts = {}
+    for strategy in ("frontend", "decode-first", "prefill-first"):
+        fe = Proc(f"frontend-{strategy}", ["frontend", "--port", "0", "--discovery",
+                                           deploy.discovery, "--model", vllm_model,
+                                           "--disagg-strategy", strategy], deploy.tmp)
+        deploy.procs.append(fe)
+        fe.wait_ready()
+        fronts[strategy] = fe
+    for w in (p, dw):
+        wait_until(lambda w=w: "joined (" in w.log(), 60, what="peers seen")
+    prompt = " ".join([PROMPT] * 40)  # more than one 128-token vLLM CPU block
+    ids = HFTokenizer(vllm_model).encode(prompt)
+    assert len(ids) > 140
+    m = AutoModelForCausalLM.from_pretrained(vllm_model, dtype=torch.float32).eval()
+    want = m.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):]
+    for i, (strategy, fe) in enumerate(fronts.items()):
+        r = complete(fe.url, "completions", vbody(vllm_model, "completions", prompt, 16, False))
+        assert r.status == 200, (strategy, r.error)
+        assert r.token_ids == want.tolist(), strategy
+        assert dw.log().count("External Cache Hit!") == i + 1, strategy
+    assert metric(p, "segue_worker_kv_transferred_bytes_total") > 0
+    # decode cancel on the disaggregated path
+    fe = fronts["decode-first"]
+    req = RawRequest(fe.url, "chat", vbody(vllm_model, "chat", PROMPT, 1500, True), "v-dc")
+    req.read_events(5)
+    req.close()
+    dw.wait_log("Aborted Request ID: v-dc ")
+    fe.wait_log("Cancelled Request ID: v-dc")
+    for w in (p, dw):
+        wait_until(lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0, 10,
+                   what="idle")
