@@ -78,7 +78,8 @@ def main() -> None:
     (tmp / "segue").mkdir()
     try:
         d.start_frontend("--model", model)
-        w = d.start_worker("--engine", "vllm", "--model", model, fast=False, wait=False)
+        w = d.start_worker("--engine", "vllm", "--model", model, fast=False, wait=False,
+                           ready_timeout=300)
         d.wait_routable(w, timeout=300)
         results["segue"] = bench(d.url, name, a)
     finally:

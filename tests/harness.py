@@ -121,14 +121,14 @@ class Deployment:
         return p
 
     def start_worker(self, *extra: str, role: str = "aggregated", wait: bool = True,
-                     fast: bool = True) -> Proc:
+                     fast: bool = True, ready_timeout: float = 20.0) -> Proc:
         self._n += 1
         args = ["worker", "--discovery", self.discovery, "--role", role,
                 *(FAST_MOCKER if fast else []), *extra]
         p = Proc(f"worker{self._n}-{role}", args, self.tmp)
         self.procs.append(p)
         self.workers.append(p)
-        p.wait_ready()
+        p.wait_ready(ready_timeout)
         if wait and self.frontend is not None:
             self.wait_routable(p)
         return p

@@ -33,8 +33,8 @@ def vbody(model, kind, prompt, n, stream):
 
 
 def start_worker(d, model, *extra):
-    w = d.start_worker("--engine", "vllm", "--model", model, *extra, fast=False, wait=False)
-    return w
+    return d.start_worker("--engine", "vllm", "--model", model, *extra, fast=False,
+                          wait=False, ready_timeout=START)
 
 
 def idle(w) -> bool:
@@ -43,16 +43,7 @@ def idle(w) -> bool:
             and m["segue_engine_waiting_requests"] == 0)
 
 
-@pytest.fixture
-def vllm_start(monkeypatch):
-    import harness
-
-    orig = harness.Proc.wait_ready
-    monkeypatch.setattr(harness.Proc, "wait_ready",
-                        lambda self, timeout=START: orig(self, max(timeout, START)))
-
-
-def test_vllm_output_equals_transformers(deploy, vllm_model, vllm_start):
+def test_vllm_output_equals_transformers(deploy, vllm_model):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -84,7 +75,7 @@ def test_vllm_output_equals_transformers(deploy, vllm_model, vllm_start):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
-def test_request_migration_on_vllm(deploy, vllm_model, vllm_start, sig):
+def test_request_migration_on_vllm(deploy, vllm_model, sig):
     deploy.start_frontend("--model", vllm_model)
     ws = [start_worker(deploy, vllm_model, "--drain-timeout", "0.5") for _ in range(2)]
     for w in ws:
@@ -104,7 +95,7 @@ def test_request_migration_on_vllm(deploy, vllm_model, vllm_start, sig):
         assert victim.popen.wait(30) == 0
 
 
-def test_vllm_disaggregated_all_strategies(deploy, vllm_model, vllm_start):
+def test_vllm_disaggregated_all_strategies(deploy, vllm_model):
     """One vLLM prefill worker and one vLLM decode worker serve three frontends, one per
     strategy. The prompt's KV is computed by the prefill worker, carried over segue's
     request plane, and loaded by the decode worker's vLLM connector (a cache hit, not a
