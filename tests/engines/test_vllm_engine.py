@@ -4,6 +4,7 @@ to the reference scenarios; disaggregation through vLLM's KV connectors is not w
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -74,25 +75,49 @@ def test_vllm_output_equals_transformers(deploy, vllm_model):
     assert metric(w, "segue_engine_kv_blocks_total") > 0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, "engine-core"],
+                         ids=["kill", "term", "engine-core-killed"])
 def test_request_migration_on_vllm(deploy, vllm_model, sig):
+    """SIGKILL / SIGTERM of the worker, or death of vLLM's engine core process under a live
+    worker: the request continues on the other worker, token-identical."""
     deploy.start_frontend("--model", vllm_model)
     ws = [start_worker(deploy, vllm_model, "--drain-timeout", "0.5") for _ in range(2)]
     for w in ws:
         deploy.wait_routable(w, timeout=30)
     b = vbody(vllm_model, "completions", PROMPT, 400, True)
     want = complete(deploy.url, "completions", {**b, "stream": False, "stream_options": None})
-    rid = f"v-mig-{sig.name}"
+    rid = f"v-mig-{getattr(sig, 'name', sig)}"
     s = StreamReader(deploy.url, "completions", b, rid)
     s.read_tokens(20)
     victim = worker_of(deploy, rid)
-    victim.signal(sig)
+    if sig == "engine-core":
+        for child in _children(victim.pid):
+            os.kill(child, signal.SIGKILL)
+    else:
+        victim.signal(sig)
     got = s.finish()
     assert got.error is None and got.token_ids == want.token_ids
     assert got.finish_reason == "length" and got.usage == want.usage
     assert total_migrations(deploy) == 1
     if sig == signal.SIGTERM:
         assert victim.popen.wait(30) == 0
+    if sig == "engine-core":  # alive but unhealthy: out of rotation, not taking requests
+        assert victim.alive() and victim.health()["status"] == "unhealthy"
+        h = deploy.frontend.health()
+        assert [x["routable"] for x in h["workers"] if x["pid"] == victim.pid] == [False]
 
 
 def test_vllm_disaggregated_all_strategies(deploy, vllm_model):
