@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import aiohttp
+import msgspec
 
 from segue.discovery import Instance
 from segue.protocol import GENERATE_PATH, EngineRequest, Frame, FrameParser, encode_request
@@ -49,6 +50,8 @@ async def call(
         raise CallFailed("stall", inst) from None
     except aiohttp.ClientError:
         raise CallFailed("stream_broken", inst) from None
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise CallFailed("bad_frame", inst) from None  # not a segue worker, or a bug
     raise CallFailed("stream_ended", inst)
 
 

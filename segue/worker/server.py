@@ -391,6 +391,9 @@ class Worker:
                 await queue.put(CallFailed("stream_ended", inst))
             except CallFailed as e:
                 await queue.put(e)
+            except Exception as e:  # never leave the relay waiting on a dead pump
+                log.exception("relay to %s failed", inst.id)
+                await queue.put(CallFailed(f"relay_error: {e!r}", inst))
 
         task = asyncio.create_task(pump())
         try:
