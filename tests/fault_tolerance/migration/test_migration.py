@@ -192,17 +192,20 @@ def test_slow_prefill_is_not_a_hang(deploy):
     assert total_migrations(deploy) == 0
 
 
+def _register_fake(tmp_path, wid: str, url: str) -> None:
+    """A discovery entry for something that is not a working segue worker."""
+    entry = {"instance": {"id": wid, "role": "aggregated", "url": url, "pid": os.getpid(),
+                          "host": socket.gethostname(), "model": ""},
+             "expires_at": time.time() + 600}
+    (tmp_path / "discovery" / "default" / f"{wid}.json").write_text(json.dumps(entry))
+
+
 def test_unreachable_worker_is_skipped_and_taken_out_of_rotation(agg2, tmp_path):
     want = golden(agg2, "completions", 20)
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
-    stale = {"instance": {"id": "stale-1", "role": "aggregated",
-                          "url": f"http://127.0.0.1:{dead_port}", "pid": os.getpid(),
-                          "host": socket.gethostname(), "model": ""},
-             "expires_at": time.time() + 600}
-    ddir = tmp_path / "discovery" / "default"
-    (ddir / "stale-1.json").write_text(json.dumps(stale))
+    _register_fake(tmp_path, "stale-1", f"http://127.0.0.1:{dead_port}")
     wait_until(lambda: len(httpx.get(agg2.url + "/health").json()["workers"]) == 3,
                what="stale entry seen")
     for i in range(6):
@@ -211,6 +214,36 @@ def test_unreachable_worker_is_skipped_and_taken_out_of_rotation(agg2, tmp_path)
     assert migrations(agg2, "connection_refused") == 1  # tried once, then never again
     h = httpx.get(agg2.url + "/health").json()
     assert [w["routable"] for w in h["workers"] if w["id"] == "stale-1"] == [False]
+
+
+def test_peer_speaking_garbage_is_a_failed_worker(agg2, tmp_path):
+    """A 200 answer whose body is not segue frames: migrated, never a 500."""
+    import http.server
+
+    class Garbage(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the stdlib's naming
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "9")
+            self.end_headers()
+            self.wfile.write(b"\x00\x00\x00\x05hello")
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Garbage)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        want = golden(agg2, "chat", 20)
+        _register_fake(tmp_path, "garbage-1", f"http://127.0.0.1:{srv.server_port}")
+        wait_until(lambda: len(httpx.get(agg2.url + "/health").json()["workers"]) == 3,
+                   what="fake entry seen")
+        for i in range(4):
+            assert_same(complete(agg2.url, "chat", body("chat", PROMPT, 20, False),
+                                 f"garbage-{i}"), want)
+        assert migrations(agg2, "bad_frame") == 1
+    finally:
+        srv.shutdown()
 
 
 # -- giving up -----------------------------------------------------------------------------
