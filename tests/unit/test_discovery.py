@@ -17,9 +17,9 @@ def _inst(i: str, pid: int) -> Instance:
 
 async def test_register_renew_revoke(tmp_path):
     d = FileDiscovery(str(tmp_path), "ns")
-    lease = await d.register(_inst("w1", os.getpid()), ttl=0.3)
+    lease = await d.register(_inst("w1", os.getpid()), ttl=1.0)
     assert set(d.snapshot()) == {"w1"}
-    await asyncio.sleep(0.6)  # longer than the TTL: renewal keeps it alive
+    await asyncio.sleep(1.5)  # longer than the TTL: renewal (every ttl/3) keeps it alive
     assert set(d.snapshot()) == {"w1"}
     await lease.revoke()
     assert d.snapshot() == {}
