@@ -3,6 +3,7 @@ dynamic ports, their logs captured to files, stopped by process group."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -76,10 +77,14 @@ class Proc:
                 os.killpg(self.pid, signal.SIGTERM)
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.pid, signal.SIGKILL)
-                self.popen.wait()
+                pass
             except ProcessLookupError:
                 pass
+        # Whatever is left of the group (an engine's helper processes outliving a killed
+        # worker, or a worker that ignored SIGTERM) goes now.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.popen.wait()
         self._log.close()
         return self.popen.returncode
 
