@@ -53,8 +53,18 @@ def _stop(procs: list[subprocess.Popen], timeout: float = 40.0) -> None:
         try:
             p.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+            pass
+        _kill_group(p)
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    """SIGKILL whatever is left in a child's process group (an engine's helper processes
+    can outlive a worker that crashed), then reap the child."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
 
 
 def _health(url: str) -> dict | None:
@@ -102,6 +112,7 @@ def serve(args) -> int:
             for i, w in enumerate(workers):
                 if w.poll() is not None:
                     log.warning("worker pid %d exited with %s: restarting", w.pid, w.returncode)
+                    _kill_group(w)
                     workers[i] = _spawn(worker_args)
             if not ready:
                 h = _health(url)
