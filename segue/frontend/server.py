@@ -415,17 +415,21 @@ class Frontend:
             # a worker can take the request; with none, the client gets a plain 503.
             if self.migrator.can_route():
                 resp = await start()
+            tail = b""
             async for text, ids, finish in self._tokens(prep):
                 if resp is None:
                     resp = await start()
+                if finish is not None:  # the last chunk leaves with the end of the stream
+                    tail = chunk(text, ids, finish)
+                    break
                 await resp.write(chunk(text, ids, finish))
             if resp is None:
                 resp = await start()
             if prep.include_usage:
                 u = {"id": gen.request_id, "object": obj, "created": created, "model": model,
                      "choices": [], "usage": oai.usage(prep.prompt_len, len(gen.generated))}
-                await resp.write(b"data: " + encode(u) + b"\n\n")
-            await resp.write(_DONE)
+                tail += b"data: " + encode(u) + b"\n\n"
+            await resp.write_eof(tail + _DONE)  # one write for the end of the stream
 
         try:
             await self._with_deadline(prep, run())
@@ -438,8 +442,7 @@ class Frontend:
                 err = oai.APIError(503, f"Service unavailable: {e}", code="unavailable")
             if resp is None:
                 raise err from None
-            await resp.write(b"data: " + encode(err.body()) + b"\n\n" + _DONE)
-        await resp.write_eof()
+            await resp.write_eof(b"data: " + encode(err.body()) + b"\n\n" + _DONE)
         return resp
 
 

@@ -272,10 +272,11 @@ class Worker:
                 data += encode_frame(Error("engine_error", out.error or "engine failed", True))
             elif reason is not None:
                 data += encode_frame(Final(reason, offset))
+            if reason is not None:
+                await resp.write_eof(data)  # the final frame and the end of the body at once
+                return None
             if data:
                 await resp.write(data)
-            if reason is not None:
-                return None
 
     async def _hand_over(self, key: str, req: EngineRequest, request: web.Request,
                          resp: web.StreamResponse) -> None:
