@@ -69,7 +69,8 @@ def test_request_migration_on_hf(deploy, tiny_model, sig):
     for _ in range(2):
         deploy.start_worker("--engine", "hf", "--model", tiny_model, "--drain-timeout", "0.5",
                             fast=False)
-    b = hf_body(tiny_model, "chat", PROMPT, 300, True)
+    # long enough to outlive the 0.5 s drain timeout however fast the machine is
+    b = hf_body(tiny_model, "chat", PROMPT, 1500, True)
     want = complete(deploy.url, "chat", {**b, "stream": False, "stream_options": None})
     rid = f"hf-mig-{sig.name}"
     s = StreamReader(deploy.url, "chat", b, rid)
@@ -142,3 +143,24 @@ def test_disagg_decode_cancel_and_kill_on_hf(deploy, tiny_model):
     assert got.token_ids == want.token_ids and total_migrations(deploy) == 1
 
 
+
+
+def test_prefill_first_remote_decode_cancel_on_hf(deploy, tiny_model):
+    """Reference prefill_first_remote_decode_cancel and the single-response decode cancel,
+    on real KV moved between hf workers."""
+    start(deploy, tiny_model, 0, "--disagg-strategy", "prefill-first",
+          roles=["prefill", "decode"])
+    p, dw = deploy.workers
+    for rid, events in (("hf-pf-rdc", 5), ("hf-pf-one", 2)):
+        req = RawRequest(deploy.url, "chat", hf_body(tiny_model, "chat", PROMPT, 1500, True),
+                         rid)
+        p.wait_log(f"New Request ID: {rid}")
+        dw.wait_log(f"New Request ID: {rid}")
+        req.read_events(events)
+        req.close()
+        dw.wait_log(f"Aborted Request ID: {rid} ")
+        p.wait_log(f"Aborted Remote Request ID: {rid} ")
+        deploy.frontend.wait_log(f"Cancelled Request ID: {rid}")
+        for w in deploy.workers:
+            wait_until(lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0,
+                       5, what="idle")

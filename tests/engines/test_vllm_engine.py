@@ -97,7 +97,8 @@ def test_request_migration_on_vllm(deploy, vllm_model, sig):
     ws = [start_worker(deploy, vllm_model, "--drain-timeout", "0.5") for _ in range(2)]
     for w in ws:
         deploy.wait_routable(w, timeout=30)
-    b = vbody(vllm_model, "completions", PROMPT, 400, True)
+    # long enough to outlive the 0.5 s drain timeout however fast the machine is
+    b = vbody(vllm_model, "completions", PROMPT, 1500, True)
     want = complete(deploy.url, "completions", {**b, "stream": False, "stream_options": None})
     rid = f"v-mig-{getattr(sig, 'name', sig)}"
     s = StreamReader(deploy.url, "completions", b, rid)
@@ -161,6 +162,14 @@ def test_vllm_disaggregated_all_strategies(deploy, vllm_model):
     req.close()
     dw.wait_log("Aborted Request ID: v-dc ")
     fe.wait_log("Cancelled Request ID: v-dc")
+    # prefill-first remote decode cancel: the prefill worker relays, the decode worker aborts
+    fe = fronts["prefill-first"]
+    req = RawRequest(fe.url, "chat", vbody(vllm_model, "chat", PROMPT, 1500, True), "v-pf")
+    req.read_events(5)
+    req.close()
+    dw.wait_log("Aborted Request ID: v-pf ")
+    p.wait_log("Aborted Remote Request ID: v-pf ")
+    fe.wait_log("Cancelled Request ID: v-pf")
     for w in (p, dw):
         wait_until(lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0, 10,
                    what="idle")
