@@ -34,7 +34,6 @@ class Router:
         self._rr = itertools.count()
         self._session = session
         self._probes: dict[str, asyncio.Task] = {}
-        self.changed = asyncio.Event()
 
     def update(self, instances: dict[str, Instance]) -> None:
         for gone in self.instances.keys() - instances.keys():
@@ -46,8 +45,6 @@ class Router:
         for new in instances.keys() - self.instances.keys():
             log.info("worker %s joined (%s, %s)", new, instances[new].role, instances[new].url)
         self.instances = instances
-        self.changed.set()
-        self.changed = asyncio.Event()
 
     def routable(self, role: str | None = None) -> list[Instance]:
         return [
