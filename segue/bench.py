@@ -193,9 +193,12 @@ def run_bench(args) -> int:
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
     else:
-        cols = ("concurrency", "requests", "errors", "requests_per_s", "output_tokens_per_s",
-                "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "latency_ms_p50")
-        print(" ".join(f"{c:>12.12}" for c in cols))
+        cols = {"concurrency": "conc", "requests": "requests", "errors": "errors",
+                "requests_per_s": "req/s", "output_tokens_per_s": "out tok/s",
+                "ttft_ms_p50": "TTFT p50 ms", "ttft_ms_p99": "TTFT p99 ms",
+                "itl_ms_p50": "ITL p50 ms", "itl_ms_p99": "ITL p99 ms",
+                "latency_ms_p50": "e2e p50 ms"}
+        print(" ".join(f"{h:>12}" for h in cols.values()))
         for r in results:
             print(" ".join(f"{getattr(r, c):>12}" for c in cols))
             for e in r.error_samples:
