@@ -18,14 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import uuid
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
 from segue.engines.base import Engine, EngineRequestError, EngineStats, RequestStream
+from segue.engines.seqtable import SeqTable
 from segue.protocol import EngineRequest, token_digest
 
 log = logging.getLogger("segue.hf")
@@ -70,11 +69,8 @@ class HFEngine(Engine):
         self._lock = threading.Lock()
         self._work = threading.Event()
         self._stop = False
-        self.waiting: deque[_Seq] = deque()
-        self.running: dict[str, _Seq] = {}
-        self.held: dict[str, tuple[int, object, list[int]]] = {}  # key -> blocks, cache, ids
-        self._seqs: dict[str, _Seq] = {}
-        self.free_blocks = cfg.kv_blocks
+        # Shared with the scheduler thread: touched only under self._lock.
+        self.table = SeqTable(cfg.kv_blocks, cfg.block_size, cfg.max_num_seqs)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed: str | None = None
@@ -112,41 +108,34 @@ class HFEngine(Engine):
         return self._failed is None and self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=len(self.running), waiting=len(self.waiting),
-                           kv_blocks_used=self.cfg.kv_blocks - self.free_blocks,
-                           kv_blocks_total=self.cfg.kv_blocks, held=len(self.held))
+        with self._lock:
+            return self.table.stats()
 
     # -- requests (event-loop side) ------------------------------------------------------
 
     def add_request(self, req: EngineRequest, kv_payload: bytes | None = None
                     ) -> RequestStream:
-        if req.request_id in self._seqs:
-            raise EngineRequestError(f"request id {req.request_id!r} is already running")
-        new_tokens = 0 if req.phase == "prefill" else req.max_tokens
-        blocks = -(-(len(req.token_ids) + new_tokens) // self.cfg.block_size)
-        if blocks > self.cfg.kv_blocks:
-            raise EngineRequestError(
-                f"request needs {blocks} KV blocks, the engine has {self.cfg.kv_blocks}")
+        with self._lock:
+            blocks = self.table.blocks_for(req)
         stream = RequestStream(req.request_id)
         seq = _Seq(req, stream, blocks)
         if req.phase == "decode":
             seq.imported = self._import_kv(req.token_ids, kv_payload)
         with self._lock:
-            self._seqs[req.request_id] = seq
-            self.waiting.append(seq)
+            self.table.add(seq)
         self._work.set()
         return stream
 
     def abort(self, request_id: str) -> bool:
         with self._lock:
-            seq = self._seqs.get(request_id)
+            seq = self.table.seqs.get(request_id)
             if seq is None:
                 return False
             self._finish_locked(seq, "abort")
         return True
 
     def kv_payload(self, key: str) -> bytes:
-        _, cache, ids = self.held[key]
+        cache, ids = self.table.held[key][1]
         layers = cache.layers if cache is not None else []
         header = _KvHeader(token_digest(ids), len(ids) - 1, self.cfg.dtype,
                            [list(layer.keys.shape) for layer in layers])
@@ -158,7 +147,7 @@ class HFEngine(Engine):
         return b"".join(parts)
 
     def kv_nbytes(self, key: str) -> int:
-        cache = self.held[key][1]
+        cache = self.table.held[key][1][0]
         if cache is None:
             return 0
         return sum(t.numel() * t.element_size() for layer in cache.layers
@@ -166,10 +155,8 @@ class HFEngine(Engine):
 
     def release_kv(self, key: str) -> bool:
         with self._lock:
-            entry = self.held.pop(key, None)
-            if entry is None:
+            if not self.table.release(key):
                 return False
-            self.free_blocks += entry[0]
         self._work.set()
         return True
 
@@ -211,15 +198,7 @@ class HFEngine(Engine):
         if seq.done:
             return
         seq.done = True
-        rid = seq.req.request_id
-        self._seqs.pop(rid, None)
-        if self.running.pop(rid, None) is not None:
-            self.free_blocks += seq.blocks
-        else:
-            try:
-                self.waiting.remove(seq)
-            except ValueError:
-                pass
+        self.table.remove(seq)
         seq.cache = None
         seq.imported = None
         self._call(seq.stream.finish, reason, error)
@@ -239,19 +218,13 @@ class HFEngine(Engine):
             log.exception("engine thread failed")
             self._failed = repr(e)
             with self._lock:
-                for seq in list(self._seqs.values()):
+                for seq in list(self.table.seqs.values()):
                     self._finish_locked(seq, "error", f"engine failed: {e!r}")
 
     def _step(self) -> bool:
         with self._lock:
-            admitted = []
-            while (self.waiting and len(self.running) < self.cfg.max_num_seqs
-                   and self.waiting[0].blocks <= self.free_blocks):
-                seq = self.waiting.popleft()
-                self.free_blocks -= seq.blocks
-                self.running[seq.req.request_id] = seq
-                admitted.append(seq)
-            decoding = [s for s in self.running.values() if s.cache is not None
+            admitted = self.table.admit()
+            decoding = [s for s in self.table.running.values() if s.cache is not None
                         and s not in admitted]
         if not admitted and not decoding:
             return False
@@ -273,11 +246,7 @@ class HFEngine(Engine):
                 if seq.done:
                     return
                 seq.done = True
-                rid = seq.req.request_id
-                self._seqs.pop(rid, None)
-                self.running.pop(rid, None)
-                key = f"{rid}.{uuid.uuid4().hex[:8]}"
-                self.held[key] = (seq.blocks, cache, ids)
+                key = self.table.hold(seq, (cache, ids))
             seq.stream.result = key
             self._call(seq.stream.finish, "prefilled")
             return

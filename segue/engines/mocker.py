@@ -21,11 +21,10 @@ import asyncio
 import hashlib
 import logging
 import time
-import uuid
-from collections import deque
 from dataclasses import dataclass
 
 from segue.engines.base import Engine, EngineRequestError, EngineStats, RequestStream
+from segue.engines.seqtable import SeqTable
 from segue.protocol import EngineRequest
 
 log = logging.getLogger("segue.mocker")
@@ -104,11 +103,7 @@ class MockerEngine(Engine):
         self.cfg = config
         self.vocab = tokenizer.output_vocab()
         self.eos = tokenizer.eos_token_ids
-        self.waiting: deque[_Seq] = deque()
-        self.running: dict[str, _Seq] = {}
-        self.free_blocks = config.kv_blocks
-        self._seqs: dict[str, _Seq] = {}
-        self.held: dict[str, tuple[int, list[int]]] = {}  # prefilled KV: key -> blocks, ids
+        self.table = SeqTable(config.kv_blocks, config.block_size, config.max_num_seqs)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._due = 0.0
@@ -125,43 +120,27 @@ class MockerEngine(Engine):
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for rid in list(self._seqs):
+        for rid in list(self.table.seqs):
             self.abort(rid)
-        for key in list(self.held):
+        for key in list(self.table.held):
             self.release_kv(key)
 
     def stats(self) -> EngineStats:
-        return EngineStats(
-            running=len(self.running),
-            held=len(self.held),
-            waiting=len(self.waiting),
-            kv_blocks_used=self.cfg.kv_blocks - self.free_blocks,
-            kv_blocks_total=self.cfg.kv_blocks,
-        )
+        return self.table.stats()
 
     @property
     def healthy(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.cfg.block_size)
-
     def add_request(self, req: EngineRequest, kv_payload: bytes | None = None
                     ) -> RequestStream:
-        if req.request_id in self._seqs:
-            raise EngineRequestError(f"request id {req.request_id!r} is already running")
+        blocks = self.table.blocks_for(req)
         if req.phase == "decode":
             n = req.kv.num_tokens if req.kv else -1
             if kv_payload is None or n != len(req.token_ids) or kv_payload != simulated_kv(
                 req.token_ids, self.cfg.kv_bytes_per_token
             ):
                 raise EngineRequestError("KV payload does not belong to this request's tokens")
-        new_tokens = 0 if req.phase == "prefill" else req.max_tokens
-        blocks = self.blocks_for(len(req.token_ids) + new_tokens)
-        if blocks > self.cfg.kv_blocks:
-            raise EngineRequestError(
-                f"request needs {blocks} KV blocks, the engine has {self.cfg.kv_blocks}"
-            )
         stream = RequestStream(req.request_id)
         # Greedy output depends only on the engine seed; sampled output also on the request's.
         seed = self.cfg.seed if req.temperature == 0 else self.cfg.seed ^ (req.seed + 1)
@@ -169,55 +148,40 @@ class MockerEngine(Engine):
         if req.phase == "decode":  # the KV arrived with the request: no prefill to do
             seq.h = fold(0, req.token_ids)
             seq.prefilled = True
-        self._seqs[req.request_id] = seq
-        self.waiting.append(seq)
+        self.table.add(seq)
         self._wakeup.set()
         return stream
 
     def abort(self, request_id: str) -> bool:
-        seq = self._seqs.get(request_id)
+        seq = self.table.seqs.get(request_id)
         if seq is None:
             return False
         self._finish(seq, "abort")
         return True
 
     def kv_payload(self, key: str) -> bytes:
-        return simulated_kv(self.held[key][1], self.cfg.kv_bytes_per_token)
+        return simulated_kv(self.table.held[key][1], self.cfg.kv_bytes_per_token)
 
     def kv_nbytes(self, key: str) -> int:
-        return len(self.held[key][1]) * max(1, self.cfg.kv_bytes_per_token // 16) * 16
+        return len(self.table.held[key][1]) * max(1, self.cfg.kv_bytes_per_token // 16) * 16
 
     def release_kv(self, key: str) -> bool:
-        entry = self.held.pop(key, None)
-        if entry is None:
+        if not self.table.release(key):
             return False
-        self.free_blocks += entry[0]
         self._wakeup.set()
         return True
 
     def _hold(self, seq: _Seq) -> None:
         """A prefill is done: keep its blocks under a key until the KV is pulled or dropped."""
         seq.done = True
-        rid = seq.req.request_id
-        self._seqs.pop(rid, None)
-        self.running.pop(rid, None)
-        key = f"{rid}.{uuid.uuid4().hex[:8]}"
-        self.held[key] = (seq.blocks, seq.req.token_ids)
-        seq.stream.result = key
+        seq.stream.result = self.table.hold(seq, seq.req.token_ids)
         seq.stream.finish("prefilled")
 
     def _finish(self, seq: _Seq, reason: str) -> None:
         if seq.done:
             return
         seq.done = True
-        self._seqs.pop(seq.req.request_id, None)
-        if self.running.pop(seq.req.request_id, None) is not None:
-            self.free_blocks += seq.blocks
-        else:
-            try:
-                self.waiting.remove(seq)
-            except ValueError:
-                pass
+        self.table.remove(seq)
         seq.stream.finish(reason)
         self._wakeup.set()  # freed blocks may let a waiting request in
 
@@ -232,19 +196,6 @@ class MockerEngine(Engine):
         elif seq.generated >= req.max_tokens:
             self._finish(seq, "length")
 
-    def _admit(self) -> list[_Seq]:
-        admitted = []
-        while (
-            self.waiting
-            and len(self.running) < self.cfg.max_num_seqs
-            and self.waiting[0].blocks <= self.free_blocks
-        ):
-            seq = self.waiting.popleft()
-            self.free_blocks -= seq.blocks
-            self.running[seq.req.request_id] = seq
-            admitted.append(seq)
-        return admitted
-
     async def _sleep(self, seconds: float) -> None:
         # Sleep to a running deadline rather than for each interval: timers have about 1 ms
         # resolution, and sub-millisecond steps must still add up to the simulated time.
@@ -255,11 +206,11 @@ class MockerEngine(Engine):
     async def _loop(self) -> None:
         cfg = self.cfg
         while True:
-            if not self.running and not self.waiting:
+            if not self.table.running and not self.table.waiting:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            admitted = [s for s in self._admit() if not s.prefilled]
-            decoding = [s for s in self.running.values() if s.prefilled]
+            admitted = [s for s in self.table.admit() if not s.prefilled]
+            decoding = [s for s in self.table.running.values() if s.prefilled]
             if admitted:
                 prompt_tokens = sum(len(s.req.token_ids) for s in admitted)
                 for s in admitted:
