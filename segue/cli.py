@@ -31,6 +31,8 @@ def _add_real_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=8)
     g.add_argument("--kv-blocks", type=int, default=4096)
     g.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    g.add_argument("--vllm-kv-connector", default="nixl", choices=["nixl", "example"],
+                   help="vLLM's KV connector for prefill/decode workers")
 
 
 def _add_frontend_flags(p: argparse.ArgumentParser) -> None:
@@ -82,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--drain-timeout", type=float, default=30.0)
     w.add_argument("--keepalive", type=float, default=0.5,
                    help="seconds between keep-alive frames while a request makes no tokens")
-    w.add_argument("--lease-ttl", type=float, default=2.0)
+    w.add_argument("--lease-ttl", type=float, default=10.0,
+                   help="seconds a worker stays listed after its last lease renewal (a dead "
+                        "local process is dropped at once; a failed call takes a worker out "
+                        "of rotation at once)")
     _add_real_engine_flags(w)
     w.add_argument("--stall-timeout", type=float, default=5.0,
                    help="seconds without a frame from a remote stage before it counts as hung")

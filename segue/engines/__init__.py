@@ -24,5 +24,7 @@ def create_engine(name: str, args, tokenizer) -> Engine:
             raise ValueError("--engine vllm needs --model DIR (see `segue make-model`)")
         return VllmEngine(VllmConfig(model_dir=args.model, max_num_seqs=args.max_num_seqs,
                                      max_model_len=tokenizer.context_length,
-                                     disaggregated=args.role != "aggregated"), tokenizer)
+                                     role=args.role, kv_connector=args.vllm_kv_connector,
+                                     kv_ttl=getattr(args, "kv_ttl", 30.0),
+                                     host=getattr(args, "host", "127.0.0.1")), tokenizer)
     raise ValueError(f"unknown engine {name!r} (available: mocker, hf, vllm)")

