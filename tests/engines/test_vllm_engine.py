@@ -140,7 +140,8 @@ def test_vllm_disaggregated_all_strategies(deploy, vllm_model, connector):
     from segue.tokenizer import HFTokenizer
 
     flags = ("--vllm-kv-connector", connector)
-    p = start_worker(deploy, vllm_model, "--role", "prefill", *flags)
+    # NIXL: prefilled blocks nobody reads are freed by vLLM at the end of their lease
+    p = start_worker(deploy, vllm_model, "--role", "prefill", "--kv-ttl", "6", *flags)
     dw = start_worker(deploy, vllm_model, "--role", "decode", *flags)
     fronts = {}
     for strategy in ("frontend", "decode-first", "prefill-first"):
@@ -189,3 +190,18 @@ def test_vllm_disaggregated_all_strategies(deploy, vllm_model, connector):
         assert got.token_ids == want.token_ids and len(got.token_ids) == 12
         for w in (p, dw):
             wait_until(lambda w=w: idle(w), 10, what="idle")
+        # The client leaves while its KV waits on the prefill worker (the decode worker is
+        # hung): segue drops the handle at once; vLLM frees the blocks when the lease ends.
+        dw.signal(signal.SIGSTOP)
+        try:
+            req = RawRequest(fronts["frontend"].url, "completions",
+                             vbody(vllm_model, "completions", PROMPT, 50, False), "v-unpulled")
+            wait_until(lambda: metric(p, "segue_worker_kv_handles_held") == 1, 30,
+                       what="KV held for the decode worker")
+            assert metric(p, "segue_engine_kv_blocks_used") > 0
+            req.close()
+            wait_until(lambda: metric(p, "segue_worker_kv_handles_held") == 0, 5,
+                       what="handle dropped")
+            wait_until(lambda: idle(p), 20, what="blocks freed at the end of the lease")
+        finally:
+            dw.signal(signal.SIGCONT)
