@@ -164,3 +164,45 @@ def test_prefill_first_remote_decode_cancel_on_hf(deploy, tiny_model):
         for w in deploy.workers:
             wait_until(lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0,
                        5, what="idle")
+
+
+@pytest.fixture(scope="session")
+def slow_model(tmp_path_factory):
+    """Big enough that a ~1800-token prompt takes a good fraction of a second to prefill
+    on CPU, so a client can leave while the prefill is running."""
+    from segue.models.tiny import build_tiny_llama
+
+    return str(build_tiny_llama(tmp_path_factory.mktemp("slow-llama"), seed=0,
+                                hidden_size=512, layers=4, heads=8))
+
+
+@pytest.mark.parametrize("strategy", ["none", "frontend", "decode-first", "prefill-first"])
+def test_cancel_during_prefill_on_hf(deploy, slow_model, strategy):
+    """Reference remote_prefill_cancel (frontend, decode-first), prefill_first_prefill_cancel
+    and an aggregated cancel, caught while the real model is in its prefill forward pass:
+    the worker doing the prefill aborts, keeps no KV and never emits a token."""
+    from segue.tokenizer import HFTokenizer
+
+    roles = None if strategy == "none" else ["prefill", "decode"]
+    start(deploy, slow_model, 1, *(() if roles is None else ("--disagg-strategy", strategy)),
+          roles=roles)
+    prefiller = deploy.workers[0]
+    per = len(HFTokenizer(slow_model).encode(PROMPT + " "))
+    prompt = " ".join([PROMPT] * (1800 // per))
+    rid = f"hf-pc-{strategy}"
+    req = RawRequest(deploy.url, "chat", hf_body(slow_model, "chat", prompt, 20, True), rid)
+    prefiller.wait_log(f"New Request ID: {rid}")
+    wait_until(lambda: metric(prefiller, "segue_engine_running_requests") == 1,
+               what="prefill running")
+    req.close()
+    prefiller.wait_log(f"Aborted Request ID: {rid} ")
+    deploy.frontend.wait_log(f"Cancelled Request ID: {rid}")
+    if strategy == "decode-first":
+        deploy.workers[1].wait_log(f"Aborted Remote Request ID: {rid} ")
+    for w in deploy.workers:
+        wait_until(lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0,
+                   10, what="idle")
+        # aborted inside the prefill forward pass: no token ever left any worker
+        assert metric(w, "segue_worker_output_tokens_total") == 0
+    if strategy in ("none", "frontend", "prefill-first"):  # the decode side never saw it
+        assert all(f"New Request ID: {rid}" not in w.log() for w in deploy.workers[1:])
