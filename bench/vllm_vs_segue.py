@@ -94,6 +94,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--port", type=int, default=8792)
     ap.add_argument("--order", default="vllm,segue", help="which servers, in which order")
+    ap.add_argument("--pin", action="store_true",
+                    help="vLLM's engine threads on the last core, everything else (servers, "
+                         "segue processes, the load generator) on the others")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="segue-vllm-bench-"))
     model = a.model
@@ -103,6 +106,13 @@ def main() -> None:
         model = str(build_tiny_llama(tmp / "tiny", hidden_size=128, heads=2))
     name = Path(model).name
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    if a.pin:
+        # On 2 cores vLLM's OpenMP threads otherwise share cores with the serving processes,
+        # and a spinning OpenMP thread that loses its core stalls every step.
+        cores = sorted(os.sched_getaffinity(0))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = env["VLLM_CPU_OMP_THREADS_BIND"] = \
+            str(cores[-1])
+        os.sched_setaffinity(0, cores[:-1])  # inherited by every process started from here
     results = {}
     for which in a.order.split(","):
         if which == "vllm":

@@ -95,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a prefilled KV payload waits for its pull before it is freed")
     w.add_argument("--prefill-fallback", default="none", choices=["none", "local"],
                    help="decode worker: prefill locally when no prefill worker is left")
+    w.add_argument("--engine-stall-timeout", type=float, default=120.0,
+                   help="seconds the engine may make no progress at all (no token, no "
+                        "finish) while it holds requests before the worker declares it hung: "
+                        "the requests fail over and the worker turns unhealthy (0: never)")
     w.add_argument("--fault-exit-after-tokens", type=int, default=None, help=argparse.SUPPRESS)
+    w.add_argument("--fault-engine-hang-after-tokens", type=int, default=None,
+                   help=argparse.SUPPRESS)
     _add_engine_flags(w)
 
     m = sub.add_parser("make-model", help="build a tiny random-weight Llama model directory")
@@ -153,6 +159,7 @@ async def _worker(args) -> None:
         keepalive_s=args.keepalive, drain_timeout=args.drain_timeout,
         stall_timeout=args.stall_timeout, kv_ttl=args.kv_ttl,
         prefill_fallback=args.prefill_fallback, exit_after_tokens=args.fault_exit_after_tokens,
+        engine_stall_timeout=args.engine_stall_timeout,
     )
     await Worker(engine, open_discovery(args.discovery, args.namespace), cfg).run(stop)
 

@@ -69,6 +69,9 @@ class MockerConfig:
     speedup: float = 1.0
     seed: int = 0
     kv_bytes_per_token: int = 1024
+    # Fault injection for tests: after emitting this many tokens in all, the engine stops
+    # stepping forever (a hung engine inside a live worker).
+    hang_after_tokens: int | None = None
 
     @classmethod
     def from_args(cls, args) -> MockerConfig:
@@ -81,6 +84,7 @@ class MockerConfig:
             speedup=args.mocker_speedup,
             seed=args.mocker_seed,
             kv_bytes_per_token=args.mocker_kv_bytes_per_token,
+            hang_after_tokens=getattr(args, "fault_engine_hang_after_tokens", None),
         )
 
 
@@ -107,6 +111,7 @@ class MockerEngine(Engine):
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._due = 0.0
+        self._emitted = 0  # tokens emitted in all (for hang injection)
         self._loop_time = time.monotonic  # replaced by the loop's clock in start()
 
     async def start(self) -> None:
@@ -189,6 +194,7 @@ class MockerEngine(Engine):
         tok = self.vocab[draw(seq.h, seq.seed, len(self.vocab))]
         seq.h = fold(seq.h, (tok,))
         seq.generated += 1
+        self._emitted += 1
         seq.stream.push(tok)
         req = seq.req
         if tok in req.stop_token_ids or (not req.ignore_eos and tok in self.eos):
@@ -206,6 +212,9 @@ class MockerEngine(Engine):
     async def _loop(self) -> None:
         cfg = self.cfg
         while True:
+            if cfg.hang_after_tokens is not None and self._emitted >= cfg.hang_after_tokens:
+                log.warning("fault injection: engine hangs after %d tokens", self._emitted)
+                await asyncio.Event().wait()
             if not self.table.running and not self.table.waiting:
                 self._wakeup.clear()
                 await self._wakeup.wait()

@@ -102,6 +102,7 @@ class WorkerConfig:
     stall_timeout: float = 5.0  # for calls this worker makes to remote stages
     kv_ttl: float = 30.0
     prefill_fallback: str = "none"  # "local": a decode worker with no prefill peer prefills
+    engine_stall_timeout: float = 120.0  # no engine progress this long with work: hung
     # Fault injection for tests: the process dies (os._exit) right after it has sent the
     # token at this offset of a client's output, before any final frame.
     exit_after_tokens: int | None = None
@@ -115,6 +116,8 @@ class Worker:
         self.id = f"{cfg.role[0]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.url = ""
         self.active: dict[str, RequestStream] = {}
+        self._progress = time.monotonic()  # last output of the engine, or start of its work
+        self.engine_hung: str | None = None
         self.draining = False
         self.handing_back = False
         self._idle = asyncio.Event()
@@ -158,8 +161,12 @@ class Worker:
         app.router.add_get("/metrics", self.handle_metrics)
         return app
 
+    @property
+    def healthy(self) -> bool:
+        return self.engine.healthy and self.engine_hung is None
+
     async def handle_health(self, request: web.Request) -> web.Response:
-        healthy = self.engine.healthy
+        healthy = self.healthy
         body = {
             "status": "draining" if self.draining else ("ok" if healthy else "unhealthy"),
             "id": self.id,
@@ -194,7 +201,7 @@ class Worker:
         request_id_var.set(req.request_id)
         resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
         await resp.prepare(request)
-        if self.draining or not self.engine.healthy:
+        if self.draining or not self.healthy:
             code = "draining" if self.draining else "engine_unhealthy"
             await resp.write(encode_frame(Error(code, f"worker {self.id} is {code}", True)))
             return resp
@@ -238,6 +245,8 @@ class Worker:
         except EngineRequestError as e:
             code = "kv_mismatch" if req.phase == "decode" else "bad_request"
             raise StageError(code, str(e), retryable=code == "kv_mismatch") from None
+        if not self.active:  # the engine's idle time is not a stall
+            self._progress = time.monotonic()
         self.active[req.request_id] = stream
         returned = False
         try:
@@ -265,6 +274,7 @@ class Worker:
             if out is None:
                 await resp.write(_KEEPALIVE_FRAME)
                 continue
+            self._progress = time.monotonic()
             data = b""
             ids = out.token_ids
             if ids:
@@ -287,7 +297,8 @@ class Worker:
                 log.info("Handed back Request ID: %s", stream.request_id)
                 data += encode_frame(HandBack("worker shutting down"))
             elif reason == "error":
-                data += encode_frame(Error("engine_error", out.error or "engine failed", True))
+                code = "engine_hung" if self.engine_hung else "engine_error"
+                data += encode_frame(Error(code, out.error or "engine failed", True))
             elif reason is not None:
                 data += encode_frame(Final(reason, offset))
             if reason is not None:
@@ -459,12 +470,32 @@ class Worker:
         async for instances in self.discovery.watch():
             self.router.update({k: v for k, v in instances.items() if k != self.id})
 
+    async def _engine_watchdog(self) -> None:
+        """A live engine can hang (a stuck kernel, a deadlocked engine core) while this
+        process keeps sending keep-alives, which hides it from every caller's stall timer.
+        If the engine holds requests and has produced nothing at all for
+        --engine-stall-timeout, fail them with a retryable error (they migrate) and report
+        unhealthy from then on, so that nothing new is routed here."""
+        limit = self.cfg.engine_stall_timeout
+        if limit <= 0:
+            return
+        while self.engine_hung is None:
+            await asyncio.sleep(min(1.0, limit / 4))
+            idle_for = time.monotonic() - self._progress
+            if self.active and idle_for > limit:
+                self.engine_hung = f"engine made no progress for {idle_for:.1f}s"
+                log.error("%s with %d requests: failing them over, worker unhealthy",
+                          self.engine_hung, len(self.active))
+                for stream in list(self.active.values()):
+                    stream.finish("error", self.engine_hung)
+
     async def run(self, stop: asyncio.Event) -> None:
         await self.engine.start()
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1024, enable_cleanup_closed=True))
         self.router = Router("round-robin", self.session)
         watch = asyncio.create_task(self._watch()) if self.cfg.role != "aggregated" else None
+        watchdog = asyncio.create_task(self._engine_watchdog())
         runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.host, self.cfg.port)
@@ -493,6 +524,7 @@ class Worker:
                 await asyncio.wait_for(self._idle.wait(), 5.0)
         if watch:
             watch.cancel()
+        watchdog.cancel()
         await runner.cleanup()
         self.kv.clear()
         await self.router.close()

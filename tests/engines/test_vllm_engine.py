@@ -16,6 +16,9 @@ pytest.importorskip("vllm")
 
 PROMPT = "the river and the sea"
 START = 180.0  # seconds for a vLLM worker to come up on a loaded 2-core machine
+# Requests the client cancels must still be running when it leaves, however slowly the test
+# reads on a loaded machine: vLLM makes a few hundred tokens/s of this model on 2 cores.
+LONG = 7000
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +27,7 @@ def vllm_model(tmp_path_factory):
 
     # head_dim 64: vLLM's CPU attention kernels do not take the default tiny head_dim 16
     return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-vllm"), seed=0,
-                                hidden_size=128, heads=2))
+                                hidden_size=128, heads=2, max_positions=8192))
 
 
 def vbody(model, kind, prompt, n, stream):
@@ -63,7 +66,7 @@ def test_vllm_output_equals_transformers(deploy, vllm_model):
     for i, (kind, stream) in enumerate([("completions", False), ("chat", False),
                                         ("chat", True)]):
         rid = f"v-cancel-{i}"
-        req = RawRequest(deploy.url, kind, vbody(vllm_model, kind, PROMPT, 1500, stream), rid)
+        req = RawRequest(deploy.url, kind, vbody(vllm_model, kind, PROMPT, LONG, stream), rid)
         w.wait_log(f"New Request ID: {rid}")
         if stream:
             req.read_events(5)
@@ -173,7 +176,7 @@ def test_vllm_disaggregated_all_strategies(deploy, vllm_model, connector):
     assert metric(p, "segue_worker_kv_transferred_bytes_total") > 0
     # decode cancel on the disaggregated path
     fe = fronts["decode-first"]
-    req = RawRequest(fe.url, "chat", vbody(vllm_model, "chat", PROMPT, 1500, True), "v-dc")
+    req = RawRequest(fe.url, "chat", vbody(vllm_model, "chat", PROMPT, LONG, True), "v-dc")
     req.read_events(5)
     req.close()
     dw.wait_log("Aborted Request ID: v-dc ")
@@ -181,7 +184,20 @@ def test_vllm_disaggregated_all_strategies(deploy, vllm_model, connector):
     for w in (p, dw):
         wait_until(lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0, 10,
                    what="idle")
-    if connector == "nixl":  # a short prompt, streamed, after the cancel: still exact
+    if connector == "nixl":
+        # reference prefill_first_remote_decode_cancel: the decode worker is the remote stage
+        fe = fronts["prefill-first"]
+        req = RawRequest(fe.url, "chat", vbody(vllm_model, "chat", PROMPT, LONG, True),
+                         "v-pf-rdc")
+        req.read_events(5)
+        req.close()
+        dw.wait_log("Aborted Request ID: v-pf-rdc ")
+        p.wait_log("Aborted Remote Request ID: v-pf-rdc ")
+        fe.wait_log("Cancelled Request ID: v-pf-rdc")
+        for w in (p, dw):
+            wait_until(lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0,
+                       10, what="idle")
+        # a short prompt, streamed, after the cancels: still exact
         b = vbody(vllm_model, "chat", PROMPT, 12, True)
         got = StreamReader(fronts["prefill-first"].url, "chat", b, "v-pf").finish()
         want = complete(fronts["frontend"].url, "chat", {**b, "stream": False,

@@ -183,6 +183,28 @@ def test_hung_worker_migrates_after_stall_timeout(deploy):
         victim.signal(signal.SIGCONT)
 
 
+def test_hung_engine_in_live_worker_fails_over(deploy):
+    """The engine stops making progress while its worker lives on and keeps every caller's
+    stall timer quiet with keep-alives: the worker's engine watchdog fails the request over
+    (token-identical on the other worker) and takes itself out of rotation."""
+    deploy.start_frontend("--stall-timeout", "60")  # not what catches it
+    deploy.start_worker()
+    want = golden(deploy, "chat", 200)
+    victim = deploy.start_worker("--fault-engine-hang-after-tokens", "20",
+                                 "--engine-stall-timeout", "1")
+    # round-robin: one of the two lands on the victim
+    streams = [StreamReader(deploy.url, "chat", body("chat", PROMPT, 200, True), f"eng-hang-{i}")
+               for i in range(2)]
+    for s in streams:
+        assert_same(s.finish(), want)
+    assert migrations(deploy, "engine_hung") == 1 and total_migrations(deploy) == 1
+    victim.wait_log("engine made no progress")
+    assert victim.alive() and victim.health()["status"] == "unhealthy"
+    h = deploy.frontend.health()
+    assert [w["routable"] for w in h["workers"] if w["pid"] == victim.pid] == [False]
+    assert complete(deploy.url, "chat", body("chat", PROMPT, 5, False)).status == 200
+
+
 def test_slow_prefill_is_not_a_hang(deploy):
     """Keep-alive frames during a 2.5 s prefill keep a 1 s stall timer from firing."""
     deploy.start_frontend("--stall-timeout", "1")
