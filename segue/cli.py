@@ -31,8 +31,9 @@ def _add_real_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=8)
     g.add_argument("--kv-blocks", type=int, default=4096)
     g.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    g.add_argument("--vllm-kv-connector", default="nixl", choices=["nixl", "example"],
-                   help="vLLM's KV connector for prefill/decode workers")
+    g.add_argument("--vllm-kv-connector", default="example", choices=["example", "nixl"],
+                   help="vLLM's KV connector for prefill/decode workers (nixl: see the "
+                        "README for its state on CPU)")
 
 
 def _add_frontend_flags(p: argparse.ArgumentParser) -> None:

