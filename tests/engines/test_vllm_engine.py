@@ -102,8 +102,9 @@ def test_request_migration_on_vllm(deploy, vllm_model, sig):
     ws = [start_worker(deploy, vllm_model, "--drain-timeout", "0.5") for _ in range(2)]
     for w in ws:
         deploy.wait_routable(w, timeout=30)
-    # long enough to outlive the 0.5 s drain timeout however fast the machine is
-    b = vbody(vllm_model, "completions", PROMPT, 1500, True)
+    # long enough to outlive the 0.5 s drain timeout, and still running when a test client
+    # slowed down by the engines (3 s for 20 tokens seen in CI) has read its first tokens
+    b = vbody(vllm_model, "completions", PROMPT, 5000, True)
     want = complete(deploy.url, "completions", {**b, "stream": False, "stream_options": None})
     rid = f"v-mig-{getattr(sig, 'name', sig)}"
     s = StreamReader(deploy.url, "completions", b, rid)
