@@ -126,11 +126,12 @@ class Deployment:
         return p
 
     def start_worker(self, *extra: str, role: str = "aggregated", wait: bool = True,
-                     fast: bool = True, ready_timeout: float = 20.0) -> Proc:
+                     fast: bool = True, ready_timeout: float = 20.0,
+                     env: dict | None = None) -> Proc:
         self._n += 1
         args = ["worker", "--discovery", self.discovery, "--role", role,
                 *(FAST_MOCKER if fast else []), *extra]
-        p = Proc(f"worker{self._n}-{role}", args, self.tmp)
+        p = Proc(f"worker{self._n}-{role}", args, self.tmp, env)
         self.procs.append(p)
         self.workers.append(p)
         p.wait_ready(ready_timeout)

@@ -21,8 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from segue.engines.base import Engine, EngineRequestError, EngineStats, RequestStream
 from segue.engines.vllm_kv import ExampleKv, KvTransfer, NixlKv
@@ -44,6 +48,34 @@ class VllmConfig:
     host: str = "127.0.0.1"  # NIXL: side-channel address the decode side connects to
 
 
+# Exec'd in place of the interpreter for every process vLLM spawns: asks the kernel for a
+# SIGKILL when the spawning process dies, then becomes the real interpreter.
+_LAUNCHER = """
+import ctypes, os, signal, sys
+ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+if os.getppid() == 1:  # the worker died before the line above
+    sys.exit(1)
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+def _engine_dies_with_worker() -> Path | None:
+    """vLLM's engine core is a spawned process that would outlive a SIGKILLed worker and
+    keep decoding the dead worker's requests, taking a core from everything else. Spawn it
+    through a launcher that ties its life to this worker (as `segue serve` ties workers to
+    itself). Returns the launcher's directory, to delete at stop."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import multiprocessing
+
+    d = Path(tempfile.mkdtemp(prefix="segue-vllm-launcher-"))
+    launcher = d / "python"
+    launcher.write_text(f"#!{sys.executable}\n{_LAUNCHER}")
+    launcher.chmod(0o755)
+    multiprocessing.set_executable(str(launcher))
+    return d
+
+
 class VllmEngine(Engine):
     def __init__(self, cfg: VllmConfig, tokenizer) -> None:
         self.cfg = cfg
@@ -57,6 +89,7 @@ class VllmEngine(Engine):
         self.total_blocks = 0
         self.block_size = 0
         self.kv: KvTransfer | None = None
+        self._launcher: Path | None = None
         if cfg.role != "aggregated":
             self.kv = NixlKv() if cfg.kv_connector == "nixl" else ExampleKv()
 
@@ -96,6 +129,7 @@ class VllmEngine(Engine):
             max_num_seqs=self.cfg.max_num_seqs, skip_tokenizer_init=True, enforce_eager=True,
             disable_log_stats=False, kv_transfer_config=kv_transfer,
         )
+        self._launcher = _engine_dies_with_worker()
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerStats])
         self.total_blocks = self.llm.vllm_config.cache_config.num_gpu_blocks or 0
         self.block_size = self.llm.vllm_config.cache_config.block_size
@@ -115,6 +149,8 @@ class VllmEngine(Engine):
             self.llm.shutdown()
         if self.kv is not None:
             self.kv.close()
+        if self._launcher is not None:
+            shutil.rmtree(self._launcher, ignore_errors=True)
 
     @property
     def healthy(self) -> bool:

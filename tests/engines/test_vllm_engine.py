@@ -39,8 +39,14 @@ def vbody(model, kind, prompt, n, stream):
 
 
 def start_worker(d, model, *extra):
+    # vLLM binds its OpenMP threads to every core by default; two busy engines then starve
+    # every other process of a 2-core machine (CI saw a worker's event loop stall for 10 s).
+    # One core per engine, taken in turn, leaves room for the frontend, workers and tests.
+    cores = sorted(os.sched_getaffinity(0))
+    core = cores[-1 - len(d.workers) % len(cores)]
     return d.start_worker("--engine", "vllm", "--model", model, *extra, fast=False,
-                          wait=False, ready_timeout=START)
+                          wait=False, ready_timeout=START,
+                          env={"VLLM_CPU_OMP_THREADS_BIND": str(core)})
 
 
 def idle(w) -> bool:
