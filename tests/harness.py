@@ -3,6 +3,7 @@ dynamic ports, their logs captured to files, stopped by process group."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -20,6 +21,16 @@ from prometheus_client.parser import text_string_to_metric_families
 T = TypeVar("T")
 READY_RE = re.compile(r"segue (?:worker|frontend) ready .*?url=(\S+)")
 FAST_MOCKER = ["--mocker-step-ms", "2", "--mocker-prefill-tps", "1000000"]
+_started: list[subprocess.Popen] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A test aborted inside its teardown (pytest-timeout) never stops its processes:
+    kill every process group this run started before the interpreter goes."""
+    for p in _started:  # the group outlives its leader: vLLM engines, killed workers
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
 
 
 def wait_until(cond: Callable[[], T], timeout: float = 10.0, interval: float = 0.01,
@@ -46,6 +57,7 @@ class Proc:
             start_new_session=True, env={**os.environ, **(env or {})},
         )
         self.pid = self.popen.pid
+        _started.append(self.popen)
         self.url = ""
 
     def log(self) -> str:
