@@ -7,7 +7,6 @@ gracefully; a worker that crashes is restarted.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -18,20 +17,14 @@ import tempfile
 import time
 import urllib.request
 
+from segue.lifetime import die_with_parent
+
 log = logging.getLogger("segue.serve")
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def _spawn(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "segue", *args], preexec_fn=_die_with_parent,
+        [sys.executable, "-m", "segue", *args], preexec_fn=die_with_parent,
         start_new_session=True,
     )
 

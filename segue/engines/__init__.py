@@ -25,6 +25,5 @@ def create_engine(name: str, args, tokenizer) -> Engine:
         return VllmEngine(VllmConfig(model_dir=args.model, max_num_seqs=args.max_num_seqs,
                                      max_model_len=tokenizer.context_length,
                                      role=args.role, kv_connector=args.vllm_kv_connector,
-                                     kv_ttl=getattr(args, "kv_ttl", 30.0),
-                                     host=getattr(args, "host", "127.0.0.1")), tokenizer)
+                                     kv_ttl=args.kv_ttl, host=args.host), tokenizer)
     raise ValueError(f"unknown engine {name!r} (available: mocker, hf, vllm)")

@@ -84,7 +84,7 @@ class MockerConfig:
             speedup=args.mocker_speedup,
             seed=args.mocker_seed,
             kv_bytes_per_token=args.mocker_kv_bytes_per_token,
-            hang_after_tokens=getattr(args, "fault_engine_hang_after_tokens", None),
+            hang_after_tokens=args.fault_engine_hang_after_tokens,
         )
 
 

@@ -48,11 +48,12 @@ class VllmConfig:
     host: str = "127.0.0.1"  # NIXL: side-channel address the decode side connects to
 
 
-# Exec'd in place of the interpreter for every process vLLM spawns: asks the kernel for a
-# SIGKILL when the spawning process dies, then becomes the real interpreter.
+# Exec'd in place of the interpreter for every process vLLM spawns: dies with the process
+# that spawned it, then becomes the real interpreter.
 _LAUNCHER = """
-import ctypes, os, signal, sys
-ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+import os, sys
+from segue.lifetime import die_with_parent
+die_with_parent()
 if os.getppid() == 1:  # the worker died before the line above
     sys.exit(1)
 os.execv(sys.executable, [sys.executable, *sys.argv[1:]])

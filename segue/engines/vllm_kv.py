@@ -52,6 +52,9 @@ class _Held:
 class KvTransfer:
     """Base: bookkeeping of prefilled KV by key, shared by both connectors."""
 
+    block_size = 0  # vLLM's, set once its cache is configured
+    kv_bytes_per_block = 0
+
     def __init__(self) -> None:
         self.held: dict[str, _Held] = {}
 
@@ -92,8 +95,6 @@ class _NixlPayload(msgspec.Struct):
 
 
 class NixlKv(KvTransfer):
-    kv_bytes_per_block = 0  # set from vLLM's cache config once it is up
-
     def transfer_config(self, role: str, kv_ttl: float, host: str):
         import os
 
@@ -146,8 +147,6 @@ _KV_FILE_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}\.safetensors$")
 
 
 class ExampleKv(KvTransfer):
-    block_size = 0  # set from vLLM's cache config once it is up
-
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="segue-vllm-kv-"))
