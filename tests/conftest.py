@@ -12,6 +12,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import Deployment  # noqa: E402
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report carries the tail of segue's own log lines of every process it
+    started: CI keeps only the report, and an engine's noise would bury the lines that
+    explain a failure."""
+    report = yield
+    d = item.funcargs.get("deploy") if report.failed else None
+    if isinstance(d, Deployment):
+        for p in d.procs:
+            lines = [x for x in p.log().splitlines() if " segue." in x]
+            report.sections.append((f"{p.name} (pid {p.pid}) segue log, last 40 lines",
+                                    "\n".join(lines[-40:])))
+    return report
+
+
 @pytest.fixture
 def deploy(tmp_path):
     d = Deployment(tmp_path)

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 from client import RawRequest, StreamReader, body, complete
-from faults import metric, total_migrations, worker_of
+from faults import metric, migrations, total_migrations, worker_of
 from harness import wait_until
 
 pytest.importorskip("vllm")
@@ -124,7 +124,7 @@ def test_request_migration_on_vllm(deploy, vllm_model, sig):
     got = s.finish()
     assert got.error is None and got.token_ids == want.token_ids
     assert got.finish_reason == "length" and got.usage == want.usage
-    assert total_migrations(deploy) == 1
+    assert total_migrations(deploy) == 1, migrations(deploy)
     if sig == signal.SIGTERM:
         assert victim.popen.wait(30) == 0
     if sig == "engine-core":  # alive but unhealthy: out of rotation, not taking requests
