@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--engine-stall-timeout", type=float, default=120.0,
                    help="seconds the engine may make no progress at all (no token, no "
                         "finish) while it holds requests before the worker declares it hung: "
-                        "the requests fail over and the worker turns unhealthy (0: never)")
+                        "the requests fail over, the worker leaves discovery and exits 3 "
+                        "(0: never)")
     w.add_argument("--fault-exit-after-tokens", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--fault-engine-hang-after-tokens", type=int, default=None,
                    help=argparse.SUPPRESS)
@@ -145,7 +147,7 @@ async def _frontend(args) -> None:
     await run_frontend(cfg, tok, open_discovery(args.discovery, args.namespace), stop)
 
 
-async def _worker(args) -> None:
+async def _worker(args) -> int:
     from segue.discovery import open_discovery
     from segue.engines import create_engine
     from segue.tokenizer import load_tokenizer
@@ -162,13 +164,18 @@ async def _worker(args) -> None:
         prefill_fallback=args.prefill_fallback, exit_after_tokens=args.fault_exit_after_tokens,
         engine_stall_timeout=args.engine_stall_timeout,
     )
-    await Worker(engine, open_discovery(args.discovery, args.namespace), cfg).run(stop)
+    return await Worker(engine, open_discovery(args.discovery, args.namespace), cfg).run(stop)
 
 
 def _run(coro) -> None:
     import uvloop
 
-    uvloop.run(coro)
+    code = uvloop.run(coro)
+    if code:
+        # os._exit: a failed engine may hold threads or processes a normal exit would
+        # wait for (a hung forward pass, vLLM's finalizers).
+        logging.shutdown()
+        os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,6 +63,8 @@ from segue.worker.kv_store import KvStore
 log = logging.getLogger("segue.worker")
 _KEEPALIVE_FRAME = encode_frame(KeepAlive())
 _KV_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+# Exit code of a worker whose engine died or hung: a supervisor should start a new one.
+ENGINE_FAILED_EXIT = 3
 _FIRST_STAGE = {"aggregated": "local", "decode": "decode-first", "prefill": "prefill-first"}
 
 
@@ -117,7 +119,7 @@ class Worker:
         self.url = ""
         self.active: dict[str, RequestStream] = {}
         self._progress = time.monotonic()  # last output of the engine, or start of its work
-        self.engine_hung: str | None = None
+        self.engine_failed: str | None = None  # engine_dead | engine_hung: gone for good
         self.draining = False
         self.handing_back = False
         self._idle = asyncio.Event()
@@ -163,7 +165,7 @@ class Worker:
 
     @property
     def healthy(self) -> bool:
-        return self.engine.healthy and self.engine_hung is None
+        return self.engine_failed is None and self.engine.healthy
 
     async def handle_health(self, request: web.Request) -> web.Response:
         healthy = self.healthy
@@ -256,7 +258,7 @@ class Worker:
         finally:
             self.active.pop(req.request_id, None)
             # Still live in the engine means the caller went away (or the write failed).
-            if self.engine.abort(req.request_id):
+            if self.engine.abort(req.request_id) and not self.engine_failed:
                 self.aborts_total.inc()
                 log.info("Aborted Request ID: %s (t=%.6f)", req.request_id, time.time())
             elif not returned and isinstance(stream.result, str):
@@ -297,7 +299,7 @@ class Worker:
                 log.info("Handed back Request ID: %s", stream.request_id)
                 data += encode_frame(HandBack("worker shutting down"))
             elif reason == "error":
-                code = "engine_hung" if self.engine_hung else "engine_error"
+                code = "engine_hung" if self.engine_failed == "engine_hung" else "engine_error"
                 data += encode_frame(Error(code, out.error or "engine failed", True))
             elif reason is not None:
                 data += encode_frame(Final(reason, offset))
@@ -470,32 +472,41 @@ class Worker:
         async for instances in self.discovery.watch():
             self.router.update({k: v for k, v in instances.items() if k != self.id})
 
-    async def _engine_watchdog(self) -> None:
-        """A live engine can hang (a stuck kernel, a deadlocked engine core) while this
-        process keeps sending keep-alives, which hides it from every caller's stall timer.
-        If the engine holds requests and has produced nothing at all for
-        --engine-stall-timeout, fail them with a retryable error (they migrate) and report
-        unhealthy from then on, so that nothing new is routed here."""
-        limit = self.cfg.engine_stall_timeout
-        if limit <= 0:
-            return
-        while self.engine_hung is None:
-            await asyncio.sleep(min(1.0, limit / 4))
-            idle_for = time.monotonic() - self._progress
-            if self.active and idle_for > limit:
-                self.engine_hung = f"engine made no progress for {idle_for:.1f}s"
-                log.error("%s with %d requests: failing them over, worker unhealthy",
-                          self.engine_hung, len(self.active))
-                for stream in list(self.active.values()):
-                    stream.finish("error", self.engine_hung)
+    async def _engine_watchdog(self, stop: asyncio.Event) -> None:
+        """Watches for an engine that failed for good, and then stops the worker.
 
-    async def run(self, stop: asyncio.Event) -> None:
+        Dead: the engine reports itself unhealthy (e.g. vLLM's engine core is gone); its
+        requests end with retryable errors on their own. Hung: a live engine holds requests
+        and has produced nothing at all for --engine-stall-timeout, while this process keeps
+        every caller's stall timer quiet with keep-alives; its requests are failed here.
+        Either way the requests migrate, and the worker leaves discovery and exits (see
+        `run`): neither state recovers, and an exit lets a supervisor restart it."""
+        limit = self.cfg.engine_stall_timeout
+        while True:
+            await asyncio.sleep(min(0.25, limit / 4) if limit > 0 else 0.25)
+            idle_for = time.monotonic() - self._progress
+            if not self.engine.healthy:
+                self.engine_failed, why = "engine_dead", "engine died"
+            elif limit > 0 and self.active and idle_for > limit:
+                self.engine_failed = "engine_hung"
+                why = f"engine made no progress for {idle_for:.1f}s"
+                for stream in list(self.active.values()):
+                    stream.finish("error", why)
+            else:
+                continue
+            log.error("%s with %d requests: failing them over, leaving discovery, exiting",
+                      why, len(self.active))
+            stop.set()
+            return
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Serves until `stop`; returns the exit code."""
         await self.engine.start()
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1024, enable_cleanup_closed=True))
         self.router = Router("round-robin", self.session)
         watch = asyncio.create_task(self._watch()) if self.cfg.role != "aggregated" else None
-        watchdog = asyncio.create_task(self._engine_watchdog())
+        watchdog = asyncio.create_task(self._engine_watchdog(stop))
         runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.host, self.cfg.port)
@@ -510,6 +521,16 @@ class Worker:
         print(f"segue worker ready id={self.id} role={self.cfg.role} url={self.url}", flush=True)
         log.info("worker %s ready at %s", self.id, self.url)
         await stop.wait()
+        if self.engine_failed:
+            # Nothing left to drain: the requests are failing over. Leave discovery now,
+            # let their error frames go out, and exit without touching the engine (a hung
+            # one may never return from a stop).
+            await lease.revoke()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), 5.0)
+            await runner.cleanup()
+            log.error("worker %s exiting: %s", self.id, self.engine_failed)
+            return ENGINE_FAILED_EXIT
         log.info("draining: leaving discovery, %d requests in flight", self._calls)
         self.draining = True
         await lease.revoke()
@@ -532,6 +553,7 @@ class Worker:
         await self.engine.stop()
         await self.discovery.close()
         log.info("worker %s stopped", self.id)
+        return 0
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

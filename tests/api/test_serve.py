@@ -1,4 +1,5 @@
-"""`segue serve`: one command starts a frontend and two workers, SIGTERM stops them all."""
+"""`segue serve`: one command starts a frontend and two workers, replaces a worker that
+dies, and SIGTERM stops them all."""
 
 from __future__ import annotations
 
@@ -47,6 +48,18 @@ def test_serve_starts_frontend_and_two_workers_and_stops_them(tmp_path):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
                        json={"model": "segue-mocker", "prompt": "hi", "max_tokens": 3})
         assert r.status_code == 200
+        # a worker that dies (a crash, or exit 3 after its engine failed) is replaced
+        dead = h["workers"][0]["pid"]
+        os.kill(dead, signal.SIGKILL)
+
+        def replaced():
+            pids = [w["pid"] for w in httpx.get(f"http://127.0.0.1:{port}/health").json()[
+                "workers"]]
+            return len(pids) == 2 and dead not in pids
+
+        wait_until(replaced, 30, what="the killed worker replaced")
+        kids = _children(p.pid)
+        assert len(kids) == 3 and dead not in kids
         p.send_signal(signal.SIGTERM)
         assert p.wait(30) == 0
         for k in kids:

@@ -18,6 +18,7 @@ from faults import migrations, total_migrations, worker_of
 from harness import wait_until
 
 from segue.protocol import EngineRequest, Error, FrameParser, encode_request
+from segue.worker.server import ENGINE_FAILED_EXIT
 
 KINDS = ["completions", "chat"]
 PROMPT = "the river runs to the sea"
@@ -186,7 +187,7 @@ def test_hung_worker_migrates_after_stall_timeout(deploy):
 def test_hung_engine_in_live_worker_fails_over(deploy):
     """The engine stops making progress while its worker lives on and keeps every caller's
     stall timer quiet with keep-alives: the worker's engine watchdog fails the request over
-    (token-identical on the other worker) and takes itself out of rotation."""
+    (token-identical on the other worker), leaves discovery and exits."""
     deploy.start_frontend("--stall-timeout", "60")  # not what catches it
     deploy.start_worker()
     want = golden(deploy, "chat", 200)
@@ -198,10 +199,12 @@ def test_hung_engine_in_live_worker_fails_over(deploy):
     for s in streams:
         assert_same(s.finish(), want)
     assert migrations(deploy, "engine_hung") == 1 and total_migrations(deploy) == 1
-    victim.wait_log("engine made no progress")
-    assert victim.alive() and victim.health()["status"] == "unhealthy"
-    h = deploy.frontend.health()
-    assert [w["routable"] for w in h["workers"] if w["pid"] == victim.pid] == [False]
+    # a hung engine does not come back: the worker leaves discovery and exits for a restart
+    assert victim.popen.wait(15) == ENGINE_FAILED_EXIT
+    assert "engine made no progress" in victim.log()
+    assert "Aborted Request ID" not in victim.log()  # nobody left: not a caller's abort
+    wait_until(lambda: victim.pid not in [w["pid"] for w in deploy.frontend.health()["workers"]],
+               5, what="the failed worker gone from the frontend")
     assert complete(deploy.url, "chat", body("chat", PROMPT, 5, False)).status == 200
 
 
