@@ -32,6 +32,9 @@ def _add_real_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=8)
     g.add_argument("--kv-blocks", type=int, default=4096)
     g.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="vllm: tokens one engine step may compute; a longer prompt is "
+                        "prefilled in chunks (vLLM's default when unset)")
     g.add_argument("--vllm-kv-connector", default="example", choices=["example", "nixl"],
                    help="vLLM's KV connector for prefill/decode workers (nixl: see the "
                         "README for its state on CPU)")

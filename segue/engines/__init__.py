@@ -24,6 +24,7 @@ def create_engine(name: str, args, tokenizer) -> Engine:
             raise ValueError("--engine vllm needs --model DIR (see `segue make-model`)")
         return VllmEngine(VllmConfig(model_dir=args.model, max_num_seqs=args.max_num_seqs,
                                      max_model_len=tokenizer.context_length,
+                                     max_num_batched_tokens=args.max_num_batched_tokens,
                                      role=args.role, kv_connector=args.vllm_kv_connector,
                                      kv_ttl=args.kv_ttl, host=args.host), tokenizer)
     raise ValueError(f"unknown engine {name!r} (available: mocker, hf, vllm)")

@@ -66,6 +66,10 @@ class RequestStream:
     def finished(self) -> bool:
         return self._finish is not None
 
+    @property
+    def finish_reason(self) -> str | None:
+        return self._finish
+
     async def get(self, timeout: float | None = None) -> EngineOutput | None:
         """Next batch of tokens (and the finish reason once done); None on timeout."""
         if not self._pending and self._finish is None:

@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from segue.engines.base import Engine, EngineRequestError, EngineStats, RequestStream
@@ -40,6 +40,7 @@ class VllmConfig:
     model_dir: str
     max_num_seqs: int = 8
     max_model_len: int = 2048
+    max_num_batched_tokens: int | None = None  # per step; longer prompts prefill in chunks
     dtype: str = "float32"
     kv_cache_gib: int = 1
     role: str = "aggregated"  # prefill or decode: enable the KV connector
@@ -93,6 +94,13 @@ class VllmEngine(Engine):
         self._launcher: Path | None = None
         if cfg.role != "aggregated":
             self.kv = NixlKv() if cfg.kv_connector == "nixl" else ExampleKv()
+            if self.kv.whole_prompt_per_step:
+                if (cfg.max_num_batched_tokens or cfg.max_model_len) < cfg.max_model_len:
+                    raise ValueError(
+                        f"the {cfg.kv_connector} KV connector cannot store a prompt prefilled "
+                        f"in chunks: --max-num-batched-tokens must be at least the model's "
+                        f"context length ({cfg.max_model_len}) on prefill/decode workers")
+                self.cfg = replace(cfg, max_num_batched_tokens=cfg.max_model_len)
 
     async def start(self) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
@@ -127,7 +135,9 @@ class VllmEngine(Engine):
             kv_transfer = self.kv.transfer_config(self.cfg.role, self.cfg.kv_ttl, self.cfg.host)
         args = AsyncEngineArgs(
             model=self.cfg.model_dir, dtype=self.cfg.dtype, max_model_len=self.cfg.max_model_len,
-            max_num_seqs=self.cfg.max_num_seqs, skip_tokenizer_init=True, enforce_eager=True,
+            max_num_seqs=self.cfg.max_num_seqs,
+            max_num_batched_tokens=self.cfg.max_num_batched_tokens,
+            skip_tokenizer_init=True, enforce_eager=True,
             disable_log_stats=False, kv_transfer_config=kv_transfer,
         )
         self._launcher = _engine_dies_with_worker()
@@ -187,7 +197,15 @@ class VllmEngine(Engine):
             extra = self.kv.decode_args(req.token_ids, kv_payload)
         stream = RequestStream(req.request_id)
         self._streams[req.request_id] = stream
-        self._tasks[req.request_id] = asyncio.create_task(self._consume(req, stream, extra))
+        task = asyncio.create_task(self._consume(req, stream, extra))
+        self._tasks[req.request_id] = task
+        if self.kv is not None:
+            # the connector's files for this prompt are in use until vLLM is done with it
+            # (a done-callback: it runs even if the task is cancelled before it starts)
+            self.kv.request_started(req.token_ids)
+            task.add_done_callback(lambda t: self.kv.request_done(
+                req.token_ids, engine_done=not t.cancelled() and stream.finish_reason not in
+                (None, "abort")))
         return stream
 
     async def _consume(self, req: EngineRequest, stream: RequestStream, extra: dict) -> None:
@@ -232,8 +250,6 @@ class VllmEngine(Engine):
         finally:
             self._tasks.pop(req.request_id, None)
             self._streams.pop(req.request_id, None)
-            if self.kv is not None:
-                self.kv.request_done(req.token_ids)
 
     # -- disaggregation: the connector's payload ------------------------------------------
 

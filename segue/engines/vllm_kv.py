@@ -25,6 +25,8 @@ Hence ExampleConnector stays the default.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import re
 import shutil
@@ -54,6 +56,9 @@ class KvTransfer:
 
     block_size = 0  # vLLM's, set once its cache is configured
     kv_bytes_per_block = 0
+    # The connector can only store a prompt's KV computed in one engine step (no chunked
+    # prefill): the engine must take a whole prompt per step.
+    whole_prompt_per_step = False
 
     def __init__(self) -> None:
         self.held: dict[str, _Held] = {}
@@ -82,8 +87,12 @@ class KvTransfer:
         decode request."""
         raise NotImplementedError
 
-    def request_done(self, token_ids: list[int]) -> None:
-        """A request of this worker ended (finished, aborted or failed)."""
+    def request_started(self, token_ids: list[int]) -> None:
+        """A request of this worker entered vLLM."""
+
+    def request_done(self, token_ids: list[int], engine_done: bool) -> None:
+        """A request of this worker ended. `engine_done`: vLLM reported it finished; else
+        it was aborted or failed, and vLLM's current engine step may still be using it."""
 
     def close(self) -> None:
         pass
@@ -143,13 +152,31 @@ class _FilesPayload(msgspec.Struct):
     files: dict[str, bytes]  # connector file name -> safetensors bytes
 
 
+ABORTED_FILES_GRACE_S = 60.0
 _KV_FILE_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}\.safetensors$")
 
 
+def _safetensors_rows(data: bytes) -> list[int]:
+    """First dimension of every tensor in a safetensors file (its JSON header)."""
+    if len(data) < 8:
+        raise ValueError("truncated")
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    return [t["shape"][0] for k, t in header.items() if k != "__metadata__"]
+
+
 class ExampleKv(KvTransfer):
+    # ExampleConnector stores a prompt's KV from the blocks of its *first* engine step only;
+    # a chunked prefill would save the first chunk under the whole prompt's name, and the
+    # decode side's vLLM would die loading it.
+    whole_prompt_per_step = True
+
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="segue-vllm-kv-"))
+        # Requests vLLM may be running, by prompt: identical prompts share the connector's
+        # files, which may go only when no request uses them and no handle holds them.
+        self.in_engine: collections.Counter[tuple[int, ...]] = collections.Counter()
 
     def transfer_config(self, role: str, kv_ttl: float, host: str):
         from vllm.config import KVTransferConfig
@@ -195,7 +222,7 @@ class ExampleKv(KvTransfer):
         held = self.held.pop(key, None)
         if held is None:
             return False
-        self._remove(held.token_ids)
+        self._remove_if_unused(held.token_ids)
         return True
 
     def decode_args(self, token_ids: list[int], payload: bytes | None) -> dict[str, Any]:
@@ -207,15 +234,47 @@ class ExampleKv(KvTransfer):
             raise EngineRequestError("KV payload does not belong to this request's tokens")
         if any(not _KV_FILE_RE.match(name) for name in kv.files):
             raise EngineRequestError("KV payload names an unexpected file")
+        looked_up = self._spans(token_ids)[1]
+        for name, data in kv.files.items():
+            # vLLM copies each file into the slots of `looked_up` tokens: any other size
+            # would kill its engine core, not just fail this request
+            try:
+                rows = _safetensors_rows(data)
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                raise EngineRequestError(f"KV payload file {name} is not safetensors") from None
+            if not rows or any(r != looked_up for r in rows):
+                raise EngineRequestError(f"KV payload file {name} holds {rows} tokens, "
+                                         f"expected {looked_up}")
         if kv.files:  # else nothing block-aligned to reuse: the decode side prefills it all
-            folder = self._folder(token_ids, self._spans(token_ids)[1])
+            folder = self._folder(token_ids, looked_up)
             folder.mkdir(parents=True, exist_ok=True)
             for name, data in kv.files.items():
                 (folder / name).write_bytes(data)
         return {}
 
-    def request_done(self, token_ids: list[int]) -> None:
-        if not any(h.token_ids == token_ids for h in self.held.values()):
+    def request_started(self, token_ids: list[int]) -> None:
+        self.in_engine[tuple(token_ids)] += 1
+
+    def request_done(self, token_ids: list[int], engine_done: bool) -> None:
+        if engine_done:
+            self._left_engine(tuple(token_ids))
+        else:
+            # An abort takes effect in vLLM only when its current step ends, and that step
+            # may still write this prompt's files (prefill) or read them (decode); deleting
+            # them under it kills vLLM's engine core (seen: ENOENT from safetensors). vLLM
+            # does not say when it is done with an aborted request: wait well past any step.
+            asyncio.get_running_loop().call_later(ABORTED_FILES_GRACE_S, self._left_engine,
+                                                  tuple(token_ids))
+
+    def _left_engine(self, ids: tuple[int, ...]) -> None:
+        self.in_engine[ids] -= 1
+        if self.in_engine[ids] <= 0:
+            del self.in_engine[ids]
+            self._remove_if_unused(list(ids))
+
+    def _remove_if_unused(self, token_ids: list[int]) -> None:
+        if tuple(token_ids) not in self.in_engine and \
+                not any(h.token_ids == token_ids for h in self.held.values()):
             self._remove(token_ids)
 
     def close(self) -> None:

@@ -88,6 +88,22 @@ def test_vllm_output_equals_transformers(deploy, vllm_model):
     assert metric(w, "segue_engine_kv_blocks_total") > 0
 
 
+def _engine_cpu(pid: int) -> float:
+    """CPU seconds used so far by the processes vLLM runs under a worker (engine core and
+    its model worker: the worker's children and their children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for child in _children(pid):
+        for q in (child, *_children(child)):
+            try:
+                with open(f"/proc/{q}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for d in os.listdir("/proc"):
@@ -137,6 +153,85 @@ def test_request_migration_on_vllm(deploy, vllm_model, sig):
             "workers"]], 5, what="the failed worker gone from the frontend")
 
 
+def disagg_deployment(deploy, model, prefill_flags=(), decode_flags=()):
+    """A vLLM prefill worker, a vLLM decode worker, and one frontend per strategy."""
+    from harness import Proc
+
+    p = start_worker(deploy, model, "--role", "prefill", *prefill_flags)
+    dw = start_worker(deploy, model, "--role", "decode", *decode_flags)
+    fronts = {}
+    for strategy in ("frontend", "decode-first", "prefill-first"):
+        fe = Proc(f"frontend-{strategy}", ["frontend", "--port", "0", "--discovery",
+                                           deploy.discovery, "--model", model,
+                                           "--disagg-strategy", strategy], deploy.tmp)
+        deploy.procs.append(fe)
+        fe.wait_ready()
+        fronts[strategy] = fe
+    for w in (p, dw):
+        wait_until(lambda w=w: "joined (" in w.log(), 60, what="peers seen")
+    return p, dw, fronts
+
+
+def computed(w) -> float:
+    return metric(w, 'segue_engine_prompt_tokens_total{source="computed"}')
+
+
+@pytest.fixture(scope="session")
+def vllm_slow_model(tmp_path_factory):
+    """Big enough that vLLM needs seconds for the one engine step that prefills a
+    6000-token prompt on one core, so a client can leave while it runs."""
+    from segue.models.tiny import build_tiny_llama
+
+    return str(build_tiny_llama(tmp_path_factory.mktemp("slow-llama-vllm"), seed=0,
+                                hidden_size=512, layers=4, heads=8, max_positions=8192))
+
+
+def test_cancel_during_prefill_on_vllm(deploy, vllm_slow_model):
+    """Reference remote_prefill_cancel (frontend and decode-first strategies) and
+    prefill_first_prefill_cancel on vLLM: the client leaves while vLLM computes the prompt
+    in one long engine step (ExampleConnector needs a whole prompt per step); vLLM cannot
+    stop a step, so the abort takes effect when it ends. The prefill never completes for
+    segue: vLLM never counts the
+    prompt as prefilled (it does when the first token comes out), no token leaves any
+    worker, no KV is held or handed over, every gauge is idle, and the decode worker never
+    sees the request (or, decode-first, aborts its remote prefill)."""
+    from segue.tokenizer import HFTokenizer
+
+    model = vllm_slow_model
+    p, dw, fronts = disagg_deployment(deploy, model)
+    per = len(HFTokenizer(model).encode(PROMPT + " "))
+    prompt = " ".join([PROMPT] * (6000 // per))
+    for strategy, fe in fronts.items():
+        rid = f"v-pc-{strategy}"
+        before = computed(p)
+        # a first word of its own: no block of an earlier prompt is in vLLM's prefix cache
+        req = RawRequest(fe.url, "chat", vbody(model, "chat", f"{strategy} {prompt}", 20,
+                                               True), rid)
+        p.wait_log(f"New Request ID: {rid}", 30)
+        # inside the prefill step: vLLM's processes have computed for a while (the step
+        # takes several CPU-seconds, and nothing else runs in them)
+        busy = _engine_cpu(p.pid) + 1.0
+        wait_until(lambda busy=busy: _engine_cpu(p.pid) > busy, 30,
+                   what="vLLM computing the prefill")
+        req.close()
+        p.wait_log(f"Aborted Request ID: {rid} ", 30)
+        fe.wait_log(f"Cancelled Request ID: {rid}")
+        if strategy == "decode-first":
+            dw.wait_log(f"Aborted Remote Request ID: {rid} ")
+        else:
+            assert f"New Request ID: {rid}" not in dw.log()
+        for w in (p, dw):
+            wait_until(lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0,
+                       30, what="idle")
+            assert metric(w, "segue_worker_output_tokens_total") == 0
+        assert computed(p) == before, "the prefill completed: the abort came too late"
+    assert metric(p, "segue_worker_kv_transferred_bytes_total") == 0
+    # the same prompt, not cancelled: this prefill does complete (the check above can fail)
+    r = complete(fronts["frontend"].url, "chat", vbody(model, "chat", f"done {prompt}", 2,
+                                                       False))
+    assert r.status == 200 and computed(p) > before
+
+
 def kv_loaded(w) -> float:
     return metric(w, 'segue_engine_prompt_tokens_total{source="external_kv_transfer"}')
 
@@ -154,30 +249,23 @@ def test_vllm_disaggregated_all_strategies(deploy, vllm_model, connector):
     output equals transformers' greedy generate(). Every prompt starts with a word of its
     own, so the decode worker's prefix cache cannot be what spared the recompute."""
     import torch
-    from harness import Proc
     from transformers import AutoModelForCausalLM
 
     from segue.tokenizer import HFTokenizer
 
     flags = ("--vllm-kv-connector", connector)
     # NIXL: prefilled blocks nobody reads are freed by vLLM at the end of their lease
-    p = start_worker(deploy, vllm_model, "--role", "prefill", "--kv-ttl", "6", *flags)
-    dw = start_worker(deploy, vllm_model, "--role", "decode", *flags)
-    fronts = {}
-    for strategy in ("frontend", "decode-first", "prefill-first"):
-        fe = Proc(f"frontend-{strategy}", ["frontend", "--port", "0", "--discovery",
-                                           deploy.discovery, "--model", vllm_model,
-                                           "--disagg-strategy", strategy], deploy.tmp)
-        deploy.procs.append(fe)
-        fe.wait_ready()
-        fronts[strategy] = fe
-    for w in (p, dw):
-        wait_until(lambda w=w: "joined (" in w.log(), 60, what="peers seen")
+    p, dw, fronts = disagg_deployment(deploy, vllm_model, ("--kv-ttl", "6", *flags), flags)
     m = AutoModelForCausalLM.from_pretrained(vllm_model, dtype=torch.float32).eval()
     tok = HFTokenizer(vllm_model)
-    for strategy, fe in fronts.items():
-        # more than one 128-token vLLM CPU block: ExampleConnector stores whole blocks only
-        prompt = f"{strategy} " + " ".join([PROMPT] * 40)
+    per = len(tok.encode(PROMPT + " "))
+    # more than one 128-token vLLM CPU block: ExampleConnector stores whole blocks only; and
+    # one prompt longer than vLLM's default step budget (2048 tokens on CPU), which vLLM
+    # would prefill in chunks and ExampleConnector could not store
+    cases = [(s, f"{s} " + " ".join([PROMPT] * 40)) for s in fronts]
+    cases.append(("frontend", "long " + " ".join([PROMPT] * (3000 // per))))
+    for strategy, prompt in cases:
+        fe = fronts[strategy]
         ids = tok.encode(prompt)
         assert len(ids) > 140
         want = m.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):]
