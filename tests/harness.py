@@ -33,7 +33,7 @@ def _kill_leftovers() -> None:
             os.killpg(p.pid, signal.SIGKILL)
 
 
-def wait_until(cond: Callable[[], T], timeout: float = 10.0, interval: float = 0.01,
+def wait_until(cond: Callable[[], T], timeout: float = 30.0, interval: float = 0.01,
                what: str = "condition") -> T:
     """Poll `cond` until it returns something truthy; fail with `what` at the deadline."""
     deadline = time.monotonic() + timeout
@@ -73,7 +73,7 @@ class Proc:
         self.url = wait_until(ready, timeout, what=f"{self.name} ready line")
         return self.url
 
-    def wait_log(self, text: str, timeout: float = 10.0) -> None:
+    def wait_log(self, text: str, timeout: float = 30.0) -> None:
         wait_until(lambda: text in self.log(), timeout, what=f"{text!r} in {self.name} log")
 
     def signal(self, sig: int) -> None:
@@ -151,7 +151,7 @@ class Deployment:
             self.wait_routable(p)
         return p
 
-    def wait_routable(self, worker: Proc, timeout: float = 10.0) -> None:
+    def wait_routable(self, worker: Proc, timeout: float = 30.0) -> None:
         def seen():
             h = httpx.get(self.frontend.url + "/health", timeout=5).json()
             return any(w["url"] == worker.url and w["routable"] for w in h["workers"])

@@ -83,7 +83,7 @@ def test_vllm_output_equals_transformers(deploy, vllm_model):
         req.close()
         w.wait_log(f"Aborted Request ID: {rid} ")
         deploy.frontend.wait_log(f"Cancelled Request ID: {rid}")
-        wait_until(lambda: idle(w), 10, what="vLLM scheduler idle")
+        wait_until(lambda: idle(w), 30, what="vLLM scheduler idle")
         assert metric(w, "segue_worker_aborts_total") == i + 1
     assert metric(w, "segue_engine_kv_blocks_total") > 0
 
@@ -277,7 +277,7 @@ def test_vllm_disaggregated_all_strategies(deploy, vllm_model, connector):
         # the block-aligned prefix for ExampleConnector, the whole prompt for NIXL
         expect = (len(ids) - 1) // 128 * 128 if connector == "example" else len(ids)
         assert kv_loaded(dw) - loaded == expect, strategy
-        wait_until(lambda: idle(p), 10, what="prefill worker's blocks freed once read")
+        wait_until(lambda: idle(p), 30, what="prefill worker's blocks freed once read")
     assert metric(p, "segue_worker_kv_transferred_bytes_total") > 0
     # decode cancel on the disaggregated path
     fe = fronts["decode-first"]
@@ -310,7 +310,7 @@ def test_vllm_disaggregated_all_strategies(deploy, vllm_model, connector):
         assert got.error is None and want.status == 200
         assert got.token_ids == want.token_ids and len(got.token_ids) == 12
         for w in (p, dw):
-            wait_until(lambda w=w: idle(w), 10, what="idle")
+            wait_until(lambda w=w: idle(w), 30, what="idle")
         # The client leaves while its KV waits on the prefill worker (the decode worker is
         # hung): segue drops the handle at once; vLLM frees the blocks when the lease ends.
         dw.signal(signal.SIGSTOP)
