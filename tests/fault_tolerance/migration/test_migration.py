@@ -184,6 +184,30 @@ def test_hung_worker_migrates_after_stall_timeout(deploy):
         victim.signal(signal.SIGCONT)
 
 
+def test_frozen_frontend_does_not_blame_its_workers(deploy):
+    """The frontend itself stops for longer than its stall timeout (a paused VM, a host
+    hiccup, SIGSTOP) while its worker streams on. Running again, it reads what the worker
+    sent meanwhile instead of taking the stream for a stall and migrating it (an idle event
+    loop wakes from its poll with the socket readable, before its timers run)."""
+    deploy.start_frontend("--stall-timeout", "1")
+    w = deploy.start_worker("--mocker-step-ms", "10")
+    want = golden(deploy, "chat", 200)
+    s = StreamReader(deploy.url, "chat", body("chat", PROMPT, 200, True), "frozen-fe")
+    s.read_tokens(5)
+    deploy.frontend.signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        # the worker finishes while the frontend cannot read; the freeze lasts 2.5 stall
+        # timeouts (its length is the scenario, not a wait for something)
+        wait_until(lambda: w.metrics()["segue_worker_output_tokens_total"] == 400,
+                   what="the worker done with both requests")
+        wait_until(lambda: time.monotonic() - t0 > 2.5, what="a freeze past the timeout")
+    finally:
+        deploy.frontend.signal(signal.SIGCONT)
+    assert_same(s.finish(), want)
+    assert total_migrations(deploy) == 0
+
+
 def test_hung_engine_in_live_worker_fails_over(deploy):
     """The engine stops making progress while its worker lives on and keeps every caller's
     stall timer quiet with keep-alives: the worker's engine watchdog fails the request over
