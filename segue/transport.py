@@ -40,7 +40,8 @@ class _StallTimer:
     byte. Unlike aiohttp's socket read timeout it forgives a freeze of this process: after
     one, the event loop may run due timers before it reads what the peer sent meanwhile,
     and every open call would be taken for a stall at once. A late check restarts the
-    window instead."""
+    window instead, once until the peer is heard again: an overloaded loop whose every
+    check is late must still find a hung peer."""
 
     def __init__(self, timeout: float) -> None:
         self.loop = asyncio.get_running_loop()
@@ -48,6 +49,7 @@ class _StallTimer:
         self.timeout = timeout
         self.armed = False
         self.fired = False
+        self.forgiven = False
         self.since = self.loop.time()
         self._due = self.since + timeout
         self._handle = (self.loop.call_at(self._due, self._check) if math.isfinite(timeout)
@@ -56,6 +58,7 @@ class _StallTimer:
     def arm(self) -> None:
         """Waiting on the peer from now (the only place the task may be cancelled)."""
         self.armed = True
+        self.forgiven = False
         self.since = self.loop.time()
 
     def disarm(self) -> None:
@@ -63,8 +66,8 @@ class _StallTimer:
 
     def _check(self) -> None:
         now = self.loop.time()
-        if now - self._due > _FROZEN_S:
-            self.since = now
+        if now - self._due > _FROZEN_S and not self.forgiven:
+            self.since, self.forgiven = now, True
         if self.armed and now - self.since >= self.timeout:
             self.fired = True
             self.task.cancel()
