@@ -33,6 +33,20 @@ def _kill_leftovers() -> None:
             os.killpg(p.pid, signal.SIGKILL)
 
 
+def children(pid: int) -> set[int]:
+    """PIDs whose parent is `pid` (from /proc)."""
+    out = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.add(int(d))
+            except OSError:
+                pass
+    return out
+
+
 def wait_until(cond: Callable[[], T], timeout: float = 30.0, interval: float = 0.01,
                what: str = "condition") -> T:
     """Poll `cond` until it returns something truthy; fail with `what` at the deadline."""

@@ -10,27 +10,13 @@ import subprocess
 import sys
 
 import httpx
-from harness import wait_until
+from harness import children, wait_until
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _children(pid: int) -> set[int]:
-    out = set()
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            if ppid == pid:
-                out.add(int(d))
-    return out
 
 
 def test_serve_starts_frontend_and_two_workers_and_stops_them(tmp_path):
@@ -43,7 +29,7 @@ def test_serve_starts_frontend_and_two_workers_and_stops_them(tmp_path):
                    (tmp_path / "serve.log").read_text(), 30, what="ready line")
         h = httpx.get(f"http://127.0.0.1:{port}/health").json()
         assert len(h["workers"]) == 2
-        kids = _children(p.pid)
+        kids = children(p.pid)
         assert len(kids) == 3
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
                        json={"model": "segue-mocker", "prompt": "hi", "max_tokens": 3})
@@ -58,7 +44,7 @@ def test_serve_starts_frontend_and_two_workers_and_stops_them(tmp_path):
             return len(pids) == 2 and dead not in pids
 
         wait_until(replaced, 30, what="the killed worker replaced")
-        kids = _children(p.pid)
+        kids = children(p.pid)
         assert len(kids) == 3 and dead not in kids
         p.send_signal(signal.SIGTERM)
         assert p.wait(30) == 0

@@ -10,7 +10,7 @@ import signal
 import pytest
 from client import RawRequest, StreamReader, body, complete
 from faults import metric, migration_counts, total_migrations, worker_of
-from harness import wait_until
+from harness import children, wait_until
 
 from segue.worker.server import ENGINE_FAILED_EXIT
 
@@ -99,8 +99,8 @@ def _engine_cpu(pid: int) -> float:
     its model worker: the worker's children and their children)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
-    for child in _children(pid):
-        for q in (child, *_children(child)):
+    for child in children(pid):
+        for q in (child, *children(child)):
             try:
                 with open(f"/proc/{q}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
@@ -108,19 +108,6 @@ def _engine_cpu(pid: int) -> float:
                 continue
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / tick
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(d))
-            except OSError:
-                pass
-    return out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, "engine-core"],
@@ -143,7 +130,7 @@ def test_request_migration_on_vllm(deploy, vllm_model, sig):
     s.read_tokens(20)
     victim = worker_of(deploy, rid)
     if sig == "engine-core":
-        for child in _children(victim.pid):
+        for child in children(victim.pid):
             os.kill(child, signal.SIGKILL)
     else:
         victim.signal(sig)
