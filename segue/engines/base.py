@@ -90,6 +90,10 @@ class Engine(abc.ABC):
     async def stop(self) -> None:  # noqa: B027 - optional hook
         pass
 
+    def release_files(self) -> None:  # noqa: B027 - optional hook
+        """Delete what the engine keeps on disk, without a call into the engine: a worker
+        whose engine died or hung exits without `stop()`, which may never return."""
+
     @abc.abstractmethod
     def add_request(self, req: EngineRequest, kv_payload: bytes | None = None
                     ) -> RequestStream:

@@ -158,6 +158,9 @@ class VllmEngine(Engine):
             self.abort(rid)
         if self.llm is not None:
             self.llm.shutdown()
+        self.release_files()
+
+    def release_files(self) -> None:
         if self.kv is not None:
             self.kv.close()
         if self._launcher is not None:

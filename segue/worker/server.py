@@ -529,6 +529,7 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), 5.0)
             await runner.cleanup()
+            self.engine.release_files()
             log.error("worker %s exiting: %s", self.id, self.engine_failed)
             return ENGINE_FAILED_EXIT
         log.info("draining: leaving discovery, %d requests in flight", self._calls)

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import tempfile
+from pathlib import Path
 
 import pytest
 from client import RawRequest, StreamReader, body, complete
@@ -41,7 +44,7 @@ def vbody(model, kind, prompt, n, stream):
     return b
 
 
-def start_worker(d, model, *extra):
+def start_worker(d, model, *extra, tmpdir=None):
     # vLLM binds its OpenMP threads to every core by default; two busy engines then starve
     # every other process of a 2-core machine (CI saw a worker's event loop stall for 10 s).
     # One core per engine, taken in turn, leaves room for the frontend, workers and tests.
@@ -49,7 +52,17 @@ def start_worker(d, model, *extra):
     core = cores[-1 - len(d.workers) % len(cores)]
     return d.start_worker("--engine", "vllm", "--model", model, *extra, fast=False,
                           wait=False, ready_timeout=START,
-                          env={"VLLM_CPU_OMP_THREADS_BIND": str(core)})
+                          env={"VLLM_CPU_OMP_THREADS_BIND": str(core),
+                               **({"TMPDIR": str(tmpdir)} if tmpdir else {})})
+
+
+@pytest.fixture
+def short_tmp():
+    """A directory with a short path, for TMPDIR: vLLM puts unix sockets there, whose
+    paths may not be longer than 107 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="sg-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def idle(w) -> bool:
@@ -133,13 +146,16 @@ def engine_stopped(w):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, "engine-core"],
                          ids=["kill", "term", "engine-core-killed"])
-def test_request_migration_on_vllm(deploy, vllm_model, sig):
+def test_request_migration_on_vllm(deploy, vllm_model, sig, short_tmp):
     """SIGKILL / SIGTERM of the worker, or death of vLLM's engine core process under a live
     worker: the request continues on the other worker, token-identical; a worker whose
     engine died exits for a restart. The stall timer is not under test here: a long one keeps
     two vLLM engines starving each other on 2 cores from adding a stall migration."""
     deploy.start_frontend("--model", vllm_model, "--stall-timeout", "30")
-    ws = [start_worker(deploy, vllm_model, "--drain-timeout", "0.5") for _ in range(2)]
+    tmps = [short_tmp / str(i) for i in range(2)]
+    for t in tmps:
+        t.mkdir()
+    ws = [start_worker(deploy, vllm_model, "--drain-timeout", "0.5", tmpdir=t) for t in tmps]
     for w in ws:
         deploy.wait_routable(w, timeout=30)
     b = vbody(vllm_model, "completions", PROMPT, 5000, True)
@@ -178,6 +194,8 @@ def test_request_migration_on_vllm(deploy, vllm_model, sig):
         assert victim.popen.wait(30) == 0
     if sig == "engine-core":  # a dead engine does not come back: leave, exit, get restarted
         assert victim.popen.wait(30) == ENGINE_FAILED_EXIT
+        left = list(tmps[ws.index(victim)].glob("segue-*"))
+        assert not left, f"the failed worker left {left}"
         wait_until(lambda: victim.pid not in [x["pid"] for x in deploy.frontend.health()[
             "workers"]], 5, what="the failed worker gone from the frontend")
 
