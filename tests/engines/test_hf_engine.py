@@ -97,8 +97,8 @@ def test_request_cancellation_aggregated_on_hf(deploy, tiny_model):
         if stream:
             req.read_events(5)
         req.close()
-        wait_until(lambda w=w: idle(w), 5, what="engine idle")
-        wait_until(lambda i=i: metric(w, "segue_worker_aborts_total") == i + 1, 5,
+        wait_until(lambda w=w: idle(w), what="engine idle")
+        wait_until(lambda i=i: metric(w, "segue_worker_aborts_total") == i + 1,
                    what="abort counted")
         w.wait_log(f"Aborted Request ID: {rid} ")
         deploy.frontend.wait_log(f"Cancelled Request ID: {rid}")
@@ -120,7 +120,7 @@ def test_disagg_moves_real_kv_and_equals_aggregated(deploy, tiny_model, strategy
     p = next(w for w in deploy.workers if "prefill" in w.name)
     assert metric(p, "segue_worker_kv_transferred_bytes_total") > 0
     for w in deploy.workers:
-        wait_until(lambda w=w: idle(w), 5, what="idle")
+        wait_until(lambda w=w: idle(w), what="idle")
 
 
 def test_disagg_decode_cancel_and_kill_on_hf(deploy, tiny_model):
@@ -132,8 +132,9 @@ def test_disagg_decode_cancel_and_kill_on_hf(deploy, tiny_model):
     req.close()
     deploy.frontend.wait_log(f"Cancelled Request ID: {rid}")
     for w in deploy.workers:
-        wait_until(lambda w=w: idle(w), 5, what="idle")
-    b = hf_body(tiny_model, "completions", PROMPT, 200, True)
+        wait_until(lambda w=w: idle(w), what="idle")
+    # 1500 tokens: about 1.5 s of decoding here, so the kill after 10 tokens lands mid-request
+    b = hf_body(tiny_model, "completions", PROMPT, 1500, True)
     want = complete(deploy.url, "completions", {**b, "stream": False, "stream_options": None})
     s = StreamReader(deploy.url, "completions", b, "hf-kd")
     s.read_tokens(10)
@@ -163,7 +164,7 @@ def test_prefill_first_remote_decode_cancel_on_hf(deploy, tiny_model):
         deploy.frontend.wait_log(f"Cancelled Request ID: {rid}")
         for w in deploy.workers:
             wait_until(lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0,
-                       5, what="idle")
+                       what="idle")
 
 
 @pytest.fixture(scope="session")
