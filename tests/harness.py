@@ -33,18 +33,20 @@ def _kill_leftovers() -> None:
             os.killpg(p.pid, signal.SIGKILL)
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...; utime and
+    stime at 11 and 12), or None for a process that is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def children(pid: int) -> set[int]:
     """PIDs whose parent is `pid` (from /proc)."""
-    out = set()
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.add(int(d))
-            except OSError:
-                pass
-    return out
+    return {int(d) for d in os.listdir("/proc")
+            if d.isdigit() and (fields := proc_stat(int(d))) and int(fields[1]) == pid}
 
 
 def wait_until(cond: Callable[[], T], timeout: float = 30.0, interval: float = 0.01,
