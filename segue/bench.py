@@ -75,7 +75,7 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict, stream: boo
                st: _Stats | None) -> None:
     t0 = time.perf_counter()
     ttft = None
-    last = None
+    last = t0
     gaps: list[float] = []
     tokens = 0
     try:

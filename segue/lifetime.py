@@ -1,9 +1,13 @@
-"""Tie a child process's life to its parent's: the kernel SIGKILLs it when the parent dies
-(PR_SET_PDEATHSIG, Linux), so a crashed supervisor or worker leaves nothing behind."""
+"""How segue processes live and die: a child dies with its parent (PR_SET_PDEATHSIG, Linux),
+so a crashed supervisor or worker leaves nothing behind; SIGTERM/SIGINT stop a server
+gracefully, a second signal at once."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import logging
+import os
 import signal
 
 _PR_SET_PDEATHSIG = 1
@@ -15,3 +19,18 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:  # not Linux
         pass
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """First SIGTERM/SIGINT starts a graceful stop; a second one exits at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            logging.getLogger("segue").warning("second signal: exiting now")
+            os._exit(1)
+        logging.getLogger("segue").info("got %s", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)

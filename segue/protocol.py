@@ -1,4 +1,5 @@
-"""The request plane between the frontend (or a first-stage worker) and a worker.
+"""The request plane between the frontend (or a first-stage worker) and a worker, and the
+vocabulary every component shares.
 
 A call is one HTTP POST whose body is a msgpack `EngineRequest`; the response body is a
 sequence of length-prefixed msgpack `Frame`s. Every token frame carries the offset of its
@@ -12,11 +13,63 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from enum import StrEnum
 
 import msgspec
 
-GENERATE_PATH = "/generate"
+
+class Route:
+    """Paths a worker serves (the frontend serves the OpenAI paths in frontend/app.py)."""
+
+    GENERATE = "/generate"
+    KV = "/kv/{key}"
+    HEALTH = "/health"
+    METRICS = "/metrics"
+
+    @staticmethod
+    def kv(key: str) -> str:
+        return f"/kv/{key}"
+
+
 CONTENT_TYPE = "application/x-segue-frames"
+
+
+class Role(StrEnum):
+    """What a worker does (discovery carries it; routing keys on it)."""
+
+    AGGREGATED = "aggregated"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class Phase(StrEnum):
+    """What a call asks of the worker that receives it."""
+
+    GENERATE = "generate"  # everything; a disaggregated first-stage worker runs its strategy
+    PREFILL = "prefill"  # only the KV of the context: answer with a Prefilled frame
+    DECODE = "decode"  # decode from the KV named in `EngineRequest.kv`
+    LOCAL = "local"  # everything here, whatever the role (fallback: no prefill worker left)
+
+
+class FinishReason(StrEnum):
+    """How a request ended, as the OpenAI API names it."""
+
+    STOP = "stop"  # a stop token or EOS (or, in the frontend, a stop string)
+    LENGTH = "length"  # max_tokens reached
+
+
+class ErrorCode(StrEnum):
+    """`Error.code`: why a worker refused or failed a call. What the caller does with each
+    is the failure table in `segue.failures`."""
+
+    DRAINING = "draining"  # shutting down: route elsewhere (retryable)
+    ENGINE_UNHEALTHY = "engine_unhealthy"  # its engine is dead (retryable)
+    ENGINE_ERROR = "engine_error"  # the engine failed this request (retryable)
+    ENGINE_HUNG = "engine_hung"  # the engine stopped making progress (retryable)
+    KV_MISMATCH = "kv_mismatch"  # the pulled KV is not this request's (retryable)
+    REMOTE_FAILED = "remote_failed"  # the other disaggregated stage failed (retryable)
+    UNAVAILABLE = "unavailable"  # no worker for the other stage (503)
+    BAD_REQUEST = "bad_request"  # can never be served (400)
 
 
 class KvHandle(msgspec.Struct, frozen=True):
@@ -44,11 +97,8 @@ class EngineRequest(msgspec.Struct, kw_only=True):
     seed: int = 0
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
-    # Disaggregation: "prefill" asks only for the KV of the context (a Prefilled frame),
-    # "decode" decodes from kv (pulled from another worker), "generate" does it all here
-    # (or, on a first-stage worker in a disaggregated deployment, across stages).
-    phase: str = "generate"
-    kv: KvHandle | None = None
+    phase: Phase = Phase.GENERATE
+    kv: KvHandle | None = None  # for Phase.DECODE
 
 
 class Tokens(msgspec.Struct, tag="tok"):
@@ -62,7 +112,7 @@ class KeepAlive(msgspec.Struct, tag="ka"):
 
 
 class Final(msgspec.Struct, tag="fin"):
-    finish_reason: str  # "length" | "stop"
+    finish_reason: FinishReason
     offset: int  # total tokens of the client's output once this call is done
 
 
@@ -78,7 +128,7 @@ class HandBack(msgspec.Struct, tag="back"):
 
 
 class Error(msgspec.Struct, tag="err"):
-    code: str  # "draining" | "bad_request" | "engine_error" | "overloaded" | "remote_failed"
+    code: ErrorCode
     message: str
     retryable: bool = False
 

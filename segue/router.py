@@ -12,28 +12,34 @@ import contextlib
 import itertools
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from enum import StrEnum
 
 import aiohttp
 
 from segue.discovery import Instance
+from segue.protocol import Role, Route
 
 log = logging.getLogger("segue.router")
-POLICIES = ("round-robin", "random", "least-loaded")
 PROBE_INTERVAL = 0.25
 
 
+class Policy(StrEnum):
+    ROUND_ROBIN = "round-robin"
+    RANDOM = "random"
+    LEAST_LOADED = "least-loaded"
+
+
 class Router:
-    def __init__(self, policy: str = "round-robin", session: aiohttp.ClientSession | None = None):
-        if policy not in POLICIES:
-            raise ValueError(f"unknown router policy {policy!r}; choose from {POLICIES}")
-        self.policy = policy
+    def __init__(self, policy: Policy = Policy.ROUND_ROBIN,
+                 session: aiohttp.ClientSession | None = None) -> None:
+        self.policy = Policy(policy)
         self.instances: dict[str, Instance] = {}
         self.down: set[str] = set()
         self.inflight: dict[str, int] = {}
         self._rr = itertools.count()
         self._session = session
-        self._probes: dict[str, asyncio.Task] = {}
+        self._probes: dict[str, asyncio.Task[None]] = {}
 
     def update(self, instances: dict[str, Instance]) -> None:
         for gone in self.instances.keys() - instances.keys():
@@ -46,31 +52,31 @@ class Router:
             log.info("worker %s joined (%s, %s)", new, instances[new].role, instances[new].url)
         self.instances = instances
 
-    def routable(self, role: str | None = None) -> list[Instance]:
+    def routable(self, role: Role | None = None) -> list[Instance]:
         return [
             i
             for i in self.instances.values()
             if i.id not in self.down and (role is None or i.role == role)
         ]
 
-    def pick(self, roles: Iterable[str], exclude: set[str] = frozenset()) -> Instance | None:
-        roles = set(roles)
+    def pick(self, roles: Iterable[Role], exclude: Iterable[str] = ()) -> Instance | None:
+        wanted = set(roles)
         cands = [
             i
             for i in self.instances.values()
-            if i.role in roles and i.id not in self.down and i.id not in exclude
+            if i.role in wanted and i.id not in self.down and i.id not in exclude
         ]
         if not cands:
             return None
-        if self.policy == "random":
+        if self.policy is Policy.RANDOM:
             return random.choice(cands)
-        if self.policy == "least-loaded":
+        if self.policy is Policy.LEAST_LOADED:
             low = min(self.inflight.get(i.id, 0) for i in cands)
             cands = [i for i in cands if self.inflight.get(i.id, 0) == low]
         return cands[next(self._rr) % len(cands)]
 
     @contextlib.contextmanager
-    def track(self, instance: Instance):
+    def track(self, instance: Instance) -> Iterator[None]:
         """Counts a call in flight on a worker (for least-loaded)."""
         self.inflight[instance.id] = self.inflight.get(instance.id, 0) + 1
         try:
@@ -87,11 +93,12 @@ class Router:
             self._probes[instance.id] = asyncio.create_task(self._probe(instance))
 
     async def _probe(self, instance: Instance) -> None:
+        assert self._session is not None
         timeout = aiohttp.ClientTimeout(total=1.0)
         while instance.id in self.down:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
-                async with self._session.get(instance.url + "/health", timeout=timeout) as r:
+                async with self._session.get(instance.url + Route.HEALTH, timeout=timeout) as r:
                     ok = r.status == 200 and (await r.json()).get("status") == "ok"
             except (aiohttp.ClientError, TimeoutError, ValueError):
                 ok = False

@@ -10,34 +10,51 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
 
+from segue.frontend.config import FrontendConfig
 from segue.lifetime import die_with_parent
+from segue.options import option, to_argv
+from segue.worker.config import WorkerConfig
 
 log = logging.getLogger("segue.serve")
 
 
-def _spawn(args: list[str]) -> subprocess.Popen:
+def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "segue", *args], preexec_fn=die_with_parent,
         start_new_session=True,
     )
 
 
-def _passthrough(args, prefix: str) -> list[str]:
-    out = []
-    for key, val in vars(args).items():
-        if key.startswith(prefix) and val is not None:
-            out += ["--" + key.replace("_", "-"), str(val)]
-    return out
+@dataclass(frozen=True)
+class ServeConfig:
+    workers: int = option(2, help="worker processes to start")
 
 
-def _stop(procs: list[subprocess.Popen], timeout: float = 40.0) -> None:
+# `serve` sets these itself: one discovery directory for all, workers on free local ports.
+SERVE_SKIP_FRONTEND = frozenset({"discovery", "namespace"})
+SERVE_SKIP_WORKER = frozenset({"discovery", "namespace", "host", "port", "role"})
+
+
+def child_argvs(frontend: FrontendConfig, worker: WorkerConfig,
+                discovery: str) -> tuple[list[str], list[str]]:
+    """The command lines of the frontend and of each worker."""
+    fe = ["frontend", "--discovery", discovery, *to_argv(frontend, SERVE_SKIP_FRONTEND)]
+    wk = ["worker", "--discovery", discovery, *to_argv(worker, SERVE_SKIP_WORKER)]
+    return fe, wk
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 40.0) -> None:
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -50,7 +67,7 @@ def _stop(procs: list[subprocess.Popen], timeout: float = 40.0) -> None:
         _kill_group(p)
 
 
-def _kill_group(p: subprocess.Popen) -> None:
+def _kill_group(p: subprocess.Popen[bytes]) -> None:
     """SIGKILL whatever is left in a child's process group (an engine's helper processes
     can outlive a worker that crashed), then reap the child."""
     try:
@@ -60,7 +77,7 @@ def _kill_group(p: subprocess.Popen) -> None:
     p.wait()
 
 
-def _health(url: str) -> dict | None:
+def _health(url: str) -> dict[str, Any] | None:
     try:
         with urllib.request.urlopen(url + "/health", timeout=1) as r:
             return json.loads(r.read())
@@ -68,32 +85,28 @@ def _health(url: str) -> dict | None:
         return None
 
 
-def serve(args) -> int:
+def serve(cfg: ServeConfig, frontend: FrontendConfig, worker: WorkerConfig) -> int:
     disc_dir = tempfile.mkdtemp(prefix="segue-discovery-")
-    disc = f"file:{disc_dir}"
-    model = ["--model", args.model] if args.model else []
-    worker_args = ["worker", "--engine", args.engine, "--discovery", disc, *model,
-                   *_passthrough(args, "mocker_"), "--max-num-seqs", str(args.max_num_seqs),
-                   "--kv-blocks", str(args.kv_blocks), "--device", args.device]
-    fe_args = ["frontend", "--host", args.host, "--port", str(args.port), "--discovery", disc,
-               "--router", args.router, "--migration-limit", str(args.migration_limit),
-               "--stall-timeout", str(args.stall_timeout), *model]
-    if args.model_name:
-        fe_args += ["--model-name", args.model_name]
-    if args.request_timeout:
-        fe_args += ["--request-timeout", str(args.request_timeout)]
+    try:
+        return _supervise(cfg, frontend, worker, disc_dir)
+    finally:
+        shutil.rmtree(disc_dir, ignore_errors=True)
 
+
+def _supervise(cfg: ServeConfig, frontend_cfg: FrontendConfig, worker_cfg: WorkerConfig,
+               disc_dir: str) -> int:
+    fe_args, worker_args = child_argvs(frontend_cfg, worker_cfg, f"file:{disc_dir}")
     stopping = False
 
-    def on_signal(signum, frame):
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    workers = [_spawn(worker_args) for _ in range(args.workers)]
+    workers = [_spawn(worker_args) for _ in range(cfg.workers)]
     frontend = _spawn(fe_args)
-    url = f"http://{args.host}:{args.port}"
+    url = f"http://{frontend_cfg.host}:{frontend_cfg.port}"
     ready = False
     code = 0
     try:
@@ -109,10 +122,10 @@ def serve(args) -> int:
                     workers[i] = _spawn(worker_args)
             if not ready:
                 h = _health(url)
-                if h and sum(1 for w in h["workers"] if w["routable"]) >= args.workers:
+                if h and sum(1 for w in h["workers"] if w["routable"]) >= cfg.workers:
                     ready = True
                     print(f"segue ready: {url} (frontend pid {frontend.pid}, "
-                          f"{args.workers} {args.engine} workers)", flush=True)
+                          f"{cfg.workers} {worker_cfg.engine} workers)", flush=True)
             time.sleep(0.1)
     finally:
         _stop([frontend, *workers])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
@@ -49,12 +48,6 @@ _SPECIALS = ["<s>", "</s>", "<pad>", "<unk>"]
 _BYTE_BASE = len(_SPECIALS)
 _WORD_BASE = _BYTE_BASE + 256
 _PIECE_RE = re.compile(r" ?[a-z]+|.", re.S)
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    role: str
-    content: str
 
 
 class Tokenizer:
@@ -202,72 +195,3 @@ def _token_str(tok: object) -> str:
 
 def load_tokenizer(model_dir: str | None) -> Tokenizer:
     return HFTokenizer(model_dir) if model_dir else BuiltinTokenizer()
-
-
-_MAX_HELD_TOKENS = 4  # a UTF-8 character is at most 4 bytes, so at most 4 byte tokens
-
-
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas without ever emitting half of a
-    UTF-8 character (or of a merged word piece): text is released only once decoding the
-    newest tokens no longer ends in a replacement character."""
-
-    __slots__ = ("_tok", "ids", "_prefix", "_read")
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self._tok = tokenizer
-        self.ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-
-    def add(self, new_ids: list[int]) -> str:
-        self.ids.extend(new_ids)
-        decode = self._tok.decode
-        prefix_text = decode(self.ids[self._prefix : self._read])
-        new_text = decode(self.ids[self._prefix :])
-        # Hold back a trailing partial character, but never more than a character's worth
-        # of tokens: a model emitting invalid byte sequences must not make this quadratic.
-        held = len(self.ids) - self._read
-        if len(new_text) > len(prefix_text) and (
-            not new_text.endswith("\ufffd") or held > _MAX_HELD_TOKENS
-        ):
-            self._prefix = self._read
-            self._read = len(self.ids)
-            return new_text[len(prefix_text) :]
-        return ""
-
-    def flush(self) -> str:
-        """At the end of a stream, release whatever is held back, broken or not."""
-        rest = self._tok.decode(self.ids[self._prefix :])[
-            len(self._tok.decode(self.ids[self._prefix : self._read])) :
-        ]
-        self._prefix = self._read = len(self.ids)
-        return rest
-
-
-class StopChecker:
-    """Holds back just enough text to find stop strings that span deltas."""
-
-    __slots__ = ("_stops", "_hold", "_pending")
-
-    def __init__(self, stops: list[str]) -> None:
-        self._stops = [s for s in stops if s]
-        self._hold = max((len(s) for s in self._stops), default=1) - 1
-        self._pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to send, whether a stop string was hit)."""
-        if not self._stops:
-            return text, False
-        buf = self._pending + text
-        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self._pending = ""
-            return buf[:cut], True
-        keep = min(self._hold, len(buf))
-        self._pending = buf[len(buf) - keep :] if keep else ""
-        return buf[: len(buf) - keep], False
-
-    def flush(self) -> str:
-        out, self._pending = self._pending, ""
-        return out

@@ -1,41 +1,31 @@
 """The caller's side of the request plane: one call to a worker, as a stream of frames.
 
 Every way a call can fail without the worker saying so (refused, reset, stalled past the
-timeout, ended without a final frame) becomes `CallFailed` with a short reason, which is
-what migration and remote-stage retries key on. Cancelling the consumer closes the HTTP
-response, which cancels the call on the worker.
+timeout, ended without a final frame) becomes a `Failure` (segue.failures) with its reason.
+Cancelling the consumer closes the HTTP response, which cancels the call on the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import aiohttp
 import msgspec
 
 from segue.discovery import Instance
-from segue.protocol import GENERATE_PATH, EngineRequest, Frame, FrameParser, encode_request
+from segue.failures import Failure, FailureReason
+from segue.protocol import EngineRequest, Frame, FrameParser, Route, encode_request
 
-
-class CallFailed(Exception):
-    def __init__(self, reason: str, instance: Instance | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.instance = instance
-
-
-def client_timeout(stall_timeout: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=stall_timeout)
-
+_CONNECT_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=2.0)
 
 # A timer check that runs this much later than it was due means this process was not
 # running (a paused VM, SIGSTOP, a host hiccup), not that the peer went quiet.
-_FROZEN_S = 1.0
+FROZEN_S = 1.0
 
 
-class _StallTimer:
+class StallTimer:
     """Cancels the current task once it has waited on its peer `timeout` seconds without a
     byte. Unlike aiohttp's socket read timeout it forgives a freeze of this process: after
     one, the event loop may run due timers before it reads what the peer sent meanwhile,
@@ -45,7 +35,9 @@ class _StallTimer:
 
     def __init__(self, timeout: float) -> None:
         self.loop = asyncio.get_running_loop()
-        self.task = asyncio.current_task()
+        task = asyncio.current_task()
+        assert task is not None, "a StallTimer guards the task that creates it"
+        self.task = task
         self.timeout = timeout
         self.armed = False
         self.fired = False
@@ -66,7 +58,7 @@ class _StallTimer:
 
     def _check(self) -> None:
         now = self.loop.time()
-        if now - self._due > _FROZEN_S and not self.forgiven:
+        if now - self._due > FROZEN_S and not self.forgiven:
             self.since, self.forgiven = now, True
         if self.armed and now - self.since >= self.timeout:
             self.fired = True
@@ -80,21 +72,17 @@ class _StallTimer:
             self._handle.cancel()
 
 
-async def call(
-    session: aiohttp.ClientSession, inst: Instance, req: EngineRequest,
-    timeout: aiohttp.ClientTimeout,
-) -> AsyncIterator[Frame]:
+async def stream_frames(session: aiohttp.ClientSession, inst: Instance, req: EngineRequest,
+                        stall_timeout: float) -> AsyncGenerator[Frame, None]:
     """Yields the worker's frames; the consumer stops at a final frame. Reaching the end of
     the body means the stream broke before its end."""
-    stall = _StallTimer(timeout.sock_read or math.inf)
+    stall = StallTimer(stall_timeout)
     try:
         stall.arm()
-        async with session.post(
-            inst.url + GENERATE_PATH, data=encode_request(req),
-            timeout=aiohttp.ClientTimeout(total=timeout.total, sock_connect=timeout.sock_connect),
-        ) as resp:
+        async with session.post(inst.url + Route.GENERATE, data=encode_request(req),
+                                timeout=_CONNECT_TIMEOUT) as resp:
             if resp.status != 200:
-                raise CallFailed(f"http_{resp.status}", inst)
+                raise Failure(FailureReason.HTTP_ERROR, inst, f"HTTP {resp.status}")
             parser = FrameParser()
             chunks = resp.content.iter_any()
             while True:
@@ -109,41 +97,53 @@ async def call(
                     yield f
     except asyncio.CancelledError:
         if stall.fired and stall.task.uncancel() == 0:
-            raise CallFailed("stall", inst) from None
+            raise Failure(FailureReason.STALL, inst) from None
         raise
     except aiohttp.ClientConnectorError:
-        raise CallFailed("connection_refused", inst) from None
+        raise Failure(FailureReason.CONNECTION_REFUSED, inst) from None
     except TimeoutError:
-        raise CallFailed("stall", inst) from None
+        raise Failure(FailureReason.STALL, inst) from None
     except aiohttp.ClientError:
-        raise CallFailed("stream_broken", inst) from None
+        raise Failure(FailureReason.STREAM_BROKEN, inst) from None
     except (msgspec.DecodeError, msgspec.ValidationError):
-        raise CallFailed("bad_frame", inst) from None  # not a segue worker, or a bug
+        raise Failure(FailureReason.BAD_FRAME, inst) from None
     finally:
         stall.close()
-    raise CallFailed("stream_ended", inst)
+    raise Failure(FailureReason.STREAM_ENDED, inst)
 
 
-async def fetch_kv(session: aiohttp.ClientSession, url: str, kv_id: str,
-                   timeout: aiohttp.ClientTimeout) -> bytes:
+async def pull_kv(session: aiohttp.ClientSession, url: str, kv_id: str,
+                  stall_timeout: float) -> bytes:
     """Pull a KV payload from the worker that holds it (which then frees it)."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=stall_timeout)
     try:
-        async with session.get(f"{url}/kv/{kv_id}", timeout=timeout) as resp:
+        async with session.get(url + Route.kv(kv_id), timeout=timeout) as resp:
             if resp.status != 200:
-                raise CallFailed(f"kv_{resp.status}")
+                raise Failure(FailureReason.HTTP_ERROR, None, f"KV pull: HTTP {resp.status}")
             return await resp.read()
     except aiohttp.ClientConnectorError:
-        raise CallFailed("kv_connection_refused") from None
+        raise Failure(FailureReason.CONNECTION_REFUSED, None, "KV pull refused") from None
     except TimeoutError:
-        raise CallFailed("kv_stall") from None
+        raise Failure(FailureReason.STALL, None, "KV pull stalled") from None
     except aiohttp.ClientError:
-        raise CallFailed("kv_broken") from None
+        raise Failure(FailureReason.STREAM_BROKEN, None, "KV pull broken") from None
 
 
 async def drop_kv(session: aiohttp.ClientSession, url: str, kv_id: str) -> None:
     """Best effort: tell the holder a payload will never be pulled."""
     try:
-        async with session.delete(f"{url}/kv/{kv_id}", timeout=aiohttp.ClientTimeout(total=2)):
+        async with session.delete(url + Route.kv(kv_id),
+                                  timeout=aiohttp.ClientTimeout(total=2)):
             pass
     except (aiohttp.ClientError, TimeoutError):
         pass  # the holder's TTL frees it anyway
+
+
+def drop_kv_soon(session: aiohttp.ClientSession, url: str, kv_id: str) -> None:
+    """`drop_kv` without waiting: for a caller that is being cancelled."""
+    task = asyncio.get_running_loop().create_task(drop_kv(session, url, kv_id))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[None]] = set()

@@ -15,7 +15,7 @@ class StreamOptions(Struct):
     include_usage: bool = False
 
 
-class _Common(Struct, kw_only=True):
+class CommonParams(Struct, kw_only=True):
     model: str
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
@@ -33,7 +33,7 @@ class _Common(Struct, kw_only=True):
     logprobs: Any = None
 
 
-class CompletionRequest(_Common, kw_only=True):
+class CompletionRequest(CommonParams, kw_only=True):
     prompt: str | list[Any]
     echo: bool = False
 
@@ -49,7 +49,7 @@ class Message(Struct):
     name: str | None = None
 
 
-class ChatCompletionRequest(_Common, kw_only=True):
+class ChatCompletionRequest(CommonParams, kw_only=True):
     messages: list[Message]
     max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
 
@@ -107,7 +107,7 @@ def prompt_text_or_ids(prompt: str | list[Any]) -> str | list[int]:
     if len(prompt) == 1 and isinstance(prompt[0], str):
         return prompt[0]
     if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt  # type: ignore[return-value]
+        return prompt
     if prompt and all(isinstance(p, str) for p in prompt):
         raise APIError(400, "Batched prompts (a list of several strings) are not supported",
                        param="prompt")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from segue.discovery.base import Discovery, Instance, Lease  # noqa: F401
+from segue.discovery.base import Discovery, Instance, Lease
+
+__all__ = ["Discovery", "Instance", "Lease", "open_discovery"]
 
 
 def open_discovery(spec: str, namespace: str = "default") -> Discovery:
-    """`file:DIR` (one machine, no server) or `etcd://HOST:PORT`."""
+    """`file:DIR`: one machine, no server (the only backend so far)."""
     if spec.startswith("file:"):
         from segue.discovery.file import FileDiscovery
 

@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
+from segue.protocol import Role
+
 
 class Instance(msgspec.Struct, frozen=True):
     id: str
-    role: str  # "aggregated" | "prefill" | "decode"
+    role: Role
     url: str
     pid: int
     host: str

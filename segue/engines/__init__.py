@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
-from segue.engines.base import Engine, EngineOutput, RequestStream  # noqa: F401
+from typing import TYPE_CHECKING
+
+from segue.engines.base import Engine, EngineInput, EngineOutput, RequestStream
+from segue.engines.config import EngineName
+
+if TYPE_CHECKING:
+    from segue.tokenizer import Tokenizer
+    from segue.worker.config import WorkerConfig
+
+__all__ = ["Engine", "EngineInput", "EngineOutput", "RequestStream", "create_engine"]
 
 
-def create_engine(name: str, args, tokenizer) -> Engine:
-    if name == "mocker":
-        from segue.engines.mocker import MockerConfig, MockerEngine
+def create_engine(cfg: WorkerConfig, tokenizer: Tokenizer) -> Engine:
+    opts = cfg.engine_options
+    if cfg.engine is EngineName.MOCKER:
+        from segue.engines.mocker import MockerEngine
 
-        return MockerEngine(MockerConfig.from_args(args), tokenizer)
-    if name == "hf":
+        return MockerEngine(cfg.mocker, tokenizer)
+    if not cfg.model:
+        raise ValueError(f"--engine {cfg.engine} needs --model DIR (see `segue make-model`)")
+    if cfg.engine is EngineName.HF:
         from segue.engines.hf import HFConfig, HFEngine
 
-        if not args.model:
-            raise ValueError("--engine hf needs --model DIR (see `segue make-model`)")
-        return HFEngine(HFConfig(model_dir=args.model, max_num_seqs=args.max_num_seqs,
-                                 kv_blocks=args.kv_blocks, device=args.device), tokenizer)
-    if name == "vllm":
-        from segue.engines.vllm import VllmConfig, VllmEngine
+        return HFEngine(HFConfig(model_dir=cfg.model, max_num_seqs=opts.max_num_seqs,
+                                 kv_blocks=opts.kv_blocks, device=opts.device), tokenizer)
+    from segue.engines.vllm import VllmConfig, VllmEngine
 
-        if not args.model:
-            raise ValueError("--engine vllm needs --model DIR (see `segue make-model`)")
-        return VllmEngine(VllmConfig(model_dir=args.model, max_num_seqs=args.max_num_seqs,
-                                     max_model_len=tokenizer.context_length,
-                                     max_num_batched_tokens=args.max_num_batched_tokens,
-                                     role=args.role, kv_connector=args.vllm_kv_connector,
-                                     kv_ttl=args.kv_ttl, host=args.host), tokenizer)
-    raise ValueError(f"unknown engine {name!r} (available: mocker, hf, vllm)")
+    return VllmEngine(VllmConfig(model_dir=cfg.model, max_num_seqs=opts.max_num_seqs,
+                                 max_model_len=tokenizer.context_length,
+                                 max_num_batched_tokens=opts.max_num_batched_tokens,
+                                 role=cfg.role, kv_connector=opts.vllm_kv_connector,
+                                 kv_ttl=cfg.kv_ttl, host=cfg.host), tokenizer)

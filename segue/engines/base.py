@@ -1,9 +1,9 @@
 """The engine interface a worker drives.
 
-An engine takes an `EngineRequest` and returns a `RequestStream`: a channel the engine
-pushes token ids into and finishes. The worker reads it with a timeout (to send keep-alive
-frames) and calls `engine.abort()` when its caller goes away; abort must free the request's
-KV at once and finish the stream with reason "abort".
+An engine takes an `EngineInput` (token ids, sampling, the task) and returns a
+`RequestStream`: a channel the engine pushes token ids into and finishes. The worker reads it
+with a timeout (to send keep-alive frames) and calls `engine.abort()` when its caller goes
+away; abort must free the request's KV at once and finish the stream with `ABORT`.
 """
 
 from __future__ import annotations
@@ -11,14 +11,58 @@ from __future__ import annotations
 import abc
 import asyncio
 from dataclasses import dataclass, field
+from enum import StrEnum
 
-from segue.protocol import EngineRequest
+from segue.protocol import EngineRequest, FinishReason, Phase
+
+
+class EngineTask(StrEnum):
+    GENERATE = "generate"  # prefill (if needed) and decode
+    PREFILL = "prefill"  # compute the KV of the context, keep it under a key, make no token
+    DECODE = "decode"  # decode from a KV payload pulled from a prefill worker
+
+
+class EngineFinish(StrEnum):
+    """How an engine request ended: the two OpenAI reasons, or one the worker handles."""
+
+    STOP = FinishReason.STOP.value
+    LENGTH = FinishReason.LENGTH.value
+    ABORT = "abort"  # aborted: its caller left, or the worker hands it back
+    ERROR = "error"  # the engine failed it
+    PREFILLED = "prefilled"  # a PREFILL is done; `RequestStream.kv_key` names its KV
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInput:
+    """What an engine needs for one request, and nothing of the request plane."""
+
+    request_id: str
+    token_ids: list[int]  # the whole context: prompt (+ tokens generated before a migration)
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    task: EngineTask = EngineTask.GENERATE
+    kv_payload: bytes | None = None  # DECODE: the KV of token_ids, from the prefill worker
+
+    @classmethod
+    def from_request(cls, req: EngineRequest, task: EngineTask | None = None,
+                     kv_payload: bytes | None = None) -> EngineInput:
+        if task is None:
+            task = {Phase.PREFILL: EngineTask.PREFILL,
+                    Phase.DECODE: EngineTask.DECODE}.get(req.phase, EngineTask.GENERATE)
+        return cls(request_id=req.request_id, token_ids=req.token_ids,
+                   max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                   seed=req.seed, stop_token_ids=req.stop_token_ids,
+                   ignore_eos=req.ignore_eos, task=task, kv_payload=kv_payload)
 
 
 @dataclass(slots=True)
 class EngineOutput:
     token_ids: list[int]
-    finish_reason: str | None = None  # "length" | "stop" | "abort" | "error"
+    finish_reason: EngineFinish | None = None
     error: str | None = None
 
 
@@ -42,21 +86,21 @@ class RequestStream:
     """Single-producer, single-consumer token channel; coalesces tokens produced between
     reads so a fast engine sends fewer, larger frames."""
 
-    __slots__ = ("request_id", "_pending", "_finish", "_error", "_event", "result")
+    __slots__ = ("request_id", "_pending", "_finish", "_error", "_event", "kv_key")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self._pending: list[int] = []
-        self._finish: str | None = None
+        self._finish: EngineFinish | None = None
         self._error: str | None = None
         self._event = asyncio.Event()
-        self.result: object = None  # phase-specific result (a KV handle for a prefill)
+        self.kv_key: str | None = None  # a finished PREFILL's KV, for `Engine.kv_payload`
 
     def push(self, token_id: int) -> None:
         self._pending.append(token_id)
         self._event.set()
 
-    def finish(self, reason: str, error: str | None = None) -> None:
+    def finish(self, reason: EngineFinish, error: str | None = None) -> None:
         if self._finish is None:
             self._finish = reason
             self._error = error
@@ -67,7 +111,7 @@ class RequestStream:
         return self._finish is not None
 
     @property
-    def finish_reason(self) -> str | None:
+    def finish_reason(self) -> EngineFinish | None:
         return self._finish
 
     async def get(self, timeout: float | None = None) -> EngineOutput | None:
@@ -95,10 +139,9 @@ class Engine(abc.ABC):
         whose engine died or hung exits without `stop()`, which may never return."""
 
     @abc.abstractmethod
-    def add_request(self, req: EngineRequest, kv_payload: bytes | None = None
-                    ) -> RequestStream:
+    def add_request(self, inp: EngineInput) -> RequestStream:
         """Queue a request; raises EngineRequestError if it can never be served (or, for a
-        decode, if the KV payload does not belong to its tokens)."""
+        DECODE, if the KV payload does not belong to its tokens)."""
 
     @abc.abstractmethod
     def abort(self, request_id: str) -> bool:
@@ -107,10 +150,8 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> EngineStats: ...
 
-    # Disaggregation. A "prefill" request finishes with reason "prefilled" and
-    # `stream.result` set to a key; the engine keeps that KV (its blocks stay used) until
-    # `release_kv(key)`. A "decode" request comes with the payload pulled from the prefill
-    # side, which `add_request` checks against the request's tokens.
+    # Disaggregation. A PREFILL finishes with PREFILLED and `stream.kv_key` set; the engine
+    # keeps that KV (its blocks stay used) until `release_kv(key)`.
 
     def kv_payload(self, key: str) -> bytes:
         raise NotImplementedError(f"{type(self).__name__} cannot export KV")

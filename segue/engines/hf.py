@@ -20,12 +20,22 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
-from segue.engines.base import Engine, EngineRequestError, EngineStats, RequestStream
+from segue.engines.base import (
+    Engine,
+    EngineFinish,
+    EngineInput,
+    EngineRequestError,
+    EngineStats,
+    EngineTask,
+    RequestStream,
+)
 from segue.engines.seqtable import SeqTable
-from segue.protocol import EngineRequest, token_digest
+from segue.protocol import token_digest
+from segue.stopping import finish_reason
 
 log = logging.getLogger("segue.hf")
 
@@ -51,7 +61,7 @@ class _Seq:
     __slots__ = ("req", "stream", "blocks", "cache", "next_input", "generated", "done",
                  "imported")
 
-    def __init__(self, req: EngineRequest, stream: RequestStream, blocks: int) -> None:
+    def __init__(self, req: EngineInput, stream: RequestStream, blocks: int) -> None:
         self.req, self.stream, self.blocks = req, stream, blocks
         self.cache = None
         self.next_input: list[int] = []
@@ -64,15 +74,16 @@ class HFEngine(Engine):
     def __init__(self, cfg: HFConfig, tokenizer) -> None:
         self.cfg = cfg
         self.eos = tokenizer.eos_token_ids
-        self.model = None
-        self.torch = None
+        # torch and the model load in start() (a heavy import, a slow load): Any until then
+        self.model: Any = None
+        self.torch: Any = None
         self._lock = threading.Lock()
         self._work = threading.Event()
         self._stop = False
         # Shared with the scheduler thread: touched only under self._lock.
         self.table = SeqTable(cfg.kv_blocks, cfg.block_size, cfg.max_num_seqs)
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: Any = None  # the worker's event loop, from start()
         self._failed: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -92,9 +103,9 @@ class HFEngine(Engine):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
-        self.model = AutoModelForCausalLM.from_pretrained(
-            Path(self.cfg.model_dir), dtype=getattr(torch, self.cfg.dtype)
-        ).to(device).eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            Path(self.cfg.model_dir), dtype=getattr(torch, self.cfg.dtype))
+        self.model = model.to(device).eval()
         log.info("loaded %s on %s (%s)", self.cfg.model_dir, device, self.cfg.dtype)
 
     async def stop(self) -> None:
@@ -113,14 +124,13 @@ class HFEngine(Engine):
 
     # -- requests (event-loop side) ------------------------------------------------------
 
-    def add_request(self, req: EngineRequest, kv_payload: bytes | None = None
-                    ) -> RequestStream:
+    def add_request(self, req: EngineInput) -> RequestStream:
         with self._lock:
             blocks = self.table.blocks_for(req)
         stream = RequestStream(req.request_id)
         seq = _Seq(req, stream, blocks)
-        if req.phase == "decode":
-            seq.imported = self._import_kv(req.token_ids, kv_payload)
+        if req.task is EngineTask.DECODE:
+            seq.imported = self._import_kv(req.token_ids, req.kv_payload)
         with self._lock:
             self.table.add(seq)
         self._work.set()
@@ -131,7 +141,7 @@ class HFEngine(Engine):
             seq = self.table.seqs.get(request_id)
             if seq is None:
                 return False
-            self._finish_locked(seq, "abort")
+            self._finish_locked(seq, EngineFinish.ABORT)
         return True
 
     def kv_payload(self, key: str) -> bytes:
@@ -166,6 +176,8 @@ class HFEngine(Engine):
         from transformers import DynamicCache
 
         torch = self.torch
+        if payload is None:
+            raise EngineRequestError("a decode needs a KV payload")
         try:
             n = int.from_bytes(payload[:4], "big")
             header = msgspec.msgpack.decode(payload[4:4 + n], type=_KvHeader)
@@ -194,7 +206,7 @@ class HFEngine(Engine):
 
     # -- scheduler thread ----------------------------------------------------------------
 
-    def _finish_locked(self, seq: _Seq, reason: str, error: str | None = None) -> None:
+    def _finish_locked(self, seq: _Seq, reason: EngineFinish, error: str | None = None) -> None:
         if seq.done:
             return
         seq.done = True
@@ -219,7 +231,7 @@ class HFEngine(Engine):
             self._failed = repr(e)
             with self._lock:
                 for seq in list(self.table.seqs.values()):
-                    self._finish_locked(seq, "error", f"engine failed: {e!r}")
+                    self._finish_locked(seq, EngineFinish.ERROR, f"engine failed: {e!r}")
 
     def _step(self) -> bool:
         with self._lock:
@@ -237,7 +249,7 @@ class HFEngine(Engine):
 
     def _prefill(self, seq: _Seq) -> None:
         ids = seq.req.token_ids
-        if seq.req.phase == "prefill":  # cache of all tokens but the last, then hand over
+        if seq.req.task is EngineTask.PREFILL:  # cache of all tokens but the last, then hand over
             cache = None
             if len(ids) > 1:
                 out = self.model(self._tensor(ids[:-1]), use_cache=True)
@@ -247,10 +259,10 @@ class HFEngine(Engine):
                     return
                 seq.done = True
                 key = self.table.hold(seq, (cache, ids))
-            seq.stream.result = key
-            self._call(seq.stream.finish, "prefilled")
+            seq.stream.kv_key = key
+            self._call(seq.stream.finish, EngineFinish.PREFILLED)
             return
-        if seq.imported is not None or (seq.req.phase == "decode" and len(ids) == 1):
+        if seq.imported is not None or (seq.req.task is EngineTask.DECODE and len(ids) == 1):
             seq.cache, seq.imported = seq.imported, None
             self._forward(seq, ids[-1:])  # the last token was left for the decode side
             return
@@ -283,7 +295,7 @@ class HFEngine(Engine):
             seq.next_input = [tok]
             seq.generated += 1
             self._call(seq.stream.push, tok)
-            if tok in req.stop_token_ids or (not req.ignore_eos and tok in self.eos):
-                self._finish_locked(seq, "stop")
-            elif seq.generated >= req.max_tokens:
-                self._finish_locked(seq, "length")
+            done = finish_reason(tok, seq.generated, req.max_tokens, req.stop_token_ids,
+                                 self.eos, req.ignore_eos)
+            if done is not None:
+                self._finish_locked(seq, EngineFinish(done))

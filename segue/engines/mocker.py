@@ -21,11 +21,21 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from segue.engines.base import Engine, EngineRequestError, EngineStats, RequestStream
+from segue.engines.base import (
+    Engine,
+    EngineFinish,
+    EngineInput,
+    EngineRequestError,
+    EngineStats,
+    EngineTask,
+    RequestStream,
+)
 from segue.engines.seqtable import SeqTable
-from segue.protocol import EngineRequest
+from segue.options import option
+from segue.stopping import finish_reason
 
 log = logging.getLogger("segue.mocker")
 
@@ -34,7 +44,7 @@ _FNV_PRIME = 0x100000001B3
 _FNV_OFFSET = 0xCBF29CE484222325
 
 
-def fold(h: int, token_ids: list[int]) -> int:
+def fold(h: int, token_ids: Iterable[int]) -> int:
     """FNV-1a over token ids: the context fingerprint the next token is drawn from."""
     for t in token_ids:
         h = ((h ^ t) * _FNV_PRIME) & _MASK
@@ -58,40 +68,29 @@ def simulated_kv(token_ids: list[int], bytes_per_token: int) -> bytes:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class MockerConfig:
-    max_num_seqs: int = 256
-    kv_blocks: int = 16384
-    block_size: int = 16
-    step_ms: float = 5.0
-    prefill_tps: float = 50000.0
-    batch_slowdown: float = 0.01  # extra step time per running sequence, as a fraction
-    speedup: float = 1.0
-    seed: int = 0
-    kv_bytes_per_token: int = 1024
+    max_num_seqs: int = option(256, help="most sequences running at once")
+    kv_blocks: int = option(16384, help="KV cache blocks in the simulated pool")
+    block_size: int = option(16, help="tokens per KV block")
+    step_ms: float = option(5.0, help="decode step time for one sequence, before speedup")
+    prefill_tps: float = option(
+        50000.0, help="prefill speed in prompt tokens per second, before speedup")
+    batch_slowdown: float = option(0.01, help="extra step time per running sequence")
+    speedup: float = option(1.0, help="divide every simulated time by this (large: instant)")
+    seed: int = option(0, help="seed of the simulated model")
+    kv_bytes_per_token: int = option(
+        1024, help="size of the simulated KV payload a prefill hands over")
     # Fault injection for tests: after emitting this many tokens in all, the engine stops
     # stepping forever (a hung engine inside a live worker).
-    hang_after_tokens: int | None = None
-
-    @classmethod
-    def from_args(cls, args) -> MockerConfig:
-        return cls(
-            max_num_seqs=args.mocker_max_num_seqs,
-            kv_blocks=args.mocker_kv_blocks,
-            block_size=args.mocker_block_size,
-            step_ms=args.mocker_step_ms,
-            prefill_tps=args.mocker_prefill_tps,
-            speedup=args.mocker_speedup,
-            seed=args.mocker_seed,
-            kv_bytes_per_token=args.mocker_kv_bytes_per_token,
-            hang_after_tokens=args.fault_engine_hang_after_tokens,
-        )
+    hang_after_tokens: int | None = option(None, flag="--fault-engine-hang-after-tokens",
+                                           hidden=True, help="fault injection")
 
 
 class _Seq:
     __slots__ = ("req", "stream", "h", "seed", "generated", "blocks", "prefilled", "done")
 
-    def __init__(self, req: EngineRequest, stream: RequestStream, seed: int, blocks: int):
+    def __init__(self, req: EngineInput, stream: RequestStream, seed: int, blocks: int):
         self.req = req
         self.stream = stream
         self.seed = seed
@@ -137,20 +136,16 @@ class MockerEngine(Engine):
     def healthy(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def add_request(self, req: EngineRequest, kv_payload: bytes | None = None
-                    ) -> RequestStream:
+    def add_request(self, req: EngineInput) -> RequestStream:
         blocks = self.table.blocks_for(req)
-        if req.phase == "decode":
-            n = req.kv.num_tokens if req.kv else -1
-            if kv_payload is None or n != len(req.token_ids) or kv_payload != simulated_kv(
-                req.token_ids, self.cfg.kv_bytes_per_token
-            ):
+        if req.task is EngineTask.DECODE:
+            if req.kv_payload != simulated_kv(req.token_ids, self.cfg.kv_bytes_per_token):
                 raise EngineRequestError("KV payload does not belong to this request's tokens")
         stream = RequestStream(req.request_id)
         # Greedy output depends only on the engine seed; sampled output also on the request's.
         seed = self.cfg.seed if req.temperature == 0 else self.cfg.seed ^ (req.seed + 1)
         seq = _Seq(req, stream, seed, blocks)
-        if req.phase == "decode":  # the KV arrived with the request: no prefill to do
+        if req.task is EngineTask.DECODE:  # the KV arrived with the request: no prefill to do
             seq.h = fold(0, req.token_ids)
             seq.prefilled = True
         self.table.add(seq)
@@ -161,7 +156,7 @@ class MockerEngine(Engine):
         seq = self.table.seqs.get(request_id)
         if seq is None:
             return False
-        self._finish(seq, "abort")
+        self._finish(seq, EngineFinish.ABORT)
         return True
 
     def kv_payload(self, key: str) -> bytes:
@@ -179,10 +174,10 @@ class MockerEngine(Engine):
     def _hold(self, seq: _Seq) -> None:
         """A prefill is done: keep its blocks under a key until the KV is pulled or dropped."""
         seq.done = True
-        seq.stream.result = self.table.hold(seq, seq.req.token_ids)
-        seq.stream.finish("prefilled")
+        seq.stream.kv_key = self.table.hold(seq, seq.req.token_ids)
+        seq.stream.finish(EngineFinish.PREFILLED)
 
-    def _finish(self, seq: _Seq, reason: str) -> None:
+    def _finish(self, seq: _Seq, reason: EngineFinish) -> None:
         if seq.done:
             return
         seq.done = True
@@ -197,10 +192,10 @@ class MockerEngine(Engine):
         self._emitted += 1
         seq.stream.push(tok)
         req = seq.req
-        if tok in req.stop_token_ids or (not req.ignore_eos and tok in self.eos):
-            self._finish(seq, "stop")
-        elif seq.generated >= req.max_tokens:
-            self._finish(seq, "length")
+        done = finish_reason(tok, seq.generated, req.max_tokens, req.stop_token_ids, self.eos,
+                             req.ignore_eos)
+        if done is not None:
+            self._finish(seq, EngineFinish(done))
 
     async def _sleep(self, seconds: float) -> None:
         # Sleep to a running deadline rather than for each interval: timers have about 1 ms
@@ -229,10 +224,10 @@ class MockerEngine(Engine):
                     if s.done:  # aborted during prefill
                         continue
                     s.prefilled = True
-                    if s.req.phase == "prefill":
+                    if s.req.task is EngineTask.PREFILL:
                         self._hold(s)
                     elif s.req.max_tokens == 0:
-                        self._finish(s, "length")
+                        self._finish(s, EngineFinish.LENGTH)
                     else:
                         self._emit(s)
             if decoding:

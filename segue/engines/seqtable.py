@@ -12,12 +12,11 @@ import uuid
 from collections import deque
 from typing import Any
 
-from segue.engines.base import EngineRequestError, EngineStats
-from segue.protocol import EngineRequest
+from segue.engines.base import EngineInput, EngineRequestError, EngineStats, EngineTask
 
 
 class SeqTable:
-    """Sequences are engine objects with `req` (EngineRequest) and `blocks` attributes."""
+    """Sequences are engine objects with `req` (EngineInput) and `blocks` attributes."""
 
     def __init__(self, kv_blocks: int, block_size: int, max_num_seqs: int) -> None:
         self.total = kv_blocks
@@ -29,11 +28,11 @@ class SeqTable:
         self.running: dict[str, Any] = {}
         self.held: dict[str, tuple[int, Any]] = {}
 
-    def blocks_for(self, req: EngineRequest) -> int:
+    def blocks_for(self, req: EngineInput) -> int:
         """Blocks the request will reserve; refuses what can never run."""
         if req.request_id in self.seqs:
             raise EngineRequestError(f"request id {req.request_id!r} is already running")
-        new_tokens = 0 if req.phase == "prefill" else req.max_tokens
+        new_tokens = 0 if req.task is EngineTask.PREFILL else req.max_tokens
         blocks = -(-(len(req.token_ids) + new_tokens) // self.block_size)
         if blocks > self.total:
             raise EngineRequestError(

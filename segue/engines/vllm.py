@@ -27,10 +27,18 @@ import tempfile
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from segue.engines.base import Engine, EngineRequestError, EngineStats, RequestStream
+from segue.engines.base import (
+    Engine,
+    EngineFinish,
+    EngineInput,
+    EngineRequestError,
+    EngineStats,
+    EngineTask,
+    RequestStream,
+)
 from segue.engines.vllm_kv import ExampleKv, KvTransfer, NixlKv
-from segue.protocol import EngineRequest
 
 log = logging.getLogger("segue.vllm")
 
@@ -82,7 +90,7 @@ class VllmEngine(Engine):
     def __init__(self, cfg: VllmConfig, tokenizer) -> None:
         self.cfg = cfg
         self.eos = sorted(tokenizer.eos_token_ids)
-        self.llm = None
+        self.llm: Any = None  # vllm's AsyncLLM, from start() (vllm imports lazily)
         self._tasks: dict[str, asyncio.Task] = {}
         self._streams: dict[str, RequestStream] = {}
         self._sched = (0, 0, 0.0)  # running, waiting, kv usage: vLLM's scheduler stats
@@ -134,7 +142,8 @@ class VllmEngine(Engine):
         if self.kv is not None:
             kv_transfer = self.kv.transfer_config(self.cfg.role, self.cfg.kv_ttl, self.cfg.host)
         args = AsyncEngineArgs(
-            model=self.cfg.model_dir, dtype=self.cfg.dtype, max_model_len=self.cfg.max_model_len,
+            model=self.cfg.model_dir, dtype=self.cfg.dtype,  # type: ignore[arg-type]
+            max_model_len=self.cfg.max_model_len,
             max_num_seqs=self.cfg.max_num_seqs,
             max_num_batched_tokens=self.cfg.max_num_batched_tokens,
             skip_tokenizer_init=True, enforce_eager=True,
@@ -184,38 +193,38 @@ class VllmEngine(Engine):
                            held=len(self.kv.held) if self.kv else 0,
                            prompt_tokens=dict(self._prompt_tokens))
 
-    def add_request(self, req: EngineRequest, kv_payload: bytes | None = None
-                    ) -> RequestStream:
-        if req.phase in ("prefill", "decode") and self.kv is None:
+    def add_request(self, req: EngineInput) -> RequestStream:
+        if req.task is not EngineTask.GENERATE and self.kv is None:
             raise EngineRequestError("this vllm worker is aggregated: no KV connector")
         if req.request_id in self._tasks:
             raise EngineRequestError(f"request id {req.request_id!r} is already running")
         if len(req.token_ids) + req.max_tokens > self.cfg.max_model_len:
             raise EngineRequestError(f"prompt + max_tokens exceeds max_model_len "
                                      f"{self.cfg.max_model_len}")
-        extra = {}
-        if req.phase == "prefill":
-            extra = self.kv.prefill_args()
-        elif req.phase == "decode":
-            extra = self.kv.decode_args(req.token_ids, kv_payload)
+        extra: dict[str, Any] = {}
+        kv = self.kv
+        if kv is not None and req.task is EngineTask.PREFILL:
+            extra = kv.prefill_args()
+        elif kv is not None and req.task is EngineTask.DECODE:
+            extra = kv.decode_args(req.token_ids, req.kv_payload)
         stream = RequestStream(req.request_id)
         self._streams[req.request_id] = stream
         task = asyncio.create_task(self._consume(req, stream, extra))
         self._tasks[req.request_id] = task
-        if self.kv is not None:
+        if kv is not None:
             # the connector's files for this prompt are in use until vLLM is done with it
             # (a done-callback: it runs even if the task is cancelled before it starts)
-            self.kv.request_started(req.token_ids)
-            task.add_done_callback(lambda t: self.kv.request_done(
+            kv.request_started(req.token_ids)
+            task.add_done_callback(lambda t: kv.request_done(
                 req.token_ids, engine_done=not t.cancelled() and stream.finish_reason not in
-                (None, "abort")))
+                (None, EngineFinish.ABORT)))
         return stream
 
-    async def _consume(self, req: EngineRequest, stream: RequestStream, extra: dict) -> None:
+    async def _consume(self, req: EngineInput, stream: RequestStream, extra: dict) -> None:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         stops = list(req.stop_token_ids) + ([] if req.ignore_eos else self.eos)
-        prefill = req.phase == "prefill"
+        prefill = req.task is EngineTask.PREFILL
         params = SamplingParams(
             max_tokens=1 if prefill else req.max_tokens, temperature=req.temperature,
             top_p=req.top_p, seed=req.seed if req.temperature > 0 else None, stop_token_ids=stops,
@@ -227,43 +236,49 @@ class VllmEngine(Engine):
                                                req.request_id):
                 o = out.outputs[0]
                 if o.finish_reason == "error":  # e.g. its KV could not be read: migrate
-                    stream.finish("error", "vLLM finished the request with an error")
+                    stream.finish(EngineFinish.ERROR, "vLLM finished the request with an error")
                     return
                 if prefill:
                     if out.finished:  # the connector has kept or saved the prompt's KV
                         key = f"{req.request_id}.{uuid.uuid4().hex[:8]}"
-                        self.kv.prefilled(key, req.token_ids, out.kv_transfer_params)
-                        stream.result = key
-                        stream.finish("prefilled")
+                        self._connector().prefilled(key, req.token_ids, out.kv_transfer_params)
+                        stream.kv_key = key
+                        stream.finish(EngineFinish.PREFILLED)
                         return
                     continue
                 for t in o.token_ids:
                     stream.push(t)
                 if out.finished:
-                    stream.finish("stop" if o.finish_reason == "stop" else
-                                  "abort" if o.finish_reason == "abort" else "length")
+                    stream.finish(EngineFinish.STOP if o.finish_reason == "stop" else
+                                  EngineFinish.ABORT if o.finish_reason == "abort" else
+                                  EngineFinish.LENGTH)
                     return
-            stream.finish("abort")
+            stream.finish(EngineFinish.ABORT)
         except asyncio.CancelledError:
-            stream.finish("abort")
+            stream.finish(EngineFinish.ABORT)
             raise
         except Exception as e:  # engine dead or request rejected: let the caller migrate
             log.error("vLLM request %s failed: %r", req.request_id, e)
-            stream.finish("error", f"vLLM failed: {e!r}")
+            stream.finish(EngineFinish.ERROR, f"vLLM failed: {e!r}")
         finally:
             self._tasks.pop(req.request_id, None)
             self._streams.pop(req.request_id, None)
 
     # -- disaggregation: the connector's payload ------------------------------------------
 
+    def _connector(self) -> KvTransfer:
+        if self.kv is None:
+            raise EngineRequestError("this vllm worker is aggregated: no KV connector")
+        return self.kv
+
     def kv_payload(self, key: str) -> bytes:
-        return self.kv.payload(key)
+        return self._connector().payload(key)
 
     def kv_nbytes(self, key: str) -> int:
-        return self.kv.nbytes(key)
+        return self._connector().nbytes(key)
 
     def release_kv(self, key: str) -> bool:
-        return self.kv.release(key)
+        return self._connector().release(key)
 
     def abort(self, request_id: str) -> bool:
         task = self._tasks.pop(request_id, None)
@@ -273,5 +288,5 @@ class VllmEngine(Engine):
         task.cancel()  # cancelling the consumer aborts the request inside vLLM
         asyncio.get_running_loop().create_task(self.llm.abort(request_id))
         if stream is not None:
-            stream.finish("abort")
+            stream.finish(EngineFinish.ABORT)
         return True

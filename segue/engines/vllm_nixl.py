@@ -10,6 +10,7 @@ progress, even when its vLLM is idle. So the thread stays and pauses between pol
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector
 
@@ -26,7 +27,7 @@ def _patch_progress_delay() -> None:
     bind = api.nixlBind
     if getattr(bind.nixlAgentConfig, "_segue", False):
         return
-    base = bind.nixlAgentConfig
+    base: Any = bind.nixlAgentConfig
 
     class _AgentConfig(base):
         _segue = True

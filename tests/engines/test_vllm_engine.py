@@ -16,7 +16,7 @@ from client import RawRequest, StreamReader, body, complete
 from faults import metric, migration_counts, total_migrations, worker_of
 from harness import children, proc_stat, wait_until
 
-from segue.worker.server import ENGINE_FAILED_EXIT
+from segue.worker.lifecycle import ENGINE_FAILED_EXIT
 
 pytest.importorskip("vllm")
 # two vLLM engines start one after the other in some tests: 30-60 s on a loaded 2-core machine

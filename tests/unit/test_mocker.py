@@ -4,9 +4,8 @@ import asyncio
 
 import pytest
 
-from segue.engines.base import EngineRequestError
+from segue.engines.base import EngineInput, EngineRequestError
 from segue.engines.mocker import MockerConfig, MockerEngine
-from segue.protocol import EngineRequest
 from segue.tokenizer import BuiltinTokenizer
 
 
@@ -30,7 +29,7 @@ async def engine():
 
 
 def req(rid, ids, n, **kw):
-    return EngineRequest(request_id=rid, token_ids=ids, max_tokens=n, **kw)
+    return EngineInput(request_id=rid, token_ids=ids, max_tokens=n, **kw)
 
 
 async def test_output_is_pure_function_of_context(engine):

@@ -1,11 +1,7 @@
 from __future__ import annotations
 
-from segue.tokenizer import (
-    BuiltinTokenizer,
-    HFTokenizer,
-    IncrementalDetokenizer,
-    StopChecker,
-)
+from segue.frontend.output import IncrementalDetokenizer, StopChecker
+from segue.tokenizer import BuiltinTokenizer, HFTokenizer
 
 
 def test_builtin_roundtrip_any_text():

@@ -18,7 +18,7 @@ from faults import migrations, total_migrations, worker_of
 from harness import wait_until
 
 from segue.protocol import EngineRequest, Error, FrameParser, encode_request
-from segue.worker.server import ENGINE_FAILED_EXIT
+from segue.worker.lifecycle import ENGINE_FAILED_EXIT
 
 KINDS = ["completions", "chat"]
 PROMPT = "the river runs to the sea"

@@ -1,0 +1,65 @@
+"""Strategy `frontend`: the frontend calls a prefill worker for a KV handle, then a decode
+worker with it. With no prefill worker and `--prefill-fallback local`, the decode worker
+does it all (Phase.LOCAL)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING
+
+from segue.disagg import PrefillFallback
+from segue.failures import Failure, FailureReason, failure_of_frame
+from segue.protocol import KeepAlive, KvHandle, Phase, Prefilled, Role
+from segue.transport import drop_kv_soon, stream_frames
+
+if TYPE_CHECKING:
+    from segue.frontend.client import Delta, ResilientClient
+    from segue.frontend.preprocess import RequestState
+
+
+async def attempt(client: ResilientClient, state: RequestState,
+                  exclude: set[str]) -> AsyncGenerator[Delta, None]:
+    handle = await remote_prefill(client, state, exclude)
+    if handle is None:  # no prefill worker; fallback: the decode worker does it all
+        inst = client.pick(Role.DECODE, exclude, state)
+        async for item in client.relay_tokens(inst, state, state.engine_request(Phase.LOCAL)):
+            yield item
+        return
+    inst = client.pick(Role.DECODE, exclude, state)
+    pulled = False
+    try:
+        req = state.engine_request(Phase.DECODE, handle)
+        async for item in client.relay_tokens(inst, state, req):
+            pulled = True
+            yield item
+    finally:
+        if not pulled:  # cancelled or failed before decoding: free the payload now
+            drop_kv_soon(client.session, handle.url, handle.kv_id)
+
+
+async def remote_prefill(client: ResilientClient, state: RequestState,
+                         exclude: set[str]) -> KvHandle | None:
+    """The KV handle of the prompt from a prefill worker (None: fall back to local)."""
+    from segue.frontend.client import NoWorkerError
+
+    inst = client.router.pick((Role.PREFILL,), exclude)
+    if inst is None:
+        if client.prefill_fallback is PrefillFallback.LOCAL:
+            return None
+        raise NoWorkerError("no prefill worker available (and no local prefill fallback)")
+    refused: Failure | None = None
+    try:
+        frames = stream_frames(client.session, inst, state.engine_request(Phase.PREFILL),
+                               client.stall_timeout)
+        async with contextlib.aclosing(frames) as fs:
+            async for f in fs:
+                if type(f) is Prefilled:
+                    return f.kv
+                if type(f) is not KeepAlive:
+                    refused = failure_of_frame(f, inst)
+                    break
+    except Failure as e:  # the transport failed: counted as prefill_stall, ...
+        e.stage = "prefill"
+        raise
+    raise refused or Failure(FailureReason.STREAM_ENDED, inst, stage="prefill")

@@ -1,0 +1,284 @@
+"""The OpenAI-compatible HTTP frontend: routes, lifecycle, metrics.
+
+One request passes preprocess.py (body -> RequestState), client.py (attempts on workers,
+migration), output.py (text deltas, stop strings) and render.py (response objects, SSE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from segue.api import openai as oai
+from segue.discovery import Discovery
+from segue.frontend.client import MigrationError, NoWorkerError, RejectedError, ResilientClient
+from segue.frontend.config import FrontendConfig
+from segue.frontend.metrics import FrontendMetrics
+from segue.frontend.output import OutputProcessor, TextDelta
+from segue.frontend.preprocess import PreparedRequest, Preprocessor
+from segue.frontend.render import SSE_DONE, SSE_HEADERS, Renderer, sse
+from segue.log import request_id_var
+from segue.protocol import FinishReason
+from segue.router import Router
+from segue.tokenizer import Tokenizer
+
+log = logging.getLogger("segue.frontend")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+T = TypeVar("T")
+
+
+class Path:
+    COMPLETIONS = "/v1/completions"
+    CHAT = "/v1/chat/completions"
+    MODELS = "/v1/models"
+    HEALTH = "/health"
+    LIVE = "/live"
+    METRICS = "/metrics"
+
+
+def api_error(e: Exception) -> oai.APIError:
+    """The client-visible error for a request that could not be served."""
+    if isinstance(e, oai.APIError):
+        return e
+    if isinstance(e, RejectedError):
+        return oai.APIError(400, str(e))
+    return oai.APIError(503, f"Service unavailable: {e}", code="unavailable")
+
+
+class Frontend:
+    """Complete after construction (it makes its HTTP session, so build it inside the
+    event loop); `watch_discovery` keeps the router's view current; `close` ends it."""
+
+    def __init__(self, cfg: FrontendConfig, tokenizer: Tokenizer, discovery: Discovery) -> None:
+        self.cfg = cfg
+        self.tok = tokenizer
+        self.discovery = discovery
+        self.metrics = FrontendMetrics()
+        self.preprocess = Preprocessor(cfg, tokenizer)
+        self.output = OutputProcessor(tokenizer, self.metrics.ttft, self.metrics.itl)
+        connector = aiohttp.TCPConnector(
+            limit=cfg.max_connections, limit_per_host=0, ttl_dns_cache=None,
+            enable_cleanup_closed=True,
+        )
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self.router = Router(cfg.router, self.session)
+        self.client = ResilientClient(
+            self.router, self.session, self.metrics.migrations,
+            migration_limit=cfg.migration_limit, stall_timeout=cfg.stall_timeout,
+            strategy=cfg.disagg_strategy, prefill_fallback=cfg.prefill_fallback,
+        )
+        self.shutting_down = False
+        self._watch_task = asyncio.create_task(self._watch(), name="discovery-watch")
+
+    async def _watch(self) -> None:
+        async for instances in self.discovery.watch():
+            self.router.update(instances)
+
+    async def close(self) -> None:
+        self._watch_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watch_task
+        await self.router.close()
+        await self.session.close()
+        await self.discovery.close()
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=self.cfg.max_body_bytes, middlewares=[self._error_middleware]
+        )
+        app.router.add_post(Path.COMPLETIONS, self.handle_completions)
+        app.router.add_post(Path.CHAT, self.handle_chat)
+        app.router.add_get(Path.MODELS, self.handle_models)
+        app.router.add_get(Path.HEALTH, self.handle_health)
+        app.router.add_get(Path.LIVE, self.handle_live)
+        app.router.add_get(Path.METRICS, self.handle_metrics)
+        return app
+
+    @web.middleware
+    async def _error_middleware(
+        self, request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            err = oai.APIError(e.status, f"{e.reason}: {request.method} {request.path}")
+            return web.json_response(err.body(), status=e.status)
+
+    # -- simple endpoints ----------------------------------------------------------------
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        data = [{"id": self.cfg.served_model_name, "object": "model", "created": 0,
+                 "owned_by": "segue"}]
+        return web.json_response({"object": "list", "data": data})
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        workers = [
+            {"id": i.id, "role": i.role, "pid": i.pid, "url": i.url,
+             "routable": i.id not in self.router.down}
+            for i in self.router.instances.values()
+        ]
+        ok = bool(self.router.routable()) and not self.shutting_down
+        body = {"status": "ok" if ok else "unavailable", "workers": workers}
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def handle_live(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "live"})
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            content_type="text/plain")
+
+    # -- generation endpoints ------------------------------------------------------------
+
+    async def handle_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve_generation(request, chat=False)
+
+    async def handle_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self.serve_generation(request, chat=True)
+
+    async def serve_generation(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        endpoint = "chat" if chat else "completions"
+        rid = request.headers.get("X-Request-Id", "")
+        if not _REQUEST_ID_RE.match(rid):
+            rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        request_id_var.set(rid)
+        headers = {"X-Request-Id": rid}
+        status = 200
+        self.metrics.inflight.inc()
+        try:
+            if self.shutting_down:
+                raise oai.APIError(503, "frontend is shutting down", code="unavailable")
+            prep = self.preprocess(await self._read_body(request), chat, rid)
+            if prep.stream:
+                return await self._respond_stream(request, prep, headers)
+            return await self._respond_whole(prep, headers)
+        except oai.APIError as e:
+            status = e.status
+            return web.json_response(e.body(), status=e.status, headers=headers)
+        except (asyncio.CancelledError, ConnectionResetError) as e:
+            # The client went away: noticed while waiting (the handler is cancelled) or
+            # while writing to it (the write fails).
+            status = 499
+            if not self.shutting_down:
+                self.metrics.cancellations.inc()
+                log.info("Cancelled Request ID: %s", rid)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise asyncio.CancelledError() from e
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise oai.APIError(
+                413, f"request body exceeds {self.cfg.max_body_bytes} bytes", code="too_large"
+            ) from None
+
+    def _text_deltas(self, prep: PreparedRequest):  # noqa: ANN202 - an async generator
+        return self.output.text_deltas(self.client.generate(prep.state), prep.stops)
+
+    async def _with_deadline(self, prep: PreparedRequest, work: Awaitable[T]) -> T:
+        if prep.timeout is None:
+            return await work
+        try:
+            async with asyncio.timeout(prep.timeout):
+                return await work
+        except TimeoutError:
+            log.info("Request %s timed out after %.3fs", prep.state.request_id, prep.timeout)
+            raise oai.APIError(408, f"request timed out after {prep.timeout}s",
+                               param="timeout", code="timeout") from None
+
+    async def _respond_whole(self, prep: PreparedRequest, headers: dict[str, str]
+                             ) -> web.Response:
+        async def collect() -> tuple[str, FinishReason | None]:
+            parts: list[str] = []
+            reason = None
+            async for d in self._text_deltas(prep):
+                parts.append(d.text)
+                reason = d.finish_reason
+            return "".join(parts), reason
+
+        try:
+            text, finish = await self._with_deadline(prep, collect())
+        except (NoWorkerError, MigrationError, RejectedError) as e:
+            raise api_error(e) from None
+        body = Renderer(prep, self.cfg.served_model_name).response(text, finish)
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+    async def _respond_stream(self, request: web.Request, prep: PreparedRequest,
+                              headers: dict[str, str]) -> web.StreamResponse:
+        render = Renderer(prep, self.cfg.served_model_name)
+        resp: web.StreamResponse | None = None
+
+        async def start() -> web.StreamResponse:
+            r = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+            await r.prepare(request)
+            if prep.chat:
+                await r.write(render.chunk("", [], None, role=True))
+            return r
+
+        async def run() -> None:
+            nonlocal resp
+            # Headers go out at once (a long prefill must not look like a dead server) when
+            # a worker can take the request; with none, the client gets a plain 503.
+            if self.client.can_route():
+                resp = await start()
+            tail = b""
+            d: TextDelta
+            async for d in self._text_deltas(prep):
+                if resp is None:
+                    resp = await start()
+                if d.finish_reason is not None:  # the last chunk leaves with the stream's end
+                    tail = render.chunk(d.text, d.token_ids, d.finish_reason)
+                    break
+                await resp.write(render.chunk(d.text, d.token_ids, None))
+            if resp is None:
+                resp = await start()
+            if prep.include_usage:
+                tail += render.usage_chunk()
+            await resp.write_eof(tail + SSE_DONE)  # one write for the end of the stream
+
+        try:
+            await self._with_deadline(prep, run())
+        except (oai.APIError, NoWorkerError, MigrationError, RejectedError) as e:
+            err = api_error(e)
+            if resp is None:
+                raise err from None
+            await resp.write_eof(sse(err.body()) + SSE_DONE)
+        assert resp is not None
+        return resp
+
+
+async def run_frontend(cfg: FrontendConfig, tokenizer: Tokenizer, discovery: Discovery,
+                       stop: asyncio.Event) -> None:
+    fe = Frontend(cfg, tokenizer, discovery)
+    runner = web.AppRunner(
+        fe.app(), handler_cancellation=True, access_log=None,
+        shutdown_timeout=cfg.shutdown_grace,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024)
+    await site.start()
+    port = runner.addresses[0][1]
+    print(f"segue frontend ready url=http://{cfg.host}:{port}", flush=True)
+    log.info("frontend listening on http://%s:%d", cfg.host, port)
+    await stop.wait()
+    log.info("frontend stopping: no new connections, finishing streams")
+    fe.shutting_down = True
+    await runner.cleanup()
+    await fe.close()

@@ -1,0 +1,155 @@
+"""The resilient client: runs one request against the workers, one attempt at a time.
+
+An attempt sends the request state (prompt + every token received so far, the budget left)
+to a worker and relays its tokens. When the attempt fails, the failure table
+(segue.failures.ACTIONS) says whether to re-send it, where not to, and whether the retry
+counts against `migration_limit`; a re-sent request carries its offset, so tokens the client
+already has are dropped and the output is exactly that of an uninterrupted run. Cancellation
+(the consumer closing the generator) closes the call, which cancels it on the worker, and is
+never retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator
+
+import aiohttp
+from prometheus_client import Counter
+
+from segue.disagg import PrefillFallback, Strategy, frontend_driven
+from segue.discovery import Instance
+from segue.failures import Failure, FailureReason, Verdict, failure_of_frame
+from segue.frontend.preprocess import RequestState
+from segue.protocol import EngineRequest, Final, FinishReason, KeepAlive, Role, Tokens
+from segue.router import Router
+from segue.transport import stream_frames
+
+log = logging.getLogger("segue.frontend")
+
+# What a generation yields: (new token ids, None) as tokens arrive, then ([], reason).
+Delta = tuple[list[int], FinishReason | None]
+
+
+class NoWorkerError(Exception):
+    """No worker can take the request (503)."""
+
+
+class MigrationError(Exception):
+    """The request broke and could not be recreated (limit reached or no worker left)."""
+
+
+class RejectedError(Exception):
+    """A worker refused the request for a reason re-sending cannot fix (400)."""
+
+
+class ResilientClient:
+    def __init__(
+        self,
+        router: Router,
+        session: aiohttp.ClientSession,
+        migrations_total: Counter,
+        migration_limit: int = 3,
+        stall_timeout: float = 5.0,
+        strategy: Strategy = Strategy.NONE,
+        prefill_fallback: PrefillFallback = PrefillFallback.NONE,
+    ) -> None:
+        self.router = router
+        self.session = session
+        self.migrations_total = migrations_total
+        self.migration_limit = migration_limit
+        self.stall_timeout = stall_timeout
+        self.strategy = Strategy(strategy)
+        self.prefill_fallback = PrefillFallback(prefill_fallback)
+
+    def can_route(self) -> bool:
+        """Whether some worker could take a new request now."""
+        return bool(self.router.routable(self.strategy.first_role))
+
+    async def generate(self, state: RequestState) -> AsyncGenerator[Delta, None]:
+        """Yields (new token ids, None) as tokens arrive, then ([], finish_reason)."""
+        exclude: set[str] = set()
+        while True:
+            done = state.finished()
+            if done:
+                yield [], done
+                return
+            try:
+                # aclosing: if our consumer stops (cancel, stop string), the upstream
+                # response is closed now, which cancels the call on the worker.
+                async with contextlib.aclosing(self._attempt(state, exclude)) as stream:
+                    async for item in stream:
+                        yield item
+                        if item[1] is not None:
+                            return
+                raise Failure(FailureReason.STREAM_ENDED)  # an attempt always finishes
+            except Failure as f:
+                self._after_failure(state, f, exclude)
+
+    def _after_failure(self, state: RequestState, f: Failure, exclude: set[str]) -> None:
+        """Applies the failure table; raises when the request cannot go on."""
+        action = f.action
+        if action.verdict is Verdict.NO_WORKER:
+            raise NoWorkerError(f.message)
+        if action.verdict is Verdict.REJECT:
+            raise RejectedError(f.message)
+        if f.instance is not None:
+            if action.exclude:
+                exclude.add(f.instance.id)
+            if action.down:
+                self.router.mark_down(f.instance, f.label)
+        if not action.counted:
+            return
+        if state.migrations >= self.migration_limit:
+            log.error("Cannot recreate stream: migration limit %d reached (last failure: %s)",
+                      self.migration_limit, f.label)
+            raise MigrationError(f"worker failed ({f.label}) and the migration limit "
+                                 f"({self.migration_limit}) is reached")
+        state.migrations += 1
+        self.migrations_total.labels(reason=f.label).inc()
+        log.warning(
+            "Stream disconnected... recreating stream... request %s, worker %s, reason %s, "
+            "%d tokens received, attempt %d/%d", state.request_id,
+            f.instance.id if f.instance else "-", f.label, len(state.generated),
+            state.migrations, self.migration_limit,
+        )
+
+    def pick(self, role: Role, exclude: set[str], state: RequestState) -> Instance:
+        inst = self.router.pick((role,), exclude)
+        if inst is None:
+            if state.migrations:
+                log.error("Cannot recreate stream: no worker available (role %s) for %s",
+                          role, state.request_id)
+                raise MigrationError(f"no worker available (role {role}) to continue the "
+                                     "request")
+            raise NoWorkerError(f"no worker available (role {role})")
+        return inst
+
+    def _attempt(self, state: RequestState, exclude: set[str]) -> AsyncGenerator[Delta, None]:
+        if self.strategy is Strategy.FRONTEND:
+            return frontend_driven.attempt(self, state, exclude)
+        inst = self.pick(self.strategy.first_role, exclude, state)
+        return self.relay_tokens(inst, state, state.engine_request())
+
+    async def relay_tokens(self, inst: Instance, state: RequestState,
+                           req: EngineRequest) -> AsyncGenerator[Delta, None]:
+        """One call: yields the tokens the client does not have yet, then the finish."""
+        generated = state.generated
+        with self.router.track(inst):
+            frames = stream_frames(self.session, inst, req, self.stall_timeout)
+            async with contextlib.aclosing(frames) as fs:
+                async for f in fs:
+                    if type(f) is Tokens:
+                        skip = len(generated) - f.offset
+                        if skip < 0:
+                            raise Failure(FailureReason.TOKEN_GAP, inst)
+                        new = f.token_ids[skip:] if skip else f.token_ids
+                        if new:
+                            generated.extend(new)
+                            yield new, None
+                    elif type(f) is Final:
+                        yield [], f.finish_reason
+                        return
+                    elif type(f) is not KeepAlive:
+                        raise failure_of_frame(f, inst)

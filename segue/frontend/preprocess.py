@@ -1,0 +1,151 @@
+"""Preprocessing: an OpenAI request body -> the request state the rest of the frontend works
+on (prompt token ids, sampling, limits, how to present the answer).
+
+The frontend tokenizes here so that it always knows the token ids of the prompt and of every
+generated token: that is what makes migration exact.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import msgspec
+
+from segue.api import openai as oai
+from segue.frontend.config import FrontendConfig
+from segue.protocol import EngineRequest, FinishReason, KvHandle, Phase
+from segue.stopping import finish_reason
+from segue.tokenizer import Tokenizer
+
+
+@dataclass
+class RequestState:
+    """One client request as the engines see it, and the tokens it has received so far."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    eos_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    generated: list[int] = field(default_factory=list)
+    migrations: int = 0
+
+    def engine_request(self, phase: Phase = Phase.GENERATE,
+                       kv: KvHandle | None = None) -> EngineRequest:
+        """What to send a worker now: the context so far and the budget left."""
+        return EngineRequest(
+            request_id=self.request_id, token_ids=self.prompt_ids + self.generated,
+            max_tokens=self.max_tokens - len(self.generated), start_offset=len(self.generated),
+            temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, phase=phase, kv=kv,
+        )
+
+    def finished(self) -> FinishReason | None:
+        """The finish reason if the tokens received already complete the request (a stream
+        that broke after its last token but before its Final frame)."""
+        if not self.generated:
+            return None
+        return finish_reason(self.generated[-1], len(self.generated), self.max_tokens,
+                             self.stop_token_ids, self.eos_token_ids, self.ignore_eos)
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request: what to generate and how to present it."""
+
+    state: RequestState
+    chat: bool
+    stream: bool
+    include_usage: bool
+    stops: list[str]
+    return_token_ids: bool
+    timeout: float | None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.state.prompt_ids)
+
+
+class Preprocessor:
+    def __init__(self, cfg: FrontendConfig, tokenizer: Tokenizer) -> None:
+        self.cfg = cfg
+        self.tok = tokenizer
+        self.model_aliases = {cfg.served_model_name}
+
+    def __call__(self, raw: bytes, chat: bool, request_id: str) -> PreparedRequest:
+        """Raises `oai.APIError` (a 4xx naming the field) for anything it cannot serve."""
+        body: oai.CompletionRequest | oai.ChatCompletionRequest
+        try:
+            body = (oai.chat_decoder if chat else oai.completion_decoder).decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            raise oai.validation_error(e) from None
+        if body.model not in self.model_aliases:
+            raise oai.APIError(404, f"The model `{body.model}` does not exist; this server "
+                               f"serves `{self.cfg.served_model_name}`", param="model",
+                               code="model_not_found")
+        if body.n != 1:
+            raise oai.APIError(400, "only n=1 is supported", param="n")
+        if body.logprobs not in (None, False):
+            raise oai.APIError(400, "logprobs are not supported", param="logprobs")
+        max_tokens: int | None
+        if isinstance(body, oai.ChatCompletionRequest):
+            text = self.tok.apply_chat_template(oai.message_dicts(body.messages))
+            prompt_ids = self.tok.encode(text, add_special_tokens=False)
+            max_tokens = body.max_completion_tokens or body.max_tokens
+            prompt_param = "messages"
+        else:
+            if body.echo:
+                raise oai.APIError(400, "echo is not supported", param="echo")
+            p = oai.prompt_text_or_ids(body.prompt)
+            prompt_ids = self.tok.encode(p) if isinstance(p, str) else p
+            if isinstance(p, list) and any(t < 0 or t >= self.tok.vocab_size for t in p):
+                raise oai.APIError(400, "prompt token id out of range", param="prompt")
+            max_tokens = body.max_tokens
+            prompt_param = "prompt"
+        if not prompt_ids:
+            raise oai.APIError(400, "the prompt is empty", param=prompt_param)
+        max_tokens = self._max_tokens(body, chat, len(prompt_ids), max_tokens, prompt_param)
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        temperature = 1.0 if body.temperature is None else body.temperature
+        # A sampled request gets a fixed seed so that a migrated continuation samples the
+        # same way the first worker would have.
+        seed = body.seed if body.seed is not None else random.getrandbits(63)
+        state = RequestState(
+            request_id=request_id, prompt_ids=prompt_ids, max_tokens=max_tokens,
+            temperature=temperature, top_p=body.top_p or 1.0, seed=seed,
+            eos_token_ids=self.tok.eos_token_ids, ignore_eos=body.ignore_eos,
+        )
+        return PreparedRequest(
+            state=state, chat=chat, stream=body.stream,
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            stops=stops, return_token_ids=body.return_token_ids,
+            timeout=body.timeout or self.cfg.request_timeout,
+        )
+
+    def _max_tokens(self, body: oai.CommonParams, chat: bool, prompt_len: int,
+                    asked: int | None, prompt_param: str) -> int:
+        ctx = self.tok.context_length
+        if prompt_len >= ctx:
+            raise oai.APIError(
+                400, f"the prompt has {prompt_len} tokens; this model's context length "
+                f"is {ctx}", param=prompt_param, code="context_length_exceeded",
+            )
+        room = ctx - prompt_len
+        if asked is None:
+            default = (self.cfg.default_max_tokens_chat if chat
+                       else self.cfg.default_max_tokens_completion)
+            return min(default, room)
+        if asked > room:
+            param = ("max_completion_tokens"
+                     if isinstance(body, oai.ChatCompletionRequest) and body.max_completion_tokens
+                     else "max_tokens")
+            raise oai.APIError(
+                400, f"{param}={asked} plus the prompt's {prompt_len} tokens exceeds "
+                f"the context length {ctx}", param=param, code="context_length_exceeded",
+            )
+        return asked

@@ -1,0 +1,50 @@
+"""A worker's options: one definition for its CLI flags and for `segue serve`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from segue.disagg import PrefillFallback
+from segue.engines.config import EngineName, EngineOptions
+from segue.engines.mocker import MockerConfig
+from segue.options import option
+from segue.protocol import Role
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    engine: EngineName = option(EngineName.MOCKER, help="the engine behind this worker")
+    model: str | None = option(None, help="Hugging Face model directory")
+    role: Role = option(Role.AGGREGATED, help="aggregated, or a disaggregated stage")
+    discovery: str = option("", required=True, help="file:DIR")
+    namespace: str = option("default", help="deployment name inside the discovery store")
+    host: str = option("127.0.0.1", help="address to bind")
+    port: int = option(0, help="port to bind (0: any free port)")
+    drain_timeout: float = option(
+        30.0, help="seconds in-flight requests may finish on SIGTERM before they are "
+        "handed back")
+    keepalive: float = option(
+        0.5, help="seconds between keep-alive frames while a request makes no tokens")
+    lease_ttl: float = option(
+        10.0, help="seconds a worker stays listed after its last lease renewal (a dead local "
+        "process is dropped at once; a failed call takes a worker out of rotation at once)")
+    stall_timeout: float = option(
+        5.0, help="seconds without a frame from a remote stage before it counts as hung")
+    kv_ttl: float = option(
+        30.0, help="seconds a prefilled KV payload waits for its pull before it is freed")
+    prefill_fallback: PrefillFallback = option(
+        PrefillFallback.NONE, help="decode worker: prefill locally when no prefill worker "
+        "is left")
+    engine_stall_timeout: float = option(
+        120.0, help="seconds the engine may make no progress at all (no token, no finish) "
+        "while it holds requests before the worker declares it hung: the requests fail "
+        "over, the worker leaves discovery and exits 3 (0: never)")
+    # Fault injection for tests: the process dies (os._exit) right after it has sent the
+    # token at this offset of a client's output, before any final frame.
+    fault_exit_after_tokens: int | None = option(None, hidden=True, help="fault injection")
+    engine_options: EngineOptions = option(default_factory=EngineOptions, prefix="", help="")
+    mocker: MockerConfig = option(default_factory=MockerConfig, prefix="mocker", help="")
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model.rstrip("/").rsplit("/", 1)[-1] if self.model else "segue-mocker"

@@ -1,0 +1,121 @@
+"""A worker's life: start the engine, listen, register in discovery, serve; on SIGTERM
+drain (leave discovery, refuse new calls with a retryable `draining` error, let in-flight
+requests finish within the drain timeout, then hand the rest back so their callers migrate
+them) and exit 0; a second signal exits at once. A worker whose engine died or hung leaves
+discovery and exits ENGINE_FAILED_EXIT for a supervisor to restart it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+
+import aiohttp
+from aiohttp import web
+
+from segue.discovery import Discovery, Instance
+from segue.engines.base import Engine
+from segue.protocol import Role
+from segue.router import Router
+from segue.worker.config import WorkerConfig
+from segue.worker.kv_store import KvStore
+from segue.worker.metrics import WorkerMetrics
+from segue.worker.monitor import monitor_engine
+from segue.worker.routes import Routes
+from segue.worker.session import EngineSessions
+from segue.worker.stages import Stages
+
+log = logging.getLogger("segue.worker")
+# Exit code of a worker whose engine died or hung: a supervisor should start a new one.
+ENGINE_FAILED_EXIT = 3
+
+
+class Worker:
+    """Complete after construction (it makes its HTTP session: build it inside the event
+    loop); `run` serves until stopped."""
+
+    def __init__(self, engine: Engine, discovery: Discovery, cfg: WorkerConfig) -> None:
+        self.engine = engine
+        self.discovery = discovery
+        self.cfg = cfg
+        self.id = f"{cfg.role[0]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.url = ""
+        self.draining = False
+        self.metrics = WorkerMetrics(engine)
+        self.kv = KvStore(engine, cfg.kv_ttl, self.metrics.registry)
+        self.sessions = EngineSessions(engine, self.metrics, cfg.keepalive,
+                                       cfg.fault_exit_after_tokens)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1024, enable_cleanup_closed=True))
+        self.router = Router(session=self.session)  # peers of the other stage
+        self.stages = Stages(self.sessions, self.kv, self.router, self.session, self.metrics,
+                             cfg.stall_timeout, cfg.keepalive)
+        self.routes = Routes(self)
+
+    @property
+    def healthy(self) -> bool:
+        return self.sessions.failure is None and self.engine.healthy
+
+    async def _watch_peers(self) -> None:
+        async for instances in self.discovery.watch():
+            self.router.update({k: v for k, v in instances.items() if k != self.id})
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Serves until `stop`; returns the exit code."""
+        await self.engine.start()
+        tasks = [asyncio.create_task(monitor_engine(
+            self.engine, self.sessions, self.cfg.engine_stall_timeout, stop))]
+        if self.cfg.role is not Role.AGGREGATED:
+            tasks.append(asyncio.create_task(self._watch_peers()))
+        runner = web.AppRunner(self.routes.app(), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.cfg.host, self.cfg.port)
+        await site.start()
+        port = runner.addresses[0][1]
+        self.url = self.stages.url = f"http://{self.cfg.host}:{port}"
+        inst = Instance(
+            id=self.id, role=self.cfg.role, url=self.url, pid=os.getpid(),
+            host=socket.gethostname(), model=self.cfg.served_model_name,
+        )
+        lease = await self.discovery.register(inst, self.cfg.lease_ttl)
+        print(f"segue worker ready id={self.id} role={self.cfg.role} url={self.url}", flush=True)
+        log.info("worker %s ready at %s", self.id, self.url)
+        await stop.wait()
+        if self.sessions.failure is not None:
+            # Nothing left to drain: the requests are failing over. Leave discovery now,
+            # let their error frames go out, and exit without touching the engine (a hung
+            # one may never return from a stop).
+            await lease.revoke()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.routes.idle.wait(), 5.0)
+            await runner.cleanup()
+            self.engine.release_files()
+            log.error("worker %s exiting: %s", self.id, self.sessions.failure.value)
+            return ENGINE_FAILED_EXIT
+        log.info("draining: leaving discovery, %d requests in flight", self.routes.calls)
+        self.draining = True
+        await lease.revoke()
+        await self.drain()
+        for t in tasks:
+            t.cancel()
+        await runner.cleanup()
+        self.kv.clear()
+        await self.router.close()
+        await self.session.close()
+        await self.engine.stop()
+        await self.discovery.close()
+        log.info("worker %s stopped", self.id)
+        return 0
+
+    async def drain(self) -> None:
+        """Waits for in-flight calls; past the drain timeout, hands the rest back."""
+        try:
+            await asyncio.wait_for(self.routes.idle.wait(), self.cfg.drain_timeout)
+        except TimeoutError:
+            log.info("drain timeout: handing back %d requests", len(self.sessions.active))
+            self.sessions.hand_back_all()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.routes.idle.wait(), 5.0)

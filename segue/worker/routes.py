@@ -1,0 +1,146 @@
+"""A worker's HTTP routes: the request plane (POST /generate, GET/DELETE /kv/{key}) and
+GET /health, GET /metrics.
+
+/generate takes a msgpack EngineRequest and answers length-prefixed frames. When the caller
+goes away, aiohttp cancels the handler, which aborts the engine request (and any remote
+stage this worker called for it). What runs depends on the request's phase and, for a
+GENERATE, on this worker's role (segue.disagg):
+
+  GENERATE on aggregated   prefill + decode here
+  GENERATE on decode       decode-first: remote prefill, pull the KV, decode here
+  GENERATE on prefill      prefill-first: prefill here, remote decode, relay its stream
+  PREFILL                  prefill here, answer with a KV handle
+  DECODE                   pull the KV named in the request, decode here
+  LOCAL                    everything here (the fallback when no prefill worker is left)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import re
+from typing import TYPE_CHECKING
+
+import msgspec
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from segue.disagg import Strategy, decode_first, prefill_first
+from segue.log import request_id_var
+from segue.protocol import (
+    CONTENT_TYPE,
+    EngineRequest,
+    Error,
+    ErrorCode,
+    Phase,
+    Route,
+    decode_request,
+    encode_frame,
+)
+from segue.worker.session import StageError
+
+if TYPE_CHECKING:
+    from segue.worker.lifecycle import Worker
+
+log = logging.getLogger("segue.worker")
+_KV_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+
+
+class Routes:
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        self._calls = 0  # open /generate calls (including remote-stage waits)
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @property
+    def calls(self) -> int:
+        return self._calls
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post(Route.GENERATE, self.generate)
+        app.router.add_get(Route.KV, self.kv_pull)
+        app.router.add_delete(Route.KV, self.kv_drop)
+        app.router.add_get(Route.HEALTH, self.health)
+        app.router.add_get(Route.METRICS, self.metrics)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        w = self.w
+        healthy = w.healthy
+        body = {
+            "status": "draining" if w.draining else ("ok" if healthy else "unhealthy"),
+            "id": w.id,
+            "role": w.cfg.role,
+            "pid": os.getpid(),
+            "url": w.url,
+            "engine": dataclasses.asdict(w.engine.stats()),
+        }
+        return web.json_response(body, status=200 if healthy else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.w.metrics.registry),
+                            content_type="text/plain")
+
+    async def kv_pull(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        payload = self.w.kv.take(key) if _KV_KEY_RE.match(key) else None
+        if payload is None:
+            return web.json_response({"error": f"no KV payload {key!r} (expired, freed or "
+                                               "never made)"}, status=404)
+        return web.Response(body=payload, content_type="application/octet-stream")
+
+    async def kv_drop(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        ok = _KV_KEY_RE.match(key) and self.w.kv.drop(key, "its request was cancelled")
+        return web.Response(status=204 if ok else 404)
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        try:
+            req = decode_request(await request.read())
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            return web.json_response({"error": f"bad engine request: {e}"}, status=400)
+        request_id_var.set(req.request_id)
+        resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
+        await resp.prepare(request)
+        w = self.w
+        if w.draining or not w.healthy:
+            code = ErrorCode.DRAINING if w.draining else ErrorCode.ENGINE_UNHEALTHY
+            await resp.write(encode_frame(Error(code, f"worker {w.id} is {code}", True)))
+            return resp
+        log.info("New Request ID: %s", req.request_id)
+        w.metrics.requests.inc()
+        self._calls += 1
+        self.idle.clear()
+        try:
+            await self._dispatch(req, request, resp)
+        except StageError as e:
+            log.warning("request %s failed: %s", req.request_id, e)
+            await resp.write(encode_frame(e.frame))
+        finally:
+            self._calls -= 1
+            if self._calls == 0:
+                self.idle.set()
+        return resp
+
+    async def _dispatch(self, req: EngineRequest, request: web.Request,
+                        resp: web.StreamResponse) -> None:
+        stages = self.w.stages
+        phase = req.phase
+        if phase is Phase.GENERATE:
+            strategy = Strategy.of_worker(self.w.cfg.role)
+            if strategy is Strategy.DECODE_FIRST:
+                await decode_first.run(stages, req, resp, self.w.cfg.prefill_fallback)
+            elif strategy is Strategy.PREFILL_FIRST:
+                await prefill_first.run(stages, req, resp)
+            else:
+                await stages.local(req, resp)
+        elif phase is Phase.LOCAL:
+            await stages.local(req, resp)
+        elif phase is Phase.PREFILL:
+            await stages.prefill(req, request, resp)
+        else:
+            await stages.decode(req, req.kv, resp)

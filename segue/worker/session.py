@@ -1,0 +1,154 @@
+"""Engine sessions: one engine request per call, its output streamed to the caller as
+frames, with keep-alives while the engine is busy, and the abort when the caller leaves.
+
+A session ends with a final frame (Final, HandBack when the worker hands it back, Error when
+the engine failed it), or, for a PREFILL, with the key of the KV the engine now holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from enum import Enum
+
+from aiohttp import web
+
+from segue.engines.base import (
+    Engine,
+    EngineFinish,
+    EngineInput,
+    EngineRequestError,
+    EngineTask,
+    RequestStream,
+)
+from segue.protocol import (
+    EngineRequest,
+    Error,
+    ErrorCode,
+    Final,
+    FinishReason,
+    HandBack,
+    KeepAlive,
+    Tokens,
+    encode_frame,
+)
+from segue.worker.metrics import WorkerMetrics
+
+log = logging.getLogger("segue.worker")
+KEEPALIVE_FRAME = encode_frame(KeepAlive())
+
+
+class EngineFailure(Enum):
+    """Why a worker's engine is gone for good (engine monitor)."""
+
+    DEAD = "engine_dead"
+    HUNG = "engine_hung"
+
+
+class StageError(Exception):
+    """Ends a call with an Error frame (the caller's failure table decides what next)."""
+
+    def __init__(self, code: ErrorCode, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.frame = Error(code, message, retryable)
+
+
+class EngineSessions:
+    """The engine requests this worker is running, by request id."""
+
+    def __init__(self, engine: Engine, metrics: WorkerMetrics, keepalive: float,
+                 exit_after_tokens: int | None = None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.keepalive = keepalive
+        self.exit_after_tokens = exit_after_tokens  # fault injection (tests)
+        self.active: dict[str, RequestStream] = {}
+        self.progress = time.monotonic()  # last output of the engine, or start of its work
+        self.failure: EngineFailure | None = None
+        self.handing_back = False
+
+    def hand_back_all(self) -> int:
+        """Drain deadline: stop every request; each caller gets a HandBack frame."""
+        self.handing_back = True
+        for rid in list(self.active):
+            self.engine.abort(rid)
+        return len(self.active)
+
+    def fail_all(self, why: str) -> None:
+        """The engine hung: end every request with a retryable error."""
+        for stream in list(self.active.values()):
+            stream.finish(EngineFinish.ERROR, why)
+
+    async def run(self, req: EngineRequest, resp: web.StreamResponse, task: EngineTask,
+                  kv_payload: bytes | None = None) -> str | None:
+        """Runs the request in the engine, streaming Tokens/KeepAlive frames to the caller.
+        Returns the KV key of a finished PREFILL; writes the final frame of anything else."""
+        try:
+            stream = self.engine.add_request(EngineInput.from_request(req, task, kv_payload))
+        except EngineRequestError as e:
+            if task is EngineTask.DECODE:
+                raise StageError(ErrorCode.KV_MISMATCH, str(e), retryable=True) from None
+            raise StageError(ErrorCode.BAD_REQUEST, str(e), retryable=False) from None
+        if not self.active:  # the engine's idle time is not a stall
+            self.progress = time.monotonic()
+        self.active[req.request_id] = stream
+        returned = False
+        try:
+            key = await self._stream_frames(req.start_offset, stream, resp)
+            returned = True
+            return key
+        finally:
+            self.active.pop(req.request_id, None)
+            # Still live in the engine means the caller went away (or the write failed).
+            if self.engine.abort(req.request_id) and self.failure is None:
+                self.metrics.aborts.inc()
+                log.info("Aborted Request ID: %s (t=%.6f)", req.request_id, time.time())
+            elif not returned and stream.kv_key is not None:
+                # The prefill finished in the same moment its caller left: nobody will
+                # ever hear of this KV, so free it now.
+                self.engine.release_kv(stream.kv_key)
+                self.metrics.aborts.inc()
+                log.info("Aborted Request ID: %s (t=%.6f, prefill had just finished)",
+                         req.request_id, time.time())
+
+    async def _stream_frames(self, offset: int, stream: RequestStream,
+                             resp: web.StreamResponse) -> str | None:
+        while True:
+            out = await stream.get(self.keepalive)
+            if out is None:
+                await resp.write(KEEPALIVE_FRAME)
+                continue
+            self.progress = time.monotonic()
+            data = b""
+            ids = out.token_ids
+            if ids:
+                crash_at = self.exit_after_tokens
+                if crash_at is not None and offset + len(ids) >= crash_at:
+                    await resp.write(encode_frame(Tokens(offset, ids[: crash_at - offset])))
+                    log.warning("fault injection: exiting after token %d", crash_at)
+                    os._exit(9)
+                data = encode_frame(Tokens(offset, ids))
+                offset += len(ids)
+                self.metrics.output_tokens.inc(len(ids))
+            reason = out.finish_reason
+            if reason == EngineFinish.PREFILLED:
+                if data:
+                    await resp.write(data)
+                return stream.kv_key
+            if reason == EngineFinish.ABORT:
+                if not self.handing_back:
+                    return None  # aborted for its caller: nobody to tell
+                log.info("Handed back Request ID: %s", stream.request_id)
+                data += encode_frame(HandBack("worker shutting down"))
+            elif reason == EngineFinish.ERROR:
+                code = (ErrorCode.ENGINE_HUNG if self.failure is EngineFailure.HUNG
+                        else ErrorCode.ENGINE_ERROR)
+                data += encode_frame(Error(code, out.error or "engine failed", True))
+            elif reason is not None:
+                data += encode_frame(Final(FinishReason(reason.value), offset))
+            if reason is not None:
+                await resp.write_eof(data)  # the final frame and the end of the body at once
+                return None
+            if data:
+                await resp.write(data)
