@@ -31,8 +31,15 @@ def main() -> None:
     d = Deployment(Path(tempfile.mkdtemp(prefix="segue-cancel-")))
     try:
         d.start_frontend()
-        w = d.start_worker("--mocker-max-num-seqs", "1", "--mocker-prefill-tps", "200",
-                           "--mocker-step-ms", "5", fast=False)
+        w = d.start_worker(
+            "--mocker-max-num-seqs",
+            "1",
+            "--mocker-prefill-tps",
+            "200",
+            "--mocker-step-ms",
+            "5",
+            fast=False,
+        )
         out = {}
 
         def m() -> dict[str, float]:
@@ -44,12 +51,12 @@ def main() -> None:
                 rid = f"{phase}-{i}"
                 blocker = None
                 if phase == "queued":
-                    blocker = RawRequest(d.url, "completions",
-                                         body("completions", "x", 30000, True), rid + "-b")
+                    blocker = RawRequest(
+                        d.url, "completions", body("completions", "x", 30000, True), rid + "-b"
+                    )
                     blocker.read_events(1)
                 prompt = " ".join(["the"] * 400) if phase == "prefill" else "a story"
-                req = RawRequest(d.url, "completions", body("completions", prompt, 5000, True),
-                                 rid)
+                req = RawRequest(d.url, "completions", body("completions", prompt, 5000, True), rid)
                 w.wait_log(f"New Request ID: {rid}")
                 if phase == "queued":
                     wait_until(lambda: m()["segue_engine_waiting_requests"] == 1)
@@ -66,9 +73,11 @@ def main() -> None:
                     blocker.close()
                 wait_until(lambda: m()["segue_engine_kv_blocks_used"] == 0)
             lat.sort()
-            out[phase] = {"p50_ms": round(statistics.median(lat), 3),
-                          "p90_ms": round(lat[int(0.9 * len(lat))], 3),
-                          "max_ms": round(lat[-1], 3)}
+            out[phase] = {
+                "p50_ms": round(statistics.median(lat), 3),
+                "p90_ms": round(lat[int(0.9 * len(lat))], 3),
+                "max_ms": round(lat[-1], 3),
+            }
         print(json.dumps({"disconnect_to_abort_and_kv_freed": out, "trials": a.trials}))
     finally:
         d.stop()

@@ -48,29 +48,63 @@ def deployment(strategy: str) -> Deployment:
 
 def load(d: Deployment, a) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "segue", "bench", "--url", d.url, "--concurrency",
-         str(a.concurrency), "--duration", str(a.duration), "--prompt-tokens",
-         str(a.prompt_tokens), "--max-tokens", str(a.max_tokens), "--json", "--no-progress"],
-        capture_output=True, text=True, check=True).stdout
+        [
+            sys.executable,
+            "-m",
+            "segue",
+            "bench",
+            "--url",
+            d.url,
+            "--concurrency",
+            str(a.concurrency),
+            "--duration",
+            str(a.duration),
+            "--prompt-tokens",
+            str(a.prompt_tokens),
+            "--max-tokens",
+            str(a.max_tokens),
+            "--json",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     r = json.loads(out)[0]
-    return {k: r[k] for k in ("requests_per_s", "output_tokens_per_s", "ttft_ms_p50",
-                              "ttft_ms_p99", "itl_ms_p50", "errors")}
+    return {
+        k: r[k]
+        for k in (
+            "requests_per_s",
+            "output_tokens_per_s",
+            "ttft_ms_p50",
+            "ttft_ms_p99",
+            "itl_ms_p50",
+            "errors",
+        )
+    }
 
 
 def kv_transfer(d: Deployment, tokens: int) -> dict:
     p = next(w for w in d.workers if "prefill" in w.name)
     times = []
     for i in range(5):
-        req = EngineRequest(request_id=f"kv-{tokens}-{i}", token_ids=list(range(4, tokens + 4)),
-                            max_tokens=1, phase="prefill")
+        req = EngineRequest(
+            request_id=f"kv-{tokens}-{i}",
+            token_ids=list(range(4, tokens + 4)),
+            max_tokens=1,
+            phase="prefill",
+        )
         r = httpx.post(p.url + "/generate", content=encode_request(req), timeout=60)
         kv = FrameParser().feed(r.content)[-1].kv
         t0 = time.perf_counter()
         data = httpx.get(f"{kv.url}/kv/{kv.kv_id}", timeout=60).content
         times.append(time.perf_counter() - t0)
     mib = len(data) / 2**20
-    return {"payload_mib": round(mib, 2), "pull_ms_p50": round(statistics.median(times) * 1e3, 2),
-            "ms_per_mib": round(statistics.median(times) * 1e3 / mib, 2)}
+    return {
+        "payload_mib": round(mib, 2),
+        "pull_ms_p50": round(statistics.median(times) * 1e3, 2),
+        "ms_per_mib": round(statistics.median(times) * 1e3 / mib, 2),
+    }
 
 
 def abort_time(w, rid: str, remote: bool = False) -> float:
@@ -86,30 +120,35 @@ def cancel_to_freed(a) -> dict:
         p = d.start_worker("--mocker-prefill-tps", "200", role="prefill", fast=False)
         dw = d.start_worker("--mocker-step-ms", "5", role="decode", fast=False)
         wait_until(lambda: "joined (" in dw.log())
-        res: dict[str, list[float]] = {"prefill_phase_prefill_worker_ms": [],
-                                       "prefill_phase_decode_worker_ms": [],
-                                       "decode_phase_decode_worker_ms": []}
+        res: dict[str, list[float]] = {
+            "prefill_phase_prefill_worker_ms": [],
+            "prefill_phase_decode_worker_ms": [],
+            "decode_phase_decode_worker_ms": [],
+        }
         for i in range(a.trials):
             rid = f"cp-{i}"
-            req = RawRequest(d.url, "completions",
-                             body("completions", " ".join(["the"] * 400), 50, True), rid)
+            req = RawRequest(
+                d.url, "completions", body("completions", " ".join(["the"] * 400), 50, True), rid
+            )
             wait_until(lambda: scrape(p.url)["segue_engine_running_requests"] == 1)
             t0 = time.time()
             req.close()
             res["prefill_phase_prefill_worker_ms"].append((abort_time(p, rid) - t0) * 1e3)
             res["prefill_phase_decode_worker_ms"].append(
-                (abort_time(dw, rid, remote=True) - t0) * 1e3)
+                (abort_time(dw, rid, remote=True) - t0) * 1e3
+            )
             rid = f"cd-{i}"
-            req = RawRequest(d.url, "completions", body("completions", "a story", 5000, True),
-                             rid)
+            req = RawRequest(d.url, "completions", body("completions", "a story", 5000, True), rid)
             req.read_events(5)
             t0 = time.time()
             req.close()
             res["decode_phase_decode_worker_ms"].append((abort_time(dw, rid) - t0) * 1e3)
             for w in (p, dw):
                 wait_until(lambda w=w: scrape(w.url)["segue_engine_kv_blocks_used"] == 0)
-        return {k: {"p50": round(statistics.median(v), 3), "max": round(max(v), 3)}
-                for k, v in res.items()}
+        return {
+            k: {"p50": round(statistics.median(v), 3), "max": round(max(v), 3)}
+            for k, v in res.items()
+        }
     finally:
         d.stop()
 
@@ -128,8 +167,10 @@ def main() -> None:
             print(json.dumps({"strategy": strategy, **load(d, a)}), flush=True)
             if strategy == "frontend":
                 for tokens in (1000, 8000):
-                    print(json.dumps({"kv_transfer_tokens": tokens, **kv_transfer(d, tokens)}),
-                          flush=True)
+                    print(
+                        json.dumps({"kv_transfer_tokens": tokens, **kv_transfer(d, tokens)}),
+                        flush=True,
+                    )
         finally:
             d.stop()
     print(json.dumps({"cancel_to_freed_ms": cancel_to_freed(a)}))

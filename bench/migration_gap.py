@@ -28,12 +28,19 @@ from harness import Deployment, scrape  # noqa: E402
 
 def trial(d: Deployment, i: int, prompt_tokens: int) -> dict:
     rid = f"gap-{i}"
-    body = {"model": "segue-mocker", "prompt": " ".join(["the"] * prompt_tokens),
-            "max_tokens": 400, "temperature": 0, "stream": True, "return_token_ids": True}
+    body = {
+        "model": "segue-mocker",
+        "prompt": " ".join(["the"] * prompt_tokens),
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+        "return_token_ids": True,
+    }
     times: list[tuple[float, int]] = []
     t_kill = None
-    with httpx.stream("POST", d.url + "/v1/completions", json=body,
-                      headers={"X-Request-Id": rid}, timeout=60) as r:
+    with httpx.stream(
+        "POST", d.url + "/v1/completions", json=body, headers={"X-Request-Id": rid}, timeout=60
+    ) as r:
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -42,8 +49,9 @@ def trial(d: Deployment, i: int, prompt_tokens: int) -> dict:
             if t_kill is None and n:
                 times.append((now, n))
                 if sum(k for _, k in times) >= 50:
-                    victim = next(w for w in d.workers
-                                  if w.alive() and f"New Request ID: {rid}" in w.log())
+                    victim = next(
+                        w for w in d.workers if w.alive() and f"New Request ID: {rid}" in w.log()
+                    )
                     t_kill = time.perf_counter()
                     victim.signal(signal.SIGKILL)
                     victim.popen.wait()
@@ -51,8 +59,11 @@ def trial(d: Deployment, i: int, prompt_tokens: int) -> dict:
             elif t_kill is not None and n and after is None:
                 after = now
     gaps = [b[0] - a[0] for a, b in zip(times, times[1:], strict=False)]
-    return {"gap_ms": (after - t_kill) * 1000, "step_ms": statistics.median(gaps) * 1000,
-            "victim": victim}
+    return {
+        "gap_ms": (after - t_kill) * 1000,
+        "step_ms": statistics.median(gaps) * 1000,
+        "victim": victim,
+    }
 
 
 def main() -> None:
@@ -77,14 +88,19 @@ def main() -> None:
         refused = m.get('segue_frontend_migrations_total{reason="connection_refused"}', 0)
         gaps = sorted(r["gap_ms"] for r in res)
         reprefill_ms = (a.prompt_tokens + 50) / a.prefill_tps * 1000
-        print(json.dumps({
-            "trials": a.trials,
-            "gap_ms_p50": round(statistics.median(gaps), 2), "gap_ms_max": round(gaps[-1], 2),
-            "decode_step_ms_p50": round(statistics.median(r["step_ms"] for r in res), 2),
-            "mocker_reprefill_ms": round(reprefill_ms, 2),
-            "gap_minus_reprefill_ms_p50": round(statistics.median(gaps) - reprefill_ms, 2),
-            "requests_sent_to_dead_worker": int(refused),
-        }))
+        print(
+            json.dumps(
+                {
+                    "trials": a.trials,
+                    "gap_ms_p50": round(statistics.median(gaps), 2),
+                    "gap_ms_max": round(gaps[-1], 2),
+                    "decode_step_ms_p50": round(statistics.median(r["step_ms"] for r in res), 2),
+                    "mocker_reprefill_ms": round(reprefill_ms, 2),
+                    "gap_minus_reprefill_ms_p50": round(statistics.median(gaps) - reprefill_ms, 2),
+                    "requests_sent_to_dead_worker": int(refused),
+                }
+            )
+        )
     finally:
         d.stop()
 

@@ -33,8 +33,9 @@ def rss_mib(pid: int) -> float:
 
 
 def spawn(args: list[str], log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "segue", *args], stdout=log, stderr=log,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "segue", *args], stdout=log, stderr=log, start_new_session=True
+    )
 
 
 def main() -> None:
@@ -50,10 +51,16 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="segue-bench-")
     disc = f"file:{tmp}"
     log = open(os.path.join(tmp, "procs.log"), "w")
-    workers = [spawn(["--log-level", "WARNING", "worker", "--discovery", disc,
-                      "--mocker-speedup", "1e9"], log) for _ in range(a.workers)]
-    fe = spawn(["--log-level", "WARNING", "frontend", "--discovery", disc, "--port",
-                str(a.port)], log)
+    workers = [
+        spawn(
+            ["--log-level", "WARNING", "worker", "--discovery", disc, "--mocker-speedup", "1e9"],
+            log,
+        )
+        for _ in range(a.workers)
+    ]
+    fe = spawn(
+        ["--log-level", "WARNING", "frontend", "--discovery", disc, "--port", str(a.port)], log
+    )
     url = f"http://127.0.0.1:{a.port}"
     procs = [fe, *workers]
     try:
@@ -68,25 +75,49 @@ def main() -> None:
             time.sleep(0.1)
         for c in a.concurrency.split(","):
             before = [cpu_seconds(p.pid) for p in procs]
-            cmd = [sys.executable, "-m", "segue", "bench", "--url", url, "--concurrency", c,
-                   "--duration", str(a.duration), "--prompt-tokens", str(a.prompt_tokens),
-                   "--max-tokens", str(a.max_tokens), "--json", "--no-progress",
-                   "--warmup", "0"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "segue",
+                "bench",
+                "--url",
+                url,
+                "--concurrency",
+                c,
+                "--duration",
+                str(a.duration),
+                "--prompt-tokens",
+                str(a.prompt_tokens),
+                "--max-tokens",
+                str(a.max_tokens),
+                "--json",
+                "--no-progress",
+                "--warmup",
+                "0",
+            ]
             if a.no_stream:
                 cmd.append("--no-stream")
-            res = json.loads(subprocess.run(cmd, capture_output=True, text=True,
-                                            check=True).stdout)[0]
+            res = json.loads(
+                subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            )[0]
             spent = [cpu_seconds(p.pid) - b for p, b in zip(procs, before, strict=True)]
             n = max(res["requests"], 1)
-            print(json.dumps({
-                "concurrency": int(c), "requests": res["requests"], "errors": res["errors"],
-                "requests_per_s": res["requests_per_s"],
-                "output_tokens_per_s": res["output_tokens_per_s"],
-                "latency_ms_p50": res["latency_ms_p50"], "ttft_ms_p50": res["ttft_ms_p50"],
-                "frontend_cpu_ms_per_req": round(spent[0] / n * 1000, 3),
-                "worker_cpu_ms_per_req": round(sum(spent[1:]) / n * 1000, 3),
-                "frontend_rss_mib": round(rss_mib(fe.pid), 1),
-            }))
+            print(
+                json.dumps(
+                    {
+                        "concurrency": int(c),
+                        "requests": res["requests"],
+                        "errors": res["errors"],
+                        "requests_per_s": res["requests_per_s"],
+                        "output_tokens_per_s": res["output_tokens_per_s"],
+                        "latency_ms_p50": res["latency_ms_p50"],
+                        "ttft_ms_p50": res["ttft_ms_p50"],
+                        "frontend_cpu_ms_per_req": round(spent[0] / n * 1000, 3),
+                        "worker_cpu_ms_per_req": round(sum(spent[1:]) / n * 1000, 3),
+                        "frontend_rss_mib": round(rss_mib(fe.pid), 1),
+                    }
+                )
+            )
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

@@ -49,20 +49,60 @@ def stop_group(pgid: int) -> None:
 
 def bench(url: str, model: str, a) -> list[dict]:
     out = subprocess.run(
-        [sys.executable, "-m", "segue", "bench", "--url", url, "--model", model,
-         "--concurrency", a.concurrency, "--duration", str(a.duration), "--prompt-tokens",
-         str(a.prompt_tokens), "--max-tokens", str(a.max_tokens), "--ignore-eos", "--json",
-         "--no-progress"], capture_output=True, text=True, check=True).stdout
+        [
+            sys.executable,
+            "-m",
+            "segue",
+            "bench",
+            "--url",
+            url,
+            "--model",
+            model,
+            "--concurrency",
+            a.concurrency,
+            "--duration",
+            str(a.duration),
+            "--prompt-tokens",
+            str(a.prompt_tokens),
+            "--max-tokens",
+            str(a.max_tokens),
+            "--ignore-eos",
+            "--json",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out)
 
 
 def run_vllm(model: str, name: str, a, tmp: Path, env: dict) -> list[dict]:
     log = open(tmp / "vllm.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-         "--served-model-name", name, "--dtype", "float32", "--max-model-len", "2048",
-         "--max-num-seqs", "8", "--enforce-eager", "--port", str(a.port)],
-        stdout=log, stderr=log, env=env, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model,
+            "--served-model-name",
+            name,
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "2048",
+            "--max-num-seqs",
+            "8",
+            "--enforce-eager",
+            "--port",
+            str(a.port),
+        ],
+        stdout=log,
+        stderr=log,
+        env=env,
+        start_new_session=True,
+    )
     try:
         wait_http(f"http://127.0.0.1:{a.port}/v1/models")
         return bench(f"http://127.0.0.1:{a.port}", name, a)
@@ -77,8 +117,9 @@ def run_segue(model: str, name: str, a, tmp: Path) -> list[dict]:
     d = Deployment(tmp / "segue")
     try:
         d.start_frontend("--model", model)
-        w = d.start_worker("--engine", "vllm", "--model", model, fast=False, wait=False,
-                           ready_timeout=300)
+        w = d.start_worker(
+            "--engine", "vllm", "--model", model, fast=False, wait=False, ready_timeout=300
+        )
         d.wait_routable(w, timeout=300)
         return bench(d.url, name, a)
     finally:
@@ -94,9 +135,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--port", type=int, default=8792)
     ap.add_argument("--order", default="vllm,segue", help="which servers, in which order")
-    ap.add_argument("--pin", action="store_true",
-                    help="vLLM's engine threads on the last core, everything else (servers, "
-                         "segue processes, the load generator) on the others")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="vLLM's engine threads on the last core, everything else (servers, "
+        "segue processes, the load generator) on the others",
+    )
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="segue-vllm-bench-"))
     model = a.model
@@ -110,8 +154,7 @@ def main() -> None:
         # On 2 cores vLLM's OpenMP threads otherwise share cores with the serving processes,
         # and a spinning OpenMP thread that loses its core stalls every step.
         cores = sorted(os.sched_getaffinity(0))
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = env["VLLM_CPU_OMP_THREADS_BIND"] = \
-            str(cores[-1])
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = env["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[-1])
         os.sched_setaffinity(0, cores[:-1])  # inherited by every process started from here
     results = {}
     for which in a.order.split(","):
@@ -121,13 +164,37 @@ def main() -> None:
             results["segue"] = run_segue(model, name, a, tmp)
     for server_name, rows in results.items():
         for r in rows:
-            print(json.dumps({"server": server_name, **{k: r[k] for k in (
-                "concurrency", "requests", "errors", "output_tokens_per_s", "ttft_ms_p50",
-                "itl_ms_p50", "latency_ms_p50")}}))
+            print(
+                json.dumps(
+                    {
+                        "server": server_name,
+                        **{
+                            k: r[k]
+                            for k in (
+                                "concurrency",
+                                "requests",
+                                "errors",
+                                "output_tokens_per_s",
+                                "ttft_ms_p50",
+                                "itl_ms_p50",
+                                "latency_ms_p50",
+                            )
+                        },
+                    }
+                )
+            )
     if len(results) == 2:
         for v, s in zip(results["vllm"], results["segue"], strict=True):
-            print(json.dumps({"concurrency": v["concurrency"], "segue_over_vllm_tokens_per_s":
-                              round(s["output_tokens_per_s"] / v["output_tokens_per_s"], 3)}))
+            print(
+                json.dumps(
+                    {
+                        "concurrency": v["concurrency"],
+                        "segue_over_vllm_tokens_per_s": round(
+                            s["output_tokens_per_s"] / v["output_tokens_per_s"], 3
+                        ),
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
-_WORDS = ("the of and to in is was he for it with as his on be at by had are but from or "
-          "have an they which one you were all we her she there would their").split()
+_WORDS = (
+    "the of and to in is was he for it with as his on be at by had are but from or "
+    "have an they which one you were all we her she there would their"
+).split()
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -27,8 +29,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", default="1,8,64", help="comma-separated levels")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per level")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load first")
-    p.add_argument("--prompt-tokens", type=int, default=100,
-                   help="prompt length in words (one token each with the built-in tokenizer)")
+    p.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=100,
+        help="prompt length in words (one token each with the built-in tokenizer)",
+    )
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--no-stream", action="store_true")
@@ -71,8 +77,9 @@ class _Stats:
         self.errors: list[str] = []
 
 
-async def _one(session: aiohttp.ClientSession, url: str, body: dict, stream: bool,
-               st: _Stats | None) -> None:
+async def _one(
+    session: aiohttp.ClientSession, url: str, body: dict, stream: bool, st: _Stats | None
+) -> None:
     t0 = time.perf_counter()
     ttft = None
     last = t0
@@ -140,12 +147,16 @@ async def _level(args, url: str, body: dict, c: int, progress) -> LevelResult:
                 progress.set_postfix(c=c, req=stats.requests, err=len(stats.errors))
         elapsed = time.perf_counter() - t0
     return LevelResult(
-        concurrency=c, requests=stats.requests, errors=len(stats.errors),
+        concurrency=c,
+        requests=stats.requests,
+        errors=len(stats.errors),
         duration_s=round(elapsed, 3),
         requests_per_s=round(stats.requests / elapsed, 2),
         output_tokens_per_s=round(stats.tokens / elapsed, 1),
-        ttft_ms_p50=round(_pct(stats.ttft, 0.5), 3), ttft_ms_p99=round(_pct(stats.ttft, 0.99), 3),
-        itl_ms_p50=round(_pct(stats.itl, 0.5), 3), itl_ms_p99=round(_pct(stats.itl, 0.99), 3),
+        ttft_ms_p50=round(_pct(stats.ttft, 0.5), 3),
+        ttft_ms_p99=round(_pct(stats.ttft, 0.99), 3),
+        itl_ms_p50=round(_pct(stats.itl, 0.5), 3),
+        itl_ms_p99=round(_pct(stats.itl, 0.99), 3),
         latency_ms_p50=round(_pct(stats.lat, 0.5), 3),
         latency_ms_p99=round(_pct(stats.lat, 0.99), 3),
         error_samples=sorted(set(stats.errors))[:3],
@@ -178,8 +189,13 @@ async def _bench(args) -> list[LevelResult]:
         if not args.no_progress:
             from tqdm import tqdm
 
-            progress = tqdm(total=args.duration, desc=f"c={c}", unit="s", file=sys.stderr,
-                            bar_format="{desc} {bar} {n:.1f}/{total:.0f}s {postfix}")
+            progress = tqdm(
+                total=args.duration,
+                desc=f"c={c}",
+                unit="s",
+                file=sys.stderr,
+                bar_format="{desc} {bar} {n:.1f}/{total:.0f}s {postfix}",
+            )
         try:
             results.append(await _level(args, url, body, c, progress))
         finally:
@@ -193,11 +209,18 @@ def run_bench(args) -> int:
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))
     else:
-        cols = {"concurrency": "conc", "requests": "requests", "errors": "errors",
-                "requests_per_s": "req/s", "output_tokens_per_s": "out tok/s",
-                "ttft_ms_p50": "TTFT p50 ms", "ttft_ms_p99": "TTFT p99 ms",
-                "itl_ms_p50": "ITL p50 ms", "itl_ms_p99": "ITL p99 ms",
-                "latency_ms_p50": "e2e p50 ms"}
+        cols = {
+            "concurrency": "conc",
+            "requests": "requests",
+            "errors": "errors",
+            "requests_per_s": "req/s",
+            "output_tokens_per_s": "out tok/s",
+            "ttft_ms_p50": "TTFT p50 ms",
+            "ttft_ms_p99": "TTFT p99 ms",
+            "itl_ms_p50": "ITL p50 ms",
+            "itl_ms_p99": "ITL p99 ms",
+            "latency_ms_p50": "e2e p50 ms",
+        }
         print(" ".join(f"{h:>12}" for h in cols.values()))
         for r in results:
             print(" ".join(f"{getattr(r, c):>12}" for c in cols))

@@ -41,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--vocab-size", type=int, default=1024)
     m.add_argument("--hidden-size", type=int, default=64)
     m.add_argument("--layers", type=int, default=2)
-    m.add_argument("--heads", type=int, default=4,
-                   help="attention heads (vLLM on CPU wants hidden/heads = 64: e.g. 128 and 2)")
+    m.add_argument(
+        "--heads",
+        type=int,
+        default=4,
+        help="attention heads (vLLM on CPU wants hidden/heads = 64: e.g. 128 and 2)",
+    )
 
     b = sub.add_parser("bench", help="closed-loop load generator for any OpenAI endpoint")
     from segue.bench import add_bench_args
@@ -94,9 +98,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "make-model":
         from segue.models.tiny import build_tiny_llama
 
-        path = build_tiny_llama(args.dir, seed=args.seed, vocab_size=args.vocab_size,
-                                hidden_size=args.hidden_size, layers=args.layers,
-                                heads=args.heads)
+        path = build_tiny_llama(
+            args.dir,
+            seed=args.seed,
+            vocab_size=args.vocab_size,
+            hidden_size=args.hidden_size,
+            layers=args.layers,
+            heads=args.heads,
+        )
         print(f"tiny model written to {path}")
         return
     if args.cmd == "bench":
@@ -107,8 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "serve":
         from segue.serve import serve
 
-        sys.exit(serve(from_args(ServeConfig, args), from_args(FrontendConfig, args),
-                       from_args(WorkerConfig, args)))
+        sys.exit(
+            serve(
+                from_args(ServeConfig, args),
+                from_args(FrontendConfig, args),
+                from_args(WorkerConfig, args),
+            )
+        )
     if args.cmd == "frontend":
         _run(_frontend(from_args(FrontendConfig, args)))
     else:

@@ -81,8 +81,13 @@ ACTIONS: dict[FailureReason, Action] = {
 class Failure(Exception):
     """One call failed. `stage` names a remote stage ("prefill") the caller ran first."""
 
-    def __init__(self, reason: FailureReason, instance: Instance | None = None,
-                 message: str = "", stage: str = "") -> None:
+    def __init__(
+        self,
+        reason: FailureReason,
+        instance: Instance | None = None,
+        message: str = "",
+        stage: str = "",
+    ) -> None:
         super().__init__(message or reason.value)
         self.reason = reason
         self.instance = instance

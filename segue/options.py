@@ -18,13 +18,26 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str = "",
-           choices: tuple[str, ...] | None = None, flag: str | None = None,
-           hidden: bool = False, required: bool = False, prefix: str | None = None,
-           default_factory: Any = dataclasses.MISSING) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str = "",
+    choices: tuple[str, ...] | None = None,
+    flag: str | None = None,
+    hidden: bool = False,
+    required: bool = False,
+    prefix: str | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
     """A config field that is also a command-line flag."""
-    md = {"help": help, "choices": choices, "flag": flag, "hidden": hidden,
-          "required": required, "prefix": prefix}
+    md = {
+        "help": help,
+        "choices": choices,
+        "flag": flag,
+        "hidden": hidden,
+        "required": required,
+        "prefix": prefix,
+    }
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=md)
     return dataclasses.field(default=default, metadata=md)
@@ -61,29 +74,44 @@ def flags(cls: type, prefix: str = "", path: tuple[str, ...] = ()) -> Iterator[F
         tp = _scalar(hints[f.name])
         if dataclasses.is_dataclass(tp):
             sub = md["prefix"] if md["prefix"] is not None else f.name
-            yield from flags(typing.cast(type, tp), f"{prefix}{sub}_" if sub else prefix,
-                             (*path, f.name))
+            yield from flags(
+                typing.cast(type, tp), f"{prefix}{sub}_" if sub else prefix, (*path, f.name)
+            )
             continue
         dest = prefix + f.name
         default = f.default if f.default is not dataclasses.MISSING else None
         choices = md["choices"]
         if isinstance(tp, type) and issubclass(tp, enum.Enum):
             choices = tuple(m.value for m in tp)
-        yield Flag((*path, f.name), dest, md["flag"] or "--" + dest.replace("_", "-"), tp,
-                   default, md["help"], choices, md["hidden"], md["required"])
+        yield Flag(
+            (*path, f.name),
+            dest,
+            md["flag"] or "--" + dest.replace("_", "-"),
+            tp,
+            default,
+            md["help"],
+            choices,
+            md["hidden"],
+            md["required"],
+        )
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type,
-              skip: frozenset[str] = frozenset()) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser, cls: type, skip: frozenset[str] = frozenset()
+) -> None:
     """Adds a flag per option of `cls`, except the dests in `skip` or already present."""
     have = {a.dest for a in parser._actions}
     for fl in flags(cls):
         if fl.dest in skip or fl.dest in have:
             continue
         parser.add_argument(
-            fl.flag, dest=fl.dest, type=fl.type if not fl.choices else str,
-            default=None if fl.required else fl.default, choices=fl.choices,
-            required=fl.required, help=argparse.SUPPRESS if fl.hidden else fl.help or None,
+            fl.flag,
+            dest=fl.dest,
+            type=fl.type if not fl.choices else str,
+            default=None if fl.required else fl.default,
+            choices=fl.choices,
+            required=fl.required,
+            help=argparse.SUPPRESS if fl.hidden else fl.help or None,
         )
 
 

@@ -31,8 +31,9 @@ class Policy(StrEnum):
 
 
 class Router:
-    def __init__(self, policy: Policy = Policy.ROUND_ROBIN,
-                 session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(
+        self, policy: Policy = Policy.ROUND_ROBIN, session: aiohttp.ClientSession | None = None
+    ) -> None:
         self.policy = Policy(policy)
         self.instances: dict[str, Instance] = {}
         self.down: set[str] = set()

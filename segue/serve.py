@@ -31,7 +31,8 @@ log = logging.getLogger("segue.serve")
 
 def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "segue", *args], preexec_fn=die_with_parent,
+        [sys.executable, "-m", "segue", *args],
+        preexec_fn=die_with_parent,
         start_new_session=True,
     )
 
@@ -46,8 +47,9 @@ SERVE_SKIP_FRONTEND = frozenset({"discovery", "namespace"})
 SERVE_SKIP_WORKER = frozenset({"discovery", "namespace", "host", "port", "role"})
 
 
-def child_argvs(frontend: FrontendConfig, worker: WorkerConfig,
-                discovery: str) -> tuple[list[str], list[str]]:
+def child_argvs(
+    frontend: FrontendConfig, worker: WorkerConfig, discovery: str
+) -> tuple[list[str], list[str]]:
     """The command lines of the frontend and of each worker."""
     fe = ["frontend", "--discovery", discovery, *to_argv(frontend, SERVE_SKIP_FRONTEND)]
     wk = ["worker", "--discovery", discovery, *to_argv(worker, SERVE_SKIP_WORKER)]
@@ -93,8 +95,9 @@ def serve(cfg: ServeConfig, frontend: FrontendConfig, worker: WorkerConfig) -> i
         shutil.rmtree(disc_dir, ignore_errors=True)
 
 
-def _supervise(cfg: ServeConfig, frontend_cfg: FrontendConfig, worker_cfg: WorkerConfig,
-               disc_dir: str) -> int:
+def _supervise(
+    cfg: ServeConfig, frontend_cfg: FrontendConfig, worker_cfg: WorkerConfig, disc_dir: str
+) -> int:
     fe_args, worker_args = child_argvs(frontend_cfg, worker_cfg, f"file:{disc_dir}")
     stopping = False
 
@@ -124,8 +127,11 @@ def _supervise(cfg: ServeConfig, frontend_cfg: FrontendConfig, worker_cfg: Worke
                 h = _health(url)
                 if h and sum(1 for w in h["workers"] if w["routable"]) >= cfg.workers:
                     ready = True
-                    print(f"segue ready: {url} (frontend pid {frontend.pid}, "
-                          f"{cfg.workers} {worker_cfg.engine} workers)", flush=True)
+                    print(
+                        f"segue ready: {url} (frontend pid {frontend.pid}, "
+                        f"{cfg.workers} {worker_cfg.engine} workers)",
+                        flush=True,
+                    )
             time.sleep(0.1)
     finally:
         _stop([frontend, *workers])

@@ -44,8 +44,7 @@ class StallTimer:
         self.forgiven = False
         self.since = self.loop.time()
         self._due = self.since + timeout
-        self._handle = (self.loop.call_at(self._due, self._check) if math.isfinite(timeout)
-                        else None)
+        self._handle = self.loop.call_at(self._due, self._check) if math.isfinite(timeout) else None
 
     def arm(self) -> None:
         """Waiting on the peer from now (the only place the task may be cancelled)."""
@@ -72,15 +71,17 @@ class StallTimer:
             self._handle.cancel()
 
 
-async def stream_frames(session: aiohttp.ClientSession, inst: Instance, req: EngineRequest,
-                        stall_timeout: float) -> AsyncGenerator[Frame, None]:
+async def stream_frames(
+    session: aiohttp.ClientSession, inst: Instance, req: EngineRequest, stall_timeout: float
+) -> AsyncGenerator[Frame, None]:
     """Yields the worker's frames; the consumer stops at a final frame. Reaching the end of
     the body means the stream broke before its end."""
     stall = StallTimer(stall_timeout)
     try:
         stall.arm()
-        async with session.post(inst.url + Route.GENERATE, data=encode_request(req),
-                                timeout=_CONNECT_TIMEOUT) as resp:
+        async with session.post(
+            inst.url + Route.GENERATE, data=encode_request(req), timeout=_CONNECT_TIMEOUT
+        ) as resp:
             if resp.status != 200:
                 raise Failure(FailureReason.HTTP_ERROR, inst, f"HTTP {resp.status}")
             parser = FrameParser()
@@ -112,8 +113,9 @@ async def stream_frames(session: aiohttp.ClientSession, inst: Instance, req: Eng
     raise Failure(FailureReason.STREAM_ENDED, inst)
 
 
-async def pull_kv(session: aiohttp.ClientSession, url: str, kv_id: str,
-                  stall_timeout: float) -> bytes:
+async def pull_kv(
+    session: aiohttp.ClientSession, url: str, kv_id: str, stall_timeout: float
+) -> bytes:
     """Pull a KV payload from the worker that holds it (which then frees it)."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=stall_timeout)
     try:
@@ -132,8 +134,7 @@ async def pull_kv(session: aiohttp.ClientSession, url: str, kv_id: str,
 async def drop_kv(session: aiohttp.ClientSession, url: str, kv_id: str) -> None:
     """Best effort: tell the holder a payload will never be pulled."""
     try:
-        async with session.delete(url + Route.kv(kv_id),
-                                  timeout=aiohttp.ClientTimeout(total=2)):
+        async with session.delete(url + Route.kv(kv_id), timeout=aiohttp.ClientTimeout(total=2)):
             pass
     except (aiohttp.ClientError, TimeoutError):
         pass  # the holder's TTL frees it anyway

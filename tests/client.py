@@ -30,8 +30,14 @@ def uid(prefix: str) -> str:
 
 
 def body(kind: str, prompt: str, max_tokens: int, stream: bool, **extra) -> dict:
-    b = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
-         "return_token_ids": True, **extra}
+    b = {
+        "model": MODEL,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "return_token_ids": True,
+        **extra,
+    }
     if kind == "chat":
         b["messages"] = [{"role": "user", "content": prompt}]
     else:
@@ -45,8 +51,7 @@ def path(kind: str) -> str:
     return "/v1/chat/completions" if kind == "chat" else "/v1/completions"
 
 
-def complete(url: str, kind: str, b: dict, rid: str | None = None,
-             timeout: float = 120) -> Result:
+def complete(url: str, kind: str, b: dict, rid: str | None = None, timeout: float = 120) -> Result:
     """Non-streaming request."""
     headers = {"X-Request-Id": rid} if rid else {}
     r = httpx.post(url + path(kind), json=b, headers=headers, timeout=timeout)
@@ -63,8 +68,9 @@ class StreamReader:
     def __init__(self, url: str, kind: str, b: dict, rid: str, timeout: float = 120) -> None:
         self.kind = kind
         self._client = httpx.Client(timeout=timeout)
-        self._cm = self._client.stream("POST", url + path(kind), json=b,
-                                       headers={"X-Request-Id": rid})
+        self._cm = self._client.stream(
+            "POST", url + path(kind), json=b, headers={"X-Request-Id": rid}
+        )
         self.resp = self._cm.__enter__()
         self.result = Result(self.resp.status_code)
         self._lines = self.resp.iter_lines()
@@ -84,8 +90,7 @@ class StreamReader:
                 r.usage = ev["usage"]
             for ch in ev.get("choices", []):
                 r.token_ids += ch.get("token_ids", [])
-                r.text += (ch["delta"].get("content") or "") if self.kind == "chat" \
-                    else ch["text"]
+                r.text += (ch["delta"].get("content") or "") if self.kind == "chat" else ch["text"]
                 r.finish_reason = ch["finish_reason"] or r.finish_reason
             yield ev
 
@@ -118,9 +123,11 @@ class RawRequest:
         u = urlsplit(url)
         payload = json.dumps(b).encode()
         self.sock = socket.create_connection((u.hostname, u.port), timeout=30)
-        head = (f"POST {path(kind)} HTTP/1.1\r\nHost: {u.netloc}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-                f"X-Request-Id: {rid}\r\n\r\n").encode()
+        head = (
+            f"POST {path(kind)} HTTP/1.1\r\nHost: {u.netloc}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+            f"X-Request-Id: {rid}\r\n\r\n"
+        ).encode()
         self.sock.sendall(head + payload)
         self.received = b""
 

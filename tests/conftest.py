@@ -22,8 +22,9 @@ def pytest_runtest_makereport(item, call):
     if isinstance(d, Deployment):
         for p in d.procs:
             lines = [x for x in p.log().splitlines() if " segue." in x]
-            report.sections.append((f"{p.name} (pid {p.pid}) segue log, last 40 lines",
-                                    "\n".join(lines[-40:])))
+            report.sections.append(
+                (f"{p.name} (pid {p.pid}) segue log, last 40 lines", "\n".join(lines[-40:]))
+            )
     return report
 
 
@@ -48,13 +49,22 @@ def hf_dir(tmp_path):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer)
     tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "model_max_length": 512,
-        "chat_template": "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] "
-                         "{{ m['content'] }}\n{% endfor %}[assistant] ",
-    }))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "model_max_length": 512,
+                "chat_template": "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] "
+                "{{ m['content'] }}\n{% endfor %}[assistant] ",
+            }
+        )
+    )
     return tmp_path

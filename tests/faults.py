@@ -30,8 +30,11 @@ def migrations(d: Deployment, reason: str) -> float:
 
 def migration_counts(d: Deployment) -> dict[str, float]:
     """The frontend's migration counters by label (for assertion messages)."""
-    return {k: v for k, v in d.frontend.metrics().items()
-            if k.startswith("segue_frontend_migrations_total")}
+    return {
+        k: v
+        for k, v in d.frontend.metrics().items()
+        if k.startswith("segue_frontend_migrations_total")
+    }
 
 
 def total_migrations(d: Deployment) -> float:

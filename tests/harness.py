@@ -45,12 +45,16 @@ def proc_stat(pid: int) -> list[str] | None:
 
 def children(pid: int) -> set[int]:
     """PIDs whose parent is `pid` (from /proc)."""
-    return {int(d) for d in os.listdir("/proc")
-            if d.isdigit() and (fields := proc_stat(int(d))) and int(fields[1]) == pid}
+    return {
+        int(d)
+        for d in os.listdir("/proc")
+        if d.isdigit() and (fields := proc_stat(int(d))) and int(fields[1]) == pid
+    }
 
 
-def wait_until(cond: Callable[[], T], timeout: float = 30.0, interval: float = 0.01,
-               what: str = "condition") -> T:
+def wait_until(
+    cond: Callable[[], T], timeout: float = 30.0, interval: float = 0.01, what: str = "condition"
+) -> T:
     """Poll `cond` until it returns something truthy; fail with `what` at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -69,8 +73,11 @@ class Proc:
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "segue", *args], stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True, env={**os.environ, **(env or {})},
+            [sys.executable, "-m", "segue", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         self.pid = self.popen.pid
         _started.append(self.popen)
@@ -146,19 +153,33 @@ class Deployment:
         self._n = 0
 
     def start_frontend(self, *extra: str) -> Proc:
-        p = Proc("frontend", ["frontend", "--port", "0", "--discovery", self.discovery,
-                              *extra], self.tmp)
+        p = Proc(
+            "frontend", ["frontend", "--port", "0", "--discovery", self.discovery, *extra], self.tmp
+        )
         self.procs.append(p)
         p.wait_ready()
         self.frontend = p
         return p
 
-    def start_worker(self, *extra: str, role: str = "aggregated", wait: bool = True,
-                     fast: bool = True, ready_timeout: float = 20.0,
-                     env: dict | None = None) -> Proc:
+    def start_worker(
+        self,
+        *extra: str,
+        role: str = "aggregated",
+        wait: bool = True,
+        fast: bool = True,
+        ready_timeout: float = 20.0,
+        env: dict | None = None,
+    ) -> Proc:
         self._n += 1
-        args = ["worker", "--discovery", self.discovery, "--role", role,
-                *(FAST_MOCKER if fast else []), *extra]
+        args = [
+            "worker",
+            "--discovery",
+            self.discovery,
+            "--role",
+            role,
+            *(FAST_MOCKER if fast else []),
+            *extra,
+        ]
         p = Proc(f"worker{self._n}-{role}", args, self.tmp, env)
         self.procs.append(p)
         self.workers.append(p)

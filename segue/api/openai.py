@@ -63,7 +63,11 @@ class APIError(Exception):
     """A client-visible error with an OpenAI-style body."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None,
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
         err_type: str | None = None,
     ) -> None:
         super().__init__(message)
@@ -109,10 +113,10 @@ def prompt_text_or_ids(prompt: str | list[Any]) -> str | list[int]:
     if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
     if prompt and all(isinstance(p, str) for p in prompt):
-        raise APIError(400, "Batched prompts (a list of several strings) are not supported",
-                       param="prompt")
-    raise APIError(400, "prompt must be a string or a non-empty list of token ids",
-                   param="prompt")
+        raise APIError(
+            400, "Batched prompts (a list of several strings) are not supported", param="prompt"
+        )
+    raise APIError(400, "prompt must be a string or a non-empty list of token ids", param="prompt")
 
 
 def message_dicts(messages: list[Message]) -> list[dict]:
@@ -121,13 +125,15 @@ def message_dicts(messages: list[Message]) -> list[dict]:
     out = []
     for i, m in enumerate(messages):
         if m.role not in ("system", "user", "assistant", "developer", "tool"):
-            raise APIError(400, f"messages[{i}].role {m.role!r} is not supported",
-                           param=f"messages[{i}].role")
+            raise APIError(
+                400, f"messages[{i}].role {m.role!r} is not supported", param=f"messages[{i}].role"
+            )
         content = m.content
         if isinstance(content, list):
             if any(p.type != "text" for p in content):
-                raise APIError(400, "only text content parts are supported",
-                               param=f"messages[{i}].content")
+                raise APIError(
+                    400, "only text content parts are supported", param=f"messages[{i}].content"
+                )
             content = "".join(p.text for p in content)
         out.append({"role": m.role, "content": content or ""})
     return out

@@ -44,7 +44,14 @@ class PrefillFallback(StrEnum):
     LOCAL = "local"  # no prefill worker left: the decode worker prefills itself
 
 
-_FIRST_ROLE = {Strategy.NONE: Role.AGGREGATED, Strategy.FRONTEND: Role.DECODE,
-               Strategy.DECODE_FIRST: Role.DECODE, Strategy.PREFILL_FIRST: Role.PREFILL}
-_WORKER_STRATEGY = {Role.AGGREGATED: Strategy.NONE, Role.DECODE: Strategy.DECODE_FIRST,
-                    Role.PREFILL: Strategy.PREFILL_FIRST}
+_FIRST_ROLE = {
+    Strategy.NONE: Role.AGGREGATED,
+    Strategy.FRONTEND: Role.DECODE,
+    Strategy.DECODE_FIRST: Role.DECODE,
+    Strategy.PREFILL_FIRST: Role.PREFILL,
+}
+_WORKER_STRATEGY = {
+    Role.AGGREGATED: Strategy.NONE,
+    Role.DECODE: Strategy.DECODE_FIRST,
+    Role.PREFILL: Strategy.PREFILL_FIRST,
+}

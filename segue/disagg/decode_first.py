@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("segue.worker")
 
 
-async def run(stages: Stages, req: EngineRequest, resp: web.StreamResponse,
-              fallback: PrefillFallback) -> None:
+async def run(
+    stages: Stages, req: EngineRequest, resp: web.StreamResponse, fallback: PrefillFallback
+) -> None:
     inst = stages.router.pick((Role.PREFILL,))
     if inst is None:
         if fallback is PrefillFallback.LOCAL:

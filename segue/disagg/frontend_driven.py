@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from segue.frontend.preprocess import RequestState
 
 
-async def attempt(client: ResilientClient, state: RequestState,
-                  exclude: set[str]) -> AsyncGenerator[Delta, None]:
+async def attempt(
+    client: ResilientClient, state: RequestState, exclude: set[str]
+) -> AsyncGenerator[Delta, None]:
     handle = await remote_prefill(client, state, exclude)
     if handle is None:  # no prefill worker; fallback: the decode worker does it all
         inst = client.pick(Role.DECODE, exclude, state)
@@ -38,8 +39,9 @@ async def attempt(client: ResilientClient, state: RequestState,
             drop_kv_soon(client.session, handle.url, handle.kv_id)
 
 
-async def remote_prefill(client: ResilientClient, state: RequestState,
-                         exclude: set[str]) -> KvHandle | None:
+async def remote_prefill(
+    client: ResilientClient, state: RequestState, exclude: set[str]
+) -> KvHandle | None:
     """The KV handle of the prompt from a prefill worker (None: fall back to local)."""
     from segue.frontend.client import NoWorkerError
 
@@ -50,8 +52,9 @@ async def remote_prefill(client: ResilientClient, state: RequestState,
         raise NoWorkerError("no prefill worker available (and no local prefill fallback)")
     refused: Failure | None = None
     try:
-        frames = stream_frames(client.session, inst, state.engine_request(Phase.PREFILL),
-                               client.stall_timeout)
+        frames = stream_frames(
+            client.session, inst, state.engine_request(Phase.PREFILL), client.stall_timeout
+        )
         async with contextlib.aclosing(frames) as fs:
             async for f in fs:
                 if type(f) is Prefilled:

@@ -25,12 +25,27 @@ def create_engine(cfg: WorkerConfig, tokenizer: Tokenizer) -> Engine:
     if cfg.engine is EngineName.HF:
         from segue.engines.hf import HFConfig, HFEngine
 
-        return HFEngine(HFConfig(model_dir=cfg.model, max_num_seqs=opts.max_num_seqs,
-                                 kv_blocks=opts.kv_blocks, device=opts.device), tokenizer)
+        return HFEngine(
+            HFConfig(
+                model_dir=cfg.model,
+                max_num_seqs=opts.max_num_seqs,
+                kv_blocks=opts.kv_blocks,
+                device=opts.device,
+            ),
+            tokenizer,
+        )
     from segue.engines.vllm import VllmConfig, VllmEngine
 
-    return VllmEngine(VllmConfig(model_dir=cfg.model, max_num_seqs=opts.max_num_seqs,
-                                 max_model_len=tokenizer.context_length,
-                                 max_num_batched_tokens=opts.max_num_batched_tokens,
-                                 role=cfg.role, kv_connector=opts.vllm_kv_connector,
-                                 kv_ttl=cfg.kv_ttl, host=cfg.host), tokenizer)
+    return VllmEngine(
+        VllmConfig(
+            model_dir=cfg.model,
+            max_num_seqs=opts.max_num_seqs,
+            max_model_len=tokenizer.context_length,
+            max_num_batched_tokens=opts.max_num_batched_tokens,
+            role=cfg.role,
+            kv_connector=opts.vllm_kv_connector,
+            kv_ttl=cfg.kv_ttl,
+            host=cfg.host,
+        ),
+        tokenizer,
+    )

@@ -48,15 +48,25 @@ class EngineInput:
     kv_payload: bytes | None = None  # DECODE: the KV of token_ids, from the prefill worker
 
     @classmethod
-    def from_request(cls, req: EngineRequest, task: EngineTask | None = None,
-                     kv_payload: bytes | None = None) -> EngineInput:
+    def from_request(
+        cls, req: EngineRequest, task: EngineTask | None = None, kv_payload: bytes | None = None
+    ) -> EngineInput:
         if task is None:
-            task = {Phase.PREFILL: EngineTask.PREFILL,
-                    Phase.DECODE: EngineTask.DECODE}.get(req.phase, EngineTask.GENERATE)
-        return cls(request_id=req.request_id, token_ids=req.token_ids,
-                   max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                   seed=req.seed, stop_token_ids=req.stop_token_ids,
-                   ignore_eos=req.ignore_eos, task=task, kv_payload=kv_payload)
+            task = {Phase.PREFILL: EngineTask.PREFILL, Phase.DECODE: EngineTask.DECODE}.get(
+                req.phase, EngineTask.GENERATE
+            )
+        return cls(
+            request_id=req.request_id,
+            token_ids=req.token_ids,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            task=task,
+            kv_payload=kv_payload,
+        )
 
 
 @dataclass(slots=True)

@@ -25,8 +25,12 @@ class EngineOptions:
     kv_blocks: int = option(4096, help="hf: KV cache blocks")
     device: str = option("auto", help="hf: cpu, cuda or auto")
     max_num_batched_tokens: int | None = option(
-        None, help="vllm: tokens one engine step may compute; a longer prompt is prefilled "
-        "in chunks (vLLM's default when unset)")
+        None,
+        help="vllm: tokens one engine step may compute; a longer prompt is prefilled "
+        "in chunks (vLLM's default when unset)",
+    )
     vllm_kv_connector: KvConnector = option(
-        KvConnector.EXAMPLE, help="vLLM's KV connector for prefill/decode workers (nixl: "
-        "see docs/operations.md for its state on CPU)")
+        KvConnector.EXAMPLE,
+        help="vLLM's KV connector for prefill/decode workers (nixl: "
+        "see docs/operations.md for its state on CPU)",
+    )

@@ -58,8 +58,7 @@ class HFConfig:
 
 
 class _Seq:
-    __slots__ = ("req", "stream", "blocks", "cache", "next_input", "generated", "done",
-                 "imported")
+    __slots__ = ("req", "stream", "blocks", "cache", "next_input", "generated", "done", "imported")
 
     def __init__(self, req: EngineInput, stream: RequestStream, blocks: int) -> None:
         self.req, self.stream, self.blocks = req, stream, blocks
@@ -104,7 +103,8 @@ class HFEngine(Engine):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         model: Any = AutoModelForCausalLM.from_pretrained(
-            Path(self.cfg.model_dir), dtype=getattr(torch, self.cfg.dtype))
+            Path(self.cfg.model_dir), dtype=getattr(torch, self.cfg.dtype)
+        )
         self.model = model.to(device).eval()
         log.info("loaded %s on %s (%s)", self.cfg.model_dir, device, self.cfg.dtype)
 
@@ -147,8 +147,12 @@ class HFEngine(Engine):
     def kv_payload(self, key: str) -> bytes:
         cache, ids = self.table.held[key][1]
         layers = cache.layers if cache is not None else []
-        header = _KvHeader(token_digest(ids), len(ids) - 1, self.cfg.dtype,
-                           [list(layer.keys.shape) for layer in layers])
+        header = _KvHeader(
+            token_digest(ids),
+            len(ids) - 1,
+            self.cfg.dtype,
+            [list(layer.keys.shape) for layer in layers],
+        )
         head = msgspec.msgpack.encode(header)
         parts = [len(head).to_bytes(4, "big"), head]
         for layer in layers:
@@ -160,8 +164,11 @@ class HFEngine(Engine):
         cache = self.table.held[key][1][0]
         if cache is None:
             return 0
-        return sum(t.numel() * t.element_size() for layer in cache.layers
-                   for t in (layer.keys, layer.values))
+        return sum(
+            t.numel() * t.element_size()
+            for layer in cache.layers
+            for t in (layer.keys, layer.values)
+        )
 
     def release_kv(self, key: str) -> bool:
         with self._lock:
@@ -180,7 +187,7 @@ class HFEngine(Engine):
             raise EngineRequestError("a decode needs a KV payload")
         try:
             n = int.from_bytes(payload[:4], "big")
-            header = msgspec.msgpack.decode(payload[4:4 + n], type=_KvHeader)
+            header = msgspec.msgpack.decode(payload[4 : 4 + n], type=_KvHeader)
         except (TypeError, ValueError, msgspec.DecodeError):
             raise EngineRequestError("KV payload is not a segue KV payload") from None
         if header.digest != token_digest(token_ids) or header.num_tokens != len(token_ids) - 1:
@@ -195,9 +202,14 @@ class HFEngine(Engine):
         pos = 4 + n
         for i, shape in enumerate(header.shapes):
             size = int(np.prod(shape)) * np_dtype.itemsize
-            k, v = (torch.from_numpy(np.frombuffer(payload, np_dtype, int(np.prod(shape)),
-                                                   pos + j * size).reshape(shape).copy())
-                    .to(self.device) for j in (0, 1))
+            k, v = (
+                torch.from_numpy(
+                    np.frombuffer(payload, np_dtype, int(np.prod(shape)), pos + j * size)
+                    .reshape(shape)
+                    .copy()
+                ).to(self.device)
+                for j in (0, 1)
+            )
             pos += 2 * size
             cache.update(k, v, i)
         if pos != len(payload):
@@ -236,8 +248,9 @@ class HFEngine(Engine):
     def _step(self) -> bool:
         with self._lock:
             admitted = self.table.admit()
-            decoding = [s for s in self.table.running.values() if s.cache is not None
-                        and s not in admitted]
+            decoding = [
+                s for s in self.table.running.values() if s.cache is not None and s not in admitted
+            ]
         if not admitted and not decoding:
             return False
         for seq in admitted:
@@ -295,7 +308,8 @@ class HFEngine(Engine):
             seq.next_input = [tok]
             seq.generated += 1
             self._call(seq.stream.push, tok)
-            done = finish_reason(tok, seq.generated, req.max_tokens, req.stop_token_ids,
-                                 self.eos, req.ignore_eos)
+            done = finish_reason(
+                tok, seq.generated, req.max_tokens, req.stop_token_ids, self.eos, req.ignore_eos
+            )
             if done is not None:
                 self._finish_locked(seq, EngineFinish(done))

@@ -75,16 +75,19 @@ class MockerConfig:
     block_size: int = option(16, help="tokens per KV block")
     step_ms: float = option(5.0, help="decode step time for one sequence, before speedup")
     prefill_tps: float = option(
-        50000.0, help="prefill speed in prompt tokens per second, before speedup")
+        50000.0, help="prefill speed in prompt tokens per second, before speedup"
+    )
     batch_slowdown: float = option(0.01, help="extra step time per running sequence")
     speedup: float = option(1.0, help="divide every simulated time by this (large: instant)")
     seed: int = option(0, help="seed of the simulated model")
     kv_bytes_per_token: int = option(
-        1024, help="size of the simulated KV payload a prefill hands over")
+        1024, help="size of the simulated KV payload a prefill hands over"
+    )
     # Fault injection for tests: after emitting this many tokens in all, the engine stops
     # stepping forever (a hung engine inside a live worker).
-    hang_after_tokens: int | None = option(None, flag="--fault-engine-hang-after-tokens",
-                                           hidden=True, help="fault injection")
+    hang_after_tokens: int | None = option(
+        None, flag="--fault-engine-hang-after-tokens", hidden=True, help="fault injection"
+    )
 
 
 class _Seq:
@@ -192,8 +195,9 @@ class MockerEngine(Engine):
         self._emitted += 1
         seq.stream.push(tok)
         req = seq.req
-        done = finish_reason(tok, seq.generated, req.max_tokens, req.stop_token_ids, self.eos,
-                             req.ignore_eos)
+        done = finish_reason(
+            tok, seq.generated, req.max_tokens, req.stop_token_ids, self.eos, req.ignore_eos
+        )
         if done is not None:
             self._finish(seq, EngineFinish(done))
 

@@ -36,7 +36,8 @@ class SeqTable:
         blocks = -(-(len(req.token_ids) + new_tokens) // self.block_size)
         if blocks > self.total:
             raise EngineRequestError(
-                f"request needs {blocks} KV blocks, the engine has {self.total}")
+                f"request needs {blocks} KV blocks, the engine has {self.total}"
+            )
         return blocks
 
     def add(self, seq: Any) -> None:
@@ -46,8 +47,11 @@ class SeqTable:
     def admit(self) -> list[Any]:
         """Moves waiting sequences to running, in order, while slots and blocks last."""
         admitted = []
-        while (self.waiting and len(self.running) < self.max_num_seqs
-               and self.waiting[0].blocks <= self.free):
+        while (
+            self.waiting
+            and len(self.running) < self.max_num_seqs
+            and self.waiting[0].blocks <= self.free
+        ):
             seq = self.waiting.popleft()
             self.free -= seq.blocks
             self.running[seq.req.request_id] = seq
@@ -83,6 +87,10 @@ class SeqTable:
         return True
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=len(self.running), waiting=len(self.waiting),
-                           kv_blocks_used=self.total - self.free, kv_blocks_total=self.total,
-                           held=len(self.held))
+        return EngineStats(
+            running=len(self.running),
+            waiting=len(self.waiting),
+            kv_blocks_used=self.total - self.free,
+            kv_blocks_total=self.total,
+            held=len(self.held),
+        )

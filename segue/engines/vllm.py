@@ -95,7 +95,8 @@ class VllmEngine(Engine):
         self._streams: dict[str, RequestStream] = {}
         self._sched = (0, 0, 0.0)  # running, waiting, kv usage: vLLM's scheduler stats
         self._prompt_tokens = dict.fromkeys(
-            ("computed", "local_cache_hit", "external_kv_transfer"), 0)
+            ("computed", "local_cache_hit", "external_kv_transfer"), 0
+        )
         self.total_blocks = 0
         self.block_size = 0
         self.kv: KvTransfer | None = None
@@ -107,7 +108,8 @@ class VllmEngine(Engine):
                     raise ValueError(
                         f"the {cfg.kv_connector} KV connector cannot store a prompt prefilled "
                         f"in chunks: --max-num-batched-tokens must be at least the model's "
-                        f"context length ({cfg.max_model_len}) on prefill/decode workers")
+                        f"context length ({cfg.max_model_len}) on prefill/decode workers"
+                    )
                 self.cfg = replace(cfg, max_num_batched_tokens=cfg.max_model_len)
 
     async def start(self) -> None:
@@ -122,18 +124,23 @@ class VllmEngine(Engine):
             def __init__(self, vllm_config, engine_index: int = 0) -> None:
                 pass
 
-            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
-                       engine_idx: int = 0) -> None:
+            def record(
+                self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0
+            ) -> None:
                 if iteration_stats is not None:
                     p = iteration_stats.prompt_token_stats
-                    for source, n in (("computed", p.computed),
-                                      ("local_cache_hit", p.local_cache_hit),
-                                      ("external_kv_transfer", p.external_kv_transfer)):
+                    for source, n in (
+                        ("computed", p.computed),
+                        ("local_cache_hit", p.local_cache_hit),
+                        ("external_kv_transfer", p.external_kv_transfer),
+                    ):
                         engine._prompt_tokens[source] += n
                 if scheduler_stats is not None:
-                    engine._sched = (scheduler_stats.num_running_reqs,
-                                     scheduler_stats.num_waiting_reqs,
-                                     scheduler_stats.kv_cache_usage)
+                    engine._sched = (
+                        scheduler_stats.num_running_reqs,
+                        scheduler_stats.num_waiting_reqs,
+                        scheduler_stats.kv_cache_usage,
+                    )
 
             def log_engine_initialized(self) -> None:
                 pass
@@ -142,12 +149,15 @@ class VllmEngine(Engine):
         if self.kv is not None:
             kv_transfer = self.kv.transfer_config(self.cfg.role, self.cfg.kv_ttl, self.cfg.host)
         args = AsyncEngineArgs(
-            model=self.cfg.model_dir, dtype=self.cfg.dtype,  # type: ignore[arg-type]
+            model=self.cfg.model_dir,
+            dtype=self.cfg.dtype,  # type: ignore[arg-type]
             max_model_len=self.cfg.max_model_len,
             max_num_seqs=self.cfg.max_num_seqs,
             max_num_batched_tokens=self.cfg.max_num_batched_tokens,
-            skip_tokenizer_init=True, enforce_eager=True,
-            disable_log_stats=False, kv_transfer_config=kv_transfer,
+            skip_tokenizer_init=True,
+            enforce_eager=True,
+            disable_log_stats=False,
+            kv_transfer_config=kv_transfer,
         )
         self._launcher = _engine_dies_with_worker()
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerStats])
@@ -157,9 +167,13 @@ class VllmEngine(Engine):
             mc = self.llm.vllm_config.model_config
             self.kv.block_size = self.block_size
             self.kv.kv_bytes_per_block = (  # K and V of every layer, fp32/bf16
-                2 * mc.get_num_layers(self.llm.vllm_config.parallel_config)
+                2
+                * mc.get_num_layers(self.llm.vllm_config.parallel_config)
                 * mc.get_num_kv_heads(self.llm.vllm_config.parallel_config)
-                * mc.get_head_size() * self.block_size * mc.dtype.itemsize)
+                * mc.get_head_size()
+                * self.block_size
+                * mc.dtype.itemsize
+            )
         log.info("vLLM engine ready: %s, %d KV blocks", self.cfg.model_dir, self.total_blocks)
 
     async def stop(self) -> None:
@@ -187,11 +201,14 @@ class VllmEngine(Engine):
 
     def stats(self) -> EngineStats:
         running, waiting, usage = self._sched
-        return EngineStats(running=running, waiting=waiting,
-                           kv_blocks_used=round(usage * self.total_blocks),
-                           kv_blocks_total=self.total_blocks,
-                           held=len(self.kv.held) if self.kv else 0,
-                           prompt_tokens=dict(self._prompt_tokens))
+        return EngineStats(
+            running=running,
+            waiting=waiting,
+            kv_blocks_used=round(usage * self.total_blocks),
+            kv_blocks_total=self.total_blocks,
+            held=len(self.kv.held) if self.kv else 0,
+            prompt_tokens=dict(self._prompt_tokens),
+        )
 
     def add_request(self, req: EngineInput) -> RequestStream:
         if req.task is not EngineTask.GENERATE and self.kv is None:
@@ -199,8 +216,9 @@ class VllmEngine(Engine):
         if req.request_id in self._tasks:
             raise EngineRequestError(f"request id {req.request_id!r} is already running")
         if len(req.token_ids) + req.max_tokens > self.cfg.max_model_len:
-            raise EngineRequestError(f"prompt + max_tokens exceeds max_model_len "
-                                     f"{self.cfg.max_model_len}")
+            raise EngineRequestError(
+                f"prompt + max_tokens exceeds max_model_len {self.cfg.max_model_len}"
+            )
         extra: dict[str, Any] = {}
         kv = self.kv
         if kv is not None and req.task is EngineTask.PREFILL:
@@ -215,9 +233,13 @@ class VllmEngine(Engine):
             # the connector's files for this prompt are in use until vLLM is done with it
             # (a done-callback: it runs even if the task is cancelled before it starts)
             kv.request_started(req.token_ids)
-            task.add_done_callback(lambda t: kv.request_done(
-                req.token_ids, engine_done=not t.cancelled() and stream.finish_reason not in
-                (None, EngineFinish.ABORT)))
+            task.add_done_callback(
+                lambda t: kv.request_done(
+                    req.token_ids,
+                    engine_done=not t.cancelled()
+                    and stream.finish_reason not in (None, EngineFinish.ABORT),
+                )
+            )
         return stream
 
     async def _consume(self, req: EngineInput, stream: RequestStream, extra: dict) -> None:
@@ -226,14 +248,20 @@ class VllmEngine(Engine):
         stops = list(req.stop_token_ids) + ([] if req.ignore_eos else self.eos)
         prefill = req.task is EngineTask.PREFILL
         params = SamplingParams(
-            max_tokens=1 if prefill else req.max_tokens, temperature=req.temperature,
-            top_p=req.top_p, seed=req.seed if req.temperature > 0 else None, stop_token_ids=stops,
-            ignore_eos=req.ignore_eos, output_kind=RequestOutputKind.DELTA, detokenize=False,
+            max_tokens=1 if prefill else req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed if req.temperature > 0 else None,
+            stop_token_ids=stops,
+            ignore_eos=req.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+            detokenize=False,
             extra_args=extra or None,
         )
         try:
-            async for out in self.llm.generate({"prompt_token_ids": req.token_ids}, params,
-                                               req.request_id):
+            async for out in self.llm.generate(
+                {"prompt_token_ids": req.token_ids}, params, req.request_id
+            ):
                 o = out.outputs[0]
                 if o.finish_reason == "error":  # e.g. its KV could not be read: migrate
                     stream.finish(EngineFinish.ERROR, "vLLM finished the request with an error")
@@ -249,9 +277,13 @@ class VllmEngine(Engine):
                 for t in o.token_ids:
                     stream.push(t)
                 if out.finished:
-                    stream.finish(EngineFinish.STOP if o.finish_reason == "stop" else
-                                  EngineFinish.ABORT if o.finish_reason == "abort" else
-                                  EngineFinish.LENGTH)
+                    stream.finish(
+                        EngineFinish.STOP
+                        if o.finish_reason == "stop"
+                        else EngineFinish.ABORT
+                        if o.finish_reason == "abort"
+                        else EngineFinish.LENGTH
+                    )
                     return
             stream.finish(EngineFinish.ABORT)
         except asyncio.CancelledError:

@@ -114,12 +114,14 @@ class NixlKv(KvTransfer):
         os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = host
         os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_free_port(host))
         return KVTransferConfig(
-            kv_connector="NixlConnector", kv_connector_module_path="segue.engines.vllm_nixl",
+            kv_connector="NixlConnector",
+            kv_connector_module_path="segue.engines.vllm_nixl",
             kv_role="kv_both",
             kv_connector_extra_config={
                 # vLLM renews the lease every lease/6 s (integer): keep it at 6 s or more.
                 "kv_lease_duration": max(6, round(kv_ttl)),
-            })
+            },
+        )
 
     def prefill_args(self) -> dict[str, Any]:
         return {"kv_transfer_params": {"do_remote_decode": True}}
@@ -128,7 +130,8 @@ class NixlKv(KvTransfer):
         held = self.held[key]
         held.pulled = True  # from now on the decode side frees the blocks when it reads them
         return msgspec.msgpack.encode(
-            _NixlPayload(token_digest(held.token_ids), json.dumps(held.params)))
+            _NixlPayload(token_digest(held.token_ids), json.dumps(held.params))
+        )
 
     def nbytes(self, key: str) -> int:
         blocks = (self.held[key].params or {}).get("remote_block_ids") or [[]]
@@ -161,7 +164,7 @@ def _safetensors_rows(data: bytes) -> list[int]:
     if len(data) < 8:
         raise ValueError("truncated")
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     return [t["shape"][0] for k, t in header.items() if k != "__metadata__"]
 
 
@@ -181,8 +184,11 @@ class ExampleKv(KvTransfer):
     def transfer_config(self, role: str, kv_ttl: float, host: str):
         from vllm.config import KVTransferConfig
 
-        return KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both",
-                                kv_connector_extra_config={"shared_storage_path": str(self.dir)})
+        return KVTransferConfig(
+            kv_connector="ExampleConnector",
+            kv_role="kv_both",
+            kv_connector_extra_config={"shared_storage_path": str(self.dir)},
+        )
 
     def _folder(self, token_ids: list[int], n: int) -> Path:
         """Where ExampleConnector keeps the KV of token_ids[:n] (its own naming)."""
@@ -209,8 +215,7 @@ class ExampleKv(KvTransfer):
         folder = self._folder(ids, stored)
         # Only a prefix the decode side will look up is worth sending.
         if stored == looked_up and stored > 0 and folder.is_dir():
-            files = {f.name: f.read_bytes() for f in folder.iterdir()
-                     if _KV_FILE_RE.match(f.name)}
+            files = {f.name: f.read_bytes() for f in folder.iterdir() if _KV_FILE_RE.match(f.name)}
         return msgspec.msgpack.encode(_FilesPayload(token_digest(ids), files))
 
     def nbytes(self, key: str) -> int:
@@ -243,8 +248,9 @@ class ExampleKv(KvTransfer):
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                 raise EngineRequestError(f"KV payload file {name} is not safetensors") from None
             if not rows or any(r != looked_up for r in rows):
-                raise EngineRequestError(f"KV payload file {name} holds {rows} tokens, "
-                                         f"expected {looked_up}")
+                raise EngineRequestError(
+                    f"KV payload file {name} holds {rows} tokens, expected {looked_up}"
+                )
         if kv.files:  # else nothing block-aligned to reuse: the decode side prefills it all
             folder = self._folder(token_ids, looked_up)
             folder.mkdir(parents=True, exist_ok=True)
@@ -263,8 +269,9 @@ class ExampleKv(KvTransfer):
             # may still write this prompt's files (prefill) or read them (decode); deleting
             # them under it kills vLLM's engine core (seen: ENOENT from safetensors). vLLM
             # does not say when it is done with an aborted request: wait well past any step.
-            asyncio.get_running_loop().call_later(ABORTED_FILES_GRACE_S, self._left_engine,
-                                                  tuple(token_ids))
+            asyncio.get_running_loop().call_later(
+                ABORTED_FILES_GRACE_S, self._left_engine, tuple(token_ids)
+            )
 
     def _left_engine(self, ids: tuple[int, ...]) -> None:
         self.in_engine[ids] -= 1
@@ -273,8 +280,9 @@ class ExampleKv(KvTransfer):
             self._remove_if_unused(list(ids))
 
     def _remove_if_unused(self, token_ids: list[int]) -> None:
-        if tuple(token_ids) not in self.in_engine and \
-                not any(h.token_ids == token_ids for h in self.held.values()):
+        if tuple(token_ids) not in self.in_engine and not any(
+            h.token_ids == token_ids for h in self.held.values()
+        ):
             self._remove(token_ids)
 
     def close(self) -> None:

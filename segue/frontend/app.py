@@ -66,15 +66,21 @@ class Frontend:
         self.preprocess = Preprocessor(cfg, tokenizer)
         self.output = OutputProcessor(tokenizer, self.metrics.ttft, self.metrics.itl)
         connector = aiohttp.TCPConnector(
-            limit=cfg.max_connections, limit_per_host=0, ttl_dns_cache=None,
+            limit=cfg.max_connections,
+            limit_per_host=0,
+            ttl_dns_cache=None,
             enable_cleanup_closed=True,
         )
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         self.router = Router(cfg.router, self.session)
         self.client = ResilientClient(
-            self.router, self.session, self.metrics.migrations,
-            migration_limit=cfg.migration_limit, stall_timeout=cfg.stall_timeout,
-            strategy=cfg.disagg_strategy, prefill_fallback=cfg.prefill_fallback,
+            self.router,
+            self.session,
+            self.metrics.migrations,
+            migration_limit=cfg.migration_limit,
+            stall_timeout=cfg.stall_timeout,
+            strategy=cfg.disagg_strategy,
+            prefill_fallback=cfg.prefill_fallback,
         )
         self.shutting_down = False
         self._watch_task = asyncio.create_task(self._watch(), name="discovery-watch")
@@ -105,7 +111,8 @@ class Frontend:
 
     @web.middleware
     async def _error_middleware(
-        self, request: web.Request,
+        self,
+        request: web.Request,
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
         try:
@@ -119,14 +126,20 @@ class Frontend:
     # -- simple endpoints ----------------------------------------------------------------
 
     async def handle_models(self, request: web.Request) -> web.Response:
-        data = [{"id": self.cfg.served_model_name, "object": "model", "created": 0,
-                 "owned_by": "segue"}]
+        data = [
+            {"id": self.cfg.served_model_name, "object": "model", "created": 0, "owned_by": "segue"}
+        ]
         return web.json_response({"object": "list", "data": data})
 
     async def handle_health(self, request: web.Request) -> web.Response:
         workers = [
-            {"id": i.id, "role": i.role, "pid": i.pid, "url": i.url,
-             "routable": i.id not in self.router.down}
+            {
+                "id": i.id,
+                "role": i.role,
+                "pid": i.pid,
+                "url": i.url,
+                "routable": i.id not in self.router.down,
+            }
             for i in self.router.instances.values()
         ]
         ok = bool(self.router.routable()) and not self.shutting_down
@@ -137,8 +150,7 @@ class Frontend:
         return web.json_response({"status": "live"})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry),
-                            content_type="text/plain")
+        return web.Response(body=generate_latest(self.metrics.registry), content_type="text/plain")
 
     # -- generation endpoints ------------------------------------------------------------
 
@@ -200,11 +212,11 @@ class Frontend:
                 return await work
         except TimeoutError:
             log.info("Request %s timed out after %.3fs", prep.state.request_id, prep.timeout)
-            raise oai.APIError(408, f"request timed out after {prep.timeout}s",
-                               param="timeout", code="timeout") from None
+            raise oai.APIError(
+                408, f"request timed out after {prep.timeout}s", param="timeout", code="timeout"
+            ) from None
 
-    async def _respond_whole(self, prep: PreparedRequest, headers: dict[str, str]
-                             ) -> web.Response:
+    async def _respond_whole(self, prep: PreparedRequest, headers: dict[str, str]) -> web.Response:
         async def collect() -> tuple[str, FinishReason | None]:
             parts: list[str] = []
             reason = None
@@ -220,8 +232,9 @@ class Frontend:
         body = Renderer(prep, self.cfg.served_model_name).response(text, finish)
         return web.Response(body=body, content_type="application/json", headers=headers)
 
-    async def _respond_stream(self, request: web.Request, prep: PreparedRequest,
-                              headers: dict[str, str]) -> web.StreamResponse:
+    async def _respond_stream(
+        self, request: web.Request, prep: PreparedRequest, headers: dict[str, str]
+    ) -> web.StreamResponse:
         render = Renderer(prep, self.cfg.served_model_name)
         resp: web.StreamResponse | None = None
 
@@ -264,11 +277,14 @@ class Frontend:
         return resp
 
 
-async def run_frontend(cfg: FrontendConfig, tokenizer: Tokenizer, discovery: Discovery,
-                       stop: asyncio.Event) -> None:
+async def run_frontend(
+    cfg: FrontendConfig, tokenizer: Tokenizer, discovery: Discovery, stop: asyncio.Event
+) -> None:
     fe = Frontend(cfg, tokenizer, discovery)
     runner = web.AppRunner(
-        fe.app(), handler_cancellation=True, access_log=None,
+        fe.app(),
+        handler_cancellation=True,
+        access_log=None,
         shutdown_timeout=cfg.shutdown_grace,
     )
     await runner.setup()

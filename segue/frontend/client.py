@@ -102,27 +102,38 @@ class ResilientClient:
         if not action.counted:
             return
         if state.migrations >= self.migration_limit:
-            log.error("Cannot recreate stream: migration limit %d reached (last failure: %s)",
-                      self.migration_limit, f.label)
-            raise MigrationError(f"worker failed ({f.label}) and the migration limit "
-                                 f"({self.migration_limit}) is reached")
+            log.error(
+                "Cannot recreate stream: migration limit %d reached (last failure: %s)",
+                self.migration_limit,
+                f.label,
+            )
+            raise MigrationError(
+                f"worker failed ({f.label}) and the migration limit "
+                f"({self.migration_limit}) is reached"
+            )
         state.migrations += 1
         self.migrations_total.labels(reason=f.label).inc()
         log.warning(
             "Stream disconnected... recreating stream... request %s, worker %s, reason %s, "
-            "%d tokens received, attempt %d/%d", state.request_id,
-            f.instance.id if f.instance else "-", f.label, len(state.generated),
-            state.migrations, self.migration_limit,
+            "%d tokens received, attempt %d/%d",
+            state.request_id,
+            f.instance.id if f.instance else "-",
+            f.label,
+            len(state.generated),
+            state.migrations,
+            self.migration_limit,
         )
 
     def pick(self, role: Role, exclude: set[str], state: RequestState) -> Instance:
         inst = self.router.pick((role,), exclude)
         if inst is None:
             if state.migrations:
-                log.error("Cannot recreate stream: no worker available (role %s) for %s",
-                          role, state.request_id)
-                raise MigrationError(f"no worker available (role {role}) to continue the "
-                                     "request")
+                log.error(
+                    "Cannot recreate stream: no worker available (role %s) for %s",
+                    role,
+                    state.request_id,
+                )
+                raise MigrationError(f"no worker available (role {role}) to continue the request")
             raise NoWorkerError(f"no worker available (role {role})")
         return inst
 
@@ -132,8 +143,9 @@ class ResilientClient:
         inst = self.pick(self.strategy.first_role, exclude, state)
         return self.relay_tokens(inst, state, state.engine_request())
 
-    async def relay_tokens(self, inst: Instance, state: RequestState,
-                           req: EngineRequest) -> AsyncGenerator[Delta, None]:
+    async def relay_tokens(
+        self, inst: Instance, state: RequestState, req: EngineRequest
+    ) -> AsyncGenerator[Delta, None]:
         """One call: yields the tokens the client does not have yet, then the finish."""
         generated = state.generated
         with self.router.track(inst):

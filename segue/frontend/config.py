@@ -18,21 +18,27 @@ class FrontendConfig:
     namespace: str = option("default", help="deployment name inside the discovery store")
     model: str | None = option(None, help="Hugging Face model directory (tokenizer)")
     model_name: str | None = option(
-        None, help="served model name (default: the model directory's name)")
+        None, help="served model name (default: the model directory's name)"
+    )
     router: Policy = option(Policy.ROUND_ROBIN, help="how a worker is picked")
     migration_limit: int = option(3, help="times one request may move to another worker")
     stall_timeout: float = option(
-        5.0, help="seconds without any frame from a worker before it counts as hung")
+        5.0, help="seconds without any frame from a worker before it counts as hung"
+    )
     request_timeout: float | None = option(
-        None, help="default per-request deadline in seconds (none by default)")
+        None, help="default per-request deadline in seconds (none by default)"
+    )
     disagg_strategy: Strategy = option(
-        Strategy.NONE, help="disaggregated prefill/decode: who chains the stages")
+        Strategy.NONE, help="disaggregated prefill/decode: who chains the stages"
+    )
     prefill_fallback: PrefillFallback = option(
-        PrefillFallback.NONE, help="with no prefill worker left, prefill on the decode worker")
+        PrefillFallback.NONE, help="with no prefill worker left, prefill on the decode worker"
+    )
     max_body_bytes: int = option(4 * 1024 * 1024, help="largest request body accepted")
     default_max_tokens_chat: int = option(1024, help="max_tokens of a chat request without one")
     default_max_tokens_completion: int = option(
-        16, help="max_tokens of a completion request without one")
+        16, help="max_tokens of a completion request without one"
+    )
     shutdown_grace: float = option(30.0, help="seconds open streams may finish on SIGTERM")
     max_connections: int = option(1024, help="open connections to workers, at most")
 

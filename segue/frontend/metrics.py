@@ -9,21 +9,26 @@ class FrontendMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
-            "segue_frontend_requests", "HTTP requests by endpoint and status",
-            ["endpoint", "status"], registry=r,
+            "segue_frontend_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
         )
         self.migrations = Counter(
-            "segue_frontend_migrations", "Requests re-sent to another worker", ["reason"],
+            "segue_frontend_migrations",
+            "Requests re-sent to another worker",
+            ["reason"],
             registry=r,
         )
         self.cancellations = Counter(
-            "segue_frontend_cancellations", "Requests cancelled because the client went away",
+            "segue_frontend_cancellations",
+            "Requests cancelled because the client went away",
             registry=r,
         )
-        self.inflight = Gauge("segue_frontend_inflight_requests", "Requests in flight",
-                              registry=r)
+        self.inflight = Gauge("segue_frontend_inflight_requests", "Requests in flight", registry=r)
         self.ttft = Histogram(
-            "segue_frontend_time_to_first_token_seconds", "Time to first token",
+            "segue_frontend_time_to_first_token_seconds",
+            "Time to first token",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )

@@ -103,8 +103,9 @@ class OutputProcessor:
         self.ttft = ttft
         self.itl = itl
 
-    async def text_deltas(self, deltas: AsyncGenerator[Delta, None],
-                          stops: list[str]) -> AsyncGenerator[TextDelta, None]:
+    async def text_deltas(
+        self, deltas: AsyncGenerator[Delta, None], stops: list[str]
+    ) -> AsyncGenerator[TextDelta, None]:
         """Yields text deltas (never empty unless they carry token ids or the finish);
         the last one has the finish reason. Closing it closes `deltas`."""
         detok = IncrementalDetokenizer(self.tok)

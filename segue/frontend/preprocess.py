@@ -35,14 +35,22 @@ class RequestState:
     generated: list[int] = field(default_factory=list)
     migrations: int = 0
 
-    def engine_request(self, phase: Phase = Phase.GENERATE,
-                       kv: KvHandle | None = None) -> EngineRequest:
+    def engine_request(
+        self, phase: Phase = Phase.GENERATE, kv: KvHandle | None = None
+    ) -> EngineRequest:
         """What to send a worker now: the context so far and the budget left."""
         return EngineRequest(
-            request_id=self.request_id, token_ids=self.prompt_ids + self.generated,
-            max_tokens=self.max_tokens - len(self.generated), start_offset=len(self.generated),
-            temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, phase=phase, kv=kv,
+            request_id=self.request_id,
+            token_ids=self.prompt_ids + self.generated,
+            max_tokens=self.max_tokens - len(self.generated),
+            start_offset=len(self.generated),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            phase=phase,
+            kv=kv,
         )
 
     def finished(self) -> FinishReason | None:
@@ -50,8 +58,14 @@ class RequestState:
         that broke after its last token but before its Final frame)."""
         if not self.generated:
             return None
-        return finish_reason(self.generated[-1], len(self.generated), self.max_tokens,
-                             self.stop_token_ids, self.eos_token_ids, self.ignore_eos)
+        return finish_reason(
+            self.generated[-1],
+            len(self.generated),
+            self.max_tokens,
+            self.stop_token_ids,
+            self.eos_token_ids,
+            self.ignore_eos,
+        )
 
 
 @dataclass
@@ -85,9 +99,13 @@ class Preprocessor:
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             raise oai.validation_error(e) from None
         if body.model not in self.model_aliases:
-            raise oai.APIError(404, f"The model `{body.model}` does not exist; this server "
-                               f"serves `{self.cfg.served_model_name}`", param="model",
-                               code="model_not_found")
+            raise oai.APIError(
+                404,
+                f"The model `{body.model}` does not exist; this server "
+                f"serves `{self.cfg.served_model_name}`",
+                param="model",
+                code="model_not_found",
+            )
         if body.n != 1:
             raise oai.APIError(400, "only n=1 is supported", param="n")
         if body.logprobs not in (None, False):
@@ -116,36 +134,58 @@ class Preprocessor:
         # same way the first worker would have.
         seed = body.seed if body.seed is not None else random.getrandbits(63)
         state = RequestState(
-            request_id=request_id, prompt_ids=prompt_ids, max_tokens=max_tokens,
-            temperature=temperature, top_p=body.top_p or 1.0, seed=seed,
-            eos_token_ids=self.tok.eos_token_ids, ignore_eos=body.ignore_eos,
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=body.top_p or 1.0,
+            seed=seed,
+            eos_token_ids=self.tok.eos_token_ids,
+            ignore_eos=body.ignore_eos,
         )
         return PreparedRequest(
-            state=state, chat=chat, stream=body.stream,
+            state=state,
+            chat=chat,
+            stream=body.stream,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
-            stops=stops, return_token_ids=body.return_token_ids,
+            stops=stops,
+            return_token_ids=body.return_token_ids,
             timeout=body.timeout or self.cfg.request_timeout,
         )
 
-    def _max_tokens(self, body: oai.CommonParams, chat: bool, prompt_len: int,
-                    asked: int | None, prompt_param: str) -> int:
+    def _max_tokens(
+        self,
+        body: oai.CommonParams,
+        chat: bool,
+        prompt_len: int,
+        asked: int | None,
+        prompt_param: str,
+    ) -> int:
         ctx = self.tok.context_length
         if prompt_len >= ctx:
             raise oai.APIError(
-                400, f"the prompt has {prompt_len} tokens; this model's context length "
-                f"is {ctx}", param=prompt_param, code="context_length_exceeded",
+                400,
+                f"the prompt has {prompt_len} tokens; this model's context length is {ctx}",
+                param=prompt_param,
+                code="context_length_exceeded",
             )
         room = ctx - prompt_len
         if asked is None:
-            default = (self.cfg.default_max_tokens_chat if chat
-                       else self.cfg.default_max_tokens_completion)
+            default = (
+                self.cfg.default_max_tokens_chat if chat else self.cfg.default_max_tokens_completion
+            )
             return min(default, room)
         if asked > room:
-            param = ("max_completion_tokens"
-                     if isinstance(body, oai.ChatCompletionRequest) and body.max_completion_tokens
-                     else "max_tokens")
+            param = (
+                "max_completion_tokens"
+                if isinstance(body, oai.ChatCompletionRequest) and body.max_completion_tokens
+                else "max_tokens"
+            )
             raise oai.APIError(
-                400, f"{param}={asked} plus the prompt's {prompt_len} tokens exceeds "
-                f"the context length {ctx}", param=param, code="context_length_exceeded",
+                400,
+                f"{param}={asked} plus the prompt's {prompt_len} tokens exceeds "
+                f"the context length {ctx}",
+                param=param,
+                code="context_length_exceeded",
             )
         return asked

@@ -108,11 +108,15 @@ class Renderer:
         else:
             choice = CompletionChoice(0, text, None, finish, ids)
             obj = "text_completion"
-        return _encode(Response(self.prep.state.request_id, obj, self.created, self.model,
-                                [choice], self.usage()))
+        return _encode(
+            Response(
+                self.prep.state.request_id, obj, self.created, self.model, [choice], self.usage()
+            )
+        )
 
-    def chunk(self, text: str, ids: list[int], finish: FinishReason | None,
-              role: bool = False) -> bytes:
+    def chunk(
+        self, text: str, ids: list[int], finish: FinishReason | None, role: bool = False
+    ) -> bytes:
         """One SSE event of a stream."""
         tids = ids if self._ids else UNSET
         choice: Choice
@@ -121,10 +125,26 @@ class Renderer:
             choice = ChatChunkChoice(0, delta, None, finish, tids)
         else:
             choice = CompletionChoice(0, text, None, finish, tids)
-        return sse(Response(self.prep.state.request_id, self.chunk_object, self.created,
-                            self.model, [choice], self._usage))
+        return sse(
+            Response(
+                self.prep.state.request_id,
+                self.chunk_object,
+                self.created,
+                self.model,
+                [choice],
+                self._usage,
+            )
+        )
 
     def usage_chunk(self) -> bytes:
         """The last event of a stream with `include_usage`: no choices, the usage."""
-        return sse(Response(self.prep.state.request_id, self.chunk_object, self.created,
-                            self.model, [], self.usage()))
+        return sse(
+            Response(
+                self.prep.state.request_id,
+                self.chunk_object,
+                self.created,
+                self.model,
+                [],
+                self.usage(),
+            )
+        )

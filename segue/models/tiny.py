@@ -27,22 +27,39 @@ def build_tokenizer(out: Path, vocab_size: int) -> int:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [" ".join(_WORDS[i:i + 12]) for i in range(0, len(_WORDS), 3)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [" ".join(_WORDS[i : i + 12]) for i in range(0, len(_WORDS), 3)]
     tok.train_from_iterator(corpus * 4, trainer)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "model_max_length": 2048, "chat_template": CHAT_TEMPLATE,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }, indent=2))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "model_max_length": 2048,
+                "chat_template": CHAT_TEMPLATE,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            },
+            indent=2,
+        )
+    )
     return tok.get_vocab_size()
 
 
-def build_tiny_llama(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024,
-                     hidden_size: int = 64, layers: int = 2, heads: int = 4,
-                     max_positions: int = 2048) -> Path:
+def build_tiny_llama(
+    out_dir: str | Path,
+    seed: int = 0,
+    vocab_size: int = 1024,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 2048,
+) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,10 +67,18 @@ def build_tiny_llama(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024,
     out.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(out, vocab_size)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0, tie_word_embeddings=False, dtype="float32",
+        vocab_size=vocab,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        dtype="float32",
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()

@@ -21,24 +21,31 @@ class WorkerConfig:
     host: str = option("127.0.0.1", help="address to bind")
     port: int = option(0, help="port to bind (0: any free port)")
     drain_timeout: float = option(
-        30.0, help="seconds in-flight requests may finish on SIGTERM before they are "
-        "handed back")
+        30.0, help="seconds in-flight requests may finish on SIGTERM before they are handed back"
+    )
     keepalive: float = option(
-        0.5, help="seconds between keep-alive frames while a request makes no tokens")
+        0.5, help="seconds between keep-alive frames while a request makes no tokens"
+    )
     lease_ttl: float = option(
-        10.0, help="seconds a worker stays listed after its last lease renewal (a dead local "
-        "process is dropped at once; a failed call takes a worker out of rotation at once)")
+        10.0,
+        help="seconds a worker stays listed after its last lease renewal (a dead local "
+        "process is dropped at once; a failed call takes a worker out of rotation at once)",
+    )
     stall_timeout: float = option(
-        5.0, help="seconds without a frame from a remote stage before it counts as hung")
+        5.0, help="seconds without a frame from a remote stage before it counts as hung"
+    )
     kv_ttl: float = option(
-        30.0, help="seconds a prefilled KV payload waits for its pull before it is freed")
+        30.0, help="seconds a prefilled KV payload waits for its pull before it is freed"
+    )
     prefill_fallback: PrefillFallback = option(
-        PrefillFallback.NONE, help="decode worker: prefill locally when no prefill worker "
-        "is left")
+        PrefillFallback.NONE, help="decode worker: prefill locally when no prefill worker is left"
+    )
     engine_stall_timeout: float = option(
-        120.0, help="seconds the engine may make no progress at all (no token, no finish) "
+        120.0,
+        help="seconds the engine may make no progress at all (no token, no finish) "
         "while it holds requests before the worker declares it hung: the requests fail "
-        "over, the worker leaves discovery and exits 3 (0: never)")
+        "over, the worker leaves discovery and exits 3 (0: never)",
+    )
     # Fault injection for tests: the process dies (os._exit) right after it has sent the
     # token at this offset of a client's output, before any final frame.
     fault_exit_after_tokens: int | None = option(None, hidden=True, help="fault injection")

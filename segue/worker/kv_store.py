@@ -22,14 +22,20 @@ class KvStore:
         self.engine = engine
         self.ttl = ttl
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        g = Gauge("segue_worker_kv_handles_held", "Prefilled KV payloads awaiting a pull",
-                  registry=registry)
+        g = Gauge(
+            "segue_worker_kv_handles_held",
+            "Prefilled KV payloads awaiting a pull",
+            registry=registry,
+        )
         g.set_function(lambda: len(self._timers))
-        self.expired = Counter("segue_worker_kv_expired", "KV payloads freed unpulled at TTL",
-                               registry=registry)
-        self.transferred = Counter("segue_worker_kv_transferred_bytes",
-                                   "KV payload bytes pulled by decode workers",
-                                   registry=registry)
+        self.expired = Counter(
+            "segue_worker_kv_expired", "KV payloads freed unpulled at TTL", registry=registry
+        )
+        self.transferred = Counter(
+            "segue_worker_kv_transferred_bytes",
+            "KV payload bytes pulled by decode workers",
+            registry=registry,
+        )
 
     def put(self, key: str) -> None:
         loop = asyncio.get_running_loop()

@@ -46,13 +46,22 @@ class Worker:
         self.draining = False
         self.metrics = WorkerMetrics(engine)
         self.kv = KvStore(engine, cfg.kv_ttl, self.metrics.registry)
-        self.sessions = EngineSessions(engine, self.metrics, cfg.keepalive,
-                                       cfg.fault_exit_after_tokens)
+        self.sessions = EngineSessions(
+            engine, self.metrics, cfg.keepalive, cfg.fault_exit_after_tokens
+        )
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=1024, enable_cleanup_closed=True))
+            connector=aiohttp.TCPConnector(limit=1024, enable_cleanup_closed=True)
+        )
         self.router = Router(session=self.session)  # peers of the other stage
-        self.stages = Stages(self.sessions, self.kv, self.router, self.session, self.metrics,
-                             cfg.stall_timeout, cfg.keepalive)
+        self.stages = Stages(
+            self.sessions,
+            self.kv,
+            self.router,
+            self.session,
+            self.metrics,
+            cfg.stall_timeout,
+            cfg.keepalive,
+        )
         self.routes = Routes(self)
 
     @property
@@ -66,8 +75,11 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> int:
         """Serves until `stop`; returns the exit code."""
         await self.engine.start()
-        tasks = [asyncio.create_task(monitor_engine(
-            self.engine, self.sessions, self.cfg.engine_stall_timeout, stop))]
+        tasks = [
+            asyncio.create_task(
+                monitor_engine(self.engine, self.sessions, self.cfg.engine_stall_timeout, stop)
+            )
+        ]
         if self.cfg.role is not Role.AGGREGATED:
             tasks.append(asyncio.create_task(self._watch_peers()))
         runner = web.AppRunner(self.routes.app(), handler_cancellation=True, access_log=None)
@@ -77,8 +89,12 @@ class Worker:
         port = runner.addresses[0][1]
         self.url = self.stages.url = f"http://{self.cfg.host}:{port}"
         inst = Instance(
-            id=self.id, role=self.cfg.role, url=self.url, pid=os.getpid(),
-            host=socket.gethostname(), model=self.cfg.served_model_name,
+            id=self.id,
+            role=self.cfg.role,
+            url=self.url,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            model=self.cfg.served_model_name,
         )
         lease = await self.discovery.register(inst, self.cfg.lease_ttl)
         print(f"segue worker ready id={self.id} role={self.cfg.role} url={self.url}", flush=True)

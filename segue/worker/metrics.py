@@ -20,8 +20,11 @@ class _PromptTokensCollector:
         self.engine = engine
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        c = CounterMetricFamily("segue_engine_prompt_tokens", "Prompt tokens by where their "
-                                "KV came from", labels=["source"])
+        c = CounterMetricFamily(
+            "segue_engine_prompt_tokens",
+            "Prompt tokens by where their KV came from",
+            labels=["source"],
+        )
         for source, n in self.engine.stats().prompt_tokens.items():
             c.add_metric([source], n)
         yield c
@@ -36,15 +39,18 @@ class WorkerMetrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("segue_worker_requests", "Engine requests started", registry=r)
         self.aborts = Counter(
-            "segue_worker_aborts", "Engine requests aborted because the caller went away",
+            "segue_worker_aborts",
+            "Engine requests aborted because the caller went away",
             registry=r,
         )
         self.remote_aborts = Counter(
-            "segue_worker_remote_aborts", "Remote stages cancelled because the caller went away",
+            "segue_worker_remote_aborts",
+            "Remote stages cancelled because the caller went away",
             registry=r,
         )
-        self.output_tokens = Counter("segue_worker_output_tokens", "Tokens sent to callers",
-                                     registry=r)
+        self.output_tokens = Counter(
+            "segue_worker_output_tokens", "Tokens sent to callers", registry=r
+        )
         for name, doc, attr in (
             ("segue_engine_running_requests", "Requests running in the engine", "running"),
             ("segue_engine_waiting_requests", "Requests waiting in the engine", "waiting"),

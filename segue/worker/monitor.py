@@ -20,8 +20,9 @@ from segue.worker.session import EngineFailure, EngineSessions
 log = logging.getLogger("segue.worker")
 
 
-def check_engine(engine: Engine, sessions: EngineSessions, stall_limit: float,
-                 now: float) -> str | None:
+def check_engine(
+    engine: Engine, sessions: EngineSessions, stall_limit: float, now: float
+) -> str | None:
     """One look at the engine: why it failed (and `sessions.failure` set), or None."""
     idle_for = now - sessions.progress
     if not engine.healthy:
@@ -35,15 +36,19 @@ def check_engine(engine: Engine, sessions: EngineSessions, stall_limit: float,
     return None
 
 
-async def monitor_engine(engine: Engine, sessions: EngineSessions, stall_limit: float,
-                         stop: asyncio.Event) -> None:
+async def monitor_engine(
+    engine: Engine, sessions: EngineSessions, stall_limit: float, stop: asyncio.Event
+) -> None:
     """Checks the engine a few times a second until it fails; then sets `stop`."""
     while True:
         await asyncio.sleep(min(0.25, stall_limit / 4) if stall_limit > 0 else 0.25)
         why = check_engine(engine, sessions, stall_limit, time.monotonic())
         if why is None:
             continue
-        log.error("%s with %d requests: failing them over, leaving discovery, exiting",
-                  why, len(sessions.active))
+        log.error(
+            "%s with %d requests: failing them over, leaving discovery, exiting",
+            why,
+            len(sessions.active),
+        )
         stop.set()
         return

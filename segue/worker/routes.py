@@ -82,15 +82,17 @@ class Routes:
         return web.json_response(body, status=200 if healthy else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.w.metrics.registry),
-                            content_type="text/plain")
+        return web.Response(
+            body=generate_latest(self.w.metrics.registry), content_type="text/plain"
+        )
 
     async def kv_pull(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
         payload = self.w.kv.take(key) if _KV_KEY_RE.match(key) else None
         if payload is None:
-            return web.json_response({"error": f"no KV payload {key!r} (expired, freed or "
-                                               "never made)"}, status=404)
+            return web.json_response(
+                {"error": f"no KV payload {key!r} (expired, freed or never made)"}, status=404
+            )
         return web.Response(body=payload, content_type="application/octet-stream")
 
     async def kv_drop(self, request: web.Request) -> web.Response:
@@ -126,8 +128,9 @@ class Routes:
                 self.idle.set()
         return resp
 
-    async def _dispatch(self, req: EngineRequest, request: web.Request,
-                        resp: web.StreamResponse) -> None:
+    async def _dispatch(
+        self, req: EngineRequest, request: web.Request, resp: web.StreamResponse
+    ) -> None:
         stages = self.w.stages
         phase = req.phase
         if phase is Phase.GENERATE:

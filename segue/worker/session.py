@@ -57,8 +57,13 @@ class StageError(Exception):
 class EngineSessions:
     """The engine requests this worker is running, by request id."""
 
-    def __init__(self, engine: Engine, metrics: WorkerMetrics, keepalive: float,
-                 exit_after_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: WorkerMetrics,
+        keepalive: float,
+        exit_after_tokens: int | None = None,
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.keepalive = keepalive
@@ -80,8 +85,13 @@ class EngineSessions:
         for stream in list(self.active.values()):
             stream.finish(EngineFinish.ERROR, why)
 
-    async def run(self, req: EngineRequest, resp: web.StreamResponse, task: EngineTask,
-                  kv_payload: bytes | None = None) -> str | None:
+    async def run(
+        self,
+        req: EngineRequest,
+        resp: web.StreamResponse,
+        task: EngineTask,
+        kv_payload: bytes | None = None,
+    ) -> str | None:
         """Runs the request in the engine, streaming Tokens/KeepAlive frames to the caller.
         Returns the KV key of a finished PREFILL; writes the final frame of anything else."""
         try:
@@ -109,11 +119,15 @@ class EngineSessions:
                 # ever hear of this KV, so free it now.
                 self.engine.release_kv(stream.kv_key)
                 self.metrics.aborts.inc()
-                log.info("Aborted Request ID: %s (t=%.6f, prefill had just finished)",
-                         req.request_id, time.time())
+                log.info(
+                    "Aborted Request ID: %s (t=%.6f, prefill had just finished)",
+                    req.request_id,
+                    time.time(),
+                )
 
-    async def _stream_frames(self, offset: int, stream: RequestStream,
-                             resp: web.StreamResponse) -> str | None:
+    async def _stream_frames(
+        self, offset: int, stream: RequestStream, resp: web.StreamResponse
+    ) -> str | None:
         while True:
             out = await stream.get(self.keepalive)
             if out is None:
@@ -142,8 +156,11 @@ class EngineSessions:
                 log.info("Handed back Request ID: %s", stream.request_id)
                 data += encode_frame(HandBack("worker shutting down"))
             elif reason == EngineFinish.ERROR:
-                code = (ErrorCode.ENGINE_HUNG if self.failure is EngineFailure.HUNG
-                        else ErrorCode.ENGINE_ERROR)
+                code = (
+                    ErrorCode.ENGINE_HUNG
+                    if self.failure is EngineFailure.HUNG
+                    else ErrorCode.ENGINE_ERROR
+                )
                 data += encode_frame(Error(code, out.error or "engine failed", True))
             elif reason is not None:
                 data += encode_frame(Final(FinishReason(reason.value), offset))

@@ -41,9 +41,16 @@ T = TypeVar("T")
 
 
 class Stages:
-    def __init__(self, sessions: EngineSessions, kv: KvStore, router: Router,
-                 session: aiohttp.ClientSession, metrics: WorkerMetrics, stall_timeout: float,
-                 keepalive: float) -> None:
+    def __init__(
+        self,
+        sessions: EngineSessions,
+        kv: KvStore,
+        router: Router,
+        session: aiohttp.ClientSession,
+        metrics: WorkerMetrics,
+        stall_timeout: float,
+        keepalive: float,
+    ) -> None:
         self.sessions = sessions
         self.kv = kv
         self.router = router
@@ -56,8 +63,9 @@ class Stages:
     async def local(self, req: EngineRequest, resp: web.StreamResponse) -> None:
         await self.sessions.run(req, resp, EngineTask.GENERATE)
 
-    async def prefill(self, req: EngineRequest, request: web.Request,
-                      resp: web.StreamResponse) -> None:
+    async def prefill(
+        self, req: EngineRequest, request: web.Request, resp: web.StreamResponse
+    ) -> None:
         """Prefill here and answer with the KV handle. If the caller is already gone (it
         gave up on us, e.g. after a stall), free the KV now rather than at its TTL."""
         key = await self.sessions.run(req, resp, EngineTask.PREFILL)
@@ -78,12 +86,17 @@ class Stages:
     def publish(self, key: str, req: EngineRequest) -> KvHandle:
         """Keeps a prefilled KV for pulling and describes it."""
         self.kv.put(key)
-        return KvHandle(url=self.url, kv_id=key, num_tokens=len(req.token_ids),
-                        digest=token_digest(req.token_ids),
-                        nbytes=self.sessions.engine.kv_nbytes(key))
+        return KvHandle(
+            url=self.url,
+            kv_id=key,
+            num_tokens=len(req.token_ids),
+            digest=token_digest(req.token_ids),
+            nbytes=self.sessions.engine.kv_nbytes(key),
+        )
 
-    async def decode(self, req: EngineRequest, kv: KvHandle | None,
-                     resp: web.StreamResponse) -> None:
+    async def decode(
+        self, req: EngineRequest, kv: KvHandle | None, resp: web.StreamResponse
+    ) -> None:
         """Pull the KV named by `kv`, check it is this request's, decode here."""
         if kv is None:
             raise StageError(ErrorCode.BAD_REQUEST, "a decode needs a KV handle", False)
@@ -91,10 +104,12 @@ class Stages:
             raise StageError(ErrorCode.KV_MISMATCH, "KV handle is for other tokens", True)
         try:
             payload = await self.with_keepalive(
-                resp, pull_kv(self.session, kv.url, kv.kv_id, self.stall_timeout))
+                resp, pull_kv(self.session, kv.url, kv.kv_id, self.stall_timeout)
+            )
         except Failure as e:
-            raise StageError(ErrorCode.REMOTE_FAILED,
-                             f"KV pull from {kv.url} failed: {e.message}", True) from None
+            raise StageError(
+                ErrorCode.REMOTE_FAILED, f"KV pull from {kv.url} failed: {e.message}", True
+            ) from None
         except (asyncio.CancelledError, ConnectionResetError):
             # Our caller left mid-transfer: the holder may not have served the pull yet.
             drop_kv_soon(self.session, kv.url, kv.kv_id)
@@ -111,11 +126,13 @@ class Stages:
             why = f.label
         else:
             why = f"answered {type(f).__name__}" + (f" {f.code}" if type(f) is Error else "")
-        return StageError(ErrorCode.REMOTE_FAILED, f"remote {stage} on {inst.id} failed: {why}",
-                          True)
+        return StageError(
+            ErrorCode.REMOTE_FAILED, f"remote {stage} on {inst.id} failed: {why}", True
+        )
 
-    async def relay(self, resp: web.StreamResponse, inst: Instance,
-                    req: EngineRequest) -> AsyncGenerator[Frame | Failure, None]:
+    async def relay(
+        self, resp: web.StreamResponse, inst: Instance, req: EngineRequest
+    ) -> AsyncGenerator[Frame | Failure, None]:
         """Frames of a call to a remote stage, minus its keep-alives. Our own keep-alives go
         to our caller while we wait, so its stall timer judges us, not our peer. A failure
         of the call comes out as a Failure item (see remote_failure)."""
@@ -155,8 +172,13 @@ class Stages:
                 yield
         except (asyncio.CancelledError, ConnectionResetError):
             self.metrics.remote_aborts.inc()
-            log.info("Aborted Remote Request ID: %s (%s on %s, t=%.6f)", req.request_id, stage,
-                     inst.id, time.time())
+            log.info(
+                "Aborted Remote Request ID: %s (%s on %s, t=%.6f)",
+                req.request_id,
+                stage,
+                inst.id,
+                time.time(),
+            )
             raise
 
     async def with_keepalive(self, resp: web.StreamResponse, work: Awaitable[T]) -> T:

@@ -17,8 +17,13 @@ def client(d) -> openai.OpenAI:
 
 def test_completion_non_streaming_usage_and_token_ids(agg2):
     c = client(agg2)
-    r = c.completions.create(model=MODEL, prompt="the cat and the dog", max_tokens=7,
-                             temperature=0, extra_body={"return_token_ids": True})
+    r = c.completions.create(
+        model=MODEL,
+        prompt="the cat and the dog",
+        max_tokens=7,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
     assert r.object == "text_completion"
     assert r.choices[0].finish_reason == "length"
     assert r.usage.prompt_tokens == 5  # five vocabulary words, one token each
@@ -32,9 +37,16 @@ def test_completion_non_streaming_usage_and_token_ids(agg2):
 def test_completion_streaming_matches_non_streaming(agg2):
     c = client(agg2)
     full = c.completions.create(model=MODEL, prompt="a long road", max_tokens=20, temperature=0)
-    chunks = list(c.completions.create(model=MODEL, prompt="a long road", max_tokens=20,
-                                       temperature=0, stream=True,
-                                       stream_options={"include_usage": True}))
+    chunks = list(
+        c.completions.create(
+            model=MODEL,
+            prompt="a long road",
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert text == full.choices[0].text
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
@@ -50,8 +62,9 @@ def test_chat_non_streaming_and_streaming(agg2):
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 9
-    stream = c.chat.completions.create(model=MODEL, messages=msgs, max_completion_tokens=9,
-                                       temperature=0, stream=True)
+    stream = c.chat.completions.create(
+        model=MODEL, messages=msgs, max_completion_tokens=9, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     content = "".join(ch.choices[0].delta.content or "" for ch in chunks)
@@ -68,13 +81,22 @@ def test_stop_string_truncates_and_reports_stop(agg2):
     want = full.choices[0].text[: full.choices[0].text.index(stop)]
     for stream in (False, True):
         if stream:
-            chunks = list(c.completions.create(model=MODEL, prompt="the sea", max_tokens=30,
-                                               temperature=0, stop=[stop], stream=True))
+            chunks = list(
+                c.completions.create(
+                    model=MODEL,
+                    prompt="the sea",
+                    max_tokens=30,
+                    temperature=0,
+                    stop=[stop],
+                    stream=True,
+                )
+            )
             text = "".join(ch.choices[0].text for ch in chunks)
             finish = chunks[-1].choices[0].finish_reason
         else:
-            r = c.completions.create(model=MODEL, prompt="the sea", max_tokens=30,
-                                     temperature=0, stop=stop)
+            r = c.completions.create(
+                model=MODEL, prompt="the sea", max_tokens=30, temperature=0, stop=stop
+            )
             text, finish = r.choices[0].text, r.choices[0].finish_reason
         assert text == want
         assert finish == "stop"
@@ -82,8 +104,12 @@ def test_stop_string_truncates_and_reports_stop(agg2):
 
 def test_seeded_sampling_is_repeatable(agg2):
     c = client(agg2)
-    a = [c.completions.create(model=MODEL, prompt="the moon", max_tokens=12, temperature=0.8,
-                              seed=s).choices[0].text for s in (1, 1, 2)]
+    a = [
+        c.completions.create(model=MODEL, prompt="the moon", max_tokens=12, temperature=0.8, seed=s)
+        .choices[0]
+        .text
+        for s in (1, 1, 2)
+    ]
     assert a[0] == a[1]
     assert a[0] != a[2]
 
@@ -96,8 +122,11 @@ def test_models_health_live_metrics_request_id(agg2):
     assert sorted(w["pid"] for w in h["workers"]) == sorted(w.pid for w in agg2.workers)
     assert {w["role"] for w in h["workers"]} == {"aggregated"}
     assert httpx.get(agg2.url + "/live").status_code == 200
-    r = httpx.post(agg2.url + "/v1/completions", headers={"X-Request-Id": "my-req-42"},
-                   json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+    r = httpx.post(
+        agg2.url + "/v1/completions",
+        headers={"X-Request-Id": "my-req-42"},
+        json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
+    )
     assert r.headers["X-Request-Id"] == "my-req-42"
     assert r.json()["id"] == "my-req-42"
     assert any("New Request ID: my-req-42" in w.log() for w in agg2.workers)
@@ -122,8 +151,9 @@ def test_round_robin_spreads_requests(agg2):
 
 def _post(d, path, body, **kw):
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(d.url + path, content=data, headers={"Content-Type": "application/json"},
-                      timeout=10, **kw)
+    return httpx.post(
+        d.url + path, content=data, headers={"Content-Type": "application/json"}, timeout=10, **kw
+    )
 
 
 BAD = [
@@ -131,8 +161,7 @@ BAD = [
     ("/v1/completions", {"prompt": "x"}, 400, "model"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400,
-     "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
     ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
@@ -140,8 +169,12 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "x " * 40000}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 9}, 400, "temperature"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
-     400, "messages[0].role"),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "messages[0].role",
+    ),
     ("/v1/chat/completions", {"model": MODEL, "messages": "hello"}, 400, "messages"),
 ]
 
@@ -172,8 +205,11 @@ def test_no_worker_gives_503(deploy):
     assert r.status_code == 503
     assert "no worker" in r.json()["error"]["message"]
     assert httpx.get(deploy.url + "/health").status_code == 503
-    s = _post(deploy, "/v1/chat/completions", {"model": MODEL, "stream": True, "messages": [
-        {"role": "user", "content": "x"}]})
+    s = _post(
+        deploy,
+        "/v1/chat/completions",
+        {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}]},
+    )
     assert s.status_code == 503
 
 
@@ -184,12 +220,21 @@ def test_serving_a_hugging_face_model_directory(deploy, hf_dir):
     deploy.start_worker("--model", str(hf_dir))
     c = client(deploy)
     name = hf_dir.name
-    r = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "the fox"}],
-                                  max_tokens=5, temperature=0)
+    r = c.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "the fox"}], max_tokens=5, temperature=0
+    )
     tok = HFTokenizer(hf_dir)
-    want = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": "the fox"}]),
-                          add_special_tokens=False))
+    want = len(
+        tok.encode(
+            tok.apply_chat_template([{"role": "user", "content": "the fox"}]),
+            add_special_tokens=False,
+        )
+    )
     assert r.usage.prompt_tokens == want
     assert r.usage.completion_tokens == 5 and r.choices[0].message.content
-    assert _post(deploy, "/v1/completions", {"model": name, "prompt": "the " * 600}).json()[
-        "error"]["code"] == "context_length_exceeded"
+    assert (
+        _post(deploy, "/v1/completions", {"model": name, "prompt": "the " * 600}).json()["error"][
+            "code"
+        ]
+        == "context_length_exceeded"
+    )

@@ -35,14 +35,16 @@ def start(d: Deployment, model: str, workers: int = 1, *fe: str, roles=None) -> 
         d.start_worker("--engine", "hf", "--model", model, role=role, fast=False)
     for w in d.workers:
         if roles:
-            wait_until(lambda w=w: w.log().count("joined (") >= len(roles) - 1,
-                       what="peers seen")
+            wait_until(lambda w=w: w.log().count("joined (") >= len(roles) - 1, what="peers seen")
 
 
 def idle(w) -> bool:
     m = w.metrics()
-    return (m["segue_engine_running_requests"] == 0 and m["segue_engine_kv_blocks_used"] == 0
-            and m["segue_engine_waiting_requests"] == 0)
+    return (
+        m["segue_engine_running_requests"] == 0
+        and m["segue_engine_kv_blocks_used"] == 0
+        and m["segue_engine_waiting_requests"] == 0
+    )
 
 
 def test_greedy_output_equals_transformers_generate(deploy, tiny_model):
@@ -56,7 +58,7 @@ def test_greedy_output_equals_transformers_generate(deploy, tiny_model):
     assert r.status == 200 and r.finish_reason == "length"
     ids = HFTokenizer(tiny_model).encode(PROMPT)
     m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    want = m.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):]
+    want = m.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :]
     assert r.token_ids == want.tolist()
     assert r.usage["prompt_tokens"] == len(ids)
 
@@ -67,8 +69,9 @@ def test_request_migration_on_hf(deploy, tiny_model, sig):
     on the other worker) equals an uninterrupted run."""
     deploy.start_frontend("--model", tiny_model)
     for _ in range(2):
-        deploy.start_worker("--engine", "hf", "--model", tiny_model, "--drain-timeout", "0.5",
-                            fast=False)
+        deploy.start_worker(
+            "--engine", "hf", "--model", tiny_model, "--drain-timeout", "0.5", fast=False
+        )
     # long enough to outlive the 0.5 s drain timeout however fast the machine is
     b = hf_body(tiny_model, "chat", PROMPT, 1500, True)
     want = complete(deploy.url, "chat", {**b, "stream": False, "stream_options": None})
@@ -89,8 +92,7 @@ def test_request_migration_on_hf(deploy, tiny_model, sig):
 def test_request_cancellation_aggregated_on_hf(deploy, tiny_model):
     start(deploy, tiny_model)
     w = deploy.workers[0]
-    for i, (kind, stream) in enumerate([("completions", False), ("chat", False),
-                                        ("chat", True)]):
+    for i, (kind, stream) in enumerate([("completions", False), ("chat", False), ("chat", True)]):
         rid = f"hf-cancel-{i}"
         req = RawRequest(deploy.url, kind, hf_body(tiny_model, kind, PROMPT, 1500, stream), rid)
         w.wait_log(f"New Request ID: {rid}")
@@ -98,8 +100,9 @@ def test_request_cancellation_aggregated_on_hf(deploy, tiny_model):
             req.read_events(5)
         req.close()
         wait_until(lambda w=w: idle(w), what="engine idle")
-        wait_until(lambda i=i: metric(w, "segue_worker_aborts_total") == i + 1,
-                   what="abort counted")
+        wait_until(
+            lambda i=i: metric(w, "segue_worker_aborts_total") == i + 1, what="abort counted"
+        )
         w.wait_log(f"Aborted Request ID: {rid} ")
         deploy.frontend.wait_log(f"Cancelled Request ID: {rid}")
 
@@ -124,8 +127,14 @@ def test_disagg_moves_real_kv_and_equals_aggregated(deploy, tiny_model, strategy
 
 
 def test_disagg_decode_cancel_and_kill_on_hf(deploy, tiny_model):
-    start(deploy, tiny_model, 0, "--disagg-strategy", "decode-first",
-          roles=["prefill", "decode", "decode"])
+    start(
+        deploy,
+        tiny_model,
+        0,
+        "--disagg-strategy",
+        "decode-first",
+        roles=["prefill", "decode", "decode"],
+    )
     rid = "hf-dc"
     req = RawRequest(deploy.url, "chat", hf_body(tiny_model, "chat", PROMPT, 1500, True), rid)
     req.read_events(5)
@@ -144,17 +153,13 @@ def test_disagg_decode_cancel_and_kill_on_hf(deploy, tiny_model):
     assert got.token_ids == want.token_ids and total_migrations(deploy) == 1
 
 
-
-
 def test_prefill_first_remote_decode_cancel_on_hf(deploy, tiny_model):
     """Reference prefill_first_remote_decode_cancel and the single-response decode cancel,
     on real KV moved between hf workers."""
-    start(deploy, tiny_model, 0, "--disagg-strategy", "prefill-first",
-          roles=["prefill", "decode"])
+    start(deploy, tiny_model, 0, "--disagg-strategy", "prefill-first", roles=["prefill", "decode"])
     p, dw = deploy.workers
     for rid, events in (("hf-pf-rdc", 5), ("hf-pf-one", 2)):
-        req = RawRequest(deploy.url, "chat", hf_body(tiny_model, "chat", PROMPT, 1500, True),
-                         rid)
+        req = RawRequest(deploy.url, "chat", hf_body(tiny_model, "chat", PROMPT, 1500, True), rid)
         p.wait_log(f"New Request ID: {rid}")
         dw.wait_log(f"New Request ID: {rid}")
         req.read_events(events)
@@ -163,8 +168,9 @@ def test_prefill_first_remote_decode_cancel_on_hf(deploy, tiny_model):
         p.wait_log(f"Aborted Remote Request ID: {rid} ")
         deploy.frontend.wait_log(f"Cancelled Request ID: {rid}")
         for w in deploy.workers:
-            wait_until(lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0,
-                       what="idle")
+            wait_until(
+                lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0, what="idle"
+            )
 
 
 @pytest.fixture(scope="session")
@@ -173,8 +179,11 @@ def slow_model(tmp_path_factory):
     on CPU, so a client can leave while the prefill is running."""
     from segue.models.tiny import build_tiny_llama
 
-    return str(build_tiny_llama(tmp_path_factory.mktemp("slow-llama"), seed=0,
-                                hidden_size=512, layers=4, heads=8))
+    return str(
+        build_tiny_llama(
+            tmp_path_factory.mktemp("slow-llama"), seed=0, hidden_size=512, layers=4, heads=8
+        )
+    )
 
 
 @pytest.mark.parametrize("strategy", ["none", "frontend", "decode-first", "prefill-first"])
@@ -185,24 +194,31 @@ def test_cancel_during_prefill_on_hf(deploy, slow_model, strategy):
     from segue.tokenizer import HFTokenizer
 
     roles = None if strategy == "none" else ["prefill", "decode"]
-    start(deploy, slow_model, 1, *(() if roles is None else ("--disagg-strategy", strategy)),
-          roles=roles)
+    start(
+        deploy,
+        slow_model,
+        1,
+        *(() if roles is None else ("--disagg-strategy", strategy)),
+        roles=roles,
+    )
     prefiller = deploy.workers[0]
     per = len(HFTokenizer(slow_model).encode(PROMPT + " "))
     prompt = " ".join([PROMPT] * (1800 // per))
     rid = f"hf-pc-{strategy}"
     req = RawRequest(deploy.url, "chat", hf_body(slow_model, "chat", prompt, 20, True), rid)
     prefiller.wait_log(f"New Request ID: {rid}")
-    wait_until(lambda: metric(prefiller, "segue_engine_running_requests") == 1,
-               what="prefill running")
+    wait_until(
+        lambda: metric(prefiller, "segue_engine_running_requests") == 1, what="prefill running"
+    )
     req.close()
     prefiller.wait_log(f"Aborted Request ID: {rid} ")
     deploy.frontend.wait_log(f"Cancelled Request ID: {rid}")
     if strategy == "decode-first":
         deploy.workers[1].wait_log(f"Aborted Remote Request ID: {rid} ")
     for w in deploy.workers:
-        wait_until(lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0,
-                   10, what="idle")
+        wait_until(
+            lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0, 10, what="idle"
+        )
         # aborted inside the prefill forward pass: no token ever left any worker
         assert metric(w, "segue_worker_output_tokens_total") == 0
     if strategy in ("none", "frontend", "prefill-first"):  # the decode side never saw it

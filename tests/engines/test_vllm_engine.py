@@ -34,8 +34,15 @@ def vllm_model(tmp_path_factory):
     from segue.models.tiny import build_tiny_llama
 
     # head_dim 64: vLLM's CPU attention kernels do not take the default tiny head_dim 16
-    return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-vllm"), seed=0,
-                                hidden_size=128, heads=2, max_positions=8192))
+    return str(
+        build_tiny_llama(
+            tmp_path_factory.mktemp("tiny-llama-vllm"),
+            seed=0,
+            hidden_size=128,
+            heads=2,
+            max_positions=8192,
+        )
+    )
 
 
 def vbody(model, kind, prompt, n, stream):
@@ -50,10 +57,17 @@ def start_worker(d, model, *extra, tmpdir=None):
     # One core per engine, taken in turn, leaves room for the frontend, workers and tests.
     cores = sorted(os.sched_getaffinity(0))
     core = cores[-1 - len(d.workers) % len(cores)]
-    return d.start_worker("--engine", "vllm", "--model", model, *extra, fast=False,
-                          wait=False, ready_timeout=START,
-                          env={"VLLM_CPU_OMP_THREADS_BIND": str(core),
-                               **({"TMPDIR": str(tmpdir)} if tmpdir else {})})
+    return d.start_worker(
+        "--engine",
+        "vllm",
+        "--model",
+        model,
+        *extra,
+        fast=False,
+        wait=False,
+        ready_timeout=START,
+        env={"VLLM_CPU_OMP_THREADS_BIND": str(core), **({"TMPDIR": str(tmpdir)} if tmpdir else {})},
+    )
 
 
 @pytest.fixture
@@ -67,8 +81,11 @@ def short_tmp():
 
 def idle(w) -> bool:
     m = w.metrics()
-    return (m["segue_engine_running_requests"] == 0 and m["segue_engine_kv_blocks_used"] == 0
-            and m["segue_engine_waiting_requests"] == 0)
+    return (
+        m["segue_engine_running_requests"] == 0
+        and m["segue_engine_kv_blocks_used"] == 0
+        and m["segue_engine_waiting_requests"] == 0
+    )
 
 
 def test_vllm_output_equals_transformers(deploy, vllm_slow_model):
@@ -90,11 +107,10 @@ def test_vllm_output_equals_transformers(deploy, vllm_slow_model):
     assert r.status == 200 and r.finish_reason == "length", r.error
     ids = HFTokenizer(vllm_model).encode(PROMPT)
     m = AutoModelForCausalLM.from_pretrained(vllm_model, dtype=torch.float32).eval()
-    want = m.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):]
+    want = m.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :]
     assert r.token_ids == want.tolist()
     # the reference aggregated cancellation: completion, chat, streaming chat (5 read)
-    for i, (kind, stream) in enumerate([("completions", False), ("chat", False),
-                                        ("chat", True)]):
+    for i, (kind, stream) in enumerate([("completions", False), ("chat", False), ("chat", True)]):
         rid = f"v-cancel-{i}"
         req = RawRequest(deploy.url, kind, vbody(vllm_model, kind, PROMPT, LONG, stream), rid)
         w.wait_log(f"New Request ID: {rid}")
@@ -136,8 +152,11 @@ def engine_stopped(w):
                 os.kill(q, signal.SIGCONT)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, "engine-core"],
-                         ids=["kill", "term", "engine-core-killed"])
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGKILL, signal.SIGTERM, "engine-core"],
+    ids=["kill", "term", "engine-core-killed"],
+)
 def test_request_migration_on_vllm(deploy, vllm_model, sig, short_tmp):
     """SIGKILL / SIGTERM of the worker, or death of vLLM's engine core process under a live
     worker: the request continues on the other worker, token-identical; a worker whose
@@ -176,8 +195,10 @@ def test_request_migration_on_vllm(deploy, vllm_model, sig, short_tmp):
                 break
         assert s.finish().token_ids == want.token_ids
     else:
-        pytest.fail(f"the engine had made half the request before the test read 20 tokens, "
-                    f"3 times (full request: {full:.1f} CPU-s)")
+        pytest.fail(
+            f"the engine had made half the request before the test read 20 tokens, "
+            f"3 times (full request: {full:.1f} CPU-s)"
+        )
     got = s.finish()
     assert got.error is None and got.token_ids == want.token_ids
     assert got.finish_reason == "length" and got.usage == want.usage
@@ -188,8 +209,10 @@ def test_request_migration_on_vllm(deploy, vllm_model, sig, short_tmp):
         assert victim.popen.wait(30) == ENGINE_FAILED_EXIT
         left = list(tmps[ws.index(victim)].glob("segue-*"))
         assert not left, f"the failed worker left {left}"
-        wait_until(lambda: victim.pid not in [x["pid"] for x in deploy.frontend.health()[
-            "workers"]], what="the failed worker gone from the frontend")
+        wait_until(
+            lambda: victim.pid not in [x["pid"] for x in deploy.frontend.health()["workers"]],
+            what="the failed worker gone from the frontend",
+        )
 
 
 def disagg_deployment(deploy, model, prefill_flags=(), decode_flags=()):
@@ -200,9 +223,21 @@ def disagg_deployment(deploy, model, prefill_flags=(), decode_flags=()):
     dw = start_worker(deploy, model, "--role", "decode", *decode_flags)
     fronts = {}
     for strategy in ("frontend", "decode-first", "prefill-first"):
-        fe = Proc(f"frontend-{strategy}", ["frontend", "--port", "0", "--discovery",
-                                           deploy.discovery, "--model", model,
-                                           "--disagg-strategy", strategy], deploy.tmp)
+        fe = Proc(
+            f"frontend-{strategy}",
+            [
+                "frontend",
+                "--port",
+                "0",
+                "--discovery",
+                deploy.discovery,
+                "--model",
+                model,
+                "--disagg-strategy",
+                strategy,
+            ],
+            deploy.tmp,
+        )
         deploy.procs.append(fe)
         fe.wait_ready()
         fronts[strategy] = fe
@@ -221,8 +256,16 @@ def vllm_slow_model(tmp_path_factory):
     6000-token prompt on one core, so a client can leave while it runs."""
     from segue.models.tiny import build_tiny_llama
 
-    return str(build_tiny_llama(tmp_path_factory.mktemp("slow-llama-vllm"), seed=0,
-                                hidden_size=512, layers=4, heads=8, max_positions=8192))
+    return str(
+        build_tiny_llama(
+            tmp_path_factory.mktemp("slow-llama-vllm"),
+            seed=0,
+            hidden_size=512,
+            layers=4,
+            heads=8,
+            max_positions=8192,
+        )
+    )
 
 
 def test_disaggregated_cancel_on_vllm(deploy, vllm_slow_model):
@@ -244,14 +287,14 @@ def test_disaggregated_cancel_on_vllm(deploy, vllm_slow_model):
         rid = f"v-pc-{strategy}"
         before = computed(p)
         # a first word of its own: no block of an earlier prompt is in vLLM's prefix cache
-        req = RawRequest(fe.url, "chat", vbody(model, "chat", f"{strategy} {prompt}", 20,
-                                               True), rid)
+        req = RawRequest(
+            fe.url, "chat", vbody(model, "chat", f"{strategy} {prompt}", 20, True), rid
+        )
         p.wait_log(f"New Request ID: {rid}", 30)
         # inside the prefill step: vLLM's processes have computed for a while (the step
         # takes several CPU-seconds, and nothing else runs in them)
         busy = engine_cpu(p) + 1.0
-        wait_until(lambda busy=busy: engine_cpu(p) > busy, 30,
-                   what="vLLM computing the prefill")
+        wait_until(lambda busy=busy: engine_cpu(p) > busy, 30, what="vLLM computing the prefill")
         req.close()
         p.wait_log(f"Aborted Request ID: {rid} ", 30)
         fe.wait_log(f"Cancelled Request ID: {rid}")
@@ -260,14 +303,16 @@ def test_disaggregated_cancel_on_vllm(deploy, vllm_slow_model):
         else:
             assert f"New Request ID: {rid}" not in dw.log()
         for w in (p, dw):
-            wait_until(lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0,
-                       30, what="idle")
+            wait_until(
+                lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0,
+                30,
+                what="idle",
+            )
             assert metric(w, "segue_worker_output_tokens_total") == 0
         assert computed(p) == before, "the prefill completed: the abort came too late"
     assert metric(p, "segue_worker_kv_transferred_bytes_total") == 0
     # the same prompt, not cancelled: this prefill does complete (the check above can fail)
-    r = complete(fronts["frontend"].url, "chat", vbody(model, "chat", f"done {prompt}", 2,
-                                                       False))
+    r = complete(fronts["frontend"].url, "chat", vbody(model, "chat", f"done {prompt}", 2, False))
     assert r.status == 200 and computed(p) > before
     # reference decode_first_decode_cancel: the client leaves after 5 events of a request
     # this model needs minutes to finish, so it is still running however long the machine
@@ -279,19 +324,30 @@ def test_disaggregated_cancel_on_vllm(deploy, vllm_slow_model):
     dw.wait_log("Aborted Request ID: v-dc ")
     fe.wait_log("Cancelled Request ID: v-dc")
     for w in (p, dw):
-        wait_until(lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0,
-                   30, what="idle")
+        wait_until(
+            lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0, 30, what="idle"
+        )
 
 
 def kv_loaded(w) -> float:
     return metric(w, 'segue_engine_prompt_tokens_total{source="external_kv_transfer"}')
 
 
-@pytest.mark.parametrize("connector", [pytest.param("nixl", marks=pytest.mark.skipif(
-    not os.environ.get("SEGUE_TEST_NIXL"),
-    reason="NIXL on 2 CPU cores: about one fresh prefill/decode pair in three never finishes "
-           "its first KV read (vLLM's decode side logs its transfer plan, then nothing); "
-           "run with SEGUE_TEST_NIXL=1")), "example"])
+@pytest.mark.parametrize(
+    "connector",
+    [
+        pytest.param(
+            "nixl",
+            marks=pytest.mark.skipif(
+                not os.environ.get("SEGUE_TEST_NIXL"),
+                reason="NIXL on 2 CPU cores: about one fresh prefill/decode pair in three never "
+                "finishes its first KV read (vLLM's decode side logs its transfer plan, then nothing); "
+                "run with SEGUE_TEST_NIXL=1",
+            ),
+        ),
+        "example",
+    ],
+)
 def test_vllm_disaggregated_all_strategies(deploy, vllm_model, connector):
     """One vLLM prefill worker and one vLLM decode worker serve three frontends, one per
     strategy. The prompt's KV is computed by the prefill worker and moved by vLLM's own
@@ -319,7 +375,7 @@ def test_vllm_disaggregated_all_strategies(deploy, vllm_model, connector):
         fe = fronts[strategy]
         ids = tok.encode(prompt)
         assert len(ids) > 140
-        want = m.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):]
+        want = m.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :]
         loaded = kv_loaded(dw)
         r = complete(fe.url, "completions", vbody(vllm_model, "completions", prompt, 16, False))
         assert r.status == 200, (strategy, r.error)
@@ -333,21 +389,24 @@ def test_vllm_disaggregated_all_strategies(deploy, vllm_model, connector):
     if connector == "nixl":
         # reference prefill_first_remote_decode_cancel: the decode worker is the remote stage
         fe = fronts["prefill-first"]
-        req = RawRequest(fe.url, "chat", vbody(vllm_model, "chat", PROMPT, LONG, True),
-                         "v-pf-rdc")
+        req = RawRequest(fe.url, "chat", vbody(vllm_model, "chat", PROMPT, LONG, True), "v-pf-rdc")
         req.read_events(5)
         req.close()
         dw.wait_log("Aborted Request ID: v-pf-rdc ")
         p.wait_log("Aborted Remote Request ID: v-pf-rdc ")
         fe.wait_log("Cancelled Request ID: v-pf-rdc")
         for w in (p, dw):
-            wait_until(lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0,
-                       10, what="idle")
+            wait_until(
+                lambda w=w: idle(w) and metric(w, "segue_worker_kv_handles_held") == 0,
+                10,
+                what="idle",
+            )
         # a short prompt, streamed, after the cancels: still exact
         b = vbody(vllm_model, "chat", PROMPT, 12, True)
         got = StreamReader(fronts["prefill-first"].url, "chat", b, "v-pf").finish()
-        want = complete(fronts["frontend"].url, "chat", {**b, "stream": False,
-                                                         "stream_options": None})
+        want = complete(
+            fronts["frontend"].url, "chat", {**b, "stream": False, "stream_options": None}
+        )
         assert got.error is None and want.status == 200
         assert got.token_ids == want.token_ids and len(got.token_ids) == 12
         for w in (p, dw):
@@ -356,14 +415,22 @@ def test_vllm_disaggregated_all_strategies(deploy, vllm_model, connector):
         # hung): segue drops the handle at once; vLLM frees the blocks when the lease ends.
         dw.signal(signal.SIGSTOP)
         try:
-            req = RawRequest(fronts["frontend"].url, "completions",
-                             vbody(vllm_model, "completions", PROMPT, 50, False), "v-unpulled")
-            wait_until(lambda: metric(p, "segue_worker_kv_handles_held") == 1, 30,
-                       what="KV held for the decode worker")
+            req = RawRequest(
+                fronts["frontend"].url,
+                "completions",
+                vbody(vllm_model, "completions", PROMPT, 50, False),
+                "v-unpulled",
+            )
+            wait_until(
+                lambda: metric(p, "segue_worker_kv_handles_held") == 1,
+                30,
+                what="KV held for the decode worker",
+            )
             assert metric(p, "segue_engine_kv_blocks_used") > 0
             req.close()
-            wait_until(lambda: metric(p, "segue_worker_kv_handles_held") == 0,
-                       what="handle dropped")
+            wait_until(
+                lambda: metric(p, "segue_worker_kv_handles_held") == 0, what="handle dropped"
+            )
             wait_until(lambda: idle(p), what="blocks freed at the end of the lease")
         finally:
             dw.signal(signal.SIGCONT)

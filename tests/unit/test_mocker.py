@@ -21,8 +21,9 @@ async def run(engine, req) -> tuple[list[int], str]:
 
 @pytest.fixture
 async def engine():
-    e = MockerEngine(MockerConfig(step_ms=0.5, kv_blocks=64, block_size=16, max_num_seqs=2),
-                     BuiltinTokenizer())
+    e = MockerEngine(
+        MockerConfig(step_ms=0.5, kv_blocks=64, block_size=16, max_num_seqs=2), BuiltinTokenizer()
+    )
     await e.start()
     yield e
     await e.stop()

@@ -58,8 +58,9 @@ def test_chunked_prefill_is_refused_with_the_example_connector():
         eos_token_ids = {2}
 
     with pytest.raises(ValueError, match="--max-num-batched-tokens must be at least"):
-        VllmEngine(VllmConfig("m", max_model_len=4096, max_num_batched_tokens=512,
-                              role="prefill"), Tok())
+        VllmEngine(
+            VllmConfig("m", max_model_len=4096, max_num_batched_tokens=512, role="prefill"), Tok()
+        )
     e = VllmEngine(VllmConfig("m", max_model_len=4096, role="decode"), Tok())
     assert e.cfg.max_num_batched_tokens == 4096
     e.kv.close()

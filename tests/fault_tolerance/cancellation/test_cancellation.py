@@ -22,18 +22,28 @@ LONG_PROMPT = " ".join(["the"] * 400)  # 400 tokens: 2 s of prefill at 200 token
 
 def idle(worker) -> bool:
     m = worker.metrics()
-    return (m["segue_engine_running_requests"] == 0 and m["segue_engine_waiting_requests"] == 0
-            and m["segue_engine_kv_blocks_used"] == 0)
+    return (
+        m["segue_engine_running_requests"] == 0
+        and m["segue_engine_waiting_requests"] == 0
+        and m["segue_engine_kv_blocks_used"] == 0
+    )
 
 
-def assert_cancelled(d: Deployment, worker, rid: str, aborts_before: float,
-                     cancels_before: float) -> None:
+def assert_cancelled(
+    d: Deployment, worker, rid: str, aborts_before: float, cancels_before: float
+) -> None:
     """Structured state first (engine gauges idle, counters), then the log lines."""
     wait_until(lambda: idle(worker), 5, what="engine gauges back to idle")
-    wait_until(lambda: metric(worker, "segue_worker_aborts_total") == aborts_before + 1, 5,
-               what="worker abort counted")
-    wait_until(lambda: metric(d, "segue_frontend_cancellations_total") == cancels_before + 1, 5,
-               what="frontend cancellation counted")
+    wait_until(
+        lambda: metric(worker, "segue_worker_aborts_total") == aborts_before + 1,
+        5,
+        what="worker abort counted",
+    )
+    wait_until(
+        lambda: metric(d, "segue_frontend_cancellations_total") == cancels_before + 1,
+        5,
+        what="frontend cancellation counted",
+    )
     assert f"Aborted Request ID: {rid} " in worker.log()
     assert f"Cancelled Request ID: {rid}" in d.frontend.log()
     assert total_migrations(d) == 0
@@ -79,8 +89,9 @@ def test_cancel_in_each_phase(single, name, phase, abrupt):
     rid = uid(f"phase-{name}-{phase}-{abrupt}")
     blocker = None
     if phase == "queued":  # occupy the only engine slot
-        blocker = RawRequest(d.url, "completions", body("completions", "x", 30000, True),
-                             rid + "-blocker")
+        blocker = RawRequest(
+            d.url, "completions", body("completions", "x", 30000, True), rid + "-blocker"
+        )
         blocker.read_events(1)
     before = counters(d)
     prompt = LONG_PROMPT if phase == "prefill" else "tell me a story"
@@ -95,12 +106,17 @@ def test_cancel_in_each_phase(single, name, phase, abrupt):
     else:
         if stream:
             req.read_events(5)
-        wait_until(lambda: metric(w, "segue_worker_output_tokens_total") >= tokens_before + 5,
-                   what="decoding")
+        wait_until(
+            lambda: metric(w, "segue_worker_output_tokens_total") >= tokens_before + 5,
+            what="decoding",
+        )
     req.close(abrupt)
     if blocker is not None:
-        wait_until(lambda: metric(w, "segue_engine_waiting_requests") == 0, 5,
-                   what="queued request removed")
+        wait_until(
+            lambda: metric(w, "segue_engine_waiting_requests") == 0,
+            5,
+            what="queued request removed",
+        )
         assert metric(w, "segue_engine_running_requests") == 1  # the blocker still runs
         assert metric(w, "segue_worker_aborts_total") == before[0] + 1
         blocker.close()
@@ -136,8 +152,9 @@ def test_cancelled_request_is_never_migrated(agg2):
     req.close()
     victim.signal(signal.SIGKILL)
     other = next(w for w in agg2.workers if w is not victim)
-    wait_until(lambda: metric(agg2, "segue_frontend_cancellations_total") == 1,
-               what="cancellation counted")
+    wait_until(
+        lambda: metric(agg2, "segue_frontend_cancellations_total") == 1, what="cancellation counted"
+    )
     wait_until(lambda: len(agg2.frontend.health()["workers"]) == 1, what="victim dropped")
     assert total_migrations(agg2) == 0
     assert f"New Request ID: {rid}" not in other.log()
@@ -173,8 +190,10 @@ def test_frontend_default_timeout(deploy):
 def test_bystanders_are_untouched(agg2):
     prompts = [f"the {x} sings" for x in ("cat", "dog", "bird", "fish")]
     wants = [complete(agg2.url, "chat", body("chat", p, 120, False)) for p in prompts]
-    readers = [StreamReader(agg2.url, "chat", body("chat", p, 120, True), f"by-{i}")
-               for i, p in enumerate(prompts)]
+    readers = [
+        StreamReader(agg2.url, "chat", body("chat", p, 120, True), f"by-{i}")
+        for i, p in enumerate(prompts)
+    ]
     victim = RawRequest(agg2.url, "chat", body("chat", "the sea", 5000, True), "by-victim")
     victim.read_events(3)
     for r in readers:
@@ -189,17 +208,23 @@ def test_bystanders_are_untouched(agg2):
 
 
 async def test_storm_cancel_half_of_100(agg2):
-    prompts = [f"the {x} and the {y}" for x in ("cat", "dog", "bird", "fish", "horse")
-               for y in ("sea", "sky")]
-    wants = {p: complete(agg2.url, "completions", body("completions", p, 60, False)).token_ids
-             for p in prompts}
+    prompts = [
+        f"the {x} and the {y}"
+        for x in ("cat", "dog", "bird", "fish", "horse")
+        for y in ("sea", "sky")
+    ]
+    wants = {
+        p: complete(agg2.url, "completions", body("completions", p, 60, False)).token_ids
+        for p in prompts
+    }
     got: dict[int, list[int]] = {}
 
     async def one(session: aiohttp.ClientSession, i: int) -> None:
         p = prompts[i % len(prompts)]
         b = body("completions", p, 60 if i % 2 == 0 else 30000, True)
-        async with session.post(agg2.url + "/v1/completions", json=b,
-                                headers={"X-Request-Id": f"storm-{i}"}) as r:
+        async with session.post(
+            agg2.url + "/v1/completions", json=b, headers={"X-Request-Id": f"storm-{i}"}
+        ) as r:
             ids: list[int] = []
             async for line in r.content:
                 if line.startswith(b"data: {"):

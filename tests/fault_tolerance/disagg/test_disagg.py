@@ -22,8 +22,12 @@ SLOW_PREFILL = ("--mocker-prefill-tps", "200")
 
 def idle(w) -> bool:
     m = w.metrics()
-    return (m["segue_engine_running_requests"] == 0 and m["segue_engine_waiting_requests"] == 0
-            and m["segue_engine_kv_blocks_used"] == 0 and m["segue_worker_kv_handles_held"] == 0)
+    return (
+        m["segue_engine_running_requests"] == 0
+        and m["segue_engine_waiting_requests"] == 0
+        and m["segue_engine_kv_blocks_used"] == 0
+        and m["segue_worker_kv_handles_held"] == 0
+    )
 
 
 def assert_all_idle(d: Deployment) -> None:
@@ -32,20 +36,32 @@ def assert_all_idle(d: Deployment) -> None:
             wait_until(lambda w=w: idle(w), 5, what=f"{w.name} back to idle")
 
 
-def start(d: Deployment, strategy: str, prefill: int = 1, decode: int = 1,
-          fe_args: tuple = (), prefill_args: tuple = (), decode_args: tuple = ()):
+def start(
+    d: Deployment,
+    strategy: str,
+    prefill: int = 1,
+    decode: int = 1,
+    fe_args: tuple = (),
+    prefill_args: tuple = (),
+    decode_args: tuple = (),
+):
     d.start_frontend("--disagg-strategy", strategy, *fe_args)
     # the reference starts the second stage first; its order does not matter here
     ps = [d.start_worker(*prefill_args, role="prefill") for _ in range(prefill)]
     ds = [d.start_worker(*decode_args, role="decode") for _ in range(decode)]
     for w in ps + ds:
-        wait_until(lambda w=w: any(x["url"] == w.url for x in
-                                   httpx.get(d.url + "/health").json()["workers"]),
-                   what="worker in discovery")
+        wait_until(
+            lambda w=w: any(
+                x["url"] == w.url for x in httpx.get(d.url + "/health").json()["workers"]
+            ),
+            what="worker in discovery",
+        )
     # workers that call peers watch discovery too: wait until each has seen the others
     for w in ps + ds:
-        wait_until(lambda w=w: w.log().count("joined (") >= prefill + decode - 1,
-                   what=f"{w.name} sees its peers")
+        wait_until(
+            lambda w=w: w.log().count("joined (") >= prefill + decode - 1,
+            what=f"{w.name} sees its peers",
+        )
     return ps, ds
 
 
@@ -62,8 +78,12 @@ def reference(tmp_path_factory):
 def assert_same(result, want) -> None:
     assert result.status == 200, result.error
     assert result.error is None, result.error
-    assert (result.token_ids, result.text, result.finish_reason, result.usage) == \
-        (want.token_ids, want.text, want.finish_reason, want.usage)
+    assert (result.token_ids, result.text, result.finish_reason, result.usage) == (
+        want.token_ids,
+        want.text,
+        want.finish_reason,
+        want.usage,
+    )
 
 
 # -- equality with aggregated ---------------------------------------------------------------
@@ -76,8 +96,11 @@ def test_disagg_output_equals_aggregated(deploy, reference, strategy):
         for stream in (False, True):
             want = complete(reference.url, kind, body(kind, PROMPT, 40, False))
             b = body(kind, PROMPT, 40, stream)
-            got = (StreamReader(deploy.url, kind, b, f"eq-{kind}-{stream}").finish() if stream
-                   else complete(deploy.url, kind, b))
+            got = (
+                StreamReader(deploy.url, kind, b, f"eq-{kind}-{stream}").finish()
+                if stream
+                else complete(deploy.url, kind, b)
+            )
             assert_same(got, want)
     # both stages really ran: the decode side pulled KV from the prefill side
     assert metric(ps[0], "segue_worker_kv_transferred_bytes_total") > 0
@@ -180,10 +203,10 @@ def test_request_cancellation_prefill_first_remote_decode_cancel(deploy):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_cancel_while_queued_for_prefill(deploy, strategy):
-    (p,), _ = start(deploy, strategy, prefill_args=(*SLOW_PREFILL, "--mocker-max-num-seqs",
-                                                     "1"))
-    blocker = RawRequest(deploy.url, "completions",
-                         body("completions", LONG_PROMPT, 5, False), f"blk-{strategy}")
+    (p,), _ = start(deploy, strategy, prefill_args=(*SLOW_PREFILL, "--mocker-max-num-seqs", "1"))
+    blocker = RawRequest(
+        deploy.url, "completions", body("completions", LONG_PROMPT, 5, False), f"blk-{strategy}"
+    )
     p.wait_log(f"New Request ID: blk-{strategy}")
     rid = f"queued-{strategy}"
     req = RawRequest(deploy.url, "completions", body("completions", PROMPT, 50, False), rid)
@@ -205,8 +228,7 @@ def test_cancelled_request_frees_unpulled_payload_at_once(deploy):
         req = RawRequest(deploy.url, "completions", body("completions", PROMPT, 50, False), rid)
         wait_until(lambda: metric(p, "segue_worker_kv_handles_held") == 1, what="KV held")
         req.close()
-        wait_until(lambda: metric(p, "segue_worker_kv_handles_held") == 0, 2,
-                   what="payload freed")
+        wait_until(lambda: metric(p, "segue_worker_kv_handles_held") == 0, 2, what="payload freed")
         assert metric(p, "segue_engine_kv_blocks_used") == 0
         assert metric(p, "segue_worker_kv_expired_total") == 0
     finally:
@@ -221,8 +243,9 @@ def _raw_generate(url: str, req: EngineRequest) -> list:
 
 def test_unpulled_kv_expires_after_ttl_and_wrong_kv_is_an_error(deploy):
     (p,), (dw,) = start(deploy, "frontend", prefill_args=("--kv-ttl", "0.5"))
-    frames = _raw_generate(p.url, EngineRequest(request_id="ttl", token_ids=[9, 8, 7],
-                                                max_tokens=5, phase="prefill"))
+    frames = _raw_generate(
+        p.url, EngineRequest(request_id="ttl", token_ids=[9, 8, 7], max_tokens=5, phase="prefill")
+    )
     assert isinstance(frames[-1], Prefilled)
     kv: KvHandle = frames[-1].kv
     assert metric(p, "segue_worker_kv_handles_held") == 1
@@ -230,16 +253,22 @@ def test_unpulled_kv_expires_after_ttl_and_wrong_kv_is_an_error(deploy):
     wait_until(lambda: metric(p, "segue_worker_kv_expired_total") == 1, 3, what="expiry")
     assert metric(p, "segue_engine_kv_blocks_used") == 0
     # a decode pointing at the expired payload fails loudly, never silently
-    frames = _raw_generate(dw.url, EngineRequest(request_id="late", token_ids=[9, 8, 7],
-                                                 max_tokens=5, phase="decode", kv=kv))
+    frames = _raw_generate(
+        dw.url,
+        EngineRequest(request_id="late", token_ids=[9, 8, 7], max_tokens=5, phase="decode", kv=kv),
+    )
     assert isinstance(frames[-1], Error) and frames[-1].code == "remote_failed"
     assert "404" in frames[-1].message
     # a handle for other tokens is refused before any pull
-    frames = _raw_generate(p.url, EngineRequest(request_id="other", token_ids=[1, 2, 3],
-                                                max_tokens=5, phase="prefill"))
-    frames = _raw_generate(dw.url, EngineRequest(request_id="wrong", token_ids=[1, 2, 4],
-                                                 max_tokens=5, phase="decode",
-                                                 kv=frames[-1].kv))
+    frames = _raw_generate(
+        p.url, EngineRequest(request_id="other", token_ids=[1, 2, 3], max_tokens=5, phase="prefill")
+    )
+    frames = _raw_generate(
+        dw.url,
+        EngineRequest(
+            request_id="wrong", token_ids=[1, 2, 4], max_tokens=5, phase="decode", kv=frames[-1].kv
+        ),
+    )
     assert isinstance(frames[-1], Error) and frames[-1].code == "kv_mismatch"
     assert metric(dw, "segue_worker_output_tokens_total") == 0
     wait_until(lambda: metric(p, "segue_worker_kv_handles_held") == 0, 3, what="expiry")
@@ -272,12 +301,14 @@ def test_kill_prefill_worker_migrates(deploy, reference, strategy):
     want = complete(reference.url, "completions", body("completions", LONG_PROMPT, 20, False))
     rid = f"kp-{strategy}"
     ex = cf.ThreadPoolExecutor(1)
-    fut = ex.submit(complete, deploy.url, "completions",
-                    body("completions", LONG_PROMPT, 20, False), rid)
+    fut = ex.submit(
+        complete, deploy.url, "completions", body("completions", LONG_PROMPT, 20, False), rid
+    )
     prefillers = [w for w in deploy.workers if "prefill" in w.name]
-    victim = wait_until(lambda: next((w for w in prefillers
-                                      if f"New Request ID: {rid}" in w.log()), None),
-                        what="prefill worker with the request")
+    victim = wait_until(
+        lambda: next((w for w in prefillers if f"New Request ID: {rid}" in w.log()), None),
+        what="prefill worker with the request",
+    )
     victim.signal(signal.SIGKILL)
     assert_same(fut.result(60), want)
     ex.shutdown()
@@ -294,16 +325,24 @@ def test_hung_worker_of_each_role_migrates(deploy, reference, strategy, role):
     n_prefill, n_decode = (2, 1) if role == "prefill" else (1, 2)
     # A hung prefill worker may finish its prefill once resumed, for a caller that gave up
     # on it: that KV is stranded until its TTL (2 s here) frees it.
-    start(deploy, strategy, prefill=n_prefill, decode=n_decode, fe_args=stall,
-          prefill_args=(*stall, "--kv-ttl", "2", *(SLOW_PREFILL if role == "prefill" else ())),
-          decode_args=stall)
+    start(
+        deploy,
+        strategy,
+        prefill=n_prefill,
+        decode=n_decode,
+        fe_args=stall,
+        prefill_args=(*stall, "--kv-ttl", "2", *(SLOW_PREFILL if role == "prefill" else ())),
+        decode_args=stall,
+    )
     prompt = LONG_PROMPT if role == "prefill" else PROMPT
     want = complete(reference.url, "completions", body("completions", prompt, 200, False))
     rid = f"hang-{strategy}-{role}"
     s = StreamReader(deploy.url, "completions", body("completions", prompt, 200, True), rid)
     group = [w for w in deploy.workers if role in w.name]
-    victim = wait_until(lambda: next((w for w in group if f"New Request ID: {rid}" in w.log()),
-                                     None), what=f"{role} worker with the request")
+    victim = wait_until(
+        lambda: next((w for w in group if f"New Request ID: {rid}" in w.log()), None),
+        what=f"{role} worker with the request",
+    )
     if role == "decode":
         s.read_tokens(5)
     victim.signal(signal.SIGSTOP)
@@ -320,8 +359,10 @@ def test_no_prefill_worker_left(deploy, reference, strategy):
     (p,), (dw,) = start(deploy, strategy)
     p.signal(signal.SIGKILL)
     wait_until(lambda: len(deploy.frontend.health()["workers"]) == 1, what="prefill gone")
-    wait_until(lambda: "left discovery" in dw.log() or strategy == "frontend",
-               what="decode worker saw it go")
+    wait_until(
+        lambda: "left discovery" in dw.log() or strategy == "frontend",
+        what="decode worker saw it go",
+    )
     r = complete(deploy.url, "completions", body("completions", PROMPT, 20, False))
     assert r.status == 503 and "prefill" in r.error["message"]
 
@@ -332,9 +373,10 @@ def test_prefill_fallback_local(deploy, reference, strategy):
     (p,), (dw,) = start(deploy, strategy, fe_args=fb, decode_args=fb)
     p.signal(signal.SIGKILL)
     wait_until(lambda: len(deploy.frontend.health()["workers"]) == 1, what="prefill gone")
-    wait_until(lambda: "left discovery" in dw.log() or strategy == "frontend",
-               what="decode worker saw it go")
+    wait_until(
+        lambda: "left discovery" in dw.log() or strategy == "frontend",
+        what="decode worker saw it go",
+    )
     want = complete(reference.url, "completions", body("completions", PROMPT, 20, False))
-    assert_same(complete(deploy.url, "completions", body("completions", PROMPT, 20, False)),
-                want)
+    assert_same(complete(deploy.url, "completions", body("completions", PROMPT, 20, False)), want)
     assert_all_idle(deploy)

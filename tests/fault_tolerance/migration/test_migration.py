@@ -56,8 +56,9 @@ def test_request_migration_worker_failure(deploy):
         deploy.start_worker("--mocker-step-ms", "1")
     want = golden(deploy, "completions", 8192)
     rid = "mig-kill-1"
-    fut = run_in_thread(complete, deploy.url, "completions",
-                        body("completions", PROMPT, 8192, False), rid)
+    fut = run_in_thread(
+        complete, deploy.url, "completions", body("completions", PROMPT, 8192, False), rid
+    )
     victim = worker_of(deploy, rid)
     victim.signal(signal.SIGKILL)
     assert_same(fut.result(timeout=120), want)
@@ -75,8 +76,9 @@ def test_request_migration_graceful_shutdown(deploy):
         deploy.start_worker("--mocker-step-ms", "1", "--drain-timeout", "1")
     want = golden(deploy, "completions", 8192)
     rid = "mig-term-1"
-    fut = run_in_thread(complete, deploy.url, "completions",
-                        body("completions", PROMPT, 8192, False), rid)
+    fut = run_in_thread(
+        complete, deploy.url, "completions", body("completions", PROMPT, 8192, False), rid
+    )
     victim = worker_of(deploy, rid)
     victim.signal(signal.SIGTERM)
     assert victim.popen.wait(10) == 0
@@ -146,8 +148,11 @@ def test_exact_at_precise_failure_points(deploy, point, stream):
     for i in range(2):  # round-robin: one of two consecutive requests lands on `faulty`
         rid = f"mig-{point}-{stream}-{i}"
         b = body("completions", PROMPT, n, stream)
-        result = (StreamReader(deploy.url, "completions", b, rid).finish() if stream
-                  else complete(deploy.url, "completions", b, rid))
+        result = (
+            StreamReader(deploy.url, "completions", b, rid).finish()
+            if stream
+            else complete(deploy.url, "completions", b, rid)
+        )
         assert_same(result, want)
         if f"New Request ID: {rid}" in faulty.log():
             break
@@ -199,8 +204,10 @@ def test_frozen_frontend_does_not_blame_its_workers(deploy):
     try:
         # the worker finishes while the frontend cannot read; the freeze lasts 2.5 stall
         # timeouts (its length is the scenario, not a wait for something)
-        wait_until(lambda: w.metrics()["segue_worker_output_tokens_total"] == 400,
-                   what="the worker done with both requests")
+        wait_until(
+            lambda: w.metrics()["segue_worker_output_tokens_total"] == 400,
+            what="the worker done with both requests",
+        )
         wait_until(lambda: time.monotonic() - t0 > 2.5, what="a freeze past the timeout")
     finally:
         deploy.frontend.signal(signal.SIGCONT)
@@ -215,11 +222,14 @@ def test_hung_engine_in_live_worker_fails_over(deploy):
     deploy.start_frontend("--stall-timeout", "60")  # not what catches it
     deploy.start_worker()
     want = golden(deploy, "chat", 200)
-    victim = deploy.start_worker("--fault-engine-hang-after-tokens", "20",
-                                 "--engine-stall-timeout", "1")
+    victim = deploy.start_worker(
+        "--fault-engine-hang-after-tokens", "20", "--engine-stall-timeout", "1"
+    )
     # round-robin: one of the two lands on the victim
-    streams = [StreamReader(deploy.url, "chat", body("chat", PROMPT, 200, True), f"eng-hang-{i}")
-               for i in range(2)]
+    streams = [
+        StreamReader(deploy.url, "chat", body("chat", PROMPT, 200, True), f"eng-hang-{i}")
+        for i in range(2)
+    ]
     for s in streams:
         assert_same(s.finish(), want)
     assert migrations(deploy, "engine_hung") == 1 and total_migrations(deploy) == 1
@@ -227,8 +237,11 @@ def test_hung_engine_in_live_worker_fails_over(deploy):
     assert victim.popen.wait(15) == ENGINE_FAILED_EXIT
     assert "engine made no progress" in victim.log()
     assert "Aborted Request ID" not in victim.log()  # nobody left: not a caller's abort
-    wait_until(lambda: victim.pid not in [w["pid"] for w in deploy.frontend.health()["workers"]],
-               5, what="the failed worker gone from the frontend")
+    wait_until(
+        lambda: victim.pid not in [w["pid"] for w in deploy.frontend.health()["workers"]],
+        5,
+        what="the failed worker gone from the frontend",
+    )
     assert complete(deploy.url, "chat", body("chat", PROMPT, 5, False)).status == 200
 
 
@@ -243,9 +256,17 @@ def test_slow_prefill_is_not_a_hang(deploy):
 
 def _register_fake(tmp_path, wid: str, url: str) -> None:
     """A discovery entry for something that is not a working segue worker."""
-    entry = {"instance": {"id": wid, "role": "aggregated", "url": url, "pid": os.getpid(),
-                          "host": socket.gethostname(), "model": ""},
-             "expires_at": time.time() + 600}
+    entry = {
+        "instance": {
+            "id": wid,
+            "role": "aggregated",
+            "url": url,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "model": "",
+        },
+        "expires_at": time.time() + 600,
+    }
     (tmp_path / "discovery" / "default" / f"{wid}.json").write_text(json.dumps(entry))
 
 
@@ -255,11 +276,14 @@ def test_unreachable_worker_is_skipped_and_taken_out_of_rotation(agg2, tmp_path)
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
     _register_fake(tmp_path, "stale-1", f"http://127.0.0.1:{dead_port}")
-    wait_until(lambda: len(httpx.get(agg2.url + "/health").json()["workers"]) == 3,
-               what="stale entry seen")
+    wait_until(
+        lambda: len(httpx.get(agg2.url + "/health").json()["workers"]) == 3, what="stale entry seen"
+    )
     for i in range(6):
-        assert_same(complete(agg2.url, "completions", body("completions", PROMPT, 20, False),
-                             f"stale-{i}"), want)
+        assert_same(
+            complete(agg2.url, "completions", body("completions", PROMPT, 20, False), f"stale-{i}"),
+            want,
+        )
     assert migrations(agg2, "connection_refused") == 1  # tried once, then never again
     h = httpx.get(agg2.url + "/health").json()
     assert [w["routable"] for w in h["workers"] if w["id"] == "stale-1"] == [False]
@@ -285,11 +309,14 @@ def test_peer_speaking_garbage_is_a_failed_worker(agg2, tmp_path):
     try:
         want = golden(agg2, "chat", 20)
         _register_fake(tmp_path, "garbage-1", f"http://127.0.0.1:{srv.server_port}")
-        wait_until(lambda: len(httpx.get(agg2.url + "/health").json()["workers"]) == 3,
-                   what="fake entry seen")
+        wait_until(
+            lambda: len(httpx.get(agg2.url + "/health").json()["workers"]) == 3,
+            what="fake entry seen",
+        )
         for i in range(4):
-            assert_same(complete(agg2.url, "chat", body("chat", PROMPT, 20, False),
-                                 f"garbage-{i}"), want)
+            assert_same(
+                complete(agg2.url, "chat", body("chat", PROMPT, 20, False), f"garbage-{i}"), want
+            )
         assert migrations(agg2, "bad_frame") == 1
     finally:
         srv.shutdown()
@@ -345,8 +372,10 @@ def test_all_workers_killed_gives_clear_error(agg2):
 def test_only_requests_on_the_failed_worker_migrate(agg2):
     prompts = [f"the {w} and the sea" for w in ("cat", "dog", "bird", "fish", "horse", "star")]
     wants = [golden(agg2, "completions", 150, p) for p in prompts]
-    readers = [StreamReader(agg2.url, "completions", body("completions", p, 150, True),
-                            f"conc-{i}") for i, p in enumerate(prompts)]
+    readers = [
+        StreamReader(agg2.url, "completions", body("completions", p, 150, True), f"conc-{i}")
+        for i, p in enumerate(prompts)
+    ]
     for r in readers:
         r.read_tokens(3)
     victim = worker_of(agg2, "conc-0")
@@ -366,8 +395,11 @@ def test_draining_worker_answers_new_calls_with_retryable_frame(deploy):
     s.read_tokens(2)
     w.signal(signal.SIGTERM)
     wait_until(lambda: w.health()["status"] == "draining", what="draining status")
-    raw = httpx.post(w.url + "/generate", content=encode_request(
-        EngineRequest(request_id="direct", token_ids=[5, 6], max_tokens=3)), timeout=5)
+    raw = httpx.post(
+        w.url + "/generate",
+        content=encode_request(EngineRequest(request_id="direct", token_ids=[5, 6], max_tokens=3)),
+        timeout=5,
+    )
     frames = FrameParser().feed(raw.content)
     assert len(frames) == 1 and isinstance(frames[0], Error)
     assert frames[0].code == "draining" and frames[0].retryable
@@ -435,8 +467,10 @@ def test_rolling_restart_under_load_has_no_client_errors(deploy):
     for old in list(deploy.workers):
         seen = len(results)
         wait_until(lambda s=seen: len(results) >= s + 4, 30, what="load flowing")
-        wait_until(lambda o=old: o.metrics()["segue_engine_running_requests"] >= 1,
-                   what="requests in flight on the worker to restart")
+        wait_until(
+            lambda o=old: o.metrics()["segue_engine_running_requests"] >= 1,
+            what="requests in flight on the worker to restart",
+        )
         old.signal(signal.SIGTERM)
         assert old.popen.wait(30) == 0
         deploy.start_worker(*drain)
