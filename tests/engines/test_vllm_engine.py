@@ -341,8 +341,8 @@ def kv_loaded(w) -> float:
             marks=pytest.mark.skipif(
                 not os.environ.get("SEGUE_TEST_NIXL"),
                 reason="NIXL on 2 CPU cores: about one fresh prefill/decode pair in three never "
-                "finishes its first KV read (vLLM's decode side logs its transfer plan, then nothing); "
-                "run with SEGUE_TEST_NIXL=1",
+                "finishes its first KV read (vLLM's decode side logs its transfer plan, then "
+                "nothing); run with SEGUE_TEST_NIXL=1",
             ),
         ),
         "example",
