@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(
             serve(
                 from_args(ServeConfig, args),
-                from_args(FrontendConfig, args),
-                from_args(WorkerConfig, args),
+                from_args(FrontendConfig, args, SERVE_SKIP_FRONTEND),
+                from_args(WorkerConfig, args, SERVE_SKIP_WORKER),
             )
         )
     if args.cmd == "frontend":

@@ -115,10 +115,17 @@ def add_flags(
         )
 
 
-def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
-    """Builds `cls` from parsed flags (a flag the parser did not define keeps its default);
-    `overrides` replace top-level fields."""
-    return _build(cls, args, "", overrides)
+def from_args(
+    cls: type[T], args: argparse.Namespace, skip: frozenset[str] = frozenset(), **overrides: Any
+) -> T:
+    """Builds `cls` from parsed flags (a flag the parser did not define, or a dest in `skip`,
+    keeps its default); `overrides` replace top-level fields."""
+    return _build(
+        cls,
+        argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in skip}),
+        "",
+        overrides,
+    )
 
 
 def _build(cls: Any, args: argparse.Namespace, prefix: str, overrides: dict[str, Any]) -> Any:

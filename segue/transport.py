@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -33,9 +34,14 @@ class StallTimer:
     window instead, once until the peer is heard again: an overloaded loop whose every
     check is late must still find a hung peer."""
 
-    def __init__(self, timeout: float) -> None:
-        self.loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
+    def __init__(
+        self,
+        timeout: float,
+        loop: asyncio.AbstractEventLoop | None = None,
+        task: asyncio.Task[Any] | None = None,
+    ) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        task = task or asyncio.current_task()
         assert task is not None, "a StallTimer guards the task that creates it"
         self.task = task
         self.timeout = timeout

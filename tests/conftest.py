@@ -7,9 +7,20 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-sys.path.insert(0, str(Path(__file__).parent))
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
 
 from harness import Deployment  # noqa: E402
+
+# The tiers, by directory: `unit` runs in this process (fakes, no child processes), `engine`
+# starts real hf/vLLM engines, `e2e` everything else (real mocker processes).
+_TIER = {"unit": "unit", "engines": "engine"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        top = item.path.relative_to(TESTS).parts[0]
+        item.add_marker(_TIER.get(top, "e2e"))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -108,6 +108,8 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.routes.idle.wait(), 5.0)
             await runner.cleanup()
+            await self.router.close()
+            await self.session.close()
             self.engine.release_files()
             log.error("worker %s exiting: %s", self.id, self.sessions.failure.value)
             return ENGINE_FAILED_EXIT

@@ -1,0 +1,158 @@
+"""A real worker (aiohttp server, file discovery) in this process around a scripted engine:
+drain, hand back, abort on a caller that leaves, the engine monitor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import aiohttp
+import pytest
+from fakes import ScriptedEngine, reference
+from harness_async import wait_for
+
+from segue.discovery import Instance
+from segue.discovery.file import FileDiscovery
+from segue.engines.base import EngineInput
+from segue.protocol import (
+    EngineRequest,
+    Error,
+    ErrorCode,
+    Final,
+    HandBack,
+    KeepAlive,
+    Role,
+    Tokens,
+)
+from segue.transport import stream_frames
+from segue.worker.config import WorkerConfig
+from segue.worker.lifecycle import Worker
+from segue.worker.metrics import WorkerMetrics
+from segue.worker.monitor import check_engine
+from segue.worker.session import EngineFailure, EngineSessions
+
+PROMPT = [3, 1, 4]
+
+
+class Running:
+    def __init__(self, tmp: Path, **cfg: float) -> None:
+        self.engine = ScriptedEngine()
+        self.disc = FileDiscovery(str(tmp), "default")
+        self.cfg = WorkerConfig(discovery=f"file:{tmp}", keepalive=0.05, **cfg)  # type: ignore[arg-type]
+        self.stop = asyncio.Event()
+        self.worker = Worker(self.engine, self.disc, self.cfg)
+        self.task = asyncio.create_task(self.worker.run(self.stop))
+        self.session = aiohttp.ClientSession()
+
+    async def ready(self) -> Running:
+        await wait_for(lambda: self.disc.snapshot(), what="the worker registered")
+        return self
+
+    def call(self, rid: str, n: int = 10):  # noqa: ANN201 - an async generator
+        return self.call_at(self.worker.url, rid, n)
+
+    def call_at(self, url: str, rid: str, n: int = 10):  # noqa: ANN201
+        inst = Instance(id="w", role=Role.AGGREGATED, url=url, pid=0, host="h")
+        req = EngineRequest(request_id=rid, token_ids=list(PROMPT), max_tokens=n)
+        return stream_frames(self.session, inst, req, 30.0)
+
+    async def close(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(self.task, 10)
+        await self.session.close()
+
+
+@pytest.fixture
+async def running(tmp_path):
+    made: list[Running] = []
+
+    async def make(**cfg: float) -> Running:
+        r = Running(tmp_path, **cfg)
+        made.append(r)
+        return await r.ready()
+
+    yield make
+    for r in made:
+        await r.close()
+
+
+async def next_real(frames) -> object:  # noqa: ANN001
+    while True:
+        f = await frames.__anext__()
+        if type(f) is not KeepAlive:
+            return f
+
+
+async def test_drain_lets_in_flight_requests_finish(running):
+    r = await running(drain_timeout=30.0)
+    frames = r.call("a", n=6)
+    first = asyncio.ensure_future(next_real(frames))
+    await wait_for(lambda: "a" in r.engine.streams, what="the engine got the request")
+    r.engine.step(2)
+    assert (await first) == Tokens(0, reference(PROMPT, 6)[:2])
+    r.stop.set()
+    await wait_for(lambda: r.worker.draining and not r.disc.snapshot(), what="left discovery")
+    inst_url = r.worker.url
+    async with r.session.post(inst_url + "/generate", data=b"") as resp:  # new work refused
+        assert resp.status == 400  # not a request at all: a 400, not a crash
+    late = [f async for f in _until_final(r.call_at(inst_url, "b"))]
+    assert late == [Error(ErrorCode.DRAINING, late[0].message, True)]  # type: ignore[union-attr]
+    r.engine.step(4)
+    rest = [f async for f in _until_final(frames)]
+    assert rest[-1] == Final("length", 6)
+    assert await asyncio.wait_for(r.task, 10) == 0 and r.engine.aborted == []
+
+
+async def test_drain_timeout_hands_requests_back(running):
+    r = await running(drain_timeout=0.2)
+    frames = r.call("a")
+    first = asyncio.ensure_future(next_real(frames))
+    await wait_for(lambda: "a" in r.engine.streams, what="the engine got the request")
+    r.engine.step(3)
+    await first
+    r.stop.set()
+    rest = [f async for f in _until_final(frames)]
+    assert type(rest[-1]) is HandBack
+    assert r.engine.aborted == ["a"] and not r.worker.sessions.active
+    assert await asyncio.wait_for(r.task, 10) == 0
+    assert r.worker.metrics.aborts._value.get() == 0  # handed back, not a caller's abort
+
+
+async def test_caller_leaving_aborts_the_engine_request(running):
+    r = await running()
+    frames = r.call("a")
+    first = asyncio.ensure_future(next_real(frames))
+    await wait_for(lambda: "a" in r.engine.streams, what="the engine got the request")
+    r.engine.step(1)
+    await first
+    await frames.aclose()
+    await wait_for(lambda: r.engine.aborted == ["a"], what="the engine request aborted")
+    await wait_for(lambda: r.worker.metrics.aborts._value.get() == 1, what="abort counted")
+    assert r.engine.stats().running == 0 and not r.worker.sessions.active
+
+
+async def test_monitor_finds_a_hung_and_a_dead_engine():
+    engine = ScriptedEngine()
+    s = EngineSessions(engine, WorkerMetrics(engine), keepalive=0.05)
+    assert check_engine(engine, s, 10.0, s.progress + 60.0) is None  # idle is not hung
+    stream = engine.add_request(EngineInput("x", [1], 5))
+    s.active["x"] = stream
+    assert check_engine(engine, s, 10.0, s.progress + 5.0) is None
+    why = check_engine(engine, s, 10.0, s.progress + 11.0)
+    assert why and "no progress" in why and s.failure is EngineFailure.HUNG
+    assert stream.finish_reason == "error"
+    s.failure = None
+    engine.alive = False
+    assert check_engine(engine, s, 10.0, s.progress) == "engine died"
+    assert s.failure is EngineFailure.DEAD
+
+
+async def _until_final(frames):  # noqa: ANN001, ANN202
+    async for f in frames:
+        if type(f) is KeepAlive:
+            continue
+        yield f
+        if type(f) in (Final, HandBack, Error):
+            return
