@@ -1,4 +1,4 @@
-"""OpenAI request types, their validation, error bodies and response chunks."""
+"""OpenAI request types, their validation and error bodies (responses: frontend/render.py)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,6 @@ class ChatCompletionRequest(CommonParams, kw_only=True):
 
 completion_decoder = msgspec.json.Decoder(CompletionRequest)
 chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
-encode = msgspec.json.Encoder().encode
 
 
 class APIError(Exception):
@@ -137,11 +136,3 @@ def message_dicts(messages: list[Message]) -> list[dict]:
             content = "".join(p.text for p in content)
         out.append({"role": m.role, "content": content or ""})
     return out
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
