@@ -24,7 +24,7 @@ class CommonParams(Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None  # int64, as OpenAI
     user: str | None = None
     # Extensions (as in vLLM): run past EOS; return token ids; per-request deadline (s).
     ignore_eos: bool = False

@@ -1,0 +1,39 @@
+"""Preprocessing at the edge: what a client sends that cannot be served is a 400 naming the
+problem, never an exception further in (these two classes were 500s)."""
+
+from __future__ import annotations
+
+import pytest
+
+from segue.api.openai import APIError
+from segue.frontend.config import FrontendConfig
+from segue.frontend.preprocess import Preprocessor
+from segue.protocol import encode_request
+from segue.tokenizer import BuiltinTokenizer
+
+PRE = Preprocessor(FrontendConfig(), BuiltinTokenizer())
+
+
+def body(extra: bytes = b"", prompt: bytes = b'"hi"', model: bytes = b"segue-mocker") -> bytes:
+    return b'{"model": "' + model + b'", "prompt": ' + prompt + extra + b"}"
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 2**70])
+def test_seed_beyond_int64_is_a_400_naming_it(seed):
+    with pytest.raises(APIError) as e:
+        PRE(body(b', "seed": %d' % seed), False, "r")
+    assert e.value.status == 400 and e.value.param == "seed"
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -(2**63), 0])
+def test_seed_in_int64_reaches_the_wire(seed):
+    state = PRE(body(b', "seed": %d' % seed), False, "r").state
+    assert state.seed == seed and encode_request(state.engine_request())
+
+
+@pytest.mark.parametrize("raw", [body(prompt=b'"h\xff\xfei"'), body(model=b"segue\xc3"),
+                                 body(b', "stop": ["\xc3"]')])
+def test_bytes_that_are_not_utf8_are_a_400(raw):
+    with pytest.raises(APIError) as e:
+        PRE(raw, False, "r")
+    assert e.value.status == 400 and e.value.code == "invalid_encoding"
