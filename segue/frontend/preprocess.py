@@ -99,8 +99,9 @@ class Preprocessor:
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             raise oai.validation_error(e) from None
         except UnicodeDecodeError as e:  # msgspec's error for a string that is not UTF-8
-            raise oai.APIError(400, f"Request body is not valid UTF-8 (byte {e.start})",
-                               code="invalid_encoding") from None
+            raise oai.APIError(
+                400, f"Request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding"
+            ) from None
         if body.model not in self.model_aliases:
             raise oai.APIError(
                 404,

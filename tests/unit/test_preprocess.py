@@ -31,8 +31,9 @@ def test_seed_in_int64_reaches_the_wire(seed):
     assert state.seed == seed and encode_request(state.engine_request())
 
 
-@pytest.mark.parametrize("raw", [body(prompt=b'"h\xff\xfei"'), body(model=b"segue\xc3"),
-                                 body(b', "stop": ["\xc3"]')])
+@pytest.mark.parametrize(
+    "raw", [body(prompt=b'"h\xff\xfei"'), body(model=b"segue\xc3"), body(b', "stop": ["\xc3"]')]
+)
 def test_bytes_that_are_not_utf8_are_a_400(raw):
     with pytest.raises(APIError) as e:
         PRE(raw, False, "r")
