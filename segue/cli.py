@@ -72,6 +72,7 @@ async def _worker(cfg: WorkerConfig) -> int:
     from segue.discovery import open_discovery
     from segue.engines import create_engine
     from segue.lifetime import install_signal_handlers
+    from segue.models.card import card_for
     from segue.tokenizer import load_tokenizer
     from segue.worker.lifecycle import Worker
 
@@ -79,7 +80,9 @@ async def _worker(cfg: WorkerConfig) -> int:
     install_signal_handlers(stop)
     tok = load_tokenizer(cfg.model)
     engine = create_engine(cfg, tok)
-    return await Worker(engine, open_discovery(cfg.discovery, cfg.namespace), cfg).run(stop)
+    card = card_for(tok, cfg.served_model_name, cfg.model)
+    disc = open_discovery(cfg.discovery, cfg.namespace)
+    return await Worker(engine, disc, cfg, card).run(stop)
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> None:

@@ -53,19 +53,28 @@ class Router:
             log.info("worker %s joined (%s, %s)", new, instances[new].role, instances[new].url)
         self.instances = instances
 
-    def routable(self, role: Role | None = None) -> list[Instance]:
+    def routable(self, role: Role | None = None, model: str | None = None) -> list[Instance]:
         return [
             i
             for i in self.instances.values()
-            if i.id not in self.down and (role is None or i.role == role)
+            if i.id not in self.down
+            and (role is None or i.role == role)
+            and (model is None or i.card.name == model)
         ]
 
-    def pick(self, roles: Iterable[Role], exclude: Iterable[str] = ()) -> Instance | None:
+    def pick(
+        self, roles: Iterable[Role], exclude: Iterable[str] = (), model: str | None = None
+    ) -> Instance | None:
+        """A worker of one of `roles` (serving `model`, when given) that is in rotation and
+        not in `exclude`."""
         wanted = set(roles)
         cands = [
             i
             for i in self.instances.values()
-            if i.role in wanted and i.id not in self.down and i.id not in exclude
+            if i.role in wanted
+            and i.id not in self.down
+            and i.id not in exclude
+            and (model is None or i.card.name == model)
         ]
         if not cands:
             return None

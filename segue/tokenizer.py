@@ -9,6 +9,7 @@ it is lossless for any text and its byte tokens exercise the incremental detoken
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -45,6 +46,13 @@ cat red blue green yellow white black bright dark quiet loud soft warm cold quic
 """.split()
 
 _SPECIALS = ["<s>", "</s>", "<pad>", "<unk>"]
+# What decides how text becomes token ids and back, and the prompt a chat becomes.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
 _BYTE_BASE = len(_SPECIALS)
 _WORD_BASE = _BYTE_BASE + 256
 _PIECE_RE = re.compile(r" ?[a-z]+|.", re.S)
@@ -56,6 +64,7 @@ class Tokenizer:
     name: str
     eos_token_ids: frozenset[int]
     context_length: int
+    digest: str  # fingerprint of the tokenizer and chat template (model cards compare it)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         raise NotImplementedError
@@ -97,6 +106,7 @@ class BuiltinTokenizer(Tokenizer):
         super().__init__(BUILTIN_CHAT_TEMPLATE, bos=_SPECIALS[0], eos=_SPECIALS[1])
         self.name = "segue-builtin"
         self.context_length = context_length
+        self.digest = "builtin-1"
         self.eos_token_ids = frozenset({1})
         words = list(dict.fromkeys(_WORDS))
         self._pieces: list[bytes] = [b""] * _WORD_BASE
@@ -157,6 +167,11 @@ class HFTokenizer(Tokenizer):
         )
         self._tok = _Tok.from_file(str(d / "tokenizer.json"))
         self.name = d.name
+        h = hashlib.blake2b(digest_size=16)
+        for f in _TOKENIZER_FILES:
+            if (d / f).exists():
+                h.update(f.encode() + b"\0" + (d / f).read_bytes() + b"\0")
+        self.digest = h.hexdigest()
         model_cfg = {}
         if (d / "config.json").exists():
             model_cfg = json.loads((d / "config.json").read_text())

@@ -144,21 +144,29 @@ def scrape(url: str) -> dict[str, float]:
 class Deployment:
     """A discovery directory, a frontend and workers, all real processes."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, discovery: str | None = None) -> None:
         self.tmp = tmp
-        self.discovery = f"file:{tmp / 'discovery'}"
+        self.discovery = discovery or f"file:{tmp / 'discovery'}"
         self.procs: list[Proc] = []
         self.frontend: Proc | None = None
+        self.frontends: list[Proc] = []
         self.workers: list[Proc] = []
         self._n = 0
 
-    def start_frontend(self, *extra: str) -> Proc:
+    def start_frontend(self, *extra: str, env: dict | None = None) -> Proc:
+        """Starts a frontend; the newest is `self.frontend` (earlier ones stay in
+        `self.frontends`)."""
+        name = "frontend" if not self.frontends else f"frontend{len(self.frontends) + 1}"
         p = Proc(
-            "frontend", ["frontend", "--port", "0", "--discovery", self.discovery, *extra], self.tmp
+            name,
+            ["frontend", "--port", "0", "--discovery", self.discovery, *extra],
+            self.tmp,
+            env,
         )
         self.procs.append(p)
         p.wait_ready()
         self.frontend = p
+        self.frontends.append(p)
         return p
 
     def start_worker(
@@ -184,13 +192,18 @@ class Deployment:
         self.procs.append(p)
         self.workers.append(p)
         p.wait_ready(ready_timeout)
-        if wait and self.frontend is not None:
-            self.wait_routable(p)
+        if wait:
+            for fe in self.frontends:
+                self.wait_routable(p, frontend=fe)
         return p
 
-    def wait_routable(self, worker: Proc, timeout: float = 30.0) -> None:
+    def wait_routable(
+        self, worker: Proc, timeout: float = 30.0, frontend: Proc | None = None
+    ) -> None:
+        fe = frontend or self.frontend
+
         def seen():
-            h = httpx.get(self.frontend.url + "/health", timeout=5).json()
+            h = httpx.get(fe.url + "/health", timeout=5).json()
             return any(w["url"] == worker.url and w["routable"] for w in h["workers"])
 
         wait_until(seen, timeout, what=f"{worker.name} routable in the frontend")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from segue.discovery.base import Discovery, Instance, Lease
+from segue.discovery.base import Discovery, Instance, Lease, ModelCard
 
-__all__ = ["Discovery", "Instance", "Lease", "open_discovery"]
+__all__ = ["Discovery", "Instance", "Lease", "ModelCard", "open_discovery"]
 
 
 def open_discovery(spec: str, namespace: str = "default") -> Discovery:
-    """`file:DIR`: one machine, no server (the only backend so far)."""
+    """`file:DIR` (one machine, no server) or `etcd://HOST:PORT[,HOST:PORT...]`."""
     if spec.startswith("file:"):
         from segue.discovery.file import FileDiscovery
 
         return FileDiscovery(spec[len("file:") :], namespace)
-    raise ValueError(f"unsupported discovery {spec!r}: expected file:DIR")
+    if spec.startswith("etcd://"):
+        from segue.discovery.etcd import EtcdDiscovery
+
+        return EtcdDiscovery(spec[len("etcd://") :].split(","), namespace)
+    raise ValueError(f"unsupported discovery {spec!r}: expected file:DIR or etcd://HOST:PORT")

@@ -10,13 +10,25 @@ import msgspec
 from segue.protocol import Role
 
 
+class ModelCard(msgspec.Struct, frozen=True):
+    """What a worker serves, so a frontend can serve it too: the frontend loads the tokenizer
+    from `path` (workers and frontends share the model directory's path: a shared volume or
+    the same image) and checks it is the same by `tokenizer_digest`. `path` empty: the
+    built-in tokenizer."""
+
+    name: str = "segue-mocker"
+    tokenizer_digest: str = "builtin-1"
+    context_length: int = 32768
+    path: str = ""
+
+
 class Instance(msgspec.Struct, frozen=True):
     id: str
     role: Role
     url: str
     pid: int
     host: str
-    model: str = ""
+    card: ModelCard = ModelCard()
 
 
 class Lease(abc.ABC):

@@ -19,12 +19,14 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from segue.api import openai as oai
+from segue.auth import client_headers, load_cluster_token
 from segue.discovery import Discovery
 from segue.frontend.client import MigrationError, NoWorkerError, RejectedError, ResilientClient
 from segue.frontend.config import FrontendConfig
 from segue.frontend.metrics import FrontendMetrics
+from segue.frontend.models import ModelRegistry
 from segue.frontend.output import OutputProcessor, TextDelta
-from segue.frontend.preprocess import PreparedRequest, Preprocessor
+from segue.frontend.preprocess import PreparedRequest, decode_body
 from segue.frontend.render import SSE_DONE, SSE_HEADERS, Renderer, sse
 from segue.log import request_id_var
 from segue.protocol import FinishReason
@@ -63,15 +65,20 @@ class Frontend:
         self.tok = tokenizer
         self.discovery = discovery
         self.metrics = FrontendMetrics()
-        self.preprocess = Preprocessor(cfg, tokenizer)
-        self.output = OutputProcessor(tokenizer, self.metrics.ttft, self.metrics.itl)
+        self.models = ModelRegistry(
+            cfg, tokenizer, OutputProcessor(tokenizer, self.metrics.ttft, self.metrics.itl)
+        )
         connector = aiohttp.TCPConnector(
             limit=cfg.max_connections,
             limit_per_host=0,
             ttl_dns_cache=None,
             enable_cleanup_closed=True,
         )
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            headers=client_headers(load_cluster_token(cfg.cluster_token_file)),
+        )
         self.router = Router(cfg.router, self.session)
         self.client = ResilientClient(
             self.router,
@@ -87,7 +94,7 @@ class Frontend:
 
     async def _watch(self) -> None:
         async for instances in self.discovery.watch():
-            self.router.update(instances)
+            self.router.update(self.models.accept(instances))
 
     async def close(self) -> None:
         self._watch_task.cancel()
@@ -126,9 +133,10 @@ class Frontend:
     # -- simple endpoints ----------------------------------------------------------------
 
     async def handle_models(self, request: web.Request) -> web.Response:
-        data = [
-            {"id": self.cfg.served_model_name, "object": "model", "created": 0, "owned_by": "segue"}
-        ]
+        # The frontend's own model, and every model a worker in view serves.
+        names = dict.fromkeys([self.cfg.served_model_name])
+        names.update(dict.fromkeys(i.card.name for i in self.router.instances.values()))
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "segue"} for n in names]
         return web.json_response({"object": "list", "data": data})
 
     async def handle_health(self, request: web.Request) -> web.Response:
@@ -138,6 +146,7 @@ class Frontend:
                 "role": i.role,
                 "pid": i.pid,
                 "url": i.url,
+                "model": i.card.name,
                 "routable": i.id not in self.router.down,
             }
             for i in self.router.instances.values()
@@ -172,7 +181,17 @@ class Frontend:
         try:
             if self.shutting_down:
                 raise oai.APIError(503, "frontend is shutting down", code="unavailable")
-            prep = self.preprocess(await self._read_body(request), chat, rid)
+            body = decode_body(await self._read_body(request), chat)
+            model = self.models.get(body.model)
+            if model is None:
+                raise oai.APIError(
+                    404,
+                    f"The model `{body.model}` does not exist; this server serves "
+                    + ", ".join(f"`{n}`" for n in self.models.models),
+                    param="model",
+                    code="model_not_found",
+                )
+            prep = model.preprocess(body, chat, rid)
             if prep.stream:
                 return await self._respond_stream(request, prep, headers)
             return await self._respond_whole(prep, headers)
@@ -202,7 +221,8 @@ class Frontend:
             ) from None
 
     def _text_deltas(self, prep: PreparedRequest):  # noqa: ANN202 - an async generator
-        return self.output.text_deltas(self.client.generate(prep.state), prep.stops)
+        output = self.models.models[prep.state.model].output
+        return output.text_deltas(self.client.generate(prep.state), prep.stops)
 
     async def _with_deadline(self, prep: PreparedRequest, work: Awaitable[T]) -> T:
         if prep.timeout is None:
@@ -229,13 +249,13 @@ class Frontend:
             text, finish = await self._with_deadline(prep, collect())
         except (NoWorkerError, MigrationError, RejectedError) as e:
             raise api_error(e) from None
-        body = Renderer(prep, self.cfg.served_model_name).response(text, finish)
+        body = Renderer(prep, prep.state.model).response(text, finish)
         return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def _respond_stream(
         self, request: web.Request, prep: PreparedRequest, headers: dict[str, str]
     ) -> web.StreamResponse:
-        render = Renderer(prep, self.cfg.served_model_name)
+        render = Renderer(prep, prep.state.model)
         resp: web.StreamResponse | None = None
 
         async def start() -> web.StreamResponse:
@@ -249,7 +269,7 @@ class Frontend:
             nonlocal resp
             # Headers go out at once (a long prefill must not look like a dead server) when
             # a worker can take the request; with none, the client gets a plain 503.
-            if self.client.can_route():
+            if self.client.can_route(prep.state.model):
                 resp = await start()
             tail = b""
             d: TextDelta

@@ -63,9 +63,9 @@ class ResilientClient:
         self.strategy = Strategy(strategy)
         self.prefill_fallback = PrefillFallback(prefill_fallback)
 
-    def can_route(self) -> bool:
-        """Whether some worker could take a new request now."""
-        return bool(self.router.routable(self.strategy.first_role))
+    def can_route(self, model: str) -> bool:
+        """Whether some worker could take a new request for `model` now."""
+        return bool(self.router.routable(self.strategy.first_role, model))
 
     async def generate(self, state: RequestState) -> AsyncGenerator[Delta, None]:
         """Yields (new token ids, None) as tokens arrive, then ([], finish_reason)."""
@@ -125,7 +125,7 @@ class ResilientClient:
         )
 
     def pick(self, role: Role, exclude: set[str], state: RequestState) -> Instance:
-        inst = self.router.pick((role,), exclude)
+        inst = self.router.pick((role,), exclude, state.model)
         if inst is None:
             if state.migrations:
                 log.error(

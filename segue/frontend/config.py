@@ -14,7 +14,11 @@ from segue.router import Policy
 class FrontendConfig:
     host: str = option("127.0.0.1", help="address to bind")
     port: int = option(8000, help="port to bind (0: any free port)")
-    discovery: str = option("", required=True, help="file:DIR")
+    discovery: str = option("", required=True, help="file:DIR or etcd://HOST:PORT[,...]")
+    cluster_token_file: str | None = option(
+        None,
+        help="file with the cluster token sent on every call to a worker (or $SEGUE_CLUSTER_TOKEN)",
+    )
     namespace: str = option("default", help="deployment name inside the discovery store")
     model: str | None = option(None, help="Hugging Face model directory (tokenizer)")
     model_name: str | None = option(

@@ -26,6 +26,7 @@ class RequestState:
     request_id: str
     prompt_ids: list[int]
     max_tokens: int
+    model: str = "segue-mocker"  # served name: only workers of this model may take it
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -85,31 +86,31 @@ class PreparedRequest:
         return len(self.state.prompt_ids)
 
 
-class Preprocessor:
-    def __init__(self, cfg: FrontendConfig, tokenizer: Tokenizer) -> None:
-        self.cfg = cfg
-        self.tok = tokenizer
-        self.model_aliases = {cfg.served_model_name}
+Body = oai.CompletionRequest | oai.ChatCompletionRequest
 
-    def __call__(self, raw: bytes, chat: bool, request_id: str) -> PreparedRequest:
+
+def decode_body(raw: bytes, chat: bool) -> Body:
+    """The typed request, or a 400 naming the field (or the encoding) that is wrong."""
+    try:
+        return (oai.chat_decoder if chat else oai.completion_decoder).decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise oai.validation_error(e) from None
+    except UnicodeDecodeError as e:  # msgspec's error for a string that is not UTF-8
+        raise oai.APIError(
+            400, f"Request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding"
+        ) from None
+
+
+class Preprocessor:
+    """Preprocessing for one served model (its tokenizer and chat template)."""
+
+    def __init__(self, cfg: FrontendConfig, tokenizer: Tokenizer, model: str) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.tok = tokenizer
+
+    def __call__(self, body: Body, chat: bool, request_id: str) -> PreparedRequest:
         """Raises `oai.APIError` (a 4xx naming the field) for anything it cannot serve."""
-        body: oai.CompletionRequest | oai.ChatCompletionRequest
-        try:
-            body = (oai.chat_decoder if chat else oai.completion_decoder).decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            raise oai.validation_error(e) from None
-        except UnicodeDecodeError as e:  # msgspec's error for a string that is not UTF-8
-            raise oai.APIError(
-                400, f"Request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding"
-            ) from None
-        if body.model not in self.model_aliases:
-            raise oai.APIError(
-                404,
-                f"The model `{body.model}` does not exist; this server "
-                f"serves `{self.cfg.served_model_name}`",
-                param="model",
-                code="model_not_found",
-            )
         if body.n != 1:
             raise oai.APIError(400, "only n=1 is supported", param="n")
         if body.logprobs not in (None, False):
@@ -139,6 +140,7 @@ class Preprocessor:
         seed = body.seed if body.seed is not None else random.getrandbits(63)
         state = RequestState(
             request_id=request_id,
+            model=self.model,
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
             temperature=temperature,

@@ -15,10 +15,23 @@ from segue.protocol import Role
 class WorkerConfig:
     engine: EngineName = option(EngineName.MOCKER, help="the engine behind this worker")
     model: str | None = option(None, help="Hugging Face model directory")
+    model_name: str | None = option(
+        None, help="served model name (default: the model directory's name)"
+    )
     role: Role = option(Role.AGGREGATED, help="aggregated, or a disaggregated stage")
-    discovery: str = option("", required=True, help="file:DIR")
+    discovery: str = option("", required=True, help="file:DIR or etcd://HOST:PORT[,...]")
     namespace: str = option("default", help="deployment name inside the discovery store")
     host: str = option("127.0.0.1", help="address to bind")
+    advertise_host: str | None = option(
+        None,
+        help="address published in discovery (default: the bound one; with 0.0.0.0, the "
+        "first non-loopback address)",
+    )
+    cluster_token_file: str | None = option(
+        None,
+        help="file with the cluster token every request-plane call must carry (or "
+        "$SEGUE_CLUSTER_TOKEN)",
+    )
     port: int = option(0, help="port to bind (0: any free port)")
     drain_timeout: float = option(
         30.0, help="seconds in-flight requests may finish on SIGTERM before they are handed back"
@@ -33,6 +46,12 @@ class WorkerConfig:
     )
     stall_timeout: float = option(
         5.0, help="seconds without a frame from a remote stage before it counts as hung"
+    )
+    caller_timeout: float = option(
+        10.0,
+        help="seconds a caller may leave our frames unacknowledged before it counts as "
+        "gone and its requests are aborted (TCP_USER_TIMEOUT; a partitioned caller sends no "
+        "FIN; 0: the kernel's default, many minutes)",
     )
     kv_ttl: float = option(
         30.0, help="seconds a prefilled KV payload waits for its pull before it is freed"
@@ -54,4 +73,6 @@ class WorkerConfig:
 
     @property
     def served_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
         return self.model.rstrip("/").rsplit("/", 1)[-1] if self.model else "segue-mocker"

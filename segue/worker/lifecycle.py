@@ -16,7 +16,8 @@ import uuid
 import aiohttp
 from aiohttp import web
 
-from segue.discovery import Discovery, Instance
+from segue.auth import client_headers, load_cluster_token
+from segue.discovery import Discovery, Instance, ModelCard
 from segue.engines.base import Engine
 from segue.protocol import Role
 from segue.router import Router
@@ -37,8 +38,11 @@ class Worker:
     """Complete after construction (it makes its HTTP session: build it inside the event
     loop); `run` serves until stopped."""
 
-    def __init__(self, engine: Engine, discovery: Discovery, cfg: WorkerConfig) -> None:
+    def __init__(
+        self, engine: Engine, discovery: Discovery, cfg: WorkerConfig, card: ModelCard | None = None
+    ) -> None:
         self.engine = engine
+        self.card = card or ModelCard()
         self.discovery = discovery
         self.cfg = cfg
         self.id = f"{cfg.role[0]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -49,8 +53,10 @@ class Worker:
         self.sessions = EngineSessions(
             engine, self.metrics, cfg.keepalive, cfg.fault_exit_after_tokens
         )
+        self.token = load_cluster_token(cfg.cluster_token_file)
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=1024, enable_cleanup_closed=True)
+            connector=aiohttp.TCPConnector(limit=1024, enable_cleanup_closed=True),
+            headers=client_headers(self.token),
         )
         self.router = Router(session=self.session)  # peers of the other stage
         self.stages = Stages(
@@ -84,17 +90,19 @@ class Worker:
             tasks.append(asyncio.create_task(self._watch_peers()))
         runner = web.AppRunner(self.routes.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.cfg.host, self.cfg.port)
+        sock = listen_socket(self.cfg.host, self.cfg.port, self.cfg.caller_timeout)
+        site = web.SockSite(runner, sock)
         await site.start()
-        port = runner.addresses[0][1]
-        self.url = self.stages.url = f"http://{self.cfg.host}:{port}"
+        port = sock.getsockname()[1]
+        host = self.cfg.advertise_host or advertised_host(self.cfg.host)
+        self.url = self.stages.url = f"http://{host}:{port}"
         inst = Instance(
             id=self.id,
             role=self.cfg.role,
             url=self.url,
             pid=os.getpid(),
             host=socket.gethostname(),
-            model=self.cfg.served_model_name,
+            card=self.card,
         )
         lease = await self.discovery.register(inst, self.cfg.lease_ttl)
         print(f"segue worker ready id={self.id} role={self.cfg.role} url={self.url}", flush=True)
@@ -137,3 +145,33 @@ class Worker:
             self.sessions.hand_back_all()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.routes.idle.wait(), 5.0)
+
+
+def listen_socket(host: str, port: int, caller_timeout: float) -> socket.socket:
+    """The worker's listening socket. TCP_USER_TIMEOUT (inherited by accepted connections)
+    drops a connection whose sent data stays unacknowledged for `caller_timeout` seconds: a
+    caller cut off by a partition sends no FIN, and this is how its requests get aborted
+    (frames, keep-alives included, always flow while a request runs)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if caller_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(caller_timeout * 1000))
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def advertised_host(bound: str) -> str:
+    """What to publish for a bound address: itself, or for a wildcard the address this
+    host uses to reach others (a UDP connect sends nothing)."""
+    if bound not in ("0.0.0.0", "::", ""):
+        return bound
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere
+            addr: str = s.getsockname()[0]
+            return addr
+        except OSError:
+            return "127.0.0.1"

@@ -21,12 +21,14 @@ import dataclasses
 import logging
 import os
 import re
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import msgspec
 from aiohttp import web
 from prometheus_client import generate_latest
 
+from segue.auth import HEADER, token_ok
 from segue.disagg import Strategy, decode_first, prefill_first
 from segue.log import request_id_var
 from segue.protocol import (
@@ -60,13 +62,27 @@ class Routes:
         return self._calls
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._require_token])
         app.router.add_post(Route.GENERATE, self.generate)
         app.router.add_get(Route.KV, self.kv_pull)
         app.router.add_delete(Route.KV, self.kv_drop)
         app.router.add_get(Route.HEALTH, self.health)
         app.router.add_get(Route.METRICS, self.metrics)
         return app
+
+    @web.middleware
+    async def _require_token(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """With a cluster token set, the request plane answers only callers that carry it
+        (health and metrics stay open for probes and scrapers)."""
+        if request.path in (Route.HEALTH, Route.METRICS) or token_ok(
+            self.w.token, request.headers.get(HEADER)
+        ):
+            return await handler(request)
+        return web.json_response({"error": "missing or wrong cluster token"}, status=401)
 
     async def health(self, request: web.Request) -> web.Response:
         w = self.w

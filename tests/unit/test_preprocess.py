@@ -7,11 +7,15 @@ import pytest
 
 from segue.api.openai import APIError
 from segue.frontend.config import FrontendConfig
-from segue.frontend.preprocess import Preprocessor
+from segue.frontend.preprocess import Preprocessor, decode_body
 from segue.protocol import encode_request
 from segue.tokenizer import BuiltinTokenizer
 
-PRE = Preprocessor(FrontendConfig(), BuiltinTokenizer())
+_PRE = Preprocessor(FrontendConfig(), BuiltinTokenizer(), "segue-mocker")
+
+
+def PRE(raw: bytes, chat: bool, rid: str):  # noqa: N802
+    return _PRE(decode_body(raw, chat), chat, rid)
 
 
 def body(extra: bytes = b"", prompt: bytes = b'"hi"', model: bytes = b"segue-mocker") -> bytes:
