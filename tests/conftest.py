@@ -13,8 +13,9 @@ sys.path.insert(0, str(TESTS))
 from harness import Deployment  # noqa: E402
 
 # The tiers, by directory: `unit` runs in this process (fakes, no child processes), `engine`
-# starts real hf/vLLM engines, `e2e` everything else (real mocker processes).
-_TIER = {"unit": "unit", "engines": "engine"}
+# starts real hf/vLLM engines, `net` puts processes on hosts of their own (network
+# namespaces, root only), `e2e` everything else (real mocker processes).
+_TIER = {"unit": "unit", "engines": "engine", "net": "net"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -67,13 +67,23 @@ def wait_until(
 
 
 class Proc:
-    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log_dir: Path,
+        env: dict | None = None,
+        netns: str | None = None,
+    ):
         self.name = name
         self.args = args
+        self.netns = netns  # the network namespace (a simulated host) it runs in
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        # `ip netns exec` execs the command: the PID is segue's own
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "segue", *args],
+            [*prefix, sys.executable, "-m", "segue", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -153,7 +163,9 @@ class Deployment:
         self.workers: list[Proc] = []
         self._n = 0
 
-    def start_frontend(self, *extra: str, env: dict | None = None) -> Proc:
+    def start_frontend(
+        self, *extra: str, env: dict | None = None, netns: str | None = None
+    ) -> Proc:
         """Starts a frontend; the newest is `self.frontend` (earlier ones stay in
         `self.frontends`)."""
         name = "frontend" if not self.frontends else f"frontend{len(self.frontends) + 1}"
@@ -162,6 +174,7 @@ class Deployment:
             ["frontend", "--port", "0", "--discovery", self.discovery, *extra],
             self.tmp,
             env,
+            netns,
         )
         self.procs.append(p)
         p.wait_ready()
@@ -177,6 +190,7 @@ class Deployment:
         fast: bool = True,
         ready_timeout: float = 20.0,
         env: dict | None = None,
+        netns: str | None = None,
     ) -> Proc:
         self._n += 1
         args = [
@@ -188,7 +202,7 @@ class Deployment:
             *(FAST_MOCKER if fast else []),
             *extra,
         ]
-        p = Proc(f"worker{self._n}-{role}", args, self.tmp, env)
+        p = Proc(f"worker{self._n}-{role}", args, self.tmp, env, netns)
         self.procs.append(p)
         self.workers.append(p)
         p.wait_ready(ready_timeout)
