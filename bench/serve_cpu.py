@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,14 @@ def rss_mib(pid: int) -> float:
     return int(m.group(1)) / 1024 if m else 0.0
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def spawn(args: list[str], log) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "segue", *args], stdout=log, stderr=log, start_new_session=True
@@ -47,9 +56,42 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--port", type=int, default=8791)
     ap.add_argument("--no-stream", action="store_true")
+    ap.add_argument(
+        "--discovery",
+        choices=["file", "etcd"],
+        default="file",
+        help="etcd: start Debian's etcd on free local ports for the run",
+    )
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="segue-bench-")
     disc = f"file:{tmp}"
+    etcd = None
+    if a.discovery == "etcd":
+        c, p = free_port(), free_port()
+        etcd = subprocess.Popen(
+            [
+                "etcd",
+                "--name",
+                "b",
+                "--data-dir",
+                os.path.join(tmp, "etcd"),
+                "--listen-client-urls",
+                f"http://127.0.0.1:{c}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{c}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{p}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{p}",
+                "--initial-cluster",
+                f"b=http://127.0.0.1:{p}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        disc = f"etcd://127.0.0.1:{c}"
+        time.sleep(1.5)
     log = open(os.path.join(tmp, "procs.log"), "w")
     workers = [
         spawn(
@@ -126,6 +168,10 @@ def main() -> None:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        if etcd is not None:
+            os.killpg(etcd.pid, signal.SIGKILL)
+            etcd.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import pytest
-from netns import Net, available
+
+from segue.netsim import Net, available
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
-"""Hosts as Linux network namespaces on one bridge, and the faults of a network between them:
-a partition (a link set down, or a blackhole route between two hosts), delay and loss
-(tc netem), a host that vanishes. Needs root; every namespace, veth and bridge a test makes
-is removed when it ends."""
+"""Simulated hosts: Linux network namespaces on one bridge, and the faults of a network
+between them: a partition (a link set down, or a blackhole route between two hosts), delay
+and loss (tc netem), a host that vanishes. The multi-host tests and benchmarks use it. Needs
+root and iproute2; `Net.close()` removes every namespace, veth and bridge it made."""
 
 from __future__ import annotations
 
