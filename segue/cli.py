@@ -127,7 +127,12 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     if args.cmd == "frontend":
-        _run(_frontend(from_args(FrontendConfig, args)))
+        cfg = from_args(FrontendConfig, args)
+        if cfg.processes > 1:
+            from segue.frontend.processes import run_frontend_processes
+
+            sys.exit(run_frontend_processes(cfg))
+        _run(_frontend(cfg))
     else:
         _run(_worker(from_args(WorkerConfig, args)))
 

@@ -28,6 +28,7 @@ def option(
     required: bool = False,
     prefix: str | None = None,
     default_factory: Any = dataclasses.MISSING,
+    aliases: tuple[str, ...] = (),
 ) -> Any:
     """A config field that is also a command-line flag."""
     md = {
@@ -37,6 +38,7 @@ def option(
         "hidden": hidden,
         "required": required,
         "prefix": prefix,
+        "aliases": aliases,
     }
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=md)
@@ -54,6 +56,7 @@ class Flag:
     choices: tuple[str, ...] | None
     hidden: bool
     required: bool
+    aliases: tuple[str, ...] = ()
 
 
 def _scalar(tp: Any) -> Any:
@@ -93,6 +96,7 @@ def flags(cls: type, prefix: str = "", path: tuple[str, ...] = ()) -> Iterator[F
             choices,
             md["hidden"],
             md["required"],
+            md["aliases"],
         )
 
 
@@ -106,6 +110,7 @@ def add_flags(
             continue
         parser.add_argument(
             fl.flag,
+            *fl.aliases,
             dest=fl.dest,
             type=fl.type if not fl.choices else str,
             default=None if fl.required else fl.default,

@@ -9,14 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import generate_latest
 
 from segue.api import openai as oai
 from segue.auth import client_headers, load_cluster_token
@@ -159,7 +160,7 @@ class Frontend:
         return web.json_response({"status": "live"})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry), content_type="text/plain")
+        return web.Response(body=self.metrics.exposition(), content_type="text/plain")
 
     # -- generation endpoints ------------------------------------------------------------
 
@@ -308,10 +309,15 @@ async def run_frontend(
         shutdown_timeout=cfg.shutdown_grace,
     )
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024)
-    await site.start()
-    port = runner.addresses[0][1]
-    print(f"segue frontend ready url=http://{cfg.host}:{port}", flush=True)
+    if cfg.listen_fd is not None:  # one of several processes on a socket its parent made
+        sock = socket.socket(fileno=cfg.listen_fd)
+        await web.SockSite(runner, sock).start()
+        port = sock.getsockname()[1]
+        print(f"segue frontend process ready pid={os.getpid()}", flush=True)
+    else:
+        await web.TCPSite(runner, cfg.host, cfg.port, backlog=1024).start()
+        port = runner.addresses[0][1]
+        print(f"segue frontend ready url=http://{cfg.host}:{port}", flush=True)
     log.info("frontend listening on http://%s:%d", cfg.host, port)
     await stop.wait()
     log.info("frontend stopping: no new connections, finishing streams")

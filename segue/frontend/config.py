@@ -45,6 +45,12 @@ class FrontendConfig:
     )
     shutdown_grace: float = option(30.0, help="seconds open streams may finish on SIGTERM")
     max_connections: int = option(1024, help="open connections to workers, at most")
+    processes: int = option(
+        1,
+        help="frontend processes serving one port, each routing on its own (use the cores)",
+        aliases=("--frontend-processes",),
+    )
+    listen_fd: int | None = option(None, hidden=True, help="a listening socket (from --processes)")
 
     @property
     def served_model_name(self) -> str:

@@ -1,8 +1,18 @@
-"""The frontend's Prometheus metrics (names are a contract: docs/contracts.md)."""
+"""The frontend's Prometheus metrics (names are a contract: docs/contracts.md).
+
+With several frontend processes on one port (`--processes N`) every process writes its
+samples to files in $PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode) and any
+of them answers /metrics with the sum over all: one view, whichever process a scrape hits.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class FrontendMetrics:
@@ -25,7 +35,12 @@ class FrontendMetrics:
             "Requests cancelled because the client went away",
             registry=r,
         )
-        self.inflight = Gauge("segue_frontend_inflight_requests", "Requests in flight", registry=r)
+        self.inflight = Gauge(
+            "segue_frontend_inflight_requests",
+            "Requests in flight",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.ttft = Histogram(
             "segue_frontend_time_to_first_token_seconds",
             "Time to first token",
@@ -38,3 +53,10 @@ class FrontendMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=r,
         )
+
+    def exposition(self) -> bytes:
+        if os.environ.get(MULTIPROC_ENV):
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)
+            return generate_latest(merged)
+        return generate_latest(self.registry)
