@@ -57,6 +57,13 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8791)
     ap.add_argument("--no-stream", action="store_true")
     ap.add_argument(
+        "--step-ms",
+        type=float,
+        default=0.0,
+        help="mocker decode step; 0 (default): near-instant, tokens coalesce; 5: one "
+        "SSE event per token, as with a real engine",
+    )
+    ap.add_argument(
         "--discovery",
         choices=["file", "etcd"],
         default="file",
@@ -93,9 +100,14 @@ def main() -> None:
         disc = f"etcd://127.0.0.1:{c}"
         time.sleep(1.5)
     log = open(os.path.join(tmp, "procs.log"), "w")
+    timing = (
+        ["--mocker-speedup", "1e9"]
+        if a.step_ms == 0
+        else ["--mocker-step-ms", str(a.step_ms), "--mocker-batch-slowdown", "0"]
+    )
     workers = [
         spawn(
-            ["--log-level", "WARNING", "worker", "--discovery", disc, "--mocker-speedup", "1e9"],
+            ["--log-level", "WARNING", "worker", "--discovery", disc, *timing],
             log,
         )
         for _ in range(a.workers)
