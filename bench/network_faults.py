@@ -96,7 +96,8 @@ def stream_times(url: str, rid: str, n: int, times: list[float]) -> None:
                 times.append(time.time())
 
 
-def partition_round(net: Net, tmp: str, stall: float, caller: float) -> tuple[float, float]:
+def partition_round(tmp: str, stall: float, caller: float) -> tuple[float, float]:
+    net = Net()
     fe_h, w1_h, w2_h = net.host("fe"), net.host("w1"), net.host("w2")
     disc = f"file:{tmp}/disc"
     procs = []
@@ -158,9 +159,7 @@ def partition_round(net: Net, tmp: str, stall: float, caller: float) -> tuple[fl
     finally:
         for p in procs:
             p.kill()
-        for h in list(net.hosts):
-            subprocess.run(["ip", "netns", "del", h.name], capture_output=True)
-        net.hosts.clear()
+        net.close()
         shutil.rmtree(f"{tmp}/disc", ignore_errors=True)
 
 
@@ -223,25 +222,21 @@ def main() -> None:
     ap.add_argument("--lease-ttl", type=float, default=2.0)
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="segue-netbench-")
-    net = Net()
-    try:
-        gaps, frees = [], []
-        for _ in range(a.rounds):
-            g, f = partition_round(net, tmp, a.stall_timeout, a.caller_timeout)
-            gaps.append(g)
-            frees.append(f)
-        print(
-            json.dumps(
-                {
-                    "stall_timeout_s": a.stall_timeout,
-                    "partition_to_next_token_s": [round(x, 3) for x in gaps],
-                    "caller_timeout_s": a.caller_timeout,
-                    "partition_to_orphan_freed_s": [round(x, 3) for x in frees],
-                }
-            )
+    gaps, frees = [], []
+    for _ in range(a.rounds):
+        g, f = partition_round(tmp, a.stall_timeout, a.caller_timeout)
+        gaps.append(g)
+        frees.append(f)
+    print(
+        json.dumps(
+            {
+                "stall_timeout_s": a.stall_timeout,
+                "partition_to_next_token_s": [round(x, 3) for x in gaps],
+                "caller_timeout_s": a.caller_timeout,
+                "partition_to_orphan_freed_s": [round(x, 3) for x in frees],
+            }
         )
-    finally:
-        net.close()
+    )
     drops = {"file": [drop_round(tmp, f"file:{tmp}/fdisc", a.lease_ttl) for _ in range(a.rounds)]}
     proc, spec = etcd(tmp)
     try:

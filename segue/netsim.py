@@ -132,5 +132,9 @@ class Net:
             for pid in h.pids():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            ip("netns", "del", h.name, check=False)  # its veth pair goes with it
+            ip("netns", "del", h.name, check=False)
+            # The namespace itself may outlive its name for minutes (the kernel keeps it while
+            # orphaned TCP sockets in it retransmit to a cut-off peer): delete the veth pair
+            # from our side now rather than with it.
+            ip("link", "del", h.veth, check=False)
         ip("link", "del", self.bridge, check=False)
