@@ -22,15 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from client import RawRequest, body  # noqa: E402
 from harness import Deployment, scrape, wait_until  # noqa: E402
 
-from segue.protocol import EngineRequest, FrameParser, encode_request  # noqa: E402
+from segue.protocol import EngineRequest, FrameParser, Phase, encode_request  # noqa: E402
 
 MOCKER = ("--mocker-step-ms", "5", "--mocker-prefill-tps", "20000")
 
@@ -92,12 +91,14 @@ def kv_transfer(d: Deployment, tokens: int) -> dict:
             request_id=f"kv-{tokens}-{i}",
             token_ids=list(range(4, tokens + 4)),
             max_tokens=1,
-            phase="prefill",
+            phase=Phase.PREFILL,
         )
-        r = httpx.post(p.url + "/generate", content=encode_request(req), timeout=60)
-        kv = FrameParser().feed(r.content)[-1].kv
+        post = urllib.request.Request(p.url + "/generate", encode_request(req))
+        with urllib.request.urlopen(post, timeout=60) as r:
+            kv = FrameParser().feed(r.read())[-1].kv
         t0 = time.perf_counter()
-        data = httpx.get(f"{kv.url}/kv/{kv.kv_id}", timeout=60).content
+        with urllib.request.urlopen(f"{kv.url}/kv/{kv.kv_id}", timeout=60) as r:
+            data = r.read()
         times.append(time.perf_counter() - t0)
     mib = len(data) / 2**20
     return {

@@ -18,9 +18,8 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from harness import Deployment, scrape  # noqa: E402
@@ -38,10 +37,14 @@ def trial(d: Deployment, i: int, prompt_tokens: int) -> dict:
     }
     times: list[tuple[float, int]] = []
     t_kill = None
-    with httpx.stream(
-        "POST", d.url + "/v1/completions", json=body, headers={"X-Request-Id": rid}, timeout=60
-    ) as r:
-        for line in r.iter_lines():
+    req = urllib.request.Request(
+        d.url + "/v1/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", "X-Request-Id": rid},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        for raw in r:
+            line = raw.decode().rstrip("\r\n")
             if not line.startswith("data: {"):
                 continue
             n = len(json.loads(line[6:])["choices"][0]["token_ids"])

@@ -57,6 +57,7 @@ class LevelResult:
     itl_ms_p99: float = 0.0
     latency_ms_p50: float = 0.0
     latency_ms_p99: float = 0.0
+    sse_events_per_req: float = 0.0  # streamed events with choices, per request
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -73,6 +74,7 @@ class _Stats:
         self.itl: list[float] = []
         self.lat: list[float] = []
         self.tokens = 0
+        self.events = 0
         self.requests = 0
         self.errors: list[str] = []
 
@@ -85,6 +87,7 @@ async def _one(
     last = t0
     gaps: list[float] = []
     tokens = 0
+    events = 0
     try:
         async with session.post(url, json=body) as r:
             if r.status != 200:
@@ -99,6 +102,7 @@ async def _one(
                     if ev.get("usage"):
                         tokens = ev["usage"]["completion_tokens"]
                     if ev.get("choices"):
+                        events += 1
                         now = time.perf_counter()
                         if ttft is None:
                             ttft = now - t0
@@ -116,6 +120,7 @@ async def _one(
         return
     st.requests += 1
     st.tokens += tokens
+    st.events += events
     st.lat.append(time.perf_counter() - t0)
     if ttft is not None:
         st.ttft.append(ttft)
@@ -159,6 +164,7 @@ async def _level(args, url: str, body: dict, c: int, progress) -> LevelResult:
         itl_ms_p99=round(_pct(stats.itl, 0.99), 3),
         latency_ms_p50=round(_pct(stats.lat, 0.5), 3),
         latency_ms_p99=round(_pct(stats.lat, 0.99), 3),
+        sse_events_per_req=round(stats.events / max(stats.requests, 1), 1),
         error_samples=sorted(set(stats.errors))[:3],
     )
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 T = TypeVar("T")
@@ -137,12 +139,23 @@ class Proc:
         return scrape(self.url)
 
     def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=5).json()
+        return get_json(self.url + "/health")
+
+
+def get_json(url: str) -> dict:
+    """GET a JSON body, whatever the status (a 503 /health still says which workers).
+    Plain urllib, so benchmarks that use this harness need no test extras."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
 
 
 def scrape(url: str) -> dict[str, float]:
     """Prometheus samples as {'name{label="v"}': value}."""
-    text = httpx.get(url + "/metrics", timeout=5).text
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -217,7 +230,7 @@ class Deployment:
         fe = frontend or self.frontend
 
         def seen():
-            h = httpx.get(fe.url + "/health", timeout=5).json()
+            h = get_json(fe.url + "/health")
             return any(w["url"] == worker.url and w["routable"] for w in h["workers"])
 
         wait_until(seen, timeout, what=f"{worker.name} routable in the frontend")
