@@ -33,7 +33,11 @@ def pytest_runtest_makereport(item, call):
     d = item.funcargs.get("deploy") if report.failed else None
     if isinstance(d, Deployment):
         for p in d.procs:
-            lines = [x for x in p.log().splitlines() if " segue." in x]
+            try:
+                text = p.log()
+            except OSError:  # its temp dir is gone already
+                continue
+            lines = [x for x in text.splitlines() if " segue." in x]
             report.sections.append(
                 (f"{p.name} (pid {p.pid}) segue log, last 40 lines", "\n".join(lines[-40:]))
             )

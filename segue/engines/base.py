@@ -92,29 +92,37 @@ class EngineRequestError(ValueError):
     """The engine cannot serve this request at all (too long for its KV cache...)."""
 
 
+def _wake(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
+
+
 class RequestStream:
     """Single-producer, single-consumer token channel; coalesces tokens produced between
-    reads so a fast engine sends fewer, larger frames."""
+    reads so a fast engine sends fewer, larger frames. The reader waits on a bare future with
+    a timer for its timeout: `asyncio.wait_for` would make a task per token."""
 
-    __slots__ = ("request_id", "_pending", "_finish", "_error", "_event", "kv_key")
+    __slots__ = ("request_id", "_pending", "_finish", "_error", "_waiter", "kv_key")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self._pending: list[int] = []
         self._finish: EngineFinish | None = None
         self._error: str | None = None
-        self._event = asyncio.Event()
+        self._waiter: asyncio.Future[bool] | None = None
         self.kv_key: str | None = None  # a finished PREFILL's KV, for `Engine.kv_payload`
 
     def push(self, token_id: int) -> None:
         self._pending.append(token_id)
-        self._event.set()
+        if self._waiter is not None:
+            _wake(self._waiter, True)
 
     def finish(self, reason: EngineFinish, error: str | None = None) -> None:
         if self._finish is None:
             self._finish = reason
             self._error = error
-            self._event.set()
+            if self._waiter is not None:
+                _wake(self._waiter, True)
 
     @property
     def finished(self) -> bool:
@@ -127,11 +135,17 @@ class RequestStream:
     async def get(self, timeout: float | None = None) -> EngineOutput | None:
         """Next batch of tokens (and the finish reason once done); None on timeout."""
         if not self._pending and self._finish is None:
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[bool] = loop.create_future()
+            timer = None if timeout is None else loop.call_later(timeout, _wake, waiter, False)
+            self._waiter = waiter
             try:
-                await asyncio.wait_for(self._event.wait(), timeout)
-            except TimeoutError:
-                return None
-        self._event.clear()
+                if not await waiter:
+                    return None  # timed out
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         out = EngineOutput(self._pending, self._finish, self._error)
         self._pending = []
         return out
