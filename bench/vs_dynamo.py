@@ -186,7 +186,7 @@ def main() -> None:
     run_dir = tempfile.mkdtemp(prefix="dynamo-vs-")
     env["DYNAMO_RUN_DIR"] = run_dir
     if a.dynamo_python:
-        env["DYNAMO_VENV"] = str(Path(a.dynamo_python).resolve().parent.parent)
+        env["DYNAMO_VENV"] = str(Path(a.dynamo_python).absolute().parent.parent)
     model_dir = os.path.join(run_dir, "model")
     if a.dynamo_anchor:  # the tokenizer Dynamo will use, made by its own script
         py = os.path.join(env.get("DYNAMO_VENV", ""), "bin", "python")
