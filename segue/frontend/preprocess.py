@@ -99,6 +99,8 @@ def decode_body(raw: bytes, chat: bool) -> Body:
         raise oai.APIError(
             400, f"Request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding"
         ) from None
+    except RecursionError:  # `prompt` may hold lists: a million nested ones is not a prompt
+        raise oai.APIError(400, "Request body is nested too deeply", code="invalid_json") from None
 
 
 class Preprocessor:

@@ -42,3 +42,10 @@ def test_bytes_that_are_not_utf8_are_a_400(raw):
     with pytest.raises(APIError) as e:
         PRE(raw, False, "r")
     assert e.value.status == 400 and e.value.code == "invalid_encoding"
+
+
+def test_a_million_nested_lists_is_a_400_not_a_recursion_error():
+    deep = b"[" * 1_000_000 + b"]" * 1_000_000
+    with pytest.raises(APIError) as e:
+        PRE(body(prompt=deep), False, "r")
+    assert e.value.status == 400 and "nested too deeply" in e.value.message
