@@ -26,6 +26,7 @@ from segue.frontend.client import MigrationError, NoWorkerError, RejectedError, 
 from segue.frontend.config import FrontendConfig
 from segue.frontend.metrics import FrontendMetrics
 from segue.frontend.models import ModelRegistry
+from segue.frontend.openapi import openapi_document
 from segue.frontend.output import OutputProcessor, TextDelta
 from segue.frontend.preprocess import PreparedRequest, decode_body
 from segue.frontend.render import SSE_DONE, SSE_HEADERS, Renderer, sse
@@ -46,6 +47,7 @@ class Path:
     HEALTH = "/health"
     LIVE = "/live"
     METRICS = "/metrics"
+    OPENAPI = "/openapi.json"
 
 
 def api_error(e: Exception) -> oai.APIError:
@@ -91,6 +93,7 @@ class Frontend:
             prefill_fallback=cfg.prefill_fallback,
         )
         self.shutting_down = False
+        self._openapi = openapi_document()
         self._watch_task = asyncio.create_task(self._watch(), name="discovery-watch")
 
     async def _watch(self) -> None:
@@ -115,6 +118,7 @@ class Frontend:
         app.router.add_get(Path.HEALTH, self.handle_health)
         app.router.add_get(Path.LIVE, self.handle_live)
         app.router.add_get(Path.METRICS, self.handle_metrics)
+        app.router.add_get(Path.OPENAPI, self.handle_openapi)
         return app
 
     @web.middleware
@@ -155,6 +159,9 @@ class Frontend:
         ok = bool(self.router.routable()) and not self.shutting_down
         body = {"status": "ok" if ok else "unavailable", "workers": workers}
         return web.json_response(body, status=200 if ok else 503)
+
+    async def handle_openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(self._openapi)
 
     async def handle_live(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "live"})

@@ -1,0 +1,108 @@
+"""The OpenAPI document served at /openapi.json, generated from the msgspec types that
+validate requests (api/openai.py), so the description cannot drift from the validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from segue.api import openai as oai
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "integer", "null"]},
+            },
+        }
+    },
+}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {str(c): {"description": "an OpenAI-style error", **ref} for c in codes}
+
+
+def _generation(name: str, summary: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "the answer (JSON), or a stream of SSE chunks when "
+                    "`stream` is true",
+                    "content": {
+                        "application/json": {"schema": {"type": "object"}},
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    },
+                },
+                **_errors(400, 404, 408, 413, 503),
+            },
+        }
+    }
+
+
+def _get(summary: str, media: str = "application/json") -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "responses": {
+                "200": {
+                    "description": summary,
+                    "content": {
+                        media: {
+                            "schema": {
+                                "type": "object" if media == "application/json" else "string"
+                            }
+                        }
+                    },
+                },
+                **(
+                    {"503": {"description": "no worker can take requests"}}
+                    if summary.startswith("Health")
+                    else {}
+                ),
+            },
+        }
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    _, schemas = msgspec.json.schema_components(
+        (oai.CompletionRequest, oai.ChatCompletionRequest),
+        ref_template="#/components/schemas/{name}",
+    )
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "segue",
+            "version": "1",
+            "description": "OpenAI-compatible API of a segue frontend",
+        },
+        "paths": {
+            "/v1/completions": _generation("CompletionRequest", "Create a completion"),
+            "/v1/chat/completions": _generation(
+                "ChatCompletionRequest", "Create a chat completion"
+            ),
+            "/v1/models": _get("List the served models"),
+            "/health": _get("Health: the workers and whether one is routable"),
+            "/live": _get("Liveness of the frontend process"),
+            "/metrics": _get("Prometheus metrics", "text/plain"),
+        },
+        "components": {"schemas": {**schemas, "Error": _ERROR}},
+    }
