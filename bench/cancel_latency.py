@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -81,6 +82,7 @@ def main() -> None:
         print(json.dumps({"disconnect_to_abort_and_kv_freed": out, "trials": a.trials}))
     finally:
         d.stop()
+        shutil.rmtree(d.tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -152,6 +153,7 @@ def cancel_to_freed(a) -> dict:
         }
     finally:
         d.stop()
+        shutil.rmtree(d.tmp, ignore_errors=True)
 
 
 def main() -> None:
@@ -174,6 +176,7 @@ def main() -> None:
                     )
         finally:
             d.stop()
+            shutil.rmtree(d.tmp, ignore_errors=True)
     print(json.dumps({"cancel_to_freed_ms": cancel_to_freed(a)}))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import statistics
 import sys
@@ -106,6 +107,7 @@ def main() -> None:
         )
     finally:
         d.stop()
+        shutil.rmtree(d.tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
