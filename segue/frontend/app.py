@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TypeVar
 
 import aiohttp
@@ -201,8 +201,8 @@ class Frontend:
                 )
             prep = model.preprocess(body, chat, rid)
             if prep.stream:
-                return await self._respond_stream(request, prep, headers)
-            return await self._respond_whole(prep, headers)
+                return await self._respond_stream(request, prep, model.output, headers)
+            return await self._respond_whole(prep, model.output, headers)
         except oai.APIError as e:
             status = e.status
             return web.json_response(e.body(), status=e.status, headers=headers)
@@ -228,8 +228,9 @@ class Frontend:
                 413, f"request body exceeds {self.cfg.max_body_bytes} bytes", code="too_large"
             ) from None
 
-    def _text_deltas(self, prep: PreparedRequest):  # noqa: ANN202 - an async generator
-        output = self.models.models[prep.state.model].output
+    def _text_deltas(
+        self, prep: PreparedRequest, output: OutputProcessor
+    ) -> AsyncGenerator[TextDelta, None]:
         return output.text_deltas(self.client.generate(prep.state), prep.stops)
 
     async def _with_deadline(self, prep: PreparedRequest, work: Awaitable[T]) -> T:
@@ -244,11 +245,13 @@ class Frontend:
                 408, f"request timed out after {prep.timeout}s", param="timeout", code="timeout"
             ) from None
 
-    async def _respond_whole(self, prep: PreparedRequest, headers: dict[str, str]) -> web.Response:
+    async def _respond_whole(
+        self, prep: PreparedRequest, output: OutputProcessor, headers: dict[str, str]
+    ) -> web.Response:
         async def collect() -> tuple[str, FinishReason | None]:
             parts: list[str] = []
             reason = None
-            async for d in self._text_deltas(prep):
+            async for d in self._text_deltas(prep, output):
                 parts.append(d.text)
                 reason = d.finish_reason
             return "".join(parts), reason
@@ -261,7 +264,11 @@ class Frontend:
         return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def _respond_stream(
-        self, request: web.Request, prep: PreparedRequest, headers: dict[str, str]
+        self,
+        request: web.Request,
+        prep: PreparedRequest,
+        output: OutputProcessor,
+        headers: dict[str, str],
     ) -> web.StreamResponse:
         render = Renderer(prep, prep.state.model)
         resp: web.StreamResponse | None = None
@@ -281,7 +288,7 @@ class Frontend:
                 resp = await start()
             tail = b""
             d: TextDelta
-            async for d in self._text_deltas(prep):
+            async for d in self._text_deltas(prep, output):
                 if resp is None:
                     resp = await start()
                 if d.finish_reason is not None:  # the last chunk leaves with the stream's end

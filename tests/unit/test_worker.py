@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +21,7 @@ from segue.protocol import (
     Error,
     ErrorCode,
     Final,
+    Frame,
     HandBack,
     KeepAlive,
     Role,
@@ -49,10 +51,10 @@ class Running:
         await wait_for(lambda: self.disc.snapshot(), what="the worker registered")
         return self
 
-    def call(self, rid: str, n: int = 10):  # noqa: ANN201 - an async generator
+    def call(self, rid: str, n: int = 10) -> AsyncGenerator[Frame, None]:
         return self.call_at(self.worker.url, rid, n)
 
-    def call_at(self, url: str, rid: str, n: int = 10):  # noqa: ANN201
+    def call_at(self, url: str, rid: str, n: int = 10) -> AsyncGenerator[Frame, None]:
         inst = Instance(id="w", role=Role.AGGREGATED, url=url, pid=0, host="h")
         req = EngineRequest(request_id=rid, token_ids=list(PROMPT), max_tokens=n)
         return stream_frames(self.session, inst, req, 30.0)
@@ -78,7 +80,7 @@ async def running(tmp_path):
         await r.close()
 
 
-async def next_real(frames) -> object:  # noqa: ANN001
+async def next_real(frames: AsyncGenerator[Frame, None]) -> Frame:
     while True:
         f = await frames.__anext__()
         if type(f) is not KeepAlive:
@@ -149,7 +151,7 @@ async def test_monitor_finds_a_hung_and_a_dead_engine():
     assert s.failure is EngineFailure.DEAD
 
 
-async def _until_final(frames):  # noqa: ANN001, ANN202
+async def _until_final(frames: AsyncGenerator[Frame, None]) -> AsyncGenerator[Frame, None]:
     async for f in frames:
         if type(f) is KeepAlive:
             continue
