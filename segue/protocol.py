@@ -1,12 +1,13 @@
 """The request plane between the frontend (or a first-stage worker) and a worker, and the
 vocabulary every component shares.
 
-A call is one HTTP POST whose body is a msgpack `EngineRequest`; the response body is a
-sequence of length-prefixed msgpack `Frame`s. Every token frame carries the offset of its
+A call carries a msgpack `EngineRequest` and answers a sequence of length-prefixed msgpack
+`Frame`s, either on the caller's multiplexed connection to the worker (segue.mux) or as one
+HTTP POST /generate. Every token frame carries the offset of its
 first token in the client's output so a caller that re-sends a request can drop what it
 already has; the end of a stream is always an explicit `Final` (or `HandBack`/`Error`)
-frame, so a stream that simply stops is known to be broken. Closing the HTTP response
-cancels the call on the worker.
+frame, so a stream that simply stops is known to be broken. A CANCEL record (or closing
+the HTTP response) cancels the call on the worker.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Route:
     """Paths a worker serves (the frontend serves the OpenAI paths in frontend/app.py)."""
 
     GENERATE = "/generate"
+    MUX = "/mux"  # a WebSocket carrying many calls (segue.mux)
     KV = "/kv/{key}"
     HEALTH = "/health"
     METRICS = "/metrics"
@@ -32,6 +34,13 @@ class Route:
 
 
 CONTENT_TYPE = "application/x-segue-frames"
+
+
+class PlaneKind(StrEnum):
+    """How a caller reaches workers."""
+
+    MUX = "mux"  # all calls to a worker on one WebSocket (GET /mux, segue.mux)
+    HTTP = "http"  # one HTTP POST /generate per call
 
 
 class Role(StrEnum):

@@ -1,8 +1,10 @@
-"""The caller's side of the request plane: one call to a worker, as a stream of frames.
+"""The caller's side of the request plane: one call to a worker, as a stream of frames,
+over the multiplexed connection to that worker (segue.mux) or as one HTTP POST.
 
 Every way a call can fail without the worker saying so (refused, reset, stalled past the
 timeout, ended without a final frame) becomes a `Failure` (segue.failures) with its reason.
-Cancelling the consumer closes the HTTP response, which cancels the call on the worker.
+Closing the consumer before a final frame cancels the call on the worker (a CANCEL record,
+or closing the HTTP response).
 """
 
 from __future__ import annotations
@@ -17,7 +19,19 @@ import msgspec
 
 from segue.discovery import Instance
 from segue.failures import Failure, FailureReason
-from segue.protocol import EngineRequest, Frame, FrameParser, Route, encode_request
+from segue.mux import MuxPool
+from segue.protocol import (
+    EngineRequest,
+    Error,
+    Final,
+    Frame,
+    FrameParser,
+    HandBack,
+    PlaneKind,
+    Prefilled,
+    Route,
+    encode_request,
+)
 
 _CONNECT_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=2.0)
 
@@ -75,6 +89,84 @@ class StallTimer:
     def close(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
+
+
+_FINAL = (Final, Prefilled, HandBack, Error)
+
+
+class RequestPlane:
+    """A process's calls to workers: the HTTP session (also for KV pulls) and, for the mux
+    plane, its connection per worker."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, kind: PlaneKind, stall_timeout: float
+    ) -> None:
+        self.session = session
+        self.kind = kind
+        self.mux = MuxPool(session, Route.MUX, stall_timeout)
+
+    def frames(
+        self, inst: Instance, req: EngineRequest, stall_timeout: float
+    ) -> AsyncGenerator[Frame, None]:
+        if self.kind is PlaneKind.HTTP:
+            return stream_frames(self.session, inst, req, stall_timeout)
+        return self._mux_frames(inst, req, stall_timeout)
+
+    async def _mux_frames(
+        self, inst: Instance, req: EngineRequest, stall_timeout: float
+    ) -> AsyncGenerator[Frame, None]:
+        stall = StallTimer(stall_timeout)
+        conn = call = None
+        done = False  # a final frame came: nothing to cancel
+        try:
+            stall.arm()
+            conn = await self.mux.connection(inst.url)
+            call = conn.open(encode_request(req))
+            parser = FrameParser()
+            while True:
+                stall.arm()
+                try:
+                    data = await call.get()
+                finally:
+                    stall.disarm()
+                if not data:
+                    break
+                for f in parser.feed(data):
+                    if type(f) in _FINAL:
+                        done = True
+                    yield f
+        except asyncio.CancelledError:
+            if stall.fired and stall.task.uncancel() == 0:
+                # A worker silent on every call is gone; one that still talks to other
+                # calls has only lost this one.
+                if conn is not None and conn.loop.time() - conn.last_heard >= stall_timeout:
+                    conn.abort()
+                raise Failure(FailureReason.STALL, inst) from None
+            raise
+        except Failure as e:
+            e.instance = inst
+            raise
+        except aiohttp.ClientConnectorError:
+            raise Failure(FailureReason.CONNECTION_REFUSED, inst) from None
+        except aiohttp.WSServerHandshakeError as e:
+            raise Failure(FailureReason.HTTP_ERROR, inst, f"HTTP {e.status}") from None
+        except TimeoutError:
+            raise Failure(FailureReason.STALL, inst) from None
+        except (aiohttp.ClientError, ConnectionError):
+            raise Failure(FailureReason.STREAM_BROKEN, inst) from None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise Failure(FailureReason.BAD_FRAME, inst) from None
+        finally:
+            stall.close()
+            if call is not None and conn is not None:
+                if done:
+                    conn.forget(call)
+                else:
+                    conn.cancel(call)
+        raise Failure(FailureReason.STREAM_ENDED, inst)
+
+    async def close(self) -> None:
+        await self.mux.close()
 
 
 async def stream_frames(

@@ -12,19 +12,18 @@ import msgspec
 
 from segue.disagg import PrefillFallback
 from segue.failures import Failure, FailureReason
+from segue.mux import FrameSink
 from segue.protocol import EngineRequest, ErrorCode, KvHandle, Phase, Prefilled, Role
 from segue.worker.session import StageError
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from segue.worker.stages import Stages
 
 log = logging.getLogger("segue.worker")
 
 
 async def run(
-    stages: Stages, req: EngineRequest, resp: web.StreamResponse, fallback: PrefillFallback
+    stages: Stages, req: EngineRequest, resp: FrameSink, fallback: PrefillFallback
 ) -> None:
     inst = stages.router.pick((Role.PREFILL,))
     if inst is None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from segue.disagg import PrefillFallback
 from segue.failures import Failure, FailureReason, failure_of_frame
 from segue.protocol import KeepAlive, KvHandle, Phase, Prefilled, Role
-from segue.transport import drop_kv_soon, stream_frames
+from segue.transport import drop_kv_soon
 
 if TYPE_CHECKING:
     from segue.frontend.client import Delta, ResilientClient
@@ -36,7 +36,7 @@ async def attempt(
             yield item
     finally:
         if not pulled:  # cancelled or failed before decoding: free the payload now
-            drop_kv_soon(client.session, handle.url, handle.kv_id)
+            drop_kv_soon(client.plane.session, handle.url, handle.kv_id)
 
 
 async def remote_prefill(
@@ -52,8 +52,8 @@ async def remote_prefill(
         raise NoWorkerError("no prefill worker available (and no local prefill fallback)")
     refused: Failure | None = None
     try:
-        frames = stream_frames(
-            client.session, inst, state.engine_request(Phase.PREFILL), client.stall_timeout
+        frames = client.plane.frames(
+            inst, state.engine_request(Phase.PREFILL), client.stall_timeout
         )
         async with contextlib.aclosing(frames) as fs:
             async for f in fs:

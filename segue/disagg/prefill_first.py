@@ -10,16 +10,15 @@ import msgspec
 
 from segue.engines.base import EngineTask
 from segue.failures import Failure, FailureReason
+from segue.mux import FrameSink
 from segue.protocol import EngineRequest, ErrorCode, Final, Phase, Role, Tokens, encode_frame
 from segue.worker.session import StageError
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from segue.worker.stages import Stages
 
 
-async def run(stages: Stages, req: EngineRequest, resp: web.StreamResponse) -> None:
+async def run(stages: Stages, req: EngineRequest, resp: FrameSink) -> None:
     key = await stages.sessions.run(req, resp, EngineTask.PREFILL)
     if key is None:
         return

@@ -34,6 +34,7 @@ from segue.log import request_id_var
 from segue.protocol import FinishReason
 from segue.router import Router
 from segue.tokenizer import Tokenizer
+from segue.transport import RequestPlane
 
 log = logging.getLogger("segue.frontend")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -83,9 +84,10 @@ class Frontend:
             headers=client_headers(load_cluster_token(cfg.cluster_token_file)),
         )
         self.router = Router(cfg.router, self.session)
+        self.plane = RequestPlane(self.session, cfg.request_plane, cfg.stall_timeout)
         self.client = ResilientClient(
             self.router,
-            self.session,
+            self.plane,
             self.metrics.migrations,
             migration_limit=cfg.migration_limit,
             stall_timeout=cfg.stall_timeout,
@@ -105,6 +107,7 @@ class Frontend:
         with contextlib.suppress(asyncio.CancelledError):
             await self._watch_task
         await self.router.close()
+        await self.plane.close()
         await self.session.close()
         await self.discovery.close()
 

@@ -15,7 +15,6 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator
 
-import aiohttp
 from prometheus_client import Counter
 
 from segue.disagg import PrefillFallback, Strategy, frontend_driven
@@ -24,7 +23,7 @@ from segue.failures import Failure, FailureReason, Verdict, failure_of_frame
 from segue.frontend.preprocess import RequestState
 from segue.protocol import EngineRequest, Final, FinishReason, KeepAlive, Role, Tokens
 from segue.router import Router
-from segue.transport import stream_frames
+from segue.transport import RequestPlane
 
 log = logging.getLogger("segue.frontend")
 
@@ -48,7 +47,7 @@ class ResilientClient:
     def __init__(
         self,
         router: Router,
-        session: aiohttp.ClientSession,
+        plane: RequestPlane,
         migrations_total: Counter,
         migration_limit: int = 3,
         stall_timeout: float = 5.0,
@@ -56,7 +55,7 @@ class ResilientClient:
         prefill_fallback: PrefillFallback = PrefillFallback.NONE,
     ) -> None:
         self.router = router
-        self.session = session
+        self.plane = plane
         self.migrations_total = migrations_total
         self.migration_limit = migration_limit
         self.stall_timeout = stall_timeout
@@ -149,7 +148,7 @@ class ResilientClient:
         """One call: yields the tokens the client does not have yet, then the finish."""
         generated = state.generated
         with self.router.track(inst):
-            frames = stream_frames(self.session, inst, req, self.stall_timeout)
+            frames = self.plane.frames(inst, req, self.stall_timeout)
             async with contextlib.aclosing(frames) as fs:
                 async for f in fs:
                     if type(f) is Tokens:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from segue.disagg import PrefillFallback, Strategy
 from segue.options import option
+from segue.protocol import PlaneKind
 from segue.router import Policy
 
 
@@ -25,6 +26,11 @@ class FrontendConfig:
         None, help="served model name (default: the model directory's name)"
     )
     router: Policy = option(Policy.ROUND_ROBIN, help="how a worker is picked")
+    request_plane: PlaneKind = option(
+        PlaneKind.MUX,
+        help="how calls reach workers: mux (all calls to a worker on one WebSocket) or "
+        "http (one POST per call)",
+    )
     migration_limit: int = option(3, help="times one request may move to another worker")
     stall_timeout: float = option(
         5.0, help="seconds without any frame from a worker before it counts as hung"

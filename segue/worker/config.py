@@ -8,7 +8,7 @@ from segue.disagg import PrefillFallback
 from segue.engines.config import EngineName, EngineOptions
 from segue.engines.mocker import MockerConfig
 from segue.options import option
-from segue.protocol import Role
+from segue.protocol import PlaneKind, Role
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,11 @@ class WorkerConfig:
     )
     stall_timeout: float = option(
         5.0, help="seconds without a frame from a remote stage before it counts as hung"
+    )
+    request_plane: PlaneKind = option(
+        PlaneKind.MUX,
+        help="how this worker calls remote stages: mux (all calls to a worker on one "
+        "WebSocket) or http (one POST per call)",
     )
     caller_timeout: float = option(
         10.0,

@@ -21,6 +21,7 @@ from segue.discovery import Discovery, Instance, ModelCard
 from segue.engines.base import Engine
 from segue.protocol import Role
 from segue.router import Router
+from segue.transport import RequestPlane
 from segue.worker.config import WorkerConfig
 from segue.worker.kv_store import KvStore
 from segue.worker.metrics import WorkerMetrics
@@ -59,11 +60,12 @@ class Worker:
             headers=client_headers(self.token),
         )
         self.router = Router(session=self.session)  # peers of the other stage
+        self.plane = RequestPlane(self.session, cfg.request_plane, cfg.stall_timeout)
         self.stages = Stages(
             self.sessions,
             self.kv,
             self.router,
-            self.session,
+            self.plane,
             self.metrics,
             cfg.stall_timeout,
             cfg.keepalive,
@@ -115,8 +117,10 @@ class Worker:
             await lease.revoke()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.routes.idle.wait(), 5.0)
+            await self.routes.close_muxes()
             await runner.cleanup()
             await self.router.close()
+            await self.plane.close()
             await self.session.close()
             self.engine.release_files()
             log.error("worker %s exiting: %s", self.id, self.sessions.failure.value)
@@ -127,9 +131,11 @@ class Worker:
         await self.drain()
         for t in tasks:
             t.cancel()
+        await self.routes.close_muxes()
         await runner.cleanup()
         self.kv.clear()
         await self.router.close()
+        await self.plane.close()
         await self.session.close()
         await self.engine.stop()
         await self.discovery.close()

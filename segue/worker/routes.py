@@ -1,8 +1,9 @@
-"""A worker's HTTP routes: the request plane (POST /generate, GET/DELETE /kv/{key}) and
-GET /health, GET /metrics.
+"""A worker's HTTP routes: the request plane (GET /mux, POST /generate, GET/DELETE
+/kv/{key}) and GET /health, GET /metrics.
 
-/generate takes a msgpack EngineRequest and answers length-prefixed frames. When the caller
-goes away, aiohttp cancels the handler, which aborts the engine request (and any remote
+A call takes a msgpack EngineRequest and answers length-prefixed frames, on a caller's mux
+connection (segue.mux) or as the body of a POST /generate. When the caller cancels the call
+or goes away, the call's task is cancelled, which aborts the engine request (and any remote
 stage this worker called for it). What runs depends on the request's phase and, for a
 GENERATE, on this worker's role (segue.disagg):
 
@@ -31,6 +32,7 @@ from prometheus_client import generate_latest
 from segue.auth import HEADER, token_ok
 from segue.disagg import Strategy, decode_first, prefill_first
 from segue.log import request_id_var
+from segue.mux import MAX_MESSAGE, FrameSink, HttpSink, MuxServer, MuxSink
 from segue.protocol import (
     CONTENT_TYPE,
     EngineRequest,
@@ -53,9 +55,10 @@ _KV_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 class Routes:
     def __init__(self, worker: Worker) -> None:
         self.w = worker
-        self._calls = 0  # open /generate calls (including remote-stage waits)
+        self._calls = 0  # open calls (including remote-stage waits)
         self.idle = asyncio.Event()
         self.idle.set()
+        self.muxes: set[MuxServer] = set()
 
     @property
     def calls(self) -> int:
@@ -63,6 +66,7 @@ class Routes:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._require_token])
+        app.router.add_get(Route.MUX, self.mux)
         app.router.add_post(Route.GENERATE, self.generate)
         app.router.add_get(Route.KV, self.kv_pull)
         app.router.add_delete(Route.KV, self.kv_drop)
@@ -116,37 +120,62 @@ class Routes:
         ok = _KV_KEY_RE.match(key) and self.w.kv.drop(key, "its request was cancelled")
         return web.Response(status=204 if ok else 404)
 
+    async def mux(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, compress=False)
+        await ws.prepare(request)
+        server = MuxServer(ws, self._mux_call)
+        self.muxes.add(server)
+        try:
+            await server.run()
+        finally:
+            self.muxes.discard(server)
+        return ws
+
+    async def close_muxes(self) -> None:
+        """Shutdown: what the calls wrote goes out, then the connections close."""
+        await asyncio.gather(*(m.close() for m in list(self.muxes)), return_exceptions=True)
+
+    async def _mux_call(self, payload: bytes, sink: MuxSink) -> None:
+        try:
+            req = decode_request(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            error = Error(ErrorCode.BAD_REQUEST, f"bad engine request: {e}", False)
+            await sink.write_eof(encode_frame(error))
+            return
+        await self._serve(req, sink)
+
     async def generate(self, request: web.Request) -> web.StreamResponse:
         try:
             req = decode_request(await request.read())
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             return web.json_response({"error": f"bad engine request: {e}"}, status=400)
-        request_id_var.set(req.request_id)
         resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
         await resp.prepare(request)
+        await self._serve(req, HttpSink(request, resp))
+        return resp
+
+    async def _serve(self, req: EngineRequest, sink: FrameSink) -> None:
+        request_id_var.set(req.request_id)
         w = self.w
         if w.draining or not w.healthy:
             code = ErrorCode.DRAINING if w.draining else ErrorCode.ENGINE_UNHEALTHY
-            await resp.write(encode_frame(Error(code, f"worker {w.id} is {code}", True)))
-            return resp
+            await sink.write_eof(encode_frame(Error(code, f"worker {w.id} is {code}", True)))
+            return
         log.info("New Request ID: %s", req.request_id)
         w.metrics.requests.inc()
         self._calls += 1
         self.idle.clear()
         try:
-            await self._dispatch(req, request, resp)
+            await self._dispatch(req, sink)
         except StageError as e:
             log.warning("request %s failed: %s", req.request_id, e)
-            await resp.write(encode_frame(e.frame))
+            await sink.write_eof(encode_frame(e.frame))
         finally:
             self._calls -= 1
             if self._calls == 0:
                 self.idle.set()
-        return resp
 
-    async def _dispatch(
-        self, req: EngineRequest, request: web.Request, resp: web.StreamResponse
-    ) -> None:
+    async def _dispatch(self, req: EngineRequest, resp: FrameSink) -> None:
         stages = self.w.stages
         phase = req.phase
         if phase is Phase.GENERATE:
@@ -160,6 +189,6 @@ class Routes:
         elif phase is Phase.LOCAL:
             await stages.local(req, resp)
         elif phase is Phase.PREFILL:
-            await stages.prefill(req, request, resp)
+            await stages.prefill(req, resp)
         else:
             await stages.decode(req, req.kv, resp)

@@ -12,8 +12,6 @@ import os
 import time
 from enum import Enum
 
-from aiohttp import web
-
 from segue.engines.base import (
     Engine,
     EngineFinish,
@@ -22,6 +20,7 @@ from segue.engines.base import (
     EngineTask,
     RequestStream,
 )
+from segue.mux import FrameSink
 from segue.protocol import (
     EngineRequest,
     Error,
@@ -88,7 +87,7 @@ class EngineSessions:
     async def run(
         self,
         req: EngineRequest,
-        resp: web.StreamResponse,
+        resp: FrameSink,
         task: EngineTask,
         kv_payload: bytes | None = None,
     ) -> str | None:
@@ -126,7 +125,7 @@ class EngineSessions:
                 )
 
     async def _stream_frames(
-        self, offset: int, stream: RequestStream, resp: web.StreamResponse
+        self, offset: int, stream: RequestStream, resp: FrameSink
     ) -> str | None:
         while True:
             out = await stream.get(self.keepalive)

@@ -11,13 +11,12 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Iterator
 from typing import TypeVar
 
-import aiohttp
 import msgspec
-from aiohttp import web
 
 from segue.discovery import Instance
 from segue.engines.base import EngineTask
 from segue.failures import Failure, FailureReason
+from segue.mux import FrameSink
 from segue.protocol import (
     EngineRequest,
     Error,
@@ -31,7 +30,7 @@ from segue.protocol import (
     token_digest,
 )
 from segue.router import Router
-from segue.transport import drop_kv_soon, pull_kv, stream_frames
+from segue.transport import RequestPlane, drop_kv_soon, pull_kv
 from segue.worker.kv_store import KvStore
 from segue.worker.metrics import WorkerMetrics
 from segue.worker.session import KEEPALIVE_FRAME, EngineSessions, StageError
@@ -46,7 +45,7 @@ class Stages:
         sessions: EngineSessions,
         kv: KvStore,
         router: Router,
-        session: aiohttp.ClientSession,
+        plane: RequestPlane,
         metrics: WorkerMetrics,
         stall_timeout: float,
         keepalive: float,
@@ -54,25 +53,23 @@ class Stages:
         self.sessions = sessions
         self.kv = kv
         self.router = router
-        self.session = session
+        self.plane = plane
+        self.session = plane.session
         self.metrics = metrics
         self.stall_timeout = stall_timeout
         self.keepalive = keepalive
         self.url = ""  # set once the worker listens
 
-    async def local(self, req: EngineRequest, resp: web.StreamResponse) -> None:
+    async def local(self, req: EngineRequest, resp: FrameSink) -> None:
         await self.sessions.run(req, resp, EngineTask.GENERATE)
 
-    async def prefill(
-        self, req: EngineRequest, request: web.Request, resp: web.StreamResponse
-    ) -> None:
+    async def prefill(self, req: EngineRequest, resp: FrameSink) -> None:
         """Prefill here and answer with the KV handle. If the caller is already gone (it
         gave up on us, e.g. after a stall), free the KV now rather than at its TTL."""
         key = await self.sessions.run(req, resp, EngineTask.PREFILL)
         if key is None:
             return
-        transport = request.transport
-        if transport is None or transport.is_closing():
+        if resp.caller_gone:
             self.sessions.engine.release_kv(key)
             log.info("prefill %s done after its caller left: KV freed", req.request_id)
             return
@@ -94,9 +91,7 @@ class Stages:
             nbytes=self.sessions.engine.kv_nbytes(key),
         )
 
-    async def decode(
-        self, req: EngineRequest, kv: KvHandle | None, resp: web.StreamResponse
-    ) -> None:
+    async def decode(self, req: EngineRequest, kv: KvHandle | None, resp: FrameSink) -> None:
         """Pull the KV named by `kv`, check it is this request's, decode here."""
         if kv is None:
             raise StageError(ErrorCode.BAD_REQUEST, "a decode needs a KV handle", False)
@@ -131,7 +126,7 @@ class Stages:
         )
 
     async def relay(
-        self, resp: web.StreamResponse, inst: Instance, req: EngineRequest
+        self, resp: FrameSink, inst: Instance, req: EngineRequest
     ) -> AsyncGenerator[Frame | Failure, None]:
         """Frames of a call to a remote stage, minus its keep-alives. Our own keep-alives go
         to our caller while we wait, so its stall timer judges us, not our peer. A failure
@@ -140,7 +135,7 @@ class Stages:
 
         async def pump() -> None:
             try:
-                async for f in stream_frames(self.session, inst, req, self.stall_timeout):
+                async for f in self.plane.frames(inst, req, self.stall_timeout):
                     if type(f) is not KeepAlive:
                         await queue.put(f)
                 await queue.put(Failure(FailureReason.STREAM_ENDED, inst))
@@ -181,7 +176,7 @@ class Stages:
             )
             raise
 
-    async def with_keepalive(self, resp: web.StreamResponse, work: Awaitable[T]) -> T:
+    async def with_keepalive(self, resp: FrameSink, work: Awaitable[T]) -> T:
         """Await `work`, sending keep-alive frames meanwhile so the caller's stall timer
         does not fire on a slow but live transfer."""
         task = asyncio.ensure_future(work)

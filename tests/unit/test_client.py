@@ -15,8 +15,9 @@ from segue.discovery import Instance
 from segue.failures import ACTIONS, FailureReason, Verdict
 from segue.frontend.client import MigrationError, NoWorkerError, RejectedError, ResilientClient
 from segue.frontend.preprocess import RequestState
-from segue.protocol import ErrorCode, FinishReason
+from segue.protocol import ErrorCode, FinishReason, PlaneKind
 from segue.router import Router
+from segue.transport import RequestPlane
 
 PROMPT = [5, 6, 7]
 N = 12
@@ -30,8 +31,9 @@ class Setup:
         self.router.update({i.id: i for i in [w.instance for w in workers] + extra})
         self.registry = CollectorRegistry()
         self.migrations = Counter("m", "migrations", ["reason"], registry=self.registry)
+        plane = RequestPlane(self.session, PlaneKind.HTTP, 0.3)  # the fakes serve /generate
         self.client = ResilientClient(
-            self.router, self.session, self.migrations, migration_limit=limit, stall_timeout=0.3
+            self.router, plane, self.migrations, migration_limit=limit, stall_timeout=0.3
         )
 
     def count(self, label: str) -> float:

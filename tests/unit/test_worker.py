@@ -24,10 +24,11 @@ from segue.protocol import (
     Frame,
     HandBack,
     KeepAlive,
+    PlaneKind,
     Role,
     Tokens,
 )
-from segue.transport import stream_frames
+from segue.transport import RequestPlane
 from segue.worker.config import WorkerConfig
 from segue.worker.lifecycle import Worker
 from segue.worker.metrics import WorkerMetrics
@@ -38,7 +39,7 @@ PROMPT = [3, 1, 4]
 
 
 class Running:
-    def __init__(self, tmp: Path, **cfg: float) -> None:
+    def __init__(self, tmp: Path, plane: PlaneKind, **cfg: float) -> None:
         self.engine = ScriptedEngine()
         self.disc = FileDiscovery(str(tmp), "default")
         self.cfg = WorkerConfig(discovery=f"file:{tmp}", keepalive=0.05, **cfg)  # type: ignore[arg-type]
@@ -46,6 +47,7 @@ class Running:
         self.worker = Worker(self.engine, self.disc, self.cfg)
         self.task = asyncio.create_task(self.worker.run(self.stop))
         self.session = aiohttp.ClientSession()
+        self.plane = RequestPlane(self.session, plane, 30.0)
 
     async def ready(self) -> Running:
         await wait_for(lambda: self.disc.snapshot(), what="the worker registered")
@@ -57,21 +59,22 @@ class Running:
     def call_at(self, url: str, rid: str, n: int = 10) -> AsyncGenerator[Frame, None]:
         inst = Instance(id="w", role=Role.AGGREGATED, url=url, pid=0, host="h")
         req = EngineRequest(request_id=rid, token_ids=list(PROMPT), max_tokens=n)
-        return stream_frames(self.session, inst, req, 30.0)
+        return self.plane.frames(inst, req, 30.0)
 
     async def close(self) -> None:
         self.stop.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(self.task, 10)
+        await self.plane.close()
         await self.session.close()
 
 
-@pytest.fixture
-async def running(tmp_path):
+@pytest.fixture(params=[PlaneKind.MUX, PlaneKind.HTTP])
+async def running(tmp_path, request):
     made: list[Running] = []
 
     async def make(**cfg: float) -> Running:
-        r = Running(tmp_path, **cfg)
+        r = Running(tmp_path, request.param, **cfg)
         made.append(r)
         return await r.ready()
 
