@@ -50,6 +50,9 @@ class FrameSink(Protocol):
 
     async def write_eof(self, data: bytes = b"") -> None: ...
 
+    async def flush(self) -> None:
+        """Returns once what was written has been handed to the socket."""
+
     @property
     def caller_gone(self) -> bool: ...
 
@@ -69,6 +72,9 @@ class HttpSink:
     async def write_eof(self, data: bytes = b"") -> None:
         await self.resp.write_eof(data)
 
+    async def flush(self) -> None:
+        pass  # aiohttp hands each write to the transport at once
+
     @property
     def caller_gone(self) -> bool:
         transport = self.request.transport
@@ -87,6 +93,8 @@ class _Outbox:
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        self._empty = asyncio.Event()  # nothing queued and no send in progress
+        self._empty.set()
         self._task = asyncio.create_task(self._run(), name="mux-writer")
 
     def put(self, head: bytes, body: bytes = b"") -> None:
@@ -96,6 +104,7 @@ class _Outbox:
         if body:
             self.parts.append(body)
         self.size += len(head) + len(body)
+        self._empty.clear()
         if self.size > _HIGH_WATER:
             self._room.clear()
         self._wake.set()
@@ -112,23 +121,28 @@ class _Outbox:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                if self.parts:
+                    data = b"".join(self.parts)
+                    self.parts.clear()
+                    self.size = 0
+                    await self.ws.send_bytes(data)
+                    self._room.set()
                 if not self.parts:
-                    continue
-                data = b"".join(self.parts)
-                self.parts.clear()
-                self.size = 0
-                await self.ws.send_bytes(data)
-                self._room.set()
+                    self._empty.set()
         except (ConnectionError, RuntimeError, aiohttp.ClientError):
             pass  # the reader side sees the connection go and fails what is open
         finally:
             self.closed = True
             self._room.set()
+            self._empty.set()
+
+    async def drained(self) -> None:
+        """Returns once everything queued so far has been handed to the socket."""
+        await self._empty.wait()
 
     async def flush_and_stop(self) -> None:
         """Sends what is queued, then stops the writer."""
-        while self.parts and not self._task.done():
-            await asyncio.sleep(0)
+        await self.drained()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -155,6 +169,9 @@ class MuxSink:
 
     async def write_eof(self, data: bytes = b"") -> None:
         await self.write(data)  # the end record goes out when the call's task ends
+
+    async def flush(self) -> None:
+        await self.out.drained()
 
     @property
     def caller_gone(self) -> bool:

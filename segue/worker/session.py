@@ -139,6 +139,7 @@ class EngineSessions:
                 crash_at = self.exit_after_tokens
                 if crash_at is not None and offset + len(ids) >= crash_at:
                     await resp.write(encode_frame(Tokens(offset, ids[: crash_at - offset])))
+                    await resp.flush()
                     log.warning("fault injection: exiting after token %d", crash_at)
                     os._exit(9)
                 data = encode_frame(Tokens(offset, ids))

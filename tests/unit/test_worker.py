@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +16,7 @@ from harness_async import wait_for
 from segue.discovery import Instance
 from segue.discovery.file import FileDiscovery
 from segue.engines.base import EngineInput
+from segue.failures import Failure, FailureReason
 from segue.protocol import (
     EngineRequest,
     Error,
@@ -42,7 +43,8 @@ class Running:
     def __init__(self, tmp: Path, plane: PlaneKind, **cfg: float) -> None:
         self.engine = ScriptedEngine()
         self.disc = FileDiscovery(str(tmp), "default")
-        self.cfg = WorkerConfig(discovery=f"file:{tmp}", keepalive=0.05, **cfg)  # type: ignore[arg-type]
+        opts = {"keepalive": 0.05, **cfg}
+        self.cfg = WorkerConfig(discovery=f"file:{tmp}", **opts)  # type: ignore[arg-type]
         self.stop = asyncio.Event()
         self.worker = Worker(self.engine, self.disc, self.cfg)
         self.task = asyncio.create_task(self.worker.run(self.stop))
@@ -53,13 +55,15 @@ class Running:
         await wait_for(lambda: self.disc.snapshot(), what="the worker registered")
         return self
 
-    def call(self, rid: str, n: int = 10) -> AsyncGenerator[Frame, None]:
-        return self.call_at(self.worker.url, rid, n)
+    def call(self, rid: str, n: int = 10, stall: float = 30.0) -> AsyncGenerator[Frame, None]:
+        return self.call_at(self.worker.url, rid, n, stall)
 
-    def call_at(self, url: str, rid: str, n: int = 10) -> AsyncGenerator[Frame, None]:
+    def call_at(
+        self, url: str, rid: str, n: int = 10, stall: float = 30.0
+    ) -> AsyncGenerator[Frame, None]:
         inst = Instance(id="w", role=Role.AGGREGATED, url=url, pid=0, host="h")
         req = EngineRequest(request_id=rid, token_ids=list(PROMPT), max_tokens=n)
-        return self.plane.frames(inst, req, 30.0)
+        return self.plane.frames(inst, req, stall)
 
     async def close(self) -> None:
         self.stop.set()
@@ -69,18 +73,32 @@ class Running:
         await self.session.close()
 
 
-@pytest.fixture(params=[PlaneKind.MUX, PlaneKind.HTTP])
-async def running(tmp_path, request):
+@contextlib.asynccontextmanager
+async def _workers(tmp: Path, plane: PlaneKind) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
     made: list[Running] = []
 
     async def make(**cfg: float) -> Running:
-        r = Running(tmp_path, request.param, **cfg)
+        r = Running(tmp, plane, **cfg)
         made.append(r)
         return await r.ready()
 
-    yield make
-    for r in made:
-        await r.close()
+    try:
+        yield make
+    finally:
+        for r in made:
+            await r.close()
+
+
+@pytest.fixture(params=[PlaneKind.MUX, PlaneKind.HTTP])
+async def running(tmp_path, request):
+    async with _workers(tmp_path, request.param) as make:
+        yield make
+
+
+@pytest.fixture
+async def mux_running(tmp_path):
+    async with _workers(tmp_path, PlaneKind.MUX) as make:
+        yield make
 
 
 async def next_real(frames: AsyncGenerator[Frame, None]) -> Frame:
@@ -161,3 +179,81 @@ async def _until_final(frames: AsyncGenerator[Frame, None]) -> AsyncGenerator[Fr
         yield f
         if type(f) in (Final, HandBack, Error):
             return
+
+
+def _count_messages(r: Running) -> list[int]:
+    """Sizes of the messages the worker's one mux connection sends from now on."""
+    (server,) = r.worker.routes.muxes
+    ws = server.out.ws
+    send = ws.send_bytes
+    sizes: list[int] = []
+
+    async def counting(data: bytes, *args: object, **kwargs: object) -> None:
+        sizes.append(len(data))
+        await send(data, *args, **kwargs)  # type: ignore[arg-type]
+
+    ws.send_bytes = counting  # type: ignore[method-assign]
+    return sizes
+
+
+async def test_mux_sends_one_message_per_engine_step_for_all_calls(mux_running):
+    r = await mux_running(keepalive=30.0)
+    calls = [r.call(f"c{i}", n=4) for i in range(8)]
+    firsts = [asyncio.ensure_future(next_real(c)) for c in calls]
+    await wait_for(lambda: len(r.engine.streams) == 8, what="the engine got every call")
+    sizes = _count_messages(r)
+    r.engine.step(1)
+    want = reference(PROMPT, 4)
+    assert await asyncio.gather(*firsts) == [Tokens(0, want[:1])] * 8
+    assert len(sizes) == 1  # eight calls' tokens in one write
+    r.engine.step(3)
+    for c in calls:
+        rest = [f async for f in _until_final(c)]
+        assert rest == [Tokens(1, want[1:]), Final("length", 4)]
+    assert len(sizes) == 2  # the last tokens, the finals and the ends: one more
+
+
+async def test_mux_broken_connection_fails_and_aborts_every_call_on_it(mux_running):
+    r = await mux_running(keepalive=30.0)
+    calls = [r.call(f"c{i}") for i in range(3)]
+    firsts = [asyncio.ensure_future(next_real(c)) for c in calls]
+    await wait_for(lambda: len(r.engine.streams) == 3, what="the engine got every call")
+    r.engine.step(1)
+    await asyncio.gather(*firsts)
+    (server,) = r.worker.routes.muxes
+    await server.ws.close()
+    for c in calls:
+        with pytest.raises(Failure) as e:
+            await next_real(c)
+        assert e.value.reason is FailureReason.STREAM_BROKEN
+    await wait_for(lambda: sorted(r.engine.aborted) == ["c0", "c1", "c2"], what="aborts")
+    assert not r.worker.sessions.active and r.worker.routes.calls == 0
+
+
+async def test_mux_a_worker_silent_on_every_call_loses_the_connection(mux_running):
+    r = await mux_running(keepalive=30.0)
+    patient = r.call("patient", stall=30.0)
+    waiting = asyncio.ensure_future(next_real(patient))
+    await wait_for(lambda: "patient" in r.engine.streams, what="the first call arrived")
+    with pytest.raises(Failure) as e:
+        await next_real(r.call("hasty", stall=0.3))
+    assert e.value.reason is FailureReason.STALL
+    # The connection was silent as long as the stall timeout: the patient call fails
+    # with it instead of waiting out its own 30 s.
+    with pytest.raises(Failure) as e:
+        await asyncio.wait_for(waiting, 10)
+    assert e.value.reason is FailureReason.STREAM_BROKEN
+    await wait_for(lambda: sorted(r.engine.aborted) == ["hasty", "patient"], what="aborts")
+
+
+async def test_mux_malformed_message_closes_only_that_connection(mux_running):
+    r = await mux_running()
+    async with r.session.ws_connect(r.worker.url + "/mux") as ws:
+        await ws.send_bytes(b"\x07not a record")
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    frames = r.call("after", n=2)
+    first = asyncio.ensure_future(next_real(frames))
+    await wait_for(lambda: "after" in r.engine.streams, what="the worker still serves")
+    r.engine.step(2)
+    assert await first == Tokens(0, reference(PROMPT, 2))
