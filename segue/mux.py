@@ -324,20 +324,24 @@ class MuxConnection:
         self.calls.pop(call.sid, None)
 
     async def _read(self) -> None:
-        why = "connection closed"
+        why, reason = "connection closed", FailureReason.STREAM_BROKEN
         try:
             while True:
                 msg = await self.ws.receive()
                 if msg.type is not aiohttp.WSMsgType.BINARY:
+                    if msg.type is aiohttp.WSMsgType.TEXT:
+                        why, reason = "a text message", FailureReason.BAD_FRAME
                     break
                 self.last_heard = self.loop.time()
                 if not self._dispatch(msg.data):
-                    why = "malformed message"
+                    why, reason = "malformed message", FailureReason.BAD_FRAME
                     break
         except (ConnectionError, aiohttp.ClientError) as e:
             why = repr(e)
         finally:
-            self._fail_all(why)
+            self._fail_all(why, reason)
+            if reason is FailureReason.BAD_FRAME:
+                await self.ws.close()
 
     def _dispatch(self, data: bytes) -> bool:
         calls = self.calls
@@ -359,11 +363,11 @@ class MuxConnection:
             pos += size
         return True
 
-    def _fail_all(self, why: str) -> None:
+    def _fail_all(self, why: str, reason: FailureReason = FailureReason.STREAM_BROKEN) -> None:
         self.closed = True
         calls, self.calls = self.calls, {}
         for call in calls.values():
-            call.fail(Failure(FailureReason.STREAM_BROKEN, None, f"request plane: {why}"))
+            call.fail(Failure(reason, None, f"request plane: {why}"))
 
     async def close(self) -> None:
         self.closed = True

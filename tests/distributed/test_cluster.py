@@ -57,6 +57,9 @@ def test_cluster_token_guards_the_request_plane(deploy, tmp_path):
     bad = {"X-Segue-Cluster-Token": "s3cret-tokeN"}
     assert httpx.post(w.url + "/generate", content=req, headers=bad).status_code == 401
     assert httpx.get(w.url + "/kv/abc").status_code == 401
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13"}
+    upgrade["Sec-WebSocket-Key"] = "dGhlIHNhbXBsZSBub25jZQ=="
+    assert httpx.get(w.url + "/mux", headers=upgrade).status_code == 401
     assert httpx.get(w.url + "/health").status_code == 200  # probes stay open
     stranger = deploy.start_frontend()
     deploy.wait_routable(w, frontend=stranger)

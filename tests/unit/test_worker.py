@@ -10,6 +10,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from fakes import ScriptedEngine, reference
 from harness_async import wait_for
 
@@ -257,3 +259,28 @@ async def test_mux_malformed_message_closes_only_that_connection(mux_running):
     await wait_for(lambda: "after" in r.engine.streams, what="the worker still serves")
     r.engine.step(2)
     assert await first == Tokens(0, reference(PROMPT, 2))
+
+
+async def test_mux_garbage_from_a_peer_is_a_bad_frame():
+    async def garbage(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()  # the OPEN
+        await ws.send_bytes(b"\x00\x00\x00\x01")  # a record cut short
+        await ws.receive()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/mux", garbage)
+    server = TestServer(app)
+    await server.start_server()
+    async with aiohttp.ClientSession() as session:
+        plane = RequestPlane(session, PlaneKind.MUX, 5.0)
+        url = str(server.make_url("")).rstrip("/")
+        inst = Instance(id="g", role=Role.AGGREGATED, url=url, pid=0, host="h")
+        req = EngineRequest(request_id="g", token_ids=list(PROMPT), max_tokens=2)
+        with pytest.raises(Failure) as e:
+            await next_real(plane.frames(inst, req, 5.0))
+        assert e.value.reason is FailureReason.BAD_FRAME and e.value.instance == inst
+        await plane.close()
+    await server.close()

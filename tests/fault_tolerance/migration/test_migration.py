@@ -289,35 +289,46 @@ def test_unreachable_worker_is_skipped_and_taken_out_of_rotation(agg2, tmp_path)
     assert [w["routable"] for w in h["workers"] if w["id"] == "stale-1"] == [False]
 
 
-def test_peer_speaking_garbage_is_a_failed_worker(agg2, tmp_path):
+@pytest.mark.parametrize(
+    ("plane", "reason"),
+    # Over mux the garbage already fails the WebSocket handshake: a 200 is not a 101.
+    [("http", "bad_frame"), ("mux", "http_error")],
+)
+def test_peer_speaking_garbage_is_a_failed_worker(deploy, tmp_path, plane, reason):
     """A 200 answer whose body is not segue frames: migrated, never a 500."""
     import http.server
 
     class Garbage(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - the stdlib's naming
-            self.rfile.read(int(self.headers["Content-Length"]))
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
             self.send_response(200)
             self.send_header("Content-Length", "9")
             self.end_headers()
             self.wfile.write(b"\x00\x00\x00\x05hello")
 
+        do_GET = do_POST  # noqa: N815
+
         def log_message(self, *args):
             pass
 
+    deploy.start_frontend("--request-plane", plane)
+    deploy.start_worker()
+    deploy.start_worker()
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Garbage)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        want = golden(agg2, "chat", 20)
+        want = golden(deploy, "chat", 20)
         _register_fake(tmp_path, "garbage-1", f"http://127.0.0.1:{srv.server_port}")
         wait_until(
-            lambda: len(httpx.get(agg2.url + "/health").json()["workers"]) == 3,
+            lambda: len(httpx.get(deploy.url + "/health").json()["workers"]) == 3,
             what="fake entry seen",
         )
         for i in range(4):
             assert_same(
-                complete(agg2.url, "chat", body("chat", PROMPT, 20, False), f"garbage-{i}"), want
+                complete(deploy.url, "chat", body("chat", PROMPT, 20, False), f"garbage-{i}"),
+                want,
             )
-        assert migrations(agg2, "bad_frame") == 1
+        assert migrations(deploy, reason) == 1
     finally:
         srv.shutdown()
 
