@@ -100,6 +100,15 @@ def flags(cls: type, prefix: str = "", path: tuple[str, ...] = ()) -> Iterator[F
         )
 
 
+def _bool(text: str) -> bool:
+    """A boolean flag's value: `--flag true` / `--flag false` (so to_argv can write both)."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    try:
+        return value[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}") from None
+
+
 def add_flags(
     parser: argparse.ArgumentParser, cls: type, skip: frozenset[str] = frozenset()
 ) -> None:
@@ -112,7 +121,7 @@ def add_flags(
             fl.flag,
             *fl.aliases,
             dest=fl.dest,
-            type=fl.type if not fl.choices else str,
+            type=str if fl.choices else _bool if fl.type is bool else fl.type,
             default=None if fl.required else fl.default,
             choices=fl.choices,
             required=fl.required,

@@ -24,6 +24,7 @@ class Route:
 
     GENERATE = "/generate"
     MUX = "/mux"  # a WebSocket carrying many calls (segue.mux)
+    KV_EVENTS = "/kv_events"  # a WebSocket of KvSnapshot / KvEvents messages
     KV = "/kv/{key}"
     HEALTH = "/health"
     METRICS = "/metrics"
@@ -123,6 +124,7 @@ class KeepAlive(msgspec.Struct, tag="ka"):
 class Final(msgspec.Struct, tag="fin"):
     finish_reason: FinishReason
     offset: int  # total tokens of the client's output once this call is done
+    cached_tokens: int = 0  # leading tokens of this call's context found in the KV cache
 
 
 class Prefilled(msgspec.Struct, tag="pre"):
@@ -143,6 +145,27 @@ class Error(msgspec.Struct, tag="err"):
 
 
 Frame = Tokens | KeepAlive | Final | Prefilled | HandBack | Error
+
+
+class KvSnapshot(msgspec.Struct, tag="snap"):
+    """Every block a worker's engine caches, as of event `seq` (GET /kv_events)."""
+
+    seq: int
+    block_size: int
+    capacity: int  # the engine's KV blocks: more indexed than this means missed removals
+    blocks: list[int]
+
+
+class KvEvents(msgspec.Struct, tag="ev"):
+    """Blocks cached (`stored`) or evicted (`removed`) since event `seq - 1`."""
+
+    seq: int
+    stored: list[int] = []
+    removed: list[int] = []
+
+
+KvMessage = KvSnapshot | KvEvents
+RESYNC = b"resync"  # a subscriber that saw a gap asks for a new snapshot
 
 _encoder = msgspec.msgpack.Encoder()
 _frame_decoder = msgspec.msgpack.Decoder(Frame)

@@ -45,7 +45,8 @@ async def remote_prefill(
     """The KV handle of the prompt from a prefill worker (None: fall back to local)."""
     from segue.frontend.client import NoWorkerError
 
-    inst = client.router.pick((Role.PREFILL,), exclude, state.model)
+    tokens = state.prompt_ids if client.router.wants_tokens else None
+    inst = client.router.pick((Role.PREFILL,), exclude, state.model, tokens)
     if inst is None:
         if client.prefill_fallback is PrefillFallback.LOCAL:
             return None

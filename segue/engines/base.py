@@ -12,6 +12,7 @@ import abc
 import asyncio
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 from segue.protocol import EngineRequest, FinishReason, Phase
 
@@ -102,7 +103,15 @@ class RequestStream:
     reads so a fast engine sends fewer, larger frames. The reader waits on a bare future with
     a timer for its timeout: `asyncio.wait_for` would make a task per token."""
 
-    __slots__ = ("request_id", "_pending", "_finish", "_error", "_waiter", "kv_key")
+    __slots__ = (
+        "request_id",
+        "_pending",
+        "_finish",
+        "_error",
+        "_waiter",
+        "kv_key",
+        "cached_tokens",
+    )
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -111,6 +120,7 @@ class RequestStream:
         self._error: str | None = None
         self._waiter: asyncio.Future[bool] | None = None
         self.kv_key: str | None = None  # a finished PREFILL's KV, for `Engine.kv_payload`
+        self.cached_tokens = 0  # leading context tokens the engine found in its KV cache
 
     def push(self, token_id: int) -> None:
         self._pending.append(token_id)
@@ -151,6 +161,16 @@ class RequestStream:
         return out
 
 
+class KvEvents(Protocol):
+    """Where an engine reports the blocks (segue.blocks hashes) it caches and evicts."""
+
+    def start(self, block_size: int, capacity: int, blocks: list[int]) -> None: ...
+
+    def stored(self, hashes: list[int]) -> None: ...
+
+    def removed(self, hashes: list[int]) -> None: ...
+
+
 class Engine(abc.ABC):
     async def start(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -182,6 +202,11 @@ class Engine(abc.ABC):
 
     def kv_nbytes(self, key: str) -> int:
         return 0  # unknown until pulled
+
+    def publish_kv_events(self, events: KvEvents) -> bool:
+        """Report cached and evicted blocks to `events` from now on (after calling its
+        `start` with the cache as it is); False: this engine has no prefix cache to show."""
+        return False
 
     def release_kv(self, key: str) -> bool:
         raise NotImplementedError(f"{type(self).__name__} cannot export KV")

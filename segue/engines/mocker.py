@@ -10,6 +10,10 @@ readable vocabulary by a hash folded over prompt + tokens generated so far. A re
 is re-sent with prompt + generated tokens therefore continues exactly where it stopped.
 The mocker never emits EOS: a request runs to max_tokens unless a stop token is asked for.
 
+Prefix caching (on by default, as in vLLM): full blocks keep their KV after their request
+ends and a later prompt with the same prefix reuses them; only the uncached part of a prompt
+costs prefill time (segue.engines.seqtable). A request's output does not depend on it.
+
 Disaggregation: a prefill produces a simulated KV payload of `kv_bytes_per_token` bytes per
 context token, derived from the token ids and their positions, so a decode worker can
 check that a payload belongs to its prompt; a decode from a payload skips the prefill time.
@@ -31,9 +35,10 @@ from segue.engines.base import (
     EngineRequestError,
     EngineStats,
     EngineTask,
+    KvEvents,
     RequestStream,
 )
-from segue.engines.seqtable import SeqTable
+from segue.engines.seqtable import SeqBlocks, SeqTable
 from segue.options import option
 from segue.stopping import finish_reason
 
@@ -73,6 +78,9 @@ class MockerConfig:
     max_num_seqs: int = option(256, help="most sequences running at once")
     kv_blocks: int = option(16384, help="KV cache blocks in the simulated pool")
     block_size: int = option(16, help="tokens per KV block")
+    prefix_caching: bool = option(
+        True, help="keep full blocks cached after their request and reuse them (true/false)"
+    )
     step_ms: float = option(5.0, help="decode step time for one sequence, before speedup")
     prefill_tps: float = option(
         50000.0, help="prefill speed in prompt tokens per second, before speedup"
@@ -91,17 +99,18 @@ class MockerConfig:
 
 
 class _Seq:
-    __slots__ = ("req", "stream", "h", "seed", "generated", "blocks", "prefilled", "done")
+    __slots__ = ("req", "stream", "h", "seed", "out", "blocks", "prefilled", "done", "kv")
 
     def __init__(self, req: EngineInput, stream: RequestStream, seed: int, blocks: int):
         self.req = req
         self.stream = stream
         self.seed = seed
         self.h = 0
-        self.generated = 0
+        self.out: list[int] = []  # tokens generated
         self.blocks = blocks
         self.prefilled = False
         self.done = False
+        self.kv = SeqBlocks([])  # set by the SeqTable
 
 
 class MockerEngine(Engine):
@@ -109,11 +118,16 @@ class MockerEngine(Engine):
         self.cfg = config
         self.vocab = tokenizer.output_vocab()
         self.eos = tokenizer.eos_token_ids
-        self.table = SeqTable(config.kv_blocks, config.block_size, config.max_num_seqs)
+        self.table = SeqTable(
+            config.kv_blocks, config.block_size, config.max_num_seqs, config.prefix_caching
+        )
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._due = 0.0
         self._emitted = 0  # tokens emitted in all (for hang injection)
+        self._prompt_tokens = dict.fromkeys(
+            ("computed", "local_cache_hit", "external_kv_transfer"), 0
+        )  # by where their KV came from, as vLLM counts them
         self._loop_time = time.monotonic  # replaced by the loop's clock in start()
 
     async def start(self) -> None:
@@ -133,7 +147,16 @@ class MockerEngine(Engine):
             self.release_kv(key)
 
     def stats(self) -> EngineStats:
-        return self.table.stats()
+        stats = self.table.stats()
+        stats.prompt_tokens = dict(self._prompt_tokens)
+        return stats
+
+    def publish_kv_events(self, events: KvEvents) -> bool:
+        if not self.cfg.prefix_caching:
+            return False
+        events.start(self.cfg.block_size, self.cfg.kv_blocks, self.table.cached_hashes())
+        self.table.events = events
+        return True
 
     @property
     def healthy(self) -> bool:
@@ -184,6 +207,8 @@ class MockerEngine(Engine):
         if seq.done:
             return
         seq.done = True
+        if seq.prefilled and seq.out:
+            self.table.computed(seq, seq.req.token_ids + seq.out)
         self.table.remove(seq)
         seq.stream.finish(reason)
         self._wakeup.set()  # freed blocks may let a waiting request in
@@ -191,12 +216,12 @@ class MockerEngine(Engine):
     def _emit(self, seq: _Seq) -> None:
         tok = self.vocab[draw(seq.h, seq.seed, len(self.vocab))]
         seq.h = fold(seq.h, (tok,))
-        seq.generated += 1
+        seq.out.append(tok)
         self._emitted += 1
         seq.stream.push(tok)
         req = seq.req
         done = finish_reason(
-            tok, seq.generated, req.max_tokens, req.stop_token_ids, self.eos, req.ignore_eos
+            tok, len(seq.out), req.max_tokens, req.stop_token_ids, self.eos, req.ignore_eos
         )
         if done is not None:
             self._finish(seq, EngineFinish(done))
@@ -217,10 +242,22 @@ class MockerEngine(Engine):
             if not self.table.running and not self.table.waiting:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            admitted = [s for s in self.table.admit() if not s.prefilled]
+            admitted = []
+            counts = self._prompt_tokens
+            for s in self.table.admit():
+                n, cached = len(s.req.token_ids), s.kv.cached_tokens
+                s.stream.cached_tokens = cached
+                if s.prefilled:  # a decode: its KV came with the request
+                    counts["external_kv_transfer"] += n
+                    self.table.computed(s, s.req.token_ids)
+                else:
+                    counts["computed"] += n - cached
+                    counts["local_cache_hit"] += cached
+                    admitted.append(s)
             decoding = [s for s in self.table.running.values() if s.prefilled]
             if admitted:
-                prompt_tokens = sum(len(s.req.token_ids) for s in admitted)
+                # Only the part of each prompt that is not cached costs prefill time.
+                prompt_tokens = sum(len(s.req.token_ids) - s.kv.cached_tokens for s in admitted)
                 for s in admitted:
                     s.h = fold(0, s.req.token_ids)
                 await self._sleep(prompt_tokens / cfg.prefill_tps)
@@ -228,6 +265,7 @@ class MockerEngine(Engine):
                     if s.done:  # aborted during prefill
                         continue
                     s.prefilled = True
+                    self.table.computed(s, s.req.token_ids)
                     if s.req.task is EngineTask.PREFILL:
                         self._hold(s)
                     elif s.req.max_tokens == 0:

@@ -4,29 +4,59 @@ A FIFO waiting queue, the running set, and a pool of KV blocks: a request reserv
 its prompt + max_tokens when it is admitted (its prompt only, for a prefill) and gives them
 back when it finishes or is aborted. A finished prefill's blocks stay reserved under a key,
 with whatever the engine needs to export its KV, until the KV is pulled or dropped.
+
+With prefix caching (the mocker), full blocks keep their content after their sequence ends,
+named by chained hashes (segue.blocks), in an LRU of free-but-cached blocks that are reused
+by a later prompt with the same prefix and evicted only when their space is needed, as vLLM
+does. What becomes cached and what is evicted is reported to `events` (the worker publishes
+it to the frontends' KV indexes).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
-from segue.engines.base import EngineInput, EngineRequestError, EngineStats, EngineTask
+from segue.blocks import ROOT, block_hashes
+from segue.engines.base import (
+    EngineInput,
+    EngineRequestError,
+    EngineStats,
+    EngineTask,
+    KvEvents,
+)
 
 
 class SeqTable:
-    """Sequences are engine objects with `req` (EngineInput) and `blocks` attributes."""
+    """Sequences are engine objects with `req` (EngineInput) and `blocks` attributes; the
+    table adds `kv` (a `SeqBlocks`)."""
 
-    def __init__(self, kv_blocks: int, block_size: int, max_num_seqs: int) -> None:
+    def __init__(
+        self,
+        kv_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        prefix_caching: bool = False,
+        events: KvEvents | None = None,
+    ) -> None:
         self.total = kv_blocks
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
-        self.free = kv_blocks
+        self.prefix_caching = prefix_caching
+        self.events = events
+        self.unused = kv_blocks  # no content, no owner
+        self.cache: dict[int, int] = {}  # block hash -> sequences using it
+        self.lru: OrderedDict[int, None] = OrderedDict()  # cached and unused, oldest first
         self.seqs: dict[str, Any] = {}
         self.waiting: deque[Any] = deque()
         self.running: dict[str, Any] = {}
-        self.held: dict[str, tuple[int, Any]] = {}
+        self.held: dict[str, tuple[Any, Any]] = {}
+
+    @property
+    def free(self) -> int:
+        """Blocks a new sequence can have (cached-but-unused ones are evicted for it)."""
+        return self.unused + len(self.lru)
 
     def blocks_for(self, req: EngineInput) -> int:
         """Blocks the request will reserve; refuses what can never run."""
@@ -41,29 +71,101 @@ class SeqTable:
         return blocks
 
     def add(self, seq: Any) -> None:
+        hashes = block_hashes(seq.req.token_ids, self.block_size) if self.prefix_caching else []
+        seq.kv = SeqBlocks(hashes)
         self.seqs[seq.req.request_id] = seq
         self.waiting.append(seq)
+
+    def _hits(self, seq: Any) -> list[int]:
+        """The longest cached prefix of the prompt, in blocks; the last prompt token is
+        always computed (its logits make the first token), as in vLLM."""
+        usable = (len(seq.req.token_ids) - 1) // self.block_size
+        hits: list[int] = []
+        for h in seq.kv.prompt[:usable]:
+            if h not in self.cache:
+                break
+            hits.append(h)
+        return hits
 
     def admit(self) -> list[Any]:
         """Moves waiting sequences to running, in order, while slots and blocks last."""
         admitted = []
-        while (
-            self.waiting
-            and len(self.running) < self.max_num_seqs
-            and self.waiting[0].blocks <= self.free
-        ):
-            seq = self.waiting.popleft()
-            self.free -= seq.blocks
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = self._hits(seq) if self.prefix_caching else []
+            reusable = sum(1 for h in hits if self.cache[h] == 0)  # in the LRU: not free
+            need = seq.blocks - len(hits)
+            if need > self.free - reusable:
+                break
+            self.waiting.popleft()
+            for h in hits:
+                self._ref(h)
+            self._take(need)
+            seq.kv.refs = hits
+            seq.kv.own = need
+            seq.kv.cached_tokens = len(hits) * self.block_size
             self.running[seq.req.request_id] = seq
             admitted.append(seq)
         return admitted
+
+    def _ref(self, h: int) -> None:
+        if self.cache[h] == 0:
+            del self.lru[h]
+        self.cache[h] += 1
+
+    def _take(self, n: int) -> None:
+        """`n` blocks for new content: unused ones first, then the least recently used
+        cached ones, evicted."""
+        from_unused = min(n, self.unused)
+        self.unused -= from_unused
+        evicted = [self.lru.popitem(last=False)[0] for _ in range(n - from_unused)]
+        for h in evicted:
+            del self.cache[h]
+        if evicted and self.events is not None:
+            self.events.removed(evicted)
+
+    def computed(self, seq: Any, token_ids: list[int]) -> None:
+        """The KV of `token_ids` (the sequence's context so far) is in the sequence's
+        blocks: its full blocks become cached content, named by their hashes."""
+        if not self.prefix_caching:
+            return
+        kv: SeqBlocks = seq.kv
+        bs = self.block_size
+        known = kv.prompt if len(token_ids) >= len(kv.prompt) * bs else []
+        start = len(kv.refs)
+        if len(known) < len(token_ids) // bs:  # generated tokens filled more blocks
+            parent = known[-1] if known else ROOT
+            known = known + block_hashes(token_ids[len(known) * bs :], bs, parent)
+        stored = []
+        for h in known[start:]:
+            if kv.own == 0:
+                break
+            if h in self.cache:  # computed meanwhile by another sequence: share theirs
+                self._ref(h)
+                self.unused += 1
+            else:
+                self.cache[h] = 1
+                stored.append(h)
+            kv.refs.append(h)
+            kv.own -= 1
+        if stored and self.events is not None:
+            self.events.stored(stored)
+
+    def _release(self, seq: Any) -> None:
+        kv: SeqBlocks = seq.kv
+        for h in kv.refs:
+            self.cache[h] -= 1
+            if self.cache[h] == 0:
+                self.lru[h] = None
+        self.unused += kv.own
+        kv.refs, kv.own = [], 0
 
     def remove(self, seq: Any) -> None:
         """A sequence is over (finished or aborted): its blocks go back to the pool."""
         rid = seq.req.request_id
         self.seqs.pop(rid, None)
         if self.running.pop(rid, None) is not None:
-            self.free += seq.blocks
+            self._release(seq)
         else:
             try:
                 self.waiting.remove(seq)
@@ -76,15 +178,19 @@ class SeqTable:
         self.seqs.pop(rid, None)
         self.running.pop(rid, None)
         key = f"{rid}.{uuid.uuid4().hex[:8]}"
-        self.held[key] = (seq.blocks, kv)
+        self.held[key] = (seq, kv)
         return key
 
     def release(self, key: str) -> bool:
         entry = self.held.pop(key, None)
         if entry is None:
             return False
-        self.free += entry[0]
+        self._release(entry[0])
         return True
+
+    def cached_hashes(self) -> list[int]:
+        """Every block with cached content (for a KV-event snapshot)."""
+        return list(self.cache)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -94,3 +200,15 @@ class SeqTable:
             kv_blocks_total=self.total,
             held=len(self.held),
         )
+
+
+class SeqBlocks:
+    """One sequence's blocks: cached ones it uses (by hash) and its own others."""
+
+    __slots__ = ("prompt", "refs", "own", "cached_tokens")
+
+    def __init__(self, prompt: list[int]) -> None:
+        self.prompt = prompt  # hashes of the prompt's full blocks (prefix caching only)
+        self.refs: list[int] = []
+        self.own = 0
+        self.cached_tokens = 0

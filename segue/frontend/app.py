@@ -83,7 +83,7 @@ class Frontend:
             auto_decompress=False,
             headers=client_headers(load_cluster_token(cfg.cluster_token_file)),
         )
-        self.router = Router(cfg.router, self.session)
+        self.router = Router(cfg.router, self.session, cfg.kv_overlap_weight, cfg.kv_load_weight)
         self.plane = RequestPlane(self.session, cfg.request_plane, cfg.stall_timeout)
         self.client = ResilientClient(
             self.router,
@@ -148,6 +148,7 @@ class Frontend:
         return web.json_response({"object": "list", "data": data})
 
     async def handle_health(self, request: web.Request) -> web.Response:
+        indexed = self.router.kv_index.workers
         workers = [
             {
                 "id": i.id,
@@ -156,6 +157,8 @@ class Frontend:
                 "url": i.url,
                 "model": i.card.name,
                 "routable": i.id not in self.router.down,
+                # blocks of its prefix cache in this frontend's KV index (--router kv)
+                "kv_blocks": len(indexed[i.id].blocks) if i.id in indexed else None,
             }
             for i in self.router.instances.values()
         ]

@@ -124,7 +124,8 @@ class ResilientClient:
         )
 
     def pick(self, role: Role, exclude: set[str], state: RequestState) -> Instance:
-        inst = self.router.pick((role,), exclude, state.model)
+        tokens = state.prompt_ids + state.generated if self.router.wants_tokens else None
+        inst = self.router.pick((role,), exclude, state.model, tokens)
         if inst is None:
             if state.migrations:
                 log.error(
@@ -147,7 +148,7 @@ class ResilientClient:
     ) -> AsyncGenerator[Delta, None]:
         """One call: yields the tokens the client does not have yet, then the finish."""
         generated = state.generated
-        with self.router.track(inst):
+        with self.router.track(inst, len(req.token_ids)):
             frames = self.plane.frames(inst, req, self.stall_timeout)
             async with contextlib.aclosing(frames) as fs:
                 async for f in fs:
@@ -160,6 +161,7 @@ class ResilientClient:
                             generated.extend(new)
                             yield new, None
                     elif type(f) is Final:
+                        state.cached_tokens = f.cached_tokens
                         yield [], f.finish_reason
                         return
                     elif type(f) is not KeepAlive:

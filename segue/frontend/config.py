@@ -26,6 +26,12 @@ class FrontendConfig:
         None, help="served model name (default: the model directory's name)"
     )
     router: Policy = option(Policy.ROUND_ROBIN, help="how a worker is picked")
+    kv_overlap_weight: float = option(
+        1.0, help="--router kv: cost per context token a worker would have to prefill"
+    )
+    kv_load_weight: float = option(
+        1.0, help="--router kv: cost per context token of the calls in flight on a worker"
+    )
     request_plane: PlaneKind = option(
         PlaneKind.MUX,
         help="how calls reach workers: mux (all calls to a worker on one WebSocket) or "

@@ -35,6 +35,7 @@ class RequestState:
     ignore_eos: bool = False
     generated: list[int] = field(default_factory=list)
     migrations: int = 0
+    cached_tokens: int = 0  # of the prompt, as the worker that finished the request found
 
     def engine_request(
         self, phase: Phase = Phase.GENERATE, kv: KvHandle | None = None

@@ -20,14 +20,24 @@ SSE_DONE = b"data: [DONE]\n\n"
 _encode = msgspec.json.Encoder().encode
 
 
+class PromptTokensDetails(Struct):
+    cached_tokens: int  # prompt tokens whose KV the worker found in its prefix cache
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+    return Usage(
+        prompt_tokens,
+        completion_tokens,
+        prompt_tokens + completion_tokens,
+        PromptTokensDetails(min(cached_tokens, prompt_tokens)),
+    )
 
 
 class CompletionChoice(Struct):
@@ -96,7 +106,8 @@ class Renderer:
         self._usage: None | UnsetType = None if prep.include_usage else UNSET
 
     def usage(self) -> Usage:
-        return usage(self.prep.prompt_len, len(self.prep.state.generated))
+        state = self.prep.state
+        return usage(self.prep.prompt_len, len(state.generated), state.cached_tokens)
 
     def response(self, text: str, finish: FinishReason | None) -> bytes:
         """The JSON body of a non-streamed answer."""

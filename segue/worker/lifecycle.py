@@ -23,6 +23,7 @@ from segue.protocol import Role
 from segue.router import Router
 from segue.transport import RequestPlane
 from segue.worker.config import WorkerConfig
+from segue.worker.kv_events import KvEventLog
 from segue.worker.kv_store import KvStore
 from segue.worker.metrics import WorkerMetrics
 from segue.worker.monitor import monitor_engine
@@ -70,6 +71,8 @@ class Worker:
             cfg.stall_timeout,
             cfg.keepalive,
         )
+        self.kv_events = KvEventLog()
+        self.publishes_kv_events = False  # known once the engine has started
         self.routes = Routes(self)
 
     @property
@@ -83,6 +86,7 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> int:
         """Serves until `stop`; returns the exit code."""
         await self.engine.start()
+        self.publishes_kv_events = self.engine.publish_kv_events(self.kv_events)
         tasks = [
             asyncio.create_task(
                 monitor_engine(self.engine, self.sessions, self.cfg.engine_stall_timeout, stop)
@@ -118,6 +122,7 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.routes.idle.wait(), 5.0)
             await self.routes.close_muxes()
+            await self.kv_events.close()
             await runner.cleanup()
             await self.router.close()
             await self.plane.close()
@@ -132,6 +137,7 @@ class Worker:
         for t in tasks:
             t.cancel()
         await self.routes.close_muxes()
+        await self.kv_events.close()
         await runner.cleanup()
         self.kv.clear()
         await self.router.close()

@@ -67,6 +67,7 @@ class Routes:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._require_token])
         app.router.add_get(Route.MUX, self.mux)
+        app.router.add_get(Route.KV_EVENTS, self.kv_events)
         app.router.add_post(Route.GENERATE, self.generate)
         app.router.add_get(Route.KV, self.kv_pull)
         app.router.add_delete(Route.KV, self.kv_drop)
@@ -130,6 +131,11 @@ class Routes:
         finally:
             self.muxes.discard(server)
         return ws
+
+    async def kv_events(self, request: web.Request) -> web.StreamResponse:
+        if not self.w.publishes_kv_events:
+            return web.json_response({"error": "this engine has no prefix cache"}, status=404)
+        return await self.w.kv_events.serve(request)
 
     async def close_muxes(self) -> None:
         """Shutdown: what the calls wrote goes out, then the connections close."""

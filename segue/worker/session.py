@@ -163,7 +163,8 @@ class EngineSessions:
                 )
                 data += encode_frame(Error(code, out.error or "engine failed", True))
             elif reason is not None:
-                data += encode_frame(Final(FinishReason(reason.value), offset))
+                final = Final(FinishReason(reason.value), offset, stream.cached_tokens)
+                data += encode_frame(final)
             if reason is not None:
                 await resp.write_eof(data)  # the final frame and the end of the body at once
                 return None

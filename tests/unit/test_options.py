@@ -17,6 +17,8 @@ def other_value(fl: Flag) -> str:
     """A value for the flag that is not its default."""
     if fl.choices:
         return next(c for c in fl.choices if c != getattr(fl.default, "value", fl.default))
+    if fl.type is bool:
+        return str(not fl.default)
     if fl.type is int:
         return str((fl.default or 0) + 7)
     if fl.type is float:
