@@ -19,6 +19,7 @@ tokens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -36,8 +37,10 @@ from segue.engines.base import (
     EngineRequestError,
     EngineStats,
     EngineTask,
+    KvEvents,
     RequestStream,
 )
+from segue.engines.vllm_events import VllmKvEventRelay, events_endpoint
 from segue.engines.vllm_kv import ExampleKv, KvTransfer, NixlKv
 
 log = logging.getLogger("segue.vllm")
@@ -101,6 +104,8 @@ class VllmEngine(Engine):
         self.block_size = 0
         self.kv: KvTransfer | None = None
         self._launcher: Path | None = None
+        self._events_endpoint = events_endpoint()
+        self._relay: asyncio.Task[None] | None = None
         if cfg.role != "aggregated":
             self.kv = NixlKv() if cfg.kv_connector == "nixl" else ExampleKv()
             if self.kv.whole_prompt_per_step:
@@ -148,6 +153,11 @@ class VllmEngine(Engine):
         kv_transfer = None
         if self.kv is not None:
             kv_transfer = self.kv.transfer_config(self.cfg.role, self.cfg.kv_ttl, self.cfg.host)
+        from vllm.config import KVEventsConfig
+
+        events = KVEventsConfig(
+            enable_kv_cache_events=True, publisher="zmq", endpoint=self._events_endpoint
+        )
         args = AsyncEngineArgs(
             model=self.cfg.model_dir,
             dtype=self.cfg.dtype,  # type: ignore[arg-type]
@@ -158,6 +168,7 @@ class VllmEngine(Engine):
             enforce_eager=True,
             disable_log_stats=False,
             kv_transfer_config=kv_transfer,
+            kv_events_config=events,
         )
         self._launcher = _engine_dies_with_worker()
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerStats])
@@ -176,7 +187,17 @@ class VllmEngine(Engine):
             )
         log.info("vLLM engine ready: %s, %d KV blocks", self.cfg.model_dir, self.total_blocks)
 
+    def publish_kv_events(self, events: KvEvents) -> bool:
+        if not self.llm.vllm_config.cache_config.enable_prefix_caching:
+            return False
+        events.start(self.block_size, self.total_blocks, [])
+        relay = VllmKvEventRelay(events, self._events_endpoint)
+        self._relay = asyncio.create_task(relay.run(), name="vllm-kv-events")
+        return True
+
     async def stop(self) -> None:
+        if self._relay is not None:
+            self._relay.cancel()
         for rid in list(self._tasks):
             self.abort(rid)
         if self.llm is not None:
@@ -184,6 +205,8 @@ class VllmEngine(Engine):
         self.release_files()
 
     def release_files(self) -> None:
+        with contextlib.suppress(FileNotFoundError):  # the publisher's socket file
+            os.unlink(self._events_endpoint.removeprefix("ipc://"))
         if self.kv is not None:
             self.kv.close()
         if self._launcher is not None:
@@ -263,6 +286,8 @@ class VllmEngine(Engine):
                 {"prompt_token_ids": req.token_ids}, params, req.request_id
             ):
                 o = out.outputs[0]
+                if out.num_cached_tokens:
+                    stream.cached_tokens = out.num_cached_tokens
                 if o.finish_reason == "error":  # e.g. its KV could not be read: migrate
                     stream.finish(EngineFinish.ERROR, "vLLM finished the request with an error")
                     return

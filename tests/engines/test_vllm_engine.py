@@ -434,3 +434,26 @@ def test_vllm_disaggregated_all_strategies(deploy, vllm_model, connector):
             wait_until(lambda: idle(p), what="blocks freed at the end of the lease")
         finally:
             dw.signal(signal.SIGCONT)
+
+
+def test_vllm_kv_events_reach_the_kv_router(deploy, vllm_model):
+    """vLLM's own KV events, relayed, fill the frontend's index; a repeated prompt is served
+    from vLLM's prefix cache (and says so in its usage) with the same output."""
+    deploy.start_frontend("--router", "kv")
+    w = start_worker(deploy, vllm_model)
+    deploy.wait_routable(w, START)
+    prompt = " ".join([PROMPT] * 80)  # several of vLLM's 128-token CPU blocks
+    first = complete(deploy.url, "completions", vbody(vllm_model, "completions", prompt, 8, False))
+    assert first.status == 200
+    assert first.usage["prompt_tokens_details"]["cached_tokens"] == 0
+
+    def indexed() -> int:
+        (entry,) = deploy.frontend.health()["workers"]
+        return entry["kv_blocks"] or 0
+
+    wait_until(lambda: indexed() >= first.usage["prompt_tokens"] // 128, what="blocks indexed")
+    again = complete(deploy.url, "completions", vbody(vllm_model, "completions", prompt, 8, False))
+    assert again.token_ids == first.token_ids
+    assert again.usage["prompt_tokens_details"]["cached_tokens"] >= 128
+    hit = 'segue_engine_prompt_tokens_total{source="local_cache_hit"}'
+    wait_until(lambda: metric(w, hit) >= 128, what="vLLM counts the hit")
