@@ -30,7 +30,9 @@ class FrontendConfig:
         1.0, help="--router kv: cost per context token a worker would have to prefill"
     )
     kv_load_weight: float = option(
-        1.0, help="--router kv: cost per context token of the calls in flight on a worker"
+        0.1,
+        help="--router kv: cost per context token of the calls in flight on a worker (a "
+        "token in flight slows decode steps far less than a token to prefill costs)",
     )
     request_plane: PlaneKind = option(
         PlaneKind.MUX,

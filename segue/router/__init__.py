@@ -45,7 +45,7 @@ class Router:
         policy: Policy = Policy.ROUND_ROBIN,
         session: aiohttp.ClientSession | None = None,
         kv_overlap_weight: float = 1.0,
-        kv_load_weight: float = 1.0,
+        kv_load_weight: float = 0.1,
     ) -> None:
         self.policy = Policy(policy)
         self.instances: dict[str, Instance] = {}

@@ -68,7 +68,7 @@ def _router(*wids: str, overlap_weight: float = 1.0, load_weight: float = 1.0) -
 
 
 def test_kv_policy_picks_the_prefix_holder_weighed_against_load():
-    r = _router("a", "b")
+    r = _router("a", "b", load_weight=1.0)
     h = block_hashes(DOC, BS)
     r.kv_index.snapshot("b", snap(h))
     prompt = DOC + [1, 2]
