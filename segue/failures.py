@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 
 from segue.discovery import Instance
-from segue.protocol import Error, ErrorCode, Frame, HandBack
+from segue.protocol import Error, ErrorCode, Frame, HandBack, KvHandle
 
 
 class FailureReason(StrEnum):
@@ -93,6 +93,7 @@ class Failure(Exception):
         self.instance = instance
         self.message = message or reason.value
         self.stage = stage
+        self.resume: KvHandle | None = None  # a live move: decode on from this KV
 
     @property
     def action(self) -> Action:
@@ -107,7 +108,9 @@ def failure_of_frame(frame: Frame, instance: Instance | None) -> Failure:
     """A frame that is neither tokens nor the end of a stream, as a Failure (a HandBack, an
     Error; anything else out of place is a protocol error)."""
     if type(frame) is HandBack:
-        return Failure(FailureReason.HANDED_BACK, instance, frame.reason)
+        f = Failure(FailureReason.HANDED_BACK, instance, frame.reason)
+        f.resume = frame.kv
+        return f
     if type(frame) is Error:
         return Failure(FailureReason(frame.code.value), instance, frame.message)
     return Failure(FailureReason.BAD_FRAME, instance, f"unexpected {type(frame).__name__}")

@@ -25,6 +25,7 @@ class Route:
     GENERATE = "/generate"
     MUX = "/mux"  # a WebSocket carrying many calls (segue.mux)
     KV_EVENTS = "/kv_events"  # a WebSocket of KvSnapshot / KvEvents messages
+    ADMIN_MOVE = "/admin/move"  # POST {"count": N} or {"request_id": ID}: live-move requests
     KV = "/kv/{key}"
     HEALTH = "/health"
     METRICS = "/metrics"
@@ -133,9 +134,12 @@ class Prefilled(msgspec.Struct, tag="pre"):
 
 
 class HandBack(msgspec.Struct, tag="back"):
-    """The worker is shutting down and gives the request back: re-send it elsewhere."""
+    """The worker gives the request back (it drains, or was asked to move it): re-send it
+    elsewhere. With `kv`, the KV of its whole context (prompt + every token sent) waits to be
+    pulled: the next worker decodes on from it instead of recomputing (a live move)."""
 
     reason: str
+    kv: KvHandle | None = None
 
 
 class Error(msgspec.Struct, tag="err"):

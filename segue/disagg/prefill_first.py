@@ -22,7 +22,7 @@ async def run(stages: Stages, req: EngineRequest, resp: FrameSink) -> None:
     key = await stages.sessions.run(req, resp, EngineTask.PREFILL)
     if key is None:
         return
-    kv = stages.publish(key, req)
+    kv = stages.kv.publish(key, req.token_ids)
     try:
         inst = stages.router.pick((Role.DECODE,))
         if inst is None:

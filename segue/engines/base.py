@@ -31,6 +31,7 @@ class EngineFinish(StrEnum):
     ABORT = "abort"  # aborted: its caller left, or the worker hands it back
     ERROR = "error"  # the engine failed it
     PREFILLED = "prefilled"  # a PREFILL is done; `RequestStream.kv_key` names its KV
+    EXPORTED = "exported"  # stopped for a live move: `kv_key` names the KV of `kv_tokens`
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,7 @@ class RequestStream:
         "_error",
         "_waiter",
         "kv_key",
+        "kv_tokens",
         "cached_tokens",
     )
 
@@ -120,6 +122,7 @@ class RequestStream:
         self._error: str | None = None
         self._waiter: asyncio.Future[bool] | None = None
         self.kv_key: str | None = None  # a finished PREFILL's KV, for `Engine.kv_payload`
+        self.kv_tokens: list[int] = []  # the context an EXPORTED request's KV covers
         self.cached_tokens = 0  # leading context tokens the engine found in its KV cache
 
     def push(self, token_id: int) -> None:
@@ -202,6 +205,13 @@ class Engine(abc.ABC):
 
     def kv_nbytes(self, key: str) -> int:
         return 0  # unknown until pulled
+
+    def export(self, request_id: str) -> bool:
+        """Stop a running request and keep the KV of its context (prompt + every token it
+        pushed) for pulling, as a finished prefill's; its stream then finishes EXPORTED with
+        `kv_key` and `kv_tokens` set. False: unknown, not prefilled yet, or this engine
+        cannot export a running request."""
+        return False
 
     def publish_kv_events(self, events: KvEvents) -> bool:
         """Report cached and evicted blocks to `events` from now on (after calling its

@@ -58,13 +58,13 @@ class HFConfig:
 
 
 class _Seq:
-    __slots__ = ("req", "stream", "blocks", "cache", "next_input", "generated", "done", "imported")
+    __slots__ = ("req", "stream", "blocks", "cache", "next_input", "out", "done", "imported", "kv")
 
     def __init__(self, req: EngineInput, stream: RequestStream, blocks: int) -> None:
         self.req, self.stream, self.blocks = req, stream, blocks
         self.cache = None
         self.next_input: list[int] = []
-        self.generated = 0
+        self.out: list[int] = []  # tokens generated
         self.done = False
         self.imported = None  # (cache) for a decode from a pulled payload
 
@@ -81,6 +81,7 @@ class HFEngine(Engine):
         self._stop = False
         # Shared with the scheduler thread: touched only under self._lock.
         self.table = SeqTable(cfg.kv_blocks, cfg.block_size, cfg.max_num_seqs)
+        self._exports: set[str] = set()  # requests to export at the next step
         self._thread: threading.Thread | None = None
         self._loop: Any = None  # the worker's event loop, from start()
         self._failed: str | None = None
@@ -143,6 +144,32 @@ class HFEngine(Engine):
                 return False
             self._finish_locked(seq, EngineFinish.ABORT)
         return True
+
+    def export(self, request_id: str) -> bool:
+        """Done by the scheduler thread between steps (`_take_exports`): the cache is
+        mutated inside a forward pass, so only there is it known to cover exactly the
+        context but its last token."""
+        with self._lock:
+            seq = self.table.seqs.get(request_id)
+            if seq is None or seq.done or seq.cache is None:
+                return False
+            self._exports.add(request_id)
+        self._work.set()
+        return True
+
+    def _take_exports(self) -> None:
+        """Under the lock: hold each exported sequence's cache (which covers its context
+        but the last token, like a prefill's) and finish its stream EXPORTED."""
+        for rid in self._exports:
+            seq = self.table.seqs.get(rid)
+            if seq is None or seq.done or seq.cache is None:
+                continue
+            context = seq.req.token_ids + seq.out
+            seq.done = True
+            key = self.table.hold(seq, (seq.cache, context))
+            seq.stream.kv_key, seq.stream.kv_tokens = key, context
+            self._call(seq.stream.finish, EngineFinish.EXPORTED)
+        self._exports.clear()
 
     def kv_payload(self, key: str) -> bytes:
         cache, ids = self.table.held[key][1]
@@ -247,6 +274,8 @@ class HFEngine(Engine):
 
     def _step(self) -> bool:
         with self._lock:
+            if self._exports:
+                self._take_exports()
             admitted = self.table.admit()
             decoding = [
                 s for s in self.table.running.values() if s.cache is not None and s not in admitted
@@ -293,7 +322,7 @@ class HFEngine(Engine):
             tok = int(torch.argmax(logits))
         else:
             # Seeded per (request seed, position) so a migrated request samples the same.
-            pos = len(req.token_ids) + seq.generated
+            pos = len(req.token_ids) + len(seq.out)
             g = torch.Generator(device="cpu").manual_seed((req.seed * 1_000_003 + pos) % 2**63)
             probs = torch.softmax(logits.cpu() / req.temperature, dim=-1)
             if req.top_p < 1.0:
@@ -306,10 +335,10 @@ class HFEngine(Engine):
                 return
             seq.cache = out.past_key_values
             seq.next_input = [tok]
-            seq.generated += 1
+            seq.out.append(tok)
             self._call(seq.stream.push, tok)
             done = finish_reason(
-                tok, seq.generated, req.max_tokens, req.stop_token_ids, self.eos, req.ignore_eos
+                tok, len(seq.out), req.max_tokens, req.stop_token_ids, self.eos, req.ignore_eos
             )
             if done is not None:
                 self._finish_locked(seq, EngineFinish(done))

@@ -185,6 +185,18 @@ class MockerEngine(Engine):
         self._finish(seq, EngineFinish.ABORT)
         return True
 
+    def export(self, request_id: str) -> bool:
+        seq = self.table.seqs.get(request_id)
+        if seq is None or seq.done or not seq.prefilled or seq.req.task is EngineTask.PREFILL:
+            return False
+        context = seq.req.token_ids + seq.out
+        self.table.computed(seq, context)
+        seq.done = True
+        seq.stream.kv_key = self.table.hold(seq, context)
+        seq.stream.kv_tokens = context
+        seq.stream.finish(EngineFinish.EXPORTED)
+        return True
+
     def kv_payload(self, key: str) -> bytes:
         return simulated_kv(self.table.held[key][1], self.cfg.kv_bytes_per_token)
 

@@ -89,6 +89,7 @@ class Frontend:
             self.router,
             self.plane,
             self.metrics.migrations,
+            self.metrics.kv_move_fallbacks,
             migration_limit=cfg.migration_limit,
             stall_timeout=cfg.stall_timeout,
             strategy=cfg.disagg_strategy,

@@ -21,9 +21,18 @@ from segue.disagg import PrefillFallback, Strategy, frontend_driven
 from segue.discovery import Instance
 from segue.failures import Failure, FailureReason, Verdict, failure_of_frame
 from segue.frontend.preprocess import RequestState
-from segue.protocol import EngineRequest, Final, FinishReason, KeepAlive, Role, Tokens
+from segue.protocol import (
+    EngineRequest,
+    Final,
+    FinishReason,
+    KeepAlive,
+    KvHandle,
+    Phase,
+    Role,
+    Tokens,
+)
 from segue.router import Router
-from segue.transport import RequestPlane
+from segue.transport import RequestPlane, drop_kv_soon
 
 log = logging.getLogger("segue.frontend")
 
@@ -49,6 +58,7 @@ class ResilientClient:
         router: Router,
         plane: RequestPlane,
         migrations_total: Counter,
+        kv_fallbacks: Counter,
         migration_limit: int = 3,
         stall_timeout: float = 5.0,
         strategy: Strategy = Strategy.NONE,
@@ -57,6 +67,7 @@ class ResilientClient:
         self.router = router
         self.plane = plane
         self.migrations_total = migrations_total
+        self.kv_fallbacks = kv_fallbacks
         self.migration_limit = migration_limit
         self.stall_timeout = stall_timeout
         self.strategy = Strategy(strategy)
@@ -69,22 +80,40 @@ class ResilientClient:
     async def generate(self, state: RequestState) -> AsyncGenerator[Delta, None]:
         """Yields (new token ids, None) as tokens arrive, then ([], finish_reason)."""
         exclude: set[str] = set()
+        resume: KvHandle | None = None  # a live move: the KV to decode on from
         while True:
             done = state.finished()
             if done:
+                if resume is not None:  # nothing left to generate: the KV is not needed
+                    drop_kv_soon(self.plane.session, resume.url, resume.kv_id)
                 yield [], done
                 return
             try:
+                attempt = (
+                    self._resume(state, exclude, resume)
+                    if resume is not None
+                    else self._attempt(state, exclude)
+                )
                 # aclosing: if our consumer stops (cancel, stop string), the upstream
                 # response is closed now, which cancels the call on the worker.
-                async with contextlib.aclosing(self._attempt(state, exclude)) as stream:
+                async with contextlib.aclosing(attempt) as stream:
                     async for item in stream:
                         yield item
                         if item[1] is not None:
                             return
                 raise Failure(FailureReason.STREAM_ENDED)  # an attempt always finishes
             except Failure as f:
+                if resume is not None:
+                    self.kv_fallbacks.labels(reason=f.label).inc()
+                    log.warning(
+                        "live move of %s failed (%s): recomputing", state.request_id, f.label
+                    )
+                resume = f.resume
                 self._after_failure(state, f, exclude)
+            except BaseException:
+                if resume is not None:  # cancelled while moving: free the KV on the source
+                    drop_kv_soon(self.plane.session, resume.url, resume.kv_id)
+                raise
 
     def _after_failure(self, state: RequestState, f: Failure, exclude: set[str]) -> None:
         """Applies the failure table; raises when the request cannot go on."""
@@ -136,6 +165,17 @@ class ResilientClient:
                 raise MigrationError(f"no worker available (role {role}) to continue the request")
             raise NoWorkerError(f"no worker available (role {role})")
         return inst
+
+    def _resume(
+        self, state: RequestState, exclude: set[str], kv: KvHandle
+    ) -> AsyncGenerator[Delta, None]:
+        """The attempt after a live move: a decode from the moved KV, on any worker that
+        decodes (it pulls the KV from the worker that gave the request back)."""
+        tokens = state.prompt_ids + state.generated if self.router.wants_tokens else None
+        inst = self.router.pick((Role.AGGREGATED, Role.DECODE), exclude, state.model, tokens)
+        if inst is None:
+            raise NoWorkerError("no worker available to continue a moved request")
+        return self.relay_tokens(inst, state, state.engine_request(Phase.DECODE, kv))
 
     def _attempt(self, state: RequestState, exclude: set[str]) -> AsyncGenerator[Delta, None]:
         if self.strategy is Strategy.FRONTEND:

@@ -30,6 +30,12 @@ class FrontendMetrics:
             ["reason"],
             registry=r,
         )
+        self.kv_move_fallbacks = Counter(
+            "segue_frontend_kv_move_fallbacks",
+            "Live moves whose KV could not be used: the next worker recomputed",
+            ["reason"],
+            registry=r,
+        )
         self.cancellations = Counter(
             "segue_frontend_cancellations",
             "Requests cancelled because the client went away",

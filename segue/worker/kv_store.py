@@ -1,7 +1,8 @@
-"""Prefilled KV that waits on a prefill worker for a decode worker to pull it.
+"""KV that waits on a worker for another worker to pull it: a finished prefill's (for a
+decode worker), or a live-moved request's (for the worker that goes on with it).
 
 Each entry is an engine key whose blocks stay allocated until the payload is pulled (then
-freed: it now lives on the decode worker), dropped because its request was cancelled, or
+freed: it now lives on the other worker), dropped because its request was cancelled, or
 expired after a TTL because nobody came for it.
 """
 
@@ -13,6 +14,7 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from segue.engines.base import Engine
+from segue.protocol import KvHandle, token_digest
 
 log = logging.getLogger("segue.worker")
 
@@ -21,7 +23,10 @@ class KvStore:
     def __init__(self, engine: Engine, ttl: float, registry: CollectorRegistry) -> None:
         self.engine = engine
         self.ttl = ttl
+        self.url = ""  # this worker's, once it listens
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self.empty = asyncio.Event()  # nothing waits for a pull
+        self.empty.set()
         g = Gauge(
             "segue_worker_kv_handles_held",
             "Prefilled KV payloads awaiting a pull",
@@ -40,10 +45,28 @@ class KvStore:
     def put(self, key: str) -> None:
         loop = asyncio.get_running_loop()
         self._timers[key] = loop.call_later(self.ttl, self._expire, key)
+        self.empty.clear()
+
+    def publish(self, key: str, token_ids: list[int]) -> KvHandle:
+        """Keeps the engine's KV `key` (of `token_ids`) for pulling and describes it."""
+        self.put(key)
+        return KvHandle(
+            url=self.url,
+            kv_id=key,
+            num_tokens=len(token_ids),
+            digest=token_digest(token_ids),
+            nbytes=self.engine.kv_nbytes(key),
+        )
+
+    def _gone(self, key: str) -> asyncio.TimerHandle | None:
+        timer = self._timers.pop(key, None)
+        if not self._timers:
+            self.empty.set()
+        return timer
 
     def take(self, key: str) -> bytes | None:
         """The payload, once; its blocks are freed here."""
-        timer = self._timers.pop(key, None)
+        timer = self._gone(key)
         if timer is None:
             return None
         timer.cancel()
@@ -53,7 +76,7 @@ class KvStore:
         return payload
 
     def drop(self, key: str, why: str) -> bool:
-        timer = self._timers.pop(key, None)
+        timer = self._gone(key)
         if timer is None:
             return False
         timer.cancel()
@@ -62,7 +85,7 @@ class KvStore:
         return True
 
     def _expire(self, key: str) -> None:
-        if self._timers.pop(key, None) is not None:
+        if self._gone(key) is not None:
             self.engine.release_kv(key)
             self.expired.inc()
             log.warning("KV %s expired after %.1fs without a pull: freed", key, self.ttl)

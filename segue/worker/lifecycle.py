@@ -53,7 +53,7 @@ class Worker:
         self.metrics = WorkerMetrics(engine)
         self.kv = KvStore(engine, cfg.kv_ttl, self.metrics.registry)
         self.sessions = EngineSessions(
-            engine, self.metrics, cfg.keepalive, cfg.fault_exit_after_tokens
+            engine, self.metrics, self.kv, cfg.keepalive, cfg.fault_exit_after_tokens
         )
         self.token = load_cluster_token(cfg.cluster_token_file)
         self.session = aiohttp.ClientSession(
@@ -101,7 +101,7 @@ class Worker:
         await site.start()
         port = sock.getsockname()[1]
         host = self.cfg.advertise_host or advertised_host(self.cfg.host)
-        self.url = self.stages.url = f"http://{host}:{port}"
+        self.url = self.kv.url = f"http://{host}:{port}"
         inst = Instance(
             id=self.id,
             role=self.cfg.role,
@@ -149,7 +149,8 @@ class Worker:
         return 0
 
     async def drain(self) -> None:
-        """Waits for in-flight calls; past the drain timeout, hands the rest back."""
+        """Waits for in-flight calls; past the drain timeout, hands the rest back (live, with
+        their KV, where the engine can export it), then waits for that KV to be pulled."""
         try:
             await asyncio.wait_for(self.routes.idle.wait(), self.cfg.drain_timeout)
         except TimeoutError:
@@ -157,6 +158,8 @@ class Worker:
             self.sessions.hand_back_all()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.routes.idle.wait(), 5.0)
+        with contextlib.suppress(TimeoutError):  # unpulled KV expires anyway
+            await asyncio.wait_for(self.kv.empty.wait(), min(self.cfg.kv_ttl, 10.0))
 
 
 def listen_socket(host: str, port: int, caller_timeout: float) -> socket.socket:

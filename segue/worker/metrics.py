@@ -48,6 +48,11 @@ class WorkerMetrics:
             "Remote stages cancelled because the caller went away",
             registry=r,
         )
+        self.live_moves = Counter(
+            "segue_worker_live_moves",
+            "Requests given back with the KV of their context (live moves)",
+            registry=r,
+        )
         self.output_tokens = Counter(
             "segue_worker_output_tokens", "Tokens sent to callers", registry=r
         )

@@ -23,7 +23,7 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 from aiohttp import web
@@ -52,6 +52,11 @@ log = logging.getLogger("segue.worker")
 _KV_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 
 
+class MoveRequest(msgspec.Struct, forbid_unknown_fields=True):
+    count: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
+    request_id: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+
+
 class Routes:
     def __init__(self, worker: Worker) -> None:
         self.w = worker
@@ -68,6 +73,7 @@ class Routes:
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._require_token])
         app.router.add_get(Route.MUX, self.mux)
         app.router.add_get(Route.KV_EVENTS, self.kv_events)
+        app.router.add_post(Route.ADMIN_MOVE, self.admin_move)
         app.router.add_post(Route.GENERATE, self.generate)
         app.router.add_get(Route.KV, self.kv_pull)
         app.router.add_delete(Route.KV, self.kv_drop)
@@ -136,6 +142,22 @@ class Routes:
         if not self.w.publishes_kv_events:
             return web.json_response({"error": "this engine has no prefix cache"}, status=404)
         return await self.w.kv_events.serve(request)
+
+    async def admin_move(self, request: web.Request) -> web.Response:
+        """Moves running requests to other workers, live where the engine can export their
+        KV: `{"count": N}` (the N most recent) or `{"request_id": ID}`."""
+        try:
+            body = msgspec.json.decode(await request.read(), type=MoveRequest)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            return web.json_response({"error": f"bad move request: {e}"}, status=400)
+        active = list(self.w.sessions.active)
+        if body.request_id is not None:
+            wanted = [body.request_id]
+        else:
+            wanted = active[len(active) - body.count :] if body.count else []
+        moved = self.w.sessions.move(wanted)
+        log.info("admin: moving %d requests: %s", len(moved), moved)
+        return web.json_response({"moved": moved})
 
     async def close_muxes(self) -> None:
         """Shutdown: what the calls wrote goes out, then the connections close."""

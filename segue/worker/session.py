@@ -32,6 +32,7 @@ from segue.protocol import (
     Tokens,
     encode_frame,
 )
+from segue.worker.kv_store import KvStore
 from segue.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("segue.worker")
@@ -60,24 +61,40 @@ class EngineSessions:
         self,
         engine: Engine,
         metrics: WorkerMetrics,
+        kv: KvStore,
         keepalive: float,
         exit_after_tokens: int | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.kv = kv
         self.keepalive = keepalive
         self.exit_after_tokens = exit_after_tokens  # fault injection (tests)
         self.active: dict[str, RequestStream] = {}
         self.progress = time.monotonic()  # last output of the engine, or start of its work
         self.failure: EngineFailure | None = None
         self.handing_back = False
+        self.giving_back: set[str] = set()  # moved without their KV (not exportable)
 
     def hand_back_all(self) -> int:
-        """Drain deadline: stop every request; each caller gets a HandBack frame."""
+        """Drain deadline: give every request back, live (with its KV) where the engine can
+        export it; each caller gets a HandBack frame."""
         self.handing_back = True
-        for rid in list(self.active):
-            self.engine.abort(rid)
-        return len(self.active)
+        return len(self.move(list(self.active)))
+
+    def move(self, request_ids: list[str]) -> list[str]:
+        """Gives these running requests back to their callers: with the KV of their context
+        where the engine can export it (the next worker decodes on), else without (it
+        recomputes). Requests that are not running here are skipped."""
+        moved = []
+        for rid in request_ids:
+            if rid not in self.active:
+                continue
+            if not self.engine.export(rid):
+                self.giving_back.add(rid)
+                self.engine.abort(rid)
+            moved.append(rid)
+        return moved
 
     def fail_all(self, why: str) -> None:
         """The engine hung: end every request with a retryable error."""
@@ -114,12 +131,13 @@ class EngineSessions:
                 self.metrics.aborts.inc()
                 log.info("Aborted Request ID: %s (t=%.6f)", req.request_id, time.time())
             elif not returned and stream.kv_key is not None:
-                # The prefill finished in the same moment its caller left: nobody will
-                # ever hear of this KV, so free it now.
-                self.engine.release_kv(stream.kv_key)
+                # The prefill finished (or the request was exported) in the same moment its
+                # caller left: nobody will ever hear of this KV, so free it now.
+                if not self.kv.drop(stream.kv_key, "its caller left"):
+                    self.engine.release_kv(stream.kv_key)
                 self.metrics.aborts.inc()
                 log.info(
-                    "Aborted Request ID: %s (t=%.6f, prefill had just finished)",
+                    "Aborted Request ID: %s (t=%.6f, its KV had just been kept)",
                     req.request_id,
                     time.time(),
                 )
@@ -150,9 +168,19 @@ class EngineSessions:
                 if data:
                     await resp.write(data)
                 return stream.kv_key
-            if reason == EngineFinish.ABORT:
-                if not self.handing_back:
+            if reason == EngineFinish.EXPORTED:
+                handle = self.kv.publish(stream.kv_key or "", stream.kv_tokens)
+                log.info(
+                    "Handed back Request ID: %s (live, %d tokens of KV)",
+                    stream.request_id,
+                    handle.num_tokens,
+                )
+                self.metrics.live_moves.inc()
+                data += encode_frame(HandBack("moved with its KV", handle))
+            elif reason == EngineFinish.ABORT:
+                if not self.handing_back and stream.request_id not in self.giving_back:
                     return None  # aborted for its caller: nobody to tell
+                self.giving_back.discard(stream.request_id)
                 log.info("Handed back Request ID: %s", stream.request_id)
                 data += encode_frame(HandBack("worker shutting down"))
             elif reason == EngineFinish.ERROR:

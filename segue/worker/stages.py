@@ -58,7 +58,6 @@ class Stages:
         self.metrics = metrics
         self.stall_timeout = stall_timeout
         self.keepalive = keepalive
-        self.url = ""  # set once the worker listens
 
     async def local(self, req: EngineRequest, resp: FrameSink) -> None:
         await self.sessions.run(req, resp, EngineTask.GENERATE)
@@ -73,23 +72,12 @@ class Stages:
             self.sessions.engine.release_kv(key)
             log.info("prefill %s done after its caller left: KV freed", req.request_id)
             return
-        handle = self.publish(key, req)
+        handle = self.kv.publish(key, req.token_ids)
         try:
             await resp.write(encode_frame(Prefilled(handle)))
         except BaseException:
             self.kv.drop(key, "its caller left")
             raise
-
-    def publish(self, key: str, req: EngineRequest) -> KvHandle:
-        """Keeps a prefilled KV for pulling and describes it."""
-        self.kv.put(key)
-        return KvHandle(
-            url=self.url,
-            kv_id=key,
-            num_tokens=len(req.token_ids),
-            digest=token_digest(req.token_ids),
-            nbytes=self.sessions.engine.kv_nbytes(key),
-        )
 
     async def decode(self, req: EngineRequest, kv: KvHandle | None, resp: FrameSink) -> None:
         """Pull the KV named by `kv`, check it is this request's, decode here."""

@@ -33,7 +33,12 @@ class Setup:
         self.migrations = Counter("m", "migrations", ["reason"], registry=self.registry)
         plane = RequestPlane(self.session, PlaneKind.HTTP, 0.3)  # the fakes serve /generate
         self.client = ResilientClient(
-            self.router, plane, self.migrations, migration_limit=limit, stall_timeout=0.3
+            self.router,
+            plane,
+            self.migrations,
+            Counter("f", "kv move fallbacks", ["reason"], registry=self.registry),
+            migration_limit=limit,
+            stall_timeout=0.3,
         )
 
     def count(self, label: str) -> float:

@@ -33,6 +33,7 @@ from segue.protocol import (
 )
 from segue.transport import RequestPlane
 from segue.worker.config import WorkerConfig
+from segue.worker.kv_store import KvStore
 from segue.worker.lifecycle import Worker
 from segue.worker.metrics import WorkerMetrics
 from segue.worker.monitor import check_engine
@@ -160,7 +161,8 @@ async def test_caller_leaving_aborts_the_engine_request(running):
 
 async def test_monitor_finds_a_hung_and_a_dead_engine():
     engine = ScriptedEngine()
-    s = EngineSessions(engine, WorkerMetrics(engine), keepalive=0.05)
+    metrics = WorkerMetrics(engine)
+    s = EngineSessions(engine, metrics, KvStore(engine, 30.0, metrics.registry), keepalive=0.05)
     assert check_engine(engine, s, 10.0, s.progress + 60.0) is None  # idle is not hung
     stream = engine.add_request(EngineInput("x", [1], 5))
     s.active["x"] = stream
