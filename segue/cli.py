@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention heads (vLLM on CPU wants hidden/heads = 64: e.g. 128 and 2)",
     )
 
+    a = sub.add_parser("worker-admin", help="operator calls to one worker (move requests)")
+    from segue.admin import add_admin_args
+
+    add_admin_args(a)
+
     b = sub.add_parser("bench", help="closed-loop load generator for any OpenAI endpoint")
     from segue.bench import add_bench_args
 
@@ -115,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         from segue.bench import run_bench
 
         sys.exit(run_bench(args))
+    if args.cmd == "worker-admin":
+        from segue.admin import run_admin
+
+        sys.exit(run_admin(args))
     setup_logging(args.cmd, args.log_level.upper())
     if args.cmd == "serve":
         from segue.serve import serve

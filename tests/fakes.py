@@ -7,6 +7,7 @@ import asyncio
 import enum
 from dataclasses import dataclass, field
 
+import msgspec
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -159,6 +160,7 @@ class ScriptedEngine(Engine):
         self.streams: dict[str, tuple[EngineInput, RequestStream]] = {}
         self.made: dict[str, list[int]] = {}
         self.aborted: list[str] = []
+        self.held: dict[str, list[int]] = {}  # exported KV: the context it covers
         self.alive = True
 
     def add_request(self, inp: EngineInput) -> RequestStream:
@@ -188,6 +190,26 @@ class ScriptedEngine(Engine):
         self.aborted.append(request_id)
         entry[1].finish(EngineFinish.ABORT)
         return True
+
+    def export(self, request_id: str) -> bool:
+        """A request that made a token can be exported: its "KV" is its context."""
+        if not self.made.get(request_id) or request_id not in self.streams:
+            return False
+        inp, stream = self.streams.pop(request_id)
+        key = f"{request_id}.kv"
+        self.held[key] = stream.kv_tokens = inp.token_ids + self.made[request_id]
+        stream.kv_key = key
+        stream.finish(EngineFinish.EXPORTED)
+        return True
+
+    def kv_payload(self, key: str) -> bytes:
+        return msgspec.msgpack.encode(self.held[key])
+
+    def kv_nbytes(self, key: str) -> int:
+        return len(self.kv_payload(key))
+
+    def release_kv(self, key: str) -> bool:
+        return self.held.pop(key, None) is not None
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -30,6 +31,7 @@ from segue.protocol import (
     PlaneKind,
     Role,
     Tokens,
+    token_digest,
 )
 from segue.transport import RequestPlane
 from segue.worker.config import WorkerConfig
@@ -140,10 +142,29 @@ async def test_drain_timeout_hands_requests_back(running):
     await first
     r.stop.set()
     rest = [f async for f in _until_final(frames)]
-    assert type(rest[-1]) is HandBack
-    assert r.engine.aborted == ["a"] and not r.worker.sessions.active
+    back = rest[-1]
+    assert type(back) is HandBack and back.kv is not None  # live: with its KV
+    assert r.engine.aborted == [] and not r.worker.sessions.active
+    assert not r.task.done()  # the draining worker waits for its KV to be pulled
+    async with r.session.get(r.worker.url + f"/kv/{back.kv.kv_id}") as resp:
+        assert resp.status == 200
     assert await asyncio.wait_for(r.task, 10) == 0
     assert r.worker.metrics.aborts._value.get() == 0  # handed back, not a caller's abort
+
+
+async def test_drain_hands_back_without_kv_what_cannot_be_exported(running):
+    r = await running(drain_timeout=0.2)
+    r.engine.export = lambda rid: False  # type: ignore[method-assign]
+    frames = r.call("a")
+    first = asyncio.ensure_future(next_real(frames))
+    await wait_for(lambda: "a" in r.engine.streams, what="the engine got the request")
+    r.engine.step(3)
+    await first
+    r.stop.set()
+    rest = [f async for f in _until_final(frames)]
+    assert rest[-1] == HandBack("worker shutting down")
+    assert r.engine.aborted == ["a"] and not r.worker.sessions.active
+    assert await asyncio.wait_for(r.task, 10) == 0
 
 
 async def test_caller_leaving_aborts_the_engine_request(running):
@@ -286,3 +307,26 @@ async def test_mux_garbage_from_a_peer_is_a_bad_frame():
         assert e.value.reason is FailureReason.BAD_FRAME and e.value.instance == inst
         await plane.close()
     await server.close()
+
+
+@pytest.mark.parametrize("made", [1, 5, 9])  # first token, mid-stream, the last but one
+async def test_a_move_hands_back_the_kv_of_exactly_what_the_caller_has(running, made):
+    r = await running()
+    frames = r.call("m", n=10)
+    first = asyncio.ensure_future(next_real(frames))
+    await wait_for(lambda: "m" in r.engine.streams, what="the engine got the request")
+    r.engine.step(made)
+    got = [await first]
+    assert r.worker.sessions.move(["m", "unknown"]) == ["m"]
+    got += [f async for f in _until_final(frames)]
+    tokens = [t for f in got if type(f) is Tokens for t in f.token_ids]
+    context = PROMPT + tokens
+    assert tokens == reference(PROMPT, 10)[:made]
+    back = got[-1]
+    assert type(back) is HandBack and back.kv is not None
+    assert back.kv.num_tokens == len(context) and back.kv.digest == token_digest(context)
+    assert back.kv.url == r.worker.url
+    async with r.session.get(r.worker.url + f"/kv/{back.kv.kv_id}") as resp:
+        assert resp.status == 200 and await resp.read() == msgspec.msgpack.encode(context)
+    assert r.engine.held == {} and r.worker.kv.empty.is_set()  # pulled: freed
+    assert r.worker.metrics.live_moves._value.get() == 1
