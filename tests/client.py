@@ -21,6 +21,14 @@ class Result:
     error: dict | None = None
     done: bool = False  # saw [DONE]
 
+    @property
+    def counts(self) -> dict | None:
+        """The usage's token counts: what must match an uninterrupted run (how much of the
+        prompt a worker found in its prefix cache depends on what it served before)."""
+        if self.usage is None:
+            return None
+        return {k: v for k, v in self.usage.items() if k != "prompt_tokens_details"}
+
 
 def uid(prefix: str) -> str:
     """A request id unique across repeated runs against one deployment."""

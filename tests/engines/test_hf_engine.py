@@ -82,11 +82,13 @@ def test_request_migration_on_hf(deploy, tiny_model, sig):
     victim.signal(sig)
     got = s.finish()
     assert got.error is None and got.token_ids == want.token_ids
-    assert got.usage == want.usage and got.finish_reason == "length"
+    assert got.counts == want.counts and got.finish_reason == "length"
     assert total_migrations(deploy) == 1
     assert "Stream disconnected... recreating stream..." in deploy.frontend.log()
-    if sig == signal.SIGTERM:
+    if sig == signal.SIGTERM:  # the drain deadline moved it live, with its real KV
         assert victim.popen.wait(10) == 0
+        assert f"Handed back Request ID: {rid} (live" in victim.log()
+        assert metric(deploy, "segue_frontend_kv_move_fallbacks_total") == 0
 
 
 def test_request_cancellation_aggregated_on_hf(deploy, tiny_model):

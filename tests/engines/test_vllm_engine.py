@@ -201,7 +201,7 @@ def test_request_migration_on_vllm(deploy, vllm_model, sig, short_tmp):
         )
     got = s.finish()
     assert got.error is None and got.token_ids == want.token_ids
-    assert got.finish_reason == "length" and got.usage == want.usage
+    assert got.finish_reason == "length" and got.counts == want.counts
     assert total_migrations(deploy) == 1, migration_counts(deploy)
     if sig == signal.SIGTERM:
         assert victim.popen.wait(30) == 0

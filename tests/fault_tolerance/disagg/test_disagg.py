@@ -78,11 +78,11 @@ def reference(tmp_path_factory):
 def assert_same(result, want) -> None:
     assert result.status == 200, result.error
     assert result.error is None, result.error
-    assert (result.token_ids, result.text, result.finish_reason, result.usage) == (
+    assert (result.token_ids, result.text, result.finish_reason, result.counts) == (
         want.token_ids,
         want.text,
         want.finish_reason,
-        want.usage,
+        want.counts,
     )
 
 
