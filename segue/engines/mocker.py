@@ -14,9 +14,9 @@ Prefix caching (on by default, as in vLLM): full blocks keep their KV after thei
 ends and a later prompt with the same prefix reuses them; only the uncached part of a prompt
 costs prefill time (segue.engines.seqtable). A request's output does not depend on it.
 
-Disaggregation: a prefill produces a simulated KV payload of `kv_bytes_per_token` bytes per
-context token, derived from the token ids and their positions, so a decode worker can
-check that a payload belongs to its prompt; a decode from a payload skips the prefill time.
+Disaggregation and live moves: a prefill (or an export) produces a simulated KV payload of
+`kv_bytes_per_token` bytes per context token, derived from the token ids, so a decode worker
+can check that a payload belongs to its context; a decode from a payload skips the prefill.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -65,12 +66,11 @@ def draw(h: int, seed: int, n: int) -> int:
 
 
 def simulated_kv(token_ids: list[int], bytes_per_token: int) -> bytes:
-    """The mocker's stand-in for a KV cache: a function of each token and its position."""
-    reps = max(1, bytes_per_token // 16)
-    return b"".join(
-        hashlib.blake2b(b"%d:%d" % (i, t), digest_size=16).digest() * reps
-        for i, t in enumerate(token_ids)
-    )
+    """The mocker's stand-in for a KV cache: a digest of the whole token sequence (so no
+    other sequence has it), repeated to the size a real KV would have. Making and checking
+    it costs a copy of its bytes, as moving a real KV does, not Python work per token."""
+    digest = hashlib.blake2b(array("I", token_ids).tobytes(), digest_size=16).digest()
+    return digest * (len(token_ids) * max(1, bytes_per_token // 16))
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ _KV_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 class MoveRequest(msgspec.Struct, forbid_unknown_fields=True):
     count: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
     request_id: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    live: bool = True  # false: hand back without the KV (the next worker recomputes)
 
 
 class Routes:
@@ -145,7 +146,8 @@ class Routes:
 
     async def admin_move(self, request: web.Request) -> web.Response:
         """Moves running requests to other workers, live where the engine can export their
-        KV: `{"count": N}` (the N most recent) or `{"request_id": ID}`."""
+        KV: `{"count": N}` (the N most recent) or `{"request_id": ID}`; `"live": false`
+        hands them back without their KV."""
         try:
             body = msgspec.json.decode(await request.read(), type=MoveRequest)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -155,7 +157,7 @@ class Routes:
             wanted = [body.request_id]
         else:
             wanted = active[len(active) - body.count :] if body.count else []
-        moved = self.w.sessions.move(wanted)
+        moved = self.w.sessions.move(wanted, live=body.live)
         log.info("admin: moving %d requests: %s", len(moved), moved)
         return web.json_response({"moved": moved})
 

@@ -82,7 +82,7 @@ class EngineSessions:
         self.handing_back = True
         return len(self.move(list(self.active)))
 
-    def move(self, request_ids: list[str]) -> list[str]:
+    def move(self, request_ids: list[str], live: bool = True) -> list[str]:
         """Gives these running requests back to their callers: with the KV of their context
         where the engine can export it (the next worker decodes on), else without (it
         recomputes). Requests that are not running here are skipped."""
@@ -90,7 +90,7 @@ class EngineSessions:
         for rid in request_ids:
             if rid not in self.active:
                 continue
-            if not self.engine.export(rid):
+            if not (live and self.engine.export(rid)):
                 self.giving_back.add(rid)
                 self.engine.abort(rid)
             moved.append(rid)
