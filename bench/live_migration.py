@@ -50,6 +50,7 @@ def stream(url: str, prompt: str, max_tokens: int, rid: str, on_token=None) -> t
         "model": "segue-mocker",
         "prompt": prompt,
         "max_tokens": max_tokens,
+        "temperature": 0,
         "stream": True,
         "return_token_ids": True,
     }
@@ -82,7 +83,8 @@ def gap_trial(d: Deployment, context: int, live: bool, salt: int) -> float:
 
     def move() -> None:
         body = {"request_id": rid, "live": live}
-        with urllib.request.urlopen(post(holder(d, rid).url, "/admin/move", body), 30) as r:
+        req = post(holder(d, rid).url, "/admin/move", body)
+        with urllib.request.urlopen(req, timeout=30) as r:
             moved.append(json.loads(r.read())["moved"])
 
     mover = threading.Thread(target=move)
@@ -96,7 +98,7 @@ def gap_trial(d: Deployment, context: int, live: bool, salt: int) -> float:
     mover.join()
     assert moved == [[rid]], moved
     # the longest pause after the move was asked for: the move's own
-    after = [b - a for a, b in zip(times, times[1:], strict=False) if a >= moved_at[0]]
+    after = [b - a for a, b in zip(times, times[1:], strict=False) if b >= moved_at[0]]
     return max(after) * 1000
 
 
