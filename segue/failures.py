@@ -35,6 +35,7 @@ class FailureReason(StrEnum):
     ENGINE_HUNG = ErrorCode.ENGINE_HUNG.value
     KV_MISMATCH = ErrorCode.KV_MISMATCH.value
     REMOTE_FAILED = ErrorCode.REMOTE_FAILED.value
+    OVERLOADED = ErrorCode.OVERLOADED.value
     UNAVAILABLE = ErrorCode.UNAVAILABLE.value
     BAD_REQUEST = ErrorCode.BAD_REQUEST.value
 
@@ -73,6 +74,8 @@ ACTIONS: dict[FailureReason, Action] = {
     FailureReason.KV_MISMATCH: _BROKEN,
     # Its peer stage failed; this worker is fine and may take the retry.
     FailureReason.REMOTE_FAILED: Action(Verdict.RETRY, exclude=False, down=False),
+    # At its admission limit before any work: try another, not a migration.
+    FailureReason.OVERLOADED: Action(Verdict.RETRY, down=False, counted=False),
     FailureReason.UNAVAILABLE: Action(Verdict.NO_WORKER, exclude=False, down=False),
     FailureReason.BAD_REQUEST: Action(Verdict.REJECT, exclude=False, down=False),
 }

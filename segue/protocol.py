@@ -79,6 +79,7 @@ class ErrorCode(StrEnum):
     ENGINE_HUNG = "engine_hung"  # the engine stopped making progress (retryable)
     KV_MISMATCH = "kv_mismatch"  # the pulled KV is not this request's (retryable)
     REMOTE_FAILED = "remote_failed"  # the other disaggregated stage failed (retryable)
+    OVERLOADED = "overloaded"  # at its admission limit: try another worker (retryable)
     UNAVAILABLE = "unavailable"  # no worker for the other stage (503)
     BAD_REQUEST = "bad_request"  # can never be served (400)
 

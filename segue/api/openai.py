@@ -68,9 +68,11 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         err_type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}  # e.g. Retry-After on a 429 or 503
         self.message = message
         self.param = param
         self.code = code

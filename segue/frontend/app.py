@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import socket
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -22,8 +23,15 @@ from aiohttp import web
 from segue.api import openai as oai
 from segue.auth import client_headers, load_cluster_token
 from segue.discovery import Discovery
-from segue.frontend.client import MigrationError, NoWorkerError, RejectedError, ResilientClient
+from segue.frontend.client import (
+    MigrationError,
+    NoWorkerError,
+    OverloadedError,
+    RejectedError,
+    ResilientClient,
+)
 from segue.frontend.config import FrontendConfig
+from segue.frontend.keys import ApiKeys
 from segue.frontend.metrics import FrontendMetrics
 from segue.frontend.models import ModelRegistry
 from segue.frontend.openapi import openapi_document
@@ -57,7 +65,15 @@ def api_error(e: Exception) -> oai.APIError:
         return e
     if isinstance(e, RejectedError):
         return oai.APIError(400, str(e))
+    if isinstance(e, OverloadedError):
+        return oai.APIError(
+            429, f"Overloaded: {e}", code="overloaded", headers={"Retry-After": RETRY_AFTER}
+        )
     return oai.APIError(503, f"Service unavailable: {e}", code="unavailable")
+
+
+RETRY_AFTER = "1"  # seconds: admission limits free up as requests finish
+_OPEN_PATHS = frozenset({Path.HEALTH, Path.LIVE, Path.OPENAPI})
 
 
 class Frontend:
@@ -96,6 +112,8 @@ class Frontend:
             prefill_fallback=cfg.prefill_fallback,
         )
         self.shutting_down = False
+        self.keys = ApiKeys(cfg.api_key_file) if cfg.api_key_file else None
+        self._inflight = 0
         self._openapi = openapi_document()
         self._watch_task = asyncio.create_task(self._watch(), name="discovery-watch")
 
@@ -114,7 +132,8 @@ class Frontend:
 
     def app(self) -> web.Application:
         app = web.Application(
-            client_max_size=self.cfg.max_body_bytes, middlewares=[self._error_middleware]
+            client_max_size=self.cfg.max_body_bytes,
+            middlewares=[self._error_middleware, self._require_key],
         )
         app.router.add_post(Path.COMPLETIONS, self.handle_completions)
         app.router.add_post(Path.CHAT, self.handle_chat)
@@ -138,6 +157,29 @@ class Frontend:
                 raise
             err = oai.APIError(e.status, f"{e.reason}: {request.method} {request.path}")
             return web.json_response(err.body(), status=e.status)
+
+    @web.middleware
+    async def _require_key(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """With --api-key-file, everything but probes (and /metrics, unless protected)
+        needs a valid `Authorization: Bearer` key."""
+        keys = self.keys
+        if (
+            keys is None
+            or request.path in _OPEN_PATHS
+            or (request.path == Path.METRICS and not self.cfg.protect_metrics)
+            or keys.allows(request.headers.get("Authorization"))
+        ):
+            return await handler(request)
+        err = oai.APIError(
+            401,
+            "Incorrect or missing API key: send `Authorization: Bearer <key>`",
+            code="invalid_api_key",
+        )
+        return web.json_response(err.body(), status=401)
 
     # -- simple endpoints ----------------------------------------------------------------
 
@@ -193,9 +235,19 @@ class Frontend:
         headers = {"X-Request-Id": rid}
         status = 200
         self.metrics.inflight.inc()
+        self._inflight += 1
         try:
             if self.shutting_down:
                 raise oai.APIError(503, "frontend is shutting down", code="unavailable")
+            if self.cfg.max_inflight and self._inflight > self.cfg.max_inflight:
+                self.metrics.rejections.labels(reason="max_inflight").inc()
+                raise oai.APIError(
+                    503,
+                    f"this frontend serves {self.cfg.max_inflight} requests at once "
+                    "(--max-inflight); retry shortly",
+                    code="unavailable",
+                    headers={"Retry-After": RETRY_AFTER},
+                )
             body = decode_body(await self._read_body(request), chat)
             model = self.models.get(body.model)
             if model is None:
@@ -212,7 +264,9 @@ class Frontend:
             return await self._respond_whole(prep, model.output, headers)
         except oai.APIError as e:
             status = e.status
-            return web.json_response(e.body(), status=e.status, headers=headers)
+            if status == 429:
+                self.metrics.rejections.labels(reason="overloaded").inc()
+            return web.json_response(e.body(), status=e.status, headers={**headers, **e.headers})
         except (asyncio.CancelledError, ConnectionResetError) as e:
             # The client went away: noticed while waiting (the handler is cancelled) or
             # while writing to it (the write fails).
@@ -224,6 +278,7 @@ class Frontend:
                 raise
             raise asyncio.CancelledError() from e
         finally:
+            self._inflight -= 1
             self.metrics.inflight.dec()
             self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
@@ -340,6 +395,8 @@ async def run_frontend(
         port = runner.addresses[0][1]
         print(f"segue frontend ready url=http://{cfg.host}:{port}", flush=True)
     log.info("frontend listening on http://%s:%d", cfg.host, port)
+    if fe.keys is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, fe.keys.load)
     await stop.wait()
     log.info("frontend stopping: no new connections, finishing streams")
     fe.shutting_down = True

@@ -44,6 +44,10 @@ class NoWorkerError(Exception):
     """No worker can take the request (503)."""
 
 
+class OverloadedError(NoWorkerError):
+    """Every worker that could take the request is at its admission limit (a 429)."""
+
+
 class MigrationError(Exception):
     """The request broke and could not be recreated (limit reached or no worker left)."""
 
@@ -122,6 +126,8 @@ class ResilientClient:
             raise NoWorkerError(f.message)
         if action.verdict is Verdict.REJECT:
             raise RejectedError(f.message)
+        if f.reason is FailureReason.OVERLOADED:
+            state.refused += 1
         if f.instance is not None:
             if action.exclude:
                 exclude.add(f.instance.id)
@@ -156,6 +162,8 @@ class ResilientClient:
         tokens = state.prompt_ids + state.generated if self.router.wants_tokens else None
         inst = self.router.pick((role,), exclude, state.model, tokens)
         if inst is None:
+            if state.refused:
+                raise OverloadedError(f"every worker is at its admission limit (role {role})")
             if state.migrations:
                 log.error(
                     "Cannot recreate stream: no worker available (role %s) for %s",

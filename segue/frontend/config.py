@@ -59,6 +59,19 @@ class FrontendConfig:
     )
     shutdown_grace: float = option(30.0, help="seconds open streams may finish on SIGTERM")
     max_connections: int = option(1024, help="open connections to workers, at most")
+    max_inflight: int = option(
+        4096,
+        help="generation requests this process serves at once; over it a new one gets 503 "
+        "with Retry-After at once (0: no limit)",
+    )
+    api_key_file: str | None = option(
+        None,
+        help="client API keys, one per line (reloaded on SIGHUP): requests need "
+        "`Authorization: Bearer KEY`; /health and /live stay open",
+    )
+    protect_metrics: bool = option(
+        False, help="with --api-key-file, require a key on /metrics too (true/false)"
+    )
     processes: int = option(
         1,
         help="frontend processes serving one port, each routing on its own (use the cores)",

@@ -36,6 +36,12 @@ class FrontendMetrics:
             ["reason"],
             registry=r,
         )
+        self.rejections = Counter(
+            "segue_frontend_rejections",
+            "Requests refused for load: overloaded (429), max_inflight (503)",
+            ["reason"],
+            registry=r,
+        )
         self.cancellations = Counter(
             "segue_frontend_cancellations",
             "Requests cancelled because the client went away",

@@ -36,6 +36,7 @@ class RequestState:
     generated: list[int] = field(default_factory=list)
     migrations: int = 0
     cached_tokens: int = 0  # of the prompt, as the worker that finished the request found
+    refused: int = 0  # workers that answered `overloaded` to it
 
     def engine_request(
         self, phase: Phase = Phase.GENERATE, kv: KvHandle | None = None

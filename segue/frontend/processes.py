@@ -50,9 +50,16 @@ def run_frontend_processes(cfg: FrontendConfig) -> int:
             argv, pass_fds=(sock.fileno(),), env=env, preexec_fn=die_with_parent
         )
 
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        for c in children:  # each process reloads its API keys
+            if c.poll() is None:
+                c.send_signal(signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    children = [spawn() for _ in range(cfg.processes)]
+    children: list[subprocess.Popen[bytes]] = []
+    signal.signal(signal.SIGHUP, on_hangup)
+    children += [spawn() for _ in range(cfg.processes)]
     url = f"http://{cfg.host}:{port}"
     ready = False
     try:

@@ -47,6 +47,11 @@ class WorkerConfig:
     stall_timeout: float = option(
         5.0, help="seconds without a frame from a remote stage before it counts as hung"
     )
+    max_pending: int = option(
+        1024,
+        help="calls this worker holds at once (running and queued in its engine); over it a "
+        "new call gets a retryable `overloaded` error at once and its caller tries another",
+    )
     request_plane: PlaneKind = option(
         PlaneKind.MUX,
         help="how this worker calls remote stages: mux (all calls to a worker on one "

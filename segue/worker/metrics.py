@@ -48,6 +48,11 @@ class WorkerMetrics:
             "Remote stages cancelled because the caller went away",
             registry=r,
         )
+        self.rejections = Counter(
+            "segue_worker_rejections",
+            "Calls refused at the admission limit (--max-pending)",
+            registry=r,
+        )
         self.live_moves = Counter(
             "segue_worker_live_moves",
             "Requests given back with the KV of their context (live moves)",

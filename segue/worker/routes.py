@@ -191,6 +191,11 @@ class Routes:
             code = ErrorCode.DRAINING if w.draining else ErrorCode.ENGINE_UNHEALTHY
             await sink.write_eof(encode_frame(Error(code, f"worker {w.id} is {code}", True)))
             return
+        if self._calls >= w.cfg.max_pending:
+            w.metrics.rejections.inc()
+            why = f"worker {w.id} is at its admission limit ({w.cfg.max_pending} calls)"
+            await sink.write_eof(encode_frame(Error(ErrorCode.OVERLOADED, why, True)))
+            return
         log.info("New Request ID: %s", req.request_id)
         w.metrics.requests.inc()
         self._calls += 1

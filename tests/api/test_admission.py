@@ -1,0 +1,97 @@
+"""API keys and load limits, with real processes: 401s in OpenAI's shape, keys reloaded on
+SIGHUP, a worker's admission limit (retry elsewhere, 429 when every worker is full) and the
+frontend's own --max-inflight (503), each with Retry-After and counted."""
+
+from __future__ import annotations
+
+import signal
+
+import httpx
+from client import StreamReader, body
+from faults import metric
+from harness import wait_until
+
+PROMPT = "the river runs to the sea"
+SLOW = ["--mocker-step-ms", "20"]  # 200 tokens hold a worker for 4 s
+
+
+def post(url: str, n: int = 4, key: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(
+        url + "/v1/completions",
+        json=body("completions", PROMPT, n, False),
+        headers=headers,
+        timeout=30,
+    )
+
+
+def test_api_keys_guard_everything_but_probes_and_reload_on_sighup(deploy, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# deployment keys\nsk-first\n\nsk-second\n")
+    fe = deploy.start_frontend("--api-key-file", str(keys))
+    deploy.start_worker()
+    for bad in (None, "sk-wrong", "sk-firstx"):
+        r = post(deploy.url, key=bad)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.get(deploy.url + "/v1/models")
+    assert r.status_code == 401
+    assert post(deploy.url, key="sk-first").status_code == 200
+    assert post(deploy.url, key="sk-second").status_code == 200
+    for path in ("/health", "/live", "/metrics", "/openapi.json"):
+        assert httpx.get(deploy.url + path).status_code == 200, path
+    keys.write_text("sk-third\n")
+    fe.signal(signal.SIGHUP)
+    wait_until(lambda: post(deploy.url, key="sk-third").status_code == 200, what="reloaded")
+    assert post(deploy.url, key="sk-first").status_code == 401
+
+
+def test_protected_metrics_need_a_key(deploy, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("sk-1\n")
+    deploy.start_frontend("--api-key-file", str(keys), "--protect-metrics", "true")
+    deploy.start_worker()
+    assert httpx.get(deploy.url + "/metrics").status_code == 401
+    r = httpx.get(deploy.url + "/metrics", headers={"Authorization": "Bearer sk-1"})
+    assert r.status_code == 200 and "segue_frontend_requests_total" in r.text
+
+
+def test_a_full_worker_refuses_at_once_and_the_request_goes_elsewhere(deploy):
+    deploy.start_frontend()
+    full = deploy.start_worker(*SLOW, "--max-pending", "1")
+    hold = StreamReader(deploy.url, "completions", body("completions", PROMPT, 200, True), "hold")
+    hold.read_tokens(1)  # the only worker yet: now at its limit
+    other = deploy.start_worker(*SLOW)
+    for _ in range(2):  # round-robin: one of the two asks the full worker first
+        assert post(deploy.url).status_code == 200
+    assert metric(full, "segue_worker_rejections_total") >= 1
+    assert metric(other, "segue_worker_requests_total") == 2
+    assert metric(deploy, "segue_frontend_migrations_total") == 0  # not a migration
+    hold.close()
+
+
+def test_every_worker_full_is_a_429_with_retry_after(deploy):
+    deploy.start_frontend()
+    w = deploy.start_worker(*SLOW, "--max-pending", "1")
+    hold = StreamReader(deploy.url, "completions", body("completions", PROMPT, 200, True), "h1")
+    hold.read_tokens(1)
+    r = post(deploy.url)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    assert r.json()["error"]["code"] == "overloaded"
+    assert metric(deploy, 'segue_frontend_rejections_total{reason="overloaded"}') == 1
+    assert metric(w, "segue_worker_rejections_total") == 1
+    assert metric(deploy, "segue_frontend_migrations_total") == 0
+    hold.close()
+
+
+def test_the_frontends_own_limit_is_a_503_with_retry_after(deploy):
+    deploy.start_frontend("--max-inflight", "1")
+    deploy.start_worker(*SLOW)
+    hold = StreamReader(deploy.url, "completions", body("completions", PROMPT, 200, True), "h1")
+    hold.read_tokens(1)  # in flight at the frontend until closed
+    r = post(deploy.url)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+    assert metric(deploy, 'segue_frontend_rejections_total{reason="max_inflight"}') == 1
+    hold.close()
+    wait_until(lambda: post(deploy.url).status_code == 200, what="room again")
