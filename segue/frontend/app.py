@@ -335,9 +335,14 @@ class Frontend:
         render = Renderer(prep, prep.state.model)
         resp: web.StreamResponse | None = None
 
+        transport = request.transport
+        bound = self.cfg.max_client_buffer
+
         async def start() -> web.StreamResponse:
             r = web.StreamResponse(headers={**SSE_HEADERS, **headers})
             await r.prepare(request)
+            if transport is not None:  # writes must not wait on a reader: we watch the buffer
+                transport.set_write_buffer_limits(high=2 * bound)
             if prep.chat:
                 await r.write(render.chunk("", [], None, role=True))
             return r
@@ -356,6 +361,10 @@ class Frontend:
                 if d.finish_reason is not None:  # the last chunk leaves with the stream's end
                     tail = render.chunk(d.text, d.token_ids, d.finish_reason)
                     break
+                if transport is not None and transport.get_write_buffer_size() > bound:
+                    log.info("client of %s not reading: cancelling", prep.state.request_id)
+                    transport.abort()
+                    raise ConnectionResetError("the client stopped reading")
                 await resp.write(render.chunk(d.text, d.token_ids, None))
             if resp is None:
                 resp = await start()

@@ -59,6 +59,12 @@ class FrontendConfig:
     )
     shutdown_grace: float = option(30.0, help="seconds open streams may finish on SIGTERM")
     max_connections: int = option(1024, help="open connections to workers, at most")
+    max_client_buffer: int = option(
+        1024 * 1024,
+        help="bytes of a stream a client may leave unread (beyond the kernel's buffers) before "
+        "its request is cancelled like a disconnect: a client that stops reading must not "
+        "hold a worker's KV",
+    )
     max_inflight: int = option(
         4096,
         help="generation requests this process serves at once; over it a new one gets 503 "

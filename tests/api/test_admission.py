@@ -4,7 +4,9 @@ frontend's own --max-inflight (503), each with Retry-After and counted."""
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 
 import httpx
 from client import StreamReader, body
@@ -95,3 +97,36 @@ def test_the_frontends_own_limit_is_a_503_with_retry_after(deploy):
     assert metric(deploy, 'segue_frontend_rejections_total{reason="max_inflight"}') == 1
     hold.close()
     wait_until(lambda: post(deploy.url).status_code == 200, what="room again")
+
+
+def test_a_client_that_stops_reading_is_cancelled_and_frees_the_worker(deploy):
+    deploy.start_frontend("--max-client-buffer", "65536")
+    w = deploy.start_worker("--mocker-step-ms", "0.2")  # outruns a client that reads nothing
+    host, port = deploy.url.removeprefix("http://").rsplit(":", 1)
+    b = body("completions", PROMPT, 30000, True, return_token_ids=True)
+    payload = json.dumps(b).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and reads nothing at all
+    s.connect((host, int(port)))
+    try:
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(payload) + payload
+        )
+        wait_until(lambda: "New Request ID" in w.log(), what="the request started")
+        wait_until(
+            lambda: metric(deploy, "segue_frontend_cancellations_total") == 1,
+            timeout=60,
+            what="the request cancelled for its unread stream",
+        )
+        wait_until(
+            lambda: (
+                metric(w, "segue_engine_running_requests") == 0
+                and metric(w, "segue_engine_kv_blocks_used") == 0
+            ),
+            what="the worker freed it",
+        )
+        assert metric(w, "segue_worker_aborts_total") == 1
+        assert "not reading: cancelling" in deploy.frontend.log()
+    finally:
+        s.close()
