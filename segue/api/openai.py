@@ -9,6 +9,9 @@ import msgspec
 from msgspec import Meta, Struct
 
 NonNegInt = Annotated[int, Meta(ge=0)]
+# Stop strings are matched against every text delta: bound their number and length.
+StopString = Annotated[str, Meta(min_length=1, max_length=256)]
+Stop = StopString | Annotated[list[StopString], Meta(max_length=16)]
 
 
 class StreamOptions(Struct):
@@ -23,7 +26,7 @@ class CommonParams(Struct, kw_only=True):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Stop | None = None
     seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None  # int64, as OpenAI
     user: str | None = None
     # Extensions (as in vLLM): run past EOS; return token ids; per-request deadline (s).

@@ -284,7 +284,12 @@ class Frontend:
 
     async def _read_body(self, request: web.Request) -> bytes:
         try:
-            return await request.read()
+            async with asyncio.timeout(self.cfg.body_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise oai.APIError(
+                408, f"request body not received within {self.cfg.body_timeout}s", code="timeout"
+            ) from None
         except web.HTTPRequestEntityTooLarge:
             raise oai.APIError(
                 413, f"request body exceeds {self.cfg.max_body_bytes} bytes", code="too_large"

@@ -53,6 +53,9 @@ class FrontendConfig:
         PrefillFallback.NONE, help="with no prefill worker left, prefill on the decode worker"
     )
     max_body_bytes: int = option(4 * 1024 * 1024, help="largest request body accepted")
+    body_timeout: float = option(
+        30.0, help="seconds a client may take to send a request body (408 beyond)"
+    )
     default_max_tokens_chat: int = option(1024, help="max_tokens of a chat request without one")
     default_max_tokens_completion: int = option(
         16, help="max_tokens of a completion request without one"

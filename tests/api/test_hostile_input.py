@@ -48,6 +48,22 @@ CASES = {
         "not valid UTF-8",
     ),
     "json array": (post("/v1/chat/completions", b"[1, 2, 3]"), "Expected `object`"),
+    "17 stop strings": (
+        post(
+            "/v1/completions",
+            b'{"model": "segue-mocker", "prompt": "hi", "stop": ['
+            + b",".join(b'"s%d"' % i for i in range(17))
+            + b"]}",
+        ),
+        "stop",
+    ),
+    "a 257-character stop string": (
+        post(
+            "/v1/completions",
+            b'{"model": "segue-mocker", "prompt": "hi", "stop": "' + b"x" * 257 + b'"}',
+        ),
+        "stop",
+    ),
     "huge integer": (
         post(
             "/v1/completions",
@@ -98,3 +114,17 @@ def test_a_body_that_stops_midway_holds_nothing_once_the_client_leaves(agg2):
     assert "Traceback" not in agg2.frontend.log()
     # the workers saw only the real request
     assert sum(metric(w, "segue_worker_requests_total") for w in agg2.workers) == 1
+
+
+def test_a_body_sent_too_slowly_gets_a_408(deploy):
+    deploy.start_frontend("--body-timeout", "0.5")
+    deploy.start_worker()
+    u = urlsplit(deploy.url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n"
+            b'{"model": "segue-mocker", "prompt": "the'
+        )
+        answer = s.recv(65536)  # the rest never comes
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    assert b"request body not received" in answer
