@@ -73,13 +73,11 @@ class EngineSessions:
         self.active: dict[str, RequestStream] = {}
         self.progress = time.monotonic()  # last output of the engine, or start of its work
         self.failure: EngineFailure | None = None
-        self.handing_back = False
-        self.giving_back: set[str] = set()  # moved without their KV (not exportable)
+        self.giving_back: set[str] = set()  # moved without their KV: aborted, not cancelled
 
     def hand_back_all(self) -> int:
         """Drain deadline: give every request back, live (with its KV) where the engine can
         export it; each caller gets a HandBack frame."""
-        self.handing_back = True
         return len(self.move(list(self.active)))
 
     def move(self, request_ids: list[str], live: bool = True) -> list[str]:
@@ -92,7 +90,9 @@ class EngineSessions:
                 continue
             if not (live and self.engine.export(rid)):
                 self.giving_back.add(rid)
-                self.engine.abort(rid)
+                if not self.engine.abort(rid):  # it finished meanwhile: nothing to give
+                    self.giving_back.discard(rid)
+                    continue
             moved.append(rid)
         return moved
 
@@ -178,7 +178,7 @@ class EngineSessions:
                 self.metrics.live_moves.inc()
                 data += encode_frame(HandBack("moved with its KV", handle))
             elif reason == EngineFinish.ABORT:
-                if not self.handing_back and stream.request_id not in self.giving_back:
+                if stream.request_id not in self.giving_back:
                     return None  # aborted for its caller: nobody to tell
                 self.giving_back.discard(stream.request_id)
                 log.info("Handed back Request ID: %s", stream.request_id)

@@ -60,6 +60,16 @@ class Running:
         await wait_for(lambda: self.disc.snapshot(), what="the worker registered")
         return self
 
+    async def started(
+        self, rid: str, made: int, n: int = 10
+    ) -> tuple[AsyncGenerator[Frame, None], Frame]:
+        """A call whose engine request has made `made` tokens, and its first real frame."""
+        frames = self.call(rid, n)
+        first = asyncio.ensure_future(next_real(frames))
+        await wait_for(lambda: rid in self.engine.streams, what="the engine got the request")
+        self.engine.step(made)
+        return frames, await first
+
     def call(self, rid: str, n: int = 10, stall: float = 30.0) -> AsyncGenerator[Frame, None]:
         return self.call_at(self.worker.url, rid, n, stall)
 
@@ -135,11 +145,7 @@ async def test_drain_lets_in_flight_requests_finish(running):
 
 async def test_drain_timeout_hands_requests_back(running):
     r = await running(drain_timeout=0.2)
-    frames = r.call("a")
-    first = asyncio.ensure_future(next_real(frames))
-    await wait_for(lambda: "a" in r.engine.streams, what="the engine got the request")
-    r.engine.step(3)
-    await first
+    frames, _ = await r.started("a", made=3)
     r.stop.set()
     rest = [f async for f in _until_final(frames)]
     back = rest[-1]
@@ -155,11 +161,7 @@ async def test_drain_timeout_hands_requests_back(running):
 async def test_drain_hands_back_without_kv_what_cannot_be_exported(running):
     r = await running(drain_timeout=0.2)
     r.engine.export = lambda rid: False  # type: ignore[method-assign]
-    frames = r.call("a")
-    first = asyncio.ensure_future(next_real(frames))
-    await wait_for(lambda: "a" in r.engine.streams, what="the engine got the request")
-    r.engine.step(3)
-    await first
+    frames, _ = await r.started("a", made=3)
     r.stop.set()
     rest = [f async for f in _until_final(frames)]
     assert rest[-1] == HandBack("worker shutting down")
@@ -312,11 +314,8 @@ async def test_mux_garbage_from_a_peer_is_a_bad_frame():
 @pytest.mark.parametrize("made", [1, 5, 9])  # first token, mid-stream, the last but one
 async def test_a_move_hands_back_the_kv_of_exactly_what_the_caller_has(running, made):
     r = await running()
-    frames = r.call("m", n=10)
-    first = asyncio.ensure_future(next_real(frames))
-    await wait_for(lambda: "m" in r.engine.streams, what="the engine got the request")
-    r.engine.step(made)
-    got = [await first]
+    frames, first = await r.started("m", made)
+    got = [first]
     assert r.worker.sessions.move(["m", "unknown"]) == ["m"]
     got += [f async for f in _until_final(frames)]
     tokens = [t for f in got if type(f) is Tokens for t in f.token_ids]

@@ -58,6 +58,18 @@ def move_while_stopped(worker: Proc, rid: str) -> list[str]:
     return moved
 
 
+def stream_on(deploy, worker: Proc, prefix: str) -> tuple[str, StreamReader]:
+    """A stream that started on `worker` (round-robin: one of two requests does)."""
+    for i in range(2):
+        rid = f"{prefix}-{i}"
+        s = StreamReader(deploy.url, "completions", body("completions", PROMPT, N, True), rid)
+        s.read_tokens(3)
+        if worker_of(deploy, rid) is worker:
+            return rid, s
+        s.close()
+    raise AssertionError(f"no request started on {worker.name}")
+
+
 def idle(w: Proc) -> bool:
     m = w.metrics()
     return (
@@ -112,13 +124,7 @@ def test_a_kv_that_cannot_be_pulled_falls_back_to_recompute(deploy):
     victim = deploy.start_worker(*SLOW, "--kv-ttl", "0.001")  # the handle expires at once
     other = deploy.start_worker(*SLOW)
     want = golden(deploy)
-    for i in range(2):  # round-robin: one of two requests starts on the victim
-        rid = f"live-ttl-{i}"
-        s = StreamReader(deploy.url, "completions", body("completions", PROMPT, N, True), rid)
-        s.read_tokens(3)
-        if worker_of(deploy, rid) is victim:
-            break
-        s.finish()
+    rid, s = stream_on(deploy, victim, "live-ttl")
     assert move_while_stopped(victim, rid) == [rid]
     got = s.finish()
     assert got.token_ids == want.token_ids
@@ -130,14 +136,7 @@ def test_cancelling_during_a_move_frees_both_workers(deploy):
     deploy.start_frontend()
     source = deploy.start_worker(*SLOW)
     target = deploy.start_worker(*SLOW)
-    rid = "live-cancel"
-    for i in range(2):
-        rid = f"live-cancel-{i}"
-        s = StreamReader(deploy.url, "completions", body("completions", PROMPT, N, True), rid)
-        s.read_tokens(3)
-        if worker_of(deploy, rid) is source:
-            break
-        s.close()
+    rid, s = stream_on(deploy, source, "live-cancel")
     target.signal(signal.SIGSTOP)  # the move's next stop cannot start its pull yet
     try:
         assert move(source, rid) == [rid]
