@@ -31,6 +31,10 @@ def create_engine(cfg: WorkerConfig, tokenizer: Tokenizer) -> Engine:
                 max_num_seqs=opts.max_num_seqs,
                 kv_blocks=opts.kv_blocks,
                 device=opts.device,
+                dtype=opts.dtype,
+                max_model_len=tokenizer.context_length,
+                max_batched_tokens=opts.max_num_batched_tokens or 2048,
+                cuda_graphs=opts.cuda_graphs,
             ),
             tokenizer,
         )

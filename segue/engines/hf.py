@@ -1,16 +1,17 @@
-"""Hugging Face transformers as an engine (CPU, or GPU when present).
+"""Hugging Face transformers models as a batched engine (CPU, or GPU when present).
 
 A scheduler thread runs the model; the asyncio side only queues requests, reads token
 streams and aborts. Each step admits waiting requests (at most `max_num_seqs` running, KV
-blocks reserved for prompt + max_tokens as in the mocker), prefills the new ones, then runs
-one decode step for every running sequence, one forward pass each over its own KV cache
-(a step-level batcher: sequences advance together step by step; their forward passes are
-not fused into one padded batch). An abort takes effect before the next step; dropping the
-sequence's cache frees its memory.
+blocks reserved for prompt + max_tokens as in the mocker, real blocks of the paged pool in
+`segue.engines.paged`), then runs two batched forward passes: one over prompt chunks (new
+sequences, at most `max_batched_tokens` tokens, a longer prompt continues next step) and one
+decode pass over every other running sequence, a CUDA graph on a GPU. Sequences join and
+leave between steps. An abort takes effect before the next step and frees its blocks.
 
-Disaggregation moves the real KV tensors: a prefill computes the cache of all tokens but
-the last; the payload is a msgpack header (shapes, dtype, token digest) followed by the raw
-tensor bytes; the decode side rebuilds the cache and feeds the last token. No pickle.
+Disaggregation and live moves copy KV between paged pools: a prefill computes the KV of all
+tokens but the last; the payload is a msgpack header (shape, dtype, token digest) followed by
+the raw bytes of each layer's K and V for those positions, read from the sequence's blocks;
+the decode side writes them into blocks of its own and feeds the last token. No pickle.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ log = logging.getLogger("segue.hf")
 
 class _KvHeader(msgspec.Struct):
     digest: str
-    num_tokens: int  # tokens the cache covers
+    num_tokens: int  # positions the payload covers (the context but its last token)
     dtype: str
-    shapes: list[list[int]]  # per layer: keys shape (values have the same)
+    layers: int
+    kv_heads: int
+    head_dim: int
 
 
 @dataclass
@@ -55,18 +58,40 @@ class HFConfig:
     block_size: int = 16
     device: str = "auto"
     dtype: str = "float32"
+    max_model_len: int = 2048
+    max_batched_tokens: int = 2048  # prompt tokens one step computes
+    cuda_graphs: bool = True
 
 
 class _Seq:
-    __slots__ = ("req", "stream", "blocks", "cache", "next_input", "out", "done", "imported", "kv")
+    __slots__ = (
+        "req",
+        "stream",
+        "blocks",
+        "kv",
+        "table",
+        "ctx",
+        "computed",
+        "gen",
+        "out",
+        "done",
+        "imported",
+    )
 
     def __init__(self, req: EngineInput, stream: RequestStream, blocks: int) -> None:
         self.req, self.stream, self.blocks = req, stream, blocks
-        self.cache = None
-        self.next_input: list[int] = []
+        self.table: list[int] = []  # block ids, from admission on
+        self.gen = req.task is not EngineTask.PREFILL  # makes tokens (else: KV only)
+        # the tokens whose KV this sequence computes: a prefill stops before the last
+        self.ctx: list[int] = list(req.token_ids if self.gen else req.token_ids[:-1])
+        self.computed = 0  # leading ctx tokens whose KV is in the blocks
         self.out: list[int] = []  # tokens generated
         self.done = False
-        self.imported = None  # (cache) for a decode from a pulled payload
+        self.imported: list[Any] | None = None  # a DECODE's pulled K/V, written at admission
+
+    @property
+    def pending(self) -> int:
+        return len(self.ctx) - self.computed
 
 
 class HFEngine(Engine):
@@ -74,14 +99,16 @@ class HFEngine(Engine):
         self.cfg = cfg
         self.eos = tokenizer.eos_token_ids
         # torch and the model load in start() (a heavy import, a slow load): Any until then
-        self.model: Any = None
+        self.paged: Any = None
         self.torch: Any = None
         self._lock = threading.Lock()
         self._work = threading.Event()
         self._stop = False
         # Shared with the scheduler thread: touched only under self._lock.
         self.table = SeqTable(cfg.kv_blocks, cfg.block_size, cfg.max_num_seqs)
+        self._free = list(range(cfg.kv_blocks - 1, -1, -1))  # block ids nobody owns
         self._exports: set[str] = set()  # requests to export at the next step
+        self.max_blocks = min(cfg.kv_blocks, -(-cfg.max_model_len // cfg.block_size) + 1)
         self._thread: threading.Thread | None = None
         self._loop: Any = None  # the worker's event loop, from start()
         self._failed: str | None = None
@@ -98,16 +125,31 @@ class HFEngine(Engine):
         import torch
         from transformers import AutoModelForCausalLM
 
+        from segue.engines.paged import PagedModel
+
         self.torch = torch
         device = self.cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = device
         model: Any = AutoModelForCausalLM.from_pretrained(
             Path(self.cfg.model_dir), dtype=getattr(torch, self.cfg.dtype)
         )
-        self.model = model.to(device).eval()
-        log.info("loaded %s on %s (%s)", self.cfg.model_dir, device, self.cfg.dtype)
+        self.paged = PagedModel(
+            model.to(device).eval(),
+            self.cfg.kv_blocks,
+            self.cfg.block_size,
+            self.max_blocks,
+            self.cfg.max_num_seqs,
+            self.cfg.cuda_graphs,
+        )
+        log.info(
+            "loaded %s on %s (%s, %d KV blocks, CUDA graphs %s)",
+            self.cfg.model_dir,
+            device,
+            self.cfg.dtype,
+            self.cfg.kv_blocks,
+            "on" if self.paged.graphs_on else "off",
+        )
 
     async def stop(self) -> None:
         self._stop = True
@@ -128,10 +170,14 @@ class HFEngine(Engine):
     def add_request(self, req: EngineInput) -> RequestStream:
         with self._lock:
             blocks = self.table.blocks_for(req)
+        if blocks > self.max_blocks:
+            raise EngineRequestError(
+                f"request needs {blocks} KV blocks, a sequence may have {self.max_blocks}"
+            )
         stream = RequestStream(req.request_id)
         seq = _Seq(req, stream, blocks)
         if req.task is EngineTask.DECODE:
-            seq.imported = self._import_kv(req.token_ids, req.kv_payload)
+            seq.imported = self._parse_kv(req.token_ids, req.kv_payload)
         with self._lock:
             self.table.add(seq)
         self._work.set()
@@ -146,70 +192,62 @@ class HFEngine(Engine):
         return True
 
     def export(self, request_id: str) -> bool:
-        """Done by the scheduler thread between steps (`_take_exports`): the cache is
-        mutated inside a forward pass, so only there is it known to cover exactly the
-        context but its last token."""
+        """Done by the scheduler thread between steps (`_take_exports`), where a decoding
+        sequence's blocks hold exactly the KV of its context but the last token."""
         with self._lock:
             seq = self.table.seqs.get(request_id)
-            if seq is None or seq.done or seq.cache is None:
+            if seq is None or seq.done or not seq.gen or seq.pending != 1:
                 return False
             self._exports.add(request_id)
         self._work.set()
         return True
 
     def _take_exports(self) -> None:
-        """Under the lock: hold each exported sequence's cache (which covers its context
-        but the last token, like a prefill's) and finish its stream EXPORTED."""
+        """Under the lock: hold each exported sequence's blocks and finish its stream
+        EXPORTED."""
         for rid in self._exports:
             seq = self.table.seqs.get(rid)
-            if seq is None or seq.done or seq.cache is None:
+            if seq is None or seq.done or seq.pending != 1:
                 continue
-            context = seq.req.token_ids + seq.out
             seq.done = True
-            key = self.table.hold(seq, (seq.cache, context))
+            context = list(seq.ctx)
+            key = self.table.hold(seq, context)
             seq.stream.kv_key, seq.stream.kv_tokens = key, context
             self._call(seq.stream.finish, EngineFinish.EXPORTED)
         self._exports.clear()
 
     def kv_payload(self, key: str) -> bytes:
-        cache, ids = self.table.held[key][1]
-        layers = cache.layers if cache is not None else []
+        seq, ids = self.table.held[key]
+        p = self.paged
         header = _KvHeader(
-            token_digest(ids),
-            len(ids) - 1,
-            self.cfg.dtype,
-            [list(layer.keys.shape) for layer in layers],
+            token_digest(ids), len(ids) - 1, self.cfg.dtype, p.layers, p.kv_heads, p.head_dim
         )
         head = msgspec.msgpack.encode(header)
         parts = [len(head).to_bytes(4, "big"), head]
-        for layer in layers:
-            for t in (layer.keys, layer.values):
-                parts.append(t.detach().to("cpu").contiguous().numpy().tobytes())
+        if len(ids) > 1:
+            for t in p.read(seq.table, len(ids) - 1):
+                parts.append(t.contiguous().view(self.torch.uint8).cpu().numpy().tobytes())
         return b"".join(parts)
 
     def kv_nbytes(self, key: str) -> int:
-        cache = self.table.held[key][1][0]
-        if cache is None:
-            return 0
-        return sum(
-            t.numel() * t.element_size()
-            for layer in cache.layers
-            for t in (layer.keys, layer.values)
-        )
+        ids = self.table.held[key][1]
+        return (len(ids) - 1) * self.paged.bytes_per_token
 
     def release_kv(self, key: str) -> bool:
         with self._lock:
-            if not self.table.release(key):
+            entry = self.table.held.get(key)
+            if entry is None or not self.table.release(key):
                 return False
+            self._free.extend(entry[0].table)
+            entry[0].table = []
         self._work.set()
         return True
 
-    def _import_kv(self, token_ids: list[int], payload: bytes | None):
-        """Rebuilds a cache from a pulled payload, checking it is for these tokens."""
-        import numpy as np
-        from transformers import DynamicCache
-
+    def _parse_kv(self, token_ids: list[int], payload: bytes | None) -> list[Any]:
+        """The K/V tensors of a pulled payload (on the CPU), checked against these tokens
+        and this model."""
         torch = self.torch
+        p = self.paged
         if payload is None:
             raise EngineRequestError("a decode needs a KV payload")
         try:
@@ -221,27 +259,21 @@ class HFEngine(Engine):
             raise EngineRequestError("KV payload does not belong to this request's tokens")
         if header.dtype != self.cfg.dtype:
             raise EngineRequestError(f"KV payload is {header.dtype}, engine is {self.cfg.dtype}")
-        if not header.shapes:
-            return None
-        cache = DynamicCache()
+        if (header.layers, header.kv_heads, header.head_dim) != (p.layers, p.kv_heads, p.head_dim):
+            raise EngineRequestError("KV payload is for another model shape")
         dtype = getattr(torch, header.dtype)
-        np_dtype = torch.empty((), dtype=dtype).numpy().dtype
-        pos = 4 + n
-        for i, shape in enumerate(header.shapes):
-            size = int(np.prod(shape)) * np_dtype.itemsize
-            k, v = (
-                torch.from_numpy(
-                    np.frombuffer(payload, np_dtype, int(np.prod(shape)), pos + j * size)
-                    .reshape(shape)
-                    .copy()
-                ).to(self.device)
-                for j in (0, 1)
-            )
-            pos += 2 * size
-            cache.update(k, v, i)
-        if pos != len(payload):
+        size = header.num_tokens * p.kv_heads * p.head_dim * torch.empty((), dtype=dtype).itemsize
+        if len(payload) != 4 + n + 2 * p.layers * size:
             raise EngineRequestError("KV payload has the wrong size")
-        return cache
+        if header.num_tokens == 0:
+            return []
+        raw = torch.frombuffer(bytearray(payload[4 + n :]), dtype=torch.uint8)
+        return [
+            raw[i * size : (i + 1) * size]
+            .view(dtype)
+            .reshape(header.num_tokens, p.kv_heads, p.head_dim)
+            for i in range(2 * p.layers)
+        ]
 
     # -- scheduler thread ----------------------------------------------------------------
 
@@ -250,7 +282,8 @@ class HFEngine(Engine):
             return
         seq.done = True
         self.table.remove(seq)
-        seq.cache = None
+        self._free.extend(seq.table)
+        seq.table = []
         seq.imported = None
         self._call(seq.stream.finish, reason, error)
         self._work.set()
@@ -276,69 +309,82 @@ class HFEngine(Engine):
         with self._lock:
             if self._exports:
                 self._take_exports()
-            admitted = self.table.admit()
-            decoding = [
-                s for s in self.table.running.values() if s.cache is not None and s not in admitted
-            ]
-        if not admitted and not decoding:
+            for seq in self.table.admit():
+                seq.table = [self._free.pop() for _ in range(seq.blocks)]
+                if seq.imported is not None:  # a DECODE: its context's KV is pulled
+                    if seq.imported:
+                        self.paged.write(seq.table, seq.imported)
+                    seq.computed, seq.imported = len(seq.ctx) - 1, None
+            running: list[_Seq] = list(self.table.running.values())
+        chunks: list[tuple[_Seq, int]] = []  # (sequence, prompt tokens this step)
+        decodes: list[_Seq] = []
+        budget = self.cfg.max_batched_tokens
+        for seq in running:
+            if seq.done:
+                continue
+            if seq.gen and seq.pending == 1:
+                decodes.append(seq)
+            elif budget > 0 and (seq.pending > 0 or not seq.gen):
+                n = min(seq.pending, budget)
+                budget -= n
+                chunks.append((seq, n))
+        if not chunks and not decodes:
             return False
-        for seq in admitted:
-            self._prefill(seq)
-        for seq in decoding:
-            if not seq.done:
-                self._forward(seq, seq.next_input)
+        if chunks:
+            self._prefill(chunks)
+        if decodes:
+            batch = [(s.ctx[-1], len(s.ctx) - 1, s.table) for s in decodes]
+            self._advance([(s, 1) for s in decodes], self.paged.decode(batch))
         return True
 
-    def _prefill(self, seq: _Seq) -> None:
-        ids = seq.req.token_ids
-        if seq.req.task is EngineTask.PREFILL:  # cache of all tokens but the last, then hand over
-            cache = None
-            if len(ids) > 1:
-                out = self.model(self._tensor(ids[:-1]), use_cache=True)
-                cache = out.past_key_values
-            with self._lock:
-                if seq.done:
-                    return
-                seq.done = True
-                key = self.table.hold(seq, (cache, ids))
-            seq.stream.kv_key = key
-            self._call(seq.stream.finish, EngineFinish.PREFILLED)
-            return
-        if seq.imported is not None or (seq.req.task is EngineTask.DECODE and len(ids) == 1):
-            seq.cache, seq.imported = seq.imported, None
-            self._forward(seq, ids[-1:])  # the last token was left for the decode side
-            return
-        self._forward(seq, ids)
+    def _prefill(self, chunks: list[tuple[_Seq, int]]) -> None:
+        work = [(s, n) for s, n in chunks if n > 0]
+        logits = None
+        if work:
+            batch = [(s.ctx[s.computed : s.computed + n], s.computed, s.table) for s, n in work]
+            logits = self.paged.prefill(batch)
+        self._advance(work, logits)
+        with self._lock:  # prefills whose context is done: hold their KV for the decode side
+            for seq, _ in chunks:
+                if not seq.gen and not seq.done and seq.pending == 0:
+                    seq.done = True
+                    key = self.table.hold(seq, list(seq.req.token_ids))
+                    seq.stream.kv_key = key
+                    self._call(seq.stream.finish, EngineFinish.PREFILLED)
 
-    def _tensor(self, ids: list[int]):
-        return self.torch.tensor([ids], dtype=self.torch.long, device=self.device)
-
-    def _forward(self, seq: _Seq, ids: list[int]) -> None:
-        torch = self.torch
-        out = self.model(self._tensor(ids), past_key_values=seq.cache, use_cache=True)
-        logits = out.logits[0, -1].float()
-        req = seq.req
-        if req.temperature == 0:
-            tok = int(torch.argmax(logits))
-        else:
-            # Seeded per (request seed, position) so a migrated request samples the same.
-            pos = len(req.token_ids) + len(seq.out)
-            g = torch.Generator(device="cpu").manual_seed((req.seed * 1_000_003 + pos) % 2**63)
-            probs = torch.softmax(logits.cpu() / req.temperature, dim=-1)
-            if req.top_p < 1.0:
-                sp, si = torch.sort(probs, descending=True)
-                keep = torch.cumsum(sp, 0) - sp < req.top_p
-                probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-            tok = int(torch.multinomial(probs, 1, generator=g))
+    def _advance(self, work: list[tuple[_Seq, int]], logits: Any) -> None:
+        """Counts each sequence's computed tokens; one that reached the end of its context
+        samples its next token from its row of `logits`."""
+        if not work:
+            return
+        greedy = self.torch.argmax(logits, dim=-1).tolist()
         with self._lock:
-            if seq.done:  # aborted during the forward pass
-                return
-            seq.cache = out.past_key_values
-            seq.next_input = [tok]
-            seq.out.append(tok)
-            self._call(seq.stream.push, tok)
-            done = finish_reason(
-                tok, len(seq.out), req.max_tokens, req.stop_token_ids, self.eos, req.ignore_eos
-            )
-            if done is not None:
-                self._finish_locked(seq, EngineFinish(done))
+            for row, (seq, n) in enumerate(work):
+                if seq.done:  # aborted during the forward pass
+                    continue
+                seq.computed += n
+                if not seq.gen or seq.pending:
+                    continue
+                req = seq.req
+                tok = greedy[row] if req.temperature == 0 else self._sample(seq, logits[row])
+                seq.ctx.append(tok)
+                seq.out.append(tok)
+                self._call(seq.stream.push, tok)
+                done = finish_reason(
+                    tok, len(seq.out), req.max_tokens, req.stop_token_ids, self.eos, req.ignore_eos
+                )
+                if done is not None:
+                    self._finish_locked(seq, EngineFinish(done))
+
+    def _sample(self, seq: _Seq, logits: Any) -> int:
+        torch = self.torch
+        req = seq.req
+        # Seeded per (request seed, position) so a migrated request samples the same.
+        pos = len(req.token_ids) + len(seq.out)
+        g = torch.Generator(device="cpu").manual_seed((req.seed * 1_000_003 + pos) % 2**63)
+        probs = torch.softmax(logits.cpu() / req.temperature, dim=-1)
+        if req.top_p < 1.0:
+            sp, si = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sp, 0) - sp < req.top_p
+            probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+        return int(torch.multinomial(probs, 1, generator=g))

@@ -1,0 +1,227 @@
+"""Batched forward passes of a Llama-family model over a paged KV cache.
+
+The KV cache is one preallocated pool per layer of `num_blocks * block_size` slots (plus one
+scratch block that padding writes into); a sequence owns a list of blocks (its block table)
+and the KV of its token at position p lives in slot `table[p // bs] * bs + p % bs`. A step
+runs every sequence it is given in one forward pass: each layer writes the new tokens' K/V
+into their slots, gathers every sequence's context from its blocks and runs PyTorch's SDPA
+with a mask that lets query i of a sequence see its positions up to its own. Batches are
+padded to rectangles (queries to the longest chunk, contexts to the longest table), so shapes
+depend only on (batch, query length, blocks): on a GPU, decode steps (one query each) replay
+a CUDA graph captured once per (batch bucket, block bucket).
+
+The model's own modules (projections, norms, MLP, rotary embedding) do the arithmetic, so the
+results are those of transformers up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("segue.paged")
+
+# Architectures whose decoder layers are Llama's (pre-norm, rotary q/k, SDPA-compatible).
+SUPPORTED = {"llama", "mistral", "qwen2"}
+
+
+def _bucket(n: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    return n
+
+
+class PagedModel:
+    def __init__(
+        self,
+        model: Any,
+        num_blocks: int,
+        block_size: int,
+        max_blocks_per_seq: int,
+        max_batch: int,
+        cuda_graphs: bool,
+    ) -> None:
+        import torch
+
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED:
+            raise ValueError(
+                f"the hf engine runs {sorted(SUPPORTED)} models, not {cfg.model_type!r}"
+            )
+        self.torch = torch
+        self.model = model
+        self.inner = model.model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.layers = len(self.inner.layers)
+        self.block_size = block_size
+        self.max_blocks = max_blocks_per_seq
+        self.scratch = num_blocks  # the extra block padding writes into
+        slots = (num_blocks + 1) * block_size
+        shape = (self.layers, slots, self.kv_heads, self.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.offsets = torch.arange(block_size, device=self.device)
+        self.graphs_on = cuda_graphs and self.device.type == "cuda"
+        self.batch_buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch]
+        self.batch_buckets.append(max_batch)
+        self.block_buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < self.max_blocks]
+        self.block_buckets.append(self.max_blocks)
+        self._graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self._pool: Any = None
+        if self.graphs_on:
+            # The captured steps' inputs: per row token, position, slot, then the block
+            # table; filled through one pinned staging copy per step, sliced per bucket.
+            width = 3 + self.max_blocks
+            self._stage = torch.zeros(max_batch, width, dtype=torch.long, pin_memory=True)
+            self._stage_np = self._stage.numpy()
+            self._static = torch.zeros(max_batch, width, dtype=torch.long, device=self.device)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.k.element_size()
+
+    # -- the forward pass -------------------------------------------------------------------
+
+    def _forward(self, tok: Any, pos: Any, slot: Any, table: Any) -> Any:
+        """tok, pos, slot: [B, Q]; table: [B, NB] block ids. Returns hidden states [B, Q, H]
+        after the final norm. Writes the K/V of every (b, q) to `slot[b, q]`."""
+        torch = self.torch
+        from torch.nn.functional import scaled_dot_product_attention as sdpa
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        b, q = tok.shape
+        bs = self.block_size
+        ctx = (table[:, :, None] * bs + self.offsets).reshape(b, -1)  # [B, L] slots
+        keys = torch.arange(ctx.shape[1], device=self.device)
+        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, Q, L]
+        flat = slot.reshape(-1)
+        h = self.inner.embed_tokens(tok)
+        cos, sin = self.inner.rotary_emb(h, pos)
+        gqa = self.kv_heads != self.heads
+        for i, layer in enumerate(self.inner.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            qs = attn.q_proj(x).view(b, q, self.heads, self.head_dim).transpose(1, 2)
+            ks = attn.k_proj(x).view(b, q, self.kv_heads, self.head_dim).transpose(1, 2)
+            vs = attn.v_proj(x).view(b, q, self.kv_heads, self.head_dim)
+            qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
+            kpool, vpool = self.k[i], self.v[i]
+            kpool.index_copy_(0, flat, ks.transpose(1, 2).reshape(-1, self.kv_heads, self.head_dim))
+            vpool.index_copy_(0, flat, vs.reshape(-1, self.kv_heads, self.head_dim))
+            kc = kpool[ctx].transpose(1, 2)  # [B, KVH, L, D]
+            vc = vpool[ctx].transpose(1, 2)
+            o = sdpa(qs, kc, vc, attn_mask=mask, enable_gqa=gqa)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, q, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.inner.norm(h)
+
+    def logits(self, hidden: Any) -> Any:
+        return self.model.lm_head(hidden).float()
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def _slots(self, table: list[int], start: int, n: int) -> list[int]:
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+
+    def prefill(self, batch: list[tuple[list[int], int, list[int]]]) -> Any:
+        """Runs chunks: (token ids, position of the first, the sequence's block table) each.
+        Returns the logits of each chunk's last token, [B, V]."""
+        torch = self.torch
+        qmax = max(len(ids) for ids, _, _ in batch)
+        nb = max(-(-(start + len(ids)) // self.block_size) for ids, start, _ in batch)
+        scratch = self.scratch * self.block_size
+        tok, pos, slot, table = [], [], [], []
+        for ids, start, blocks in batch:
+            pad = qmax - len(ids)
+            tok.append(ids + [0] * pad)
+            pos.append(list(range(start, start + len(ids))) + [start] * pad)
+            slot.append(self._slots(blocks, start, len(ids)) + [scratch] * pad)
+            table.append(blocks[:nb] + [self.scratch] * (nb - min(nb, len(blocks))))
+        t = [torch.tensor(x, dtype=torch.long, device=self.device) for x in (tok, pos, slot, table)]
+        hidden = self._forward(*t)
+        last = torch.tensor([len(ids) - 1 for ids, _, _ in batch], device=self.device)
+        return self.logits(hidden[torch.arange(len(batch), device=self.device), last])
+
+    def decode(self, batch: list[tuple[int, int, list[int]]]) -> Any:
+        """One token each: (token id, its position, block table). Returns logits [B, V]."""
+        torch = self.torch
+        n = len(batch)
+        nb = max(pos // self.block_size + 1 for _, pos, _ in batch)
+        if self.graphs_on:
+            nb = _bucket(nb, self.block_buckets)
+            bsz = _bucket(n, self.batch_buckets)
+        else:
+            bsz = n
+        bs = self.block_size
+        pad_table = [self.scratch] * nb
+        tok = [t for t, _, _ in batch] + [0] * (bsz - n)
+        pos = [p for _, p, _ in batch] + [0] * (bsz - n)
+        slot = [tb[p // bs] * bs + p % bs for _, p, tb in batch]
+        slot += [self.scratch * bs] * (bsz - n)
+        table = [(tb[:nb] + pad_table)[:nb] for _, _, tb in batch] + [pad_table] * (bsz - n)
+        if not self.graphs_on:
+            t = [
+                torch.tensor(x, dtype=torch.long, device=self.device).view(bsz, -1)
+                for x in (tok, pos, slot)
+            ]
+            tt = torch.tensor(table, dtype=torch.long, device=self.device)
+            return self.logits(self._forward(t[0], t[1], t[2], tt)[:, 0])
+        st = self._stage_np
+        st[:bsz, 0], st[:bsz, 1], st[:bsz, 2] = tok, pos, slot
+        st[:bsz, 3 : 3 + nb] = table
+        self._static[:bsz].copy_(self._stage[:bsz], non_blocking=True)
+        graph, out = self._graph(bsz, nb)
+        graph.replay()
+        return out[:n]
+
+    def _graph(self, bsz: int, nb: int) -> tuple[Any, Any]:
+        """The captured decode step for this bucket, captured on first use. Capturing runs
+        the step on the current inputs (twice to warm up, once recorded): each run writes the
+        same K/V to the same slots, so it is harmless."""
+        found = self._graphs.get((bsz, nb))
+        if found is not None:
+            return found
+        torch = self.torch
+        s = self._static[:bsz]
+        args = (s[:, 0:1], s[:, 1:2], s[:, 2:3], s[:, 3 : 3 + nb])
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.logits(self._forward(*args)[:, 0])
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.logits(self._forward(*args)[:, 0])
+        self._graphs[(bsz, nb)] = (graph, out)
+        log.info("captured a decode graph for batch %d, %d blocks", bsz, nb)
+        return graph, out
+
+    # -- moving KV in and out ---------------------------------------------------------------
+
+    def read(self, blocks: list[int], n: int) -> list[Any]:
+        """The K and V of positions [0, n) of a sequence, per layer ([n, KVH, D] each)."""
+        torch = self.torch
+        idx = torch.tensor(self._slots(blocks, 0, n), dtype=torch.long, device=self.device)
+        out = []
+        for i in range(self.layers):
+            out.append(self.k[i][idx])
+            out.append(self.v[i][idx])
+        return out
+
+    def write(self, blocks: list[int], tensors: list[Any]) -> None:
+        """Puts K/V read by `read` (from this or another engine) into `blocks`."""
+        torch = self.torch
+        n = tensors[0].shape[0]
+        idx = torch.tensor(self._slots(blocks, 0, n), dtype=torch.long, device=self.device)
+        for i in range(self.layers):
+            self.k[i].index_copy_(0, idx, tensors[2 * i].to(self.device))
+            self.v[i].index_copy_(0, idx, tensors[2 * i + 1].to(self.device))
