@@ -23,10 +23,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(args: list[str], log: IO[str]) -> subprocess.Popen[bytes]:
-    """`python -m segue ARGS` in its own process group (stopped as a group)."""
+def spawn(args: list[str], log: IO[str], cwd: str | None = None) -> subprocess.Popen[bytes]:
+    """`python -m segue ARGS` in its own process group (stopped as a group); from `cwd`, the
+    segue package found there first (`python -m` puts the working directory first)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "segue", *args], stdout=log, stderr=log, start_new_session=True
+        [sys.executable, "-m", "segue", *args],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+        cwd=cwd,
     )
 
 

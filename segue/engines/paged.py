@@ -61,11 +61,9 @@ class PagedModel:
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
         self.scratch = num_blocks  # the extra block padding writes into
-        slots = (num_blocks + 1) * block_size
-        shape = (self.layers, slots, self.kv_heads, self.head_dim)
+        shape = (self.layers, num_blocks + 1, block_size, self.kv_heads, self.head_dim)
         self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.offsets = torch.arange(block_size, device=self.device)
         self.graphs_on = cuda_graphs and self.device.type == "cuda"
         self.batch_buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch]
         self.batch_buckets.append(max_batch)
@@ -96,8 +94,9 @@ class PagedModel:
 
         b, q = tok.shape
         bs = self.block_size
-        ctx = (table[:, :, None] * bs + self.offsets).reshape(b, -1)  # [B, L] slots
-        keys = torch.arange(ctx.shape[1], device=self.device)
+        nb = table.shape[1]
+        blocks = table.reshape(-1)
+        keys = torch.arange(nb * bs, device=self.device)
         mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, Q, L]
         flat = slot.reshape(-1)
         h = self.inner.embed_tokens(tok)
@@ -110,11 +109,14 @@ class PagedModel:
             ks = attn.k_proj(x).view(b, q, self.kv_heads, self.head_dim).transpose(1, 2)
             vs = attn.v_proj(x).view(b, q, self.kv_heads, self.head_dim)
             qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
-            kpool, vpool = self.k[i], self.v[i]
-            kpool.index_copy_(0, flat, ks.transpose(1, 2).reshape(-1, self.kv_heads, self.head_dim))
-            vpool.index_copy_(0, flat, vs.reshape(-1, self.kv_heads, self.head_dim))
-            kc = kpool[ctx].transpose(1, 2)  # [B, KVH, L, D]
-            vc = vpool[ctx].transpose(1, 2)
+            kpool, vpool = self.k[i], self.v[i]  # [blocks, bs, KVH, D]
+            kv_shape = (-1, self.kv_heads, self.head_dim)
+            kpool.view(kv_shape).index_copy_(0, flat, ks.transpose(1, 2).reshape(kv_shape))
+            vpool.view(kv_shape).index_copy_(0, flat, vs.reshape(kv_shape))
+            # whole blocks: one contiguous copy each, [B, KVH, L, D] after
+            ctx_shape = (b, nb * bs, self.kv_heads, self.head_dim)
+            kc = kpool.index_select(0, blocks).view(ctx_shape).transpose(1, 2)
+            vc = vpool.index_select(0, blocks).view(ctx_shape).transpose(1, 2)
             o = sdpa(qs, kc, vc, attn_mask=mask, enable_gqa=gqa)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, q, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -212,9 +214,10 @@ class PagedModel:
         torch = self.torch
         idx = torch.tensor(self._slots(blocks, 0, n), dtype=torch.long, device=self.device)
         out = []
+        shape = (-1, self.kv_heads, self.head_dim)
         for i in range(self.layers):
-            out.append(self.k[i][idx])
-            out.append(self.v[i][idx])
+            out.append(self.k[i].view(shape)[idx])
+            out.append(self.v[i].view(shape)[idx])
         return out
 
     def write(self, blocks: list[int], tensors: list[Any]) -> None:
@@ -222,6 +225,7 @@ class PagedModel:
         torch = self.torch
         n = tensors[0].shape[0]
         idx = torch.tensor(self._slots(blocks, 0, n), dtype=torch.long, device=self.device)
+        shape = (-1, self.kv_heads, self.head_dim)
         for i in range(self.layers):
-            self.k[i].index_copy_(0, idx, tensors[2 * i].to(self.device))
-            self.v[i].index_copy_(0, idx, tensors[2 * i + 1].to(self.device))
+            self.k[i].view(shape).index_copy_(0, idx, tensors[2 * i].to(self.device))
+            self.v[i].view(shape).index_copy_(0, idx, tensors[2 * i + 1].to(self.device))
