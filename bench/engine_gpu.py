@@ -35,7 +35,7 @@ def serve_and_bench(args, model: str, dtype: str, tree: str | None, tmp: Path) -
         "serve", "--engine", "hf", "--model", model, "--workers", "1",
         "--port", str(port), "--device", args.device,
         "--max-num-seqs", str(max(args.levels)), "--kv-blocks", str(args.kv_blocks),
-        *extra,
+        "--frontend-processes", str(args.frontend_processes), *extra,
     ]  # fmt: skip
     proc = spawn(argv, log, cwd=tree)  # from the baseline's tree: its package is found first
     url = f"http://127.0.0.1:{port}"
@@ -97,6 +97,9 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt-words", type=int, default=100)
     p.add_argument("--kv-blocks", type=int, default=8192)
+    p.add_argument(
+        "--frontend-processes", type=int, default=1, help="frontend processes (serve's flag)"
+    )
     p.add_argument("--baseline-tree", help="also serve with the segue source in this directory")
     p.add_argument("--no-generate", action="store_true", help="skip transformers generate()")
     p.add_argument("--json", help="write all results to this file")

@@ -10,8 +10,10 @@ padded to rectangles (queries to the longest chunk, contexts to the longest tabl
 depend only on (batch, query length, blocks): on a GPU, decode steps (one query each) replay
 a CUDA graph captured once per (batch bucket, block bucket).
 
-The model's own modules (projections, norms, MLP, rotary embedding) do the arithmetic, so the
-results are those of transformers up to floating-point summation order.
+The model's own weights, rotary embedding and activation do the arithmetic, with fewer kernels
+than transformers launches (q/k/v and gate/up fused into one matrix product each, one-kernel
+RMSNorm, rotary on q and k at once), so the results are those of transformers up to
+floating-point summation order.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class PagedModel:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.layers = len(self.inner.layers)
+        self._fuse()
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
         self.scratch = num_blocks  # the extra block padding writes into
@@ -90,7 +93,6 @@ class PagedModel:
         after the final norm. Writes the K/V of every (b, q) to `slot[b, q]`."""
         torch = self.torch
         from torch.nn.functional import scaled_dot_product_attention as sdpa
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         b, q = tok.shape
         bs = self.block_size
@@ -101,26 +103,68 @@ class PagedModel:
         flat = slot.reshape(-1)
         h = self.inner.embed_tokens(tok)
         cos, sin = self.inner.rotary_emb(h, pos)
-        gqa = self.kv_heads != self.heads
+        cos, sin = cos[:, :, None], sin[:, :, None]  # [B, Q, 1, D]: over all heads
+        nh, kvh, hd = self.heads, self.kv_heads, self.head_dim
+        half = hd // 2
+        gqa = kvh != nh
+        kv_shape = (-1, kvh, hd)
+        ctx_shape = (b, nb * bs, kvh, hd)
         for i, layer in enumerate(self.inner.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            qs = attn.q_proj(x).view(b, q, self.heads, self.head_dim).transpose(1, 2)
-            ks = attn.k_proj(x).view(b, q, self.kv_heads, self.head_dim).transpose(1, 2)
-            vs = attn.v_proj(x).view(b, q, self.kv_heads, self.head_dim)
-            qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
+            attn, mlp = layer.self_attn, layer.mlp
+            x = self._norm(layer.input_layernorm, h)
+            qkv = self._linear(x, self._qkv[i]).view(b, q, nh + 2 * kvh, hd)
+            qk = qkv[:, :, : nh + kvh]  # rotary on q and k at once
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+            qs, ks, vs = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + kvh :]
             kpool, vpool = self.k[i], self.v[i]  # [blocks, bs, KVH, D]
-            kv_shape = (-1, self.kv_heads, self.head_dim)
-            kpool.view(kv_shape).index_copy_(0, flat, ks.transpose(1, 2).reshape(kv_shape))
+            kpool.view(kv_shape).index_copy_(0, flat, ks.reshape(kv_shape))
             vpool.view(kv_shape).index_copy_(0, flat, vs.reshape(kv_shape))
             # whole blocks: one contiguous copy each, [B, KVH, L, D] after
-            ctx_shape = (b, nb * bs, self.kv_heads, self.head_dim)
             kc = kpool.index_select(0, blocks).view(ctx_shape).transpose(1, 2)
             vc = vpool.index_select(0, blocks).view(ctx_shape).transpose(1, 2)
-            o = sdpa(qs, kc, vc, attn_mask=mask, enable_gqa=gqa)
+            o = sdpa(qs.transpose(1, 2), kc, vc, attn_mask=mask, enable_gqa=gqa)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, q, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.inner.norm(h)
+            gu = self._linear(self._norm(layer.post_attention_layernorm, h), self._gu[i])
+            gate, up = gu.view(b, q, 2, -1).unbind(2)
+            h = h + mlp.down_proj(mlp.act_fn(gate) * up)
+        return self._norm(self.inner.norm, h)
+
+    def _norm(self, norm: Any, x: Any) -> Any:
+        """RMSNorm in one kernel (the model's module takes several)."""
+        return self.torch.nn.functional.rms_norm(
+            x, norm.weight.shape, norm.weight, norm.variance_epsilon
+        )
+
+    def _linear(self, x: Any, wb: tuple[Any, Any]) -> Any:
+        return self.torch.nn.functional.linear(x, *wb)
+
+    def _fuse(self) -> None:
+        """One weight for q, k and v and one for the MLP's gate and up projections (one
+        matrix product each instead of three and two); the model's own parameters become
+        views into them, so nothing is stored twice. The MLP's fused output is split by a
+        view: gate and up as `[..., 2, I]`."""
+        torch = self.torch
+        self._qkv: list[tuple[Any, Any]] = []
+        self._gu: list[tuple[Any, Any]] = []
+        for layer in self.inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            projs = (a.q_proj, a.k_proj, a.v_proj)
+            w = torch.cat([p.weight.data for p in projs])
+            bias = None
+            if a.q_proj.bias is not None:
+                bias = torch.cat([p.bias.data for p in projs])
+            at = 0
+            for p in projs:
+                n = p.weight.shape[0]
+                p.weight.data = w[at : at + n]
+                if bias is not None:
+                    p.bias.data = bias[at : at + n]
+                at += n
+            self._qkv.append((w, bias))
+            inter = m.gate_proj.weight.shape[0]
+            gu = torch.cat([m.gate_proj.weight.data, m.up_proj.weight.data])
+            m.gate_proj.weight.data, m.up_proj.weight.data = gu[:inter], gu[inter:]
+            self._gu.append((gu, None))
 
     def logits(self, hidden: Any) -> Any:
         return self.model.lm_head(hidden).float()
