@@ -94,6 +94,11 @@ class _Seq:
         return len(self.ctx) - self.computed
 
 
+def _deliver(pushed: list[tuple[RequestStream, int]]) -> None:
+    for stream, tok in pushed:
+        stream.push(tok)
+
+
 class HFEngine(Engine):
     def __init__(self, cfg: HFConfig, tokenizer) -> None:
         self.cfg = cfg
@@ -358,6 +363,8 @@ class HFEngine(Engine):
         if not work:
             return
         greedy = self.torch.argmax(logits, dim=-1).tolist()
+        pushed: list[tuple[RequestStream, int]] = []
+        finished: list[tuple[_Seq, EngineFinish]] = []
         with self._lock:
             for row, (seq, n) in enumerate(work):
                 if seq.done:  # aborted during the forward pass
@@ -369,12 +376,19 @@ class HFEngine(Engine):
                 tok = greedy[row] if req.temperature == 0 else self._sample(seq, logits[row])
                 seq.ctx.append(tok)
                 seq.out.append(tok)
-                self._call(seq.stream.push, tok)
+                pushed.append((seq.stream, tok))
                 done = finish_reason(
                     tok, len(seq.out), req.max_tokens, req.stop_token_ids, self.eos, req.ignore_eos
                 )
                 if done is not None:
-                    self._finish_locked(seq, EngineFinish(done))
+                    finished.append((seq, EngineFinish(done)))
+            # One wake-up of the event loop per step for all tokens (a thread-safe call
+            # writes to the loop's self-pipe: one per token cost a syscall each), queued
+            # before the finishes.
+            if pushed:
+                self._call(_deliver, pushed)
+            for seq, reason in finished:
+                self._finish_locked(seq, reason)
 
     def _sample(self, seq: _Seq, logits: Any) -> int:
         torch = self.torch
