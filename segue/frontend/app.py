@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -38,6 +39,7 @@ from segue.frontend.openapi import openapi_document
 from segue.frontend.output import OutputProcessor, TextDelta
 from segue.frontend.preprocess import PreparedRequest, decode_body
 from segue.frontend.render import SSE_DONE, SSE_HEADERS, Renderer, sse
+from segue.frontend.system import PUBLISH_S, SystemServer
 from segue.log import request_id_var
 from segue.protocol import FinishReason
 from segue.router import Router
@@ -191,6 +193,11 @@ class Frontend:
         return web.json_response({"object": "list", "data": data})
 
     async def handle_health(self, request: web.Request) -> web.Response:
+        body, ok = self.health()
+        return web.json_response(body, status=200 if ok else 503)
+
+    def health(self) -> tuple[dict, bool]:
+        """/health's body, and whether a request could be routed now."""
         indexed = self.router.kv_index.workers
         workers = [
             {
@@ -206,8 +213,7 @@ class Frontend:
             for i in self.router.instances.values()
         ]
         ok = bool(self.router.routable()) and not self.shutting_down
-        body = {"status": "ok" if ok else "unavailable", "workers": workers}
-        return web.json_response(body, status=200 if ok else 503)
+        return {"status": "ok" if ok else "unavailable", "workers": workers}, ok
 
     async def handle_openapi(self, request: web.Request) -> web.Response:
         return web.json_response(self._openapi)
@@ -411,8 +417,25 @@ async def run_frontend(
     log.info("frontend listening on http://%s:%d", cfg.host, port)
     if fe.keys is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, fe.keys.load)
+    system, publisher = None, None
+    if cfg.system_port is not None:
+        system = SystemServer(cfg.host, cfg.system_port, fe.metrics.exposition)
+        sport = await asyncio.to_thread(system.start)
+        publisher = asyncio.create_task(_publish_health(fe, system))
+        print(f"segue frontend system url=http://{cfg.host}:{sport}", flush=True)
     await stop.wait()
     log.info("frontend stopping: no new connections, finishing streams")
     fe.shutting_down = True
     await runner.cleanup()
+    if system is not None and publisher is not None:
+        publisher.cancel()
+        await asyncio.to_thread(system.stop)
     await fe.close()
+
+
+async def _publish_health(fe: Frontend, system: SystemServer) -> None:
+    """The system port's view of /health, refreshed; its age is the loop's liveness."""
+    while True:
+        body, ok = fe.health()
+        system.publish(json.dumps(body).encode(), ok)
+        await asyncio.sleep(PUBLISH_S)

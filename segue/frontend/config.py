@@ -86,6 +86,12 @@ class FrontendConfig:
         help="frontend processes serving one port, each routing on its own (use the cores)",
         aliases=("--frontend-processes",),
     )
+    system_port: int | None = option(
+        None,
+        help="also serve /live, /health and /metrics on this port from a thread of their "
+        "own: they answer at once under any load, and /live there is 503 when the event "
+        "loop stalls (0: any free port; every --processes child binds it)",
+    )
     listen_fd: int | None = option(None, hidden=True, help="a listening socket (from --processes)")
 
     @property

@@ -130,3 +130,22 @@ def test_a_client_that_stops_reading_is_cancelled_and_frees_the_worker(deploy):
         assert "not reading: cancelling" in deploy.frontend.log()
     finally:
         s.close()
+
+
+def test_system_port_answers_probes_from_its_own_thread(deploy):
+    """--system-port: /live, /health (the same view as the serving port's) and /metrics
+    with the API key guard not applying; the serving port still has them too."""
+    fe = deploy.start_frontend("--system-port", "0")
+    deploy.start_worker()
+    fe.wait_log("segue frontend system url=")
+    sys_url = fe.log().split("segue frontend system url=")[1].split()[0]
+    assert sys_url != deploy.url
+    assert httpx.get(sys_url + "/live").json() == {"status": "live"}
+    main = httpx.get(deploy.url + "/health").json()
+    # the snapshot is republished every quarter second: wait for one with the worker
+    wait_until(lambda: httpx.get(sys_url + "/health").json() == main, what="same health")
+    assert httpx.get(sys_url + "/health").status_code == 200
+    assert post(deploy.url).status_code == 200
+    m = httpx.get(sys_url + "/metrics")
+    assert m.status_code == 200 and "segue_frontend_requests_total" in m.text
+    assert httpx.get(sys_url + "/v1/models").status_code == 404  # probes only
