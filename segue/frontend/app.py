@@ -32,6 +32,7 @@ from segue.frontend.client import (
     ResilientClient,
 )
 from segue.frontend.config import FrontendConfig
+from segue.frontend.connections import ConnectionGuard, GuardedRunner
 from segue.frontend.keys import ApiKeys
 from segue.frontend.metrics import FrontendMetrics
 from segue.frontend.models import ModelRegistry
@@ -114,6 +115,7 @@ class Frontend:
             prefill_fallback=cfg.prefill_fallback,
         )
         self.shutting_down = False
+        self.guard: ConnectionGuard | None = None  # set once the runner has made it
         self.keys = ApiKeys(cfg.api_key_file) if cfg.api_key_file else None
         self._inflight = 0
         self._openapi = openapi_document()
@@ -135,7 +137,7 @@ class Frontend:
     def app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.cfg.max_body_bytes,
-            middlewares=[self._error_middleware, self._require_key],
+            middlewares=[self._track_heads, self._error_middleware, self._require_key],
         )
         app.router.add_post(Path.COMPLETIONS, self.handle_completions)
         app.router.add_post(Path.CHAT, self.handle_chat)
@@ -145,6 +147,22 @@ class Frontend:
         app.router.add_get(Path.METRICS, self.handle_metrics)
         app.router.add_get(Path.OPENAPI, self.handle_openapi)
         return app
+
+    @web.middleware
+    async def _track_heads(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Tells the connection guard a request's head arrived, and when it is answered."""
+        guard = self.guard
+        if guard is None:
+            return await handler(request)
+        guard.head_received(request.protocol)
+        try:
+            return await handler(request)
+        finally:
+            guard.response_done(request.protocol)
 
     @web.middleware
     async def _error_middleware(
@@ -398,13 +416,16 @@ async def run_frontend(
     cfg: FrontendConfig, tokenizer: Tokenizer, discovery: Discovery, stop: asyncio.Event
 ) -> None:
     fe = Frontend(cfg, tokenizer, discovery)
-    runner = web.AppRunner(
+    runner = GuardedRunner(
         fe.app(),
+        cfg.max_client_connections,
+        cfg.header_timeout,
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=cfg.shutdown_grace,
     )
     await runner.setup()
+    fe.guard = runner.guard
     if cfg.listen_fd is not None:  # one of several processes on a socket its parent made
         sock = socket.socket(fileno=cfg.listen_fd)
         await web.SockSite(runner, sock).start()

@@ -62,6 +62,16 @@ class FrontendConfig:
     )
     shutdown_grace: float = option(30.0, help="seconds open streams may finish on SIGTERM")
     max_connections: int = option(1024, help="open connections to workers, at most")
+    max_client_connections: int = option(
+        10000,
+        help="open client connections, at most; past it a new one gets 503 and is closed "
+        "(0: no limit)",
+    )
+    header_timeout: float = option(
+        30.0,
+        help="seconds a client connection has to send a request's headers, from opening or "
+        "from its previous response (0: no limit)",
+    )
     max_client_buffer: int = option(
         1024 * 1024,
         help="bytes of a stream a client may leave unread (beyond the kernel's buffers) before "

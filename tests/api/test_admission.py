@@ -149,3 +149,51 @@ def test_system_port_answers_probes_from_its_own_thread(deploy):
     m = httpx.get(sys_url + "/metrics")
     assert m.status_code == 200 and "segue_frontend_requests_total" in m.text
     assert httpx.get(sys_url + "/v1/models").status_code == 404  # probes only
+
+
+def _raw(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=20)
+
+
+def _read_all(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+def test_connection_cap_and_header_timeout(deploy):
+    """Past --max-client-connections a new connection gets a 503 (Retry-After, OpenAI body)
+    and is closed; a client that never finishes its headers gets a 408 after
+    --header-timeout; service goes on for everyone else."""
+    deploy.start_frontend("--max-client-connections", "3", "--header-timeout", "1")
+    deploy.start_worker()
+    # a connection sending nothing is closed after a second with a 408
+    slow = _raw(deploy.url)
+    slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: app")
+    answer = _read_all(slow)
+    slow.close()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    # open idle connections until one is refused: within the cap of 3
+    held, refused = [], None
+    try:
+        for _ in range(6):
+            s = _raw(deploy.url)
+            s.sendall(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")  # answered, kept alive
+            first = s.recv(65536)
+            if first.startswith(b"HTTP/1.1 503 "):
+                refused = first + _read_all(s)
+                s.close()
+                break
+            assert first.startswith(b"HTTP/1.1 200 ")
+            held.append(s)
+        assert refused is not None and len(held) <= 3
+        head, payload = refused.split(b"\r\n\r\n", 1)
+        assert b"Retry-After: 1" in head
+        assert "--max-client-connections" in json.loads(payload)["error"]["message"]
+    finally:
+        for s in held:
+            s.close()
+    wait_until(lambda: post(deploy.url).status_code == 200, what="served again")
