@@ -9,6 +9,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 NonNegInt = Annotated[int, Meta(ge=0)]
+MAX_CHOICES = 128  # choices one request may ask for: prompts x n
 # Stop strings are matched against every text delta: bound their number and length.
 StopString = Annotated[str, Meta(min_length=1, max_length=256)]
 Stop = StopString | Annotated[list[StopString], Meta(max_length=16)]
@@ -23,7 +24,7 @@ class CommonParams(Struct, kw_only=True):
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
-    n: int = 1
+    n: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop | None = None
@@ -109,18 +110,27 @@ def validation_error(e: msgspec.ValidationError | msgspec.DecodeError) -> APIErr
     return APIError(400, f"Request body is not valid JSON: {msg}", code="invalid_json")
 
 
-def prompt_text_or_ids(prompt: str | list[Any]) -> str | list[int]:
+def _is_ids(p: Any) -> bool:
+    return isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+
+
+def prompt_list(prompt: str | list[Any]) -> list[str | list[int]]:
+    """The prompts of a completion request: a string, a list of token ids, or a batch (a
+    list of strings or of token-id lists), as OpenAI accepts them."""
     if isinstance(prompt, str):
-        return prompt
-    if len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
-    if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    if prompt and all(isinstance(p, str) for p in prompt):
-        raise APIError(
-            400, "Batched prompts (a list of several strings) are not supported", param="prompt"
-        )
-    raise APIError(400, "prompt must be a string or a non-empty list of token ids", param="prompt")
+        return [prompt]
+    if prompt and _is_ids(prompt):
+        return [prompt]
+    if prompt and all(isinstance(p, str) or (_is_ids(p) and p) for p in prompt):
+        if len(prompt) > MAX_CHOICES:
+            raise APIError(400, f"at most {MAX_CHOICES} prompts in one request", param="prompt")
+        return list(prompt)
+    raise APIError(
+        400,
+        "prompt must be a string, a non-empty list of token ids, or a list of strings or of "
+        "non-empty token-id lists",
+        param="prompt",
+    )
 
 
 def message_dicts(messages: list[Message]) -> list[dict]:

@@ -38,7 +38,7 @@ from segue.frontend.metrics import FrontendMetrics
 from segue.frontend.models import ModelRegistry
 from segue.frontend.openapi import openapi_document
 from segue.frontend.output import OutputProcessor, TextDelta
-from segue.frontend.preprocess import PreparedRequest, decode_body
+from segue.frontend.preprocess import PreparedRequest, RequestState, decode_body
 from segue.frontend.render import SSE_DONE, SSE_HEADERS, Renderer, sse
 from segue.frontend.system import PUBLISH_S, SystemServer
 from segue.log import request_id_var
@@ -320,9 +320,47 @@ class Frontend:
             ) from None
 
     def _text_deltas(
-        self, prep: PreparedRequest, output: OutputProcessor
+        self, prep: PreparedRequest, output: OutputProcessor, state: RequestState
     ) -> AsyncGenerator[TextDelta, None]:
-        return output.text_deltas(self.client.generate(prep.state), prep.stops)
+        return output.text_deltas(self.client.generate(state), prep.stops)
+
+    async def _choice_deltas(
+        self, prep: PreparedRequest, output: OutputProcessor
+    ) -> AsyncGenerator[tuple[int, TextDelta], None]:
+        """Every choice's text deltas as (choice index, delta), as they come. Choices run
+        concurrently, each its own request to the workers; one failing fails the request,
+        and closing this generator (the client left) cancels them all."""
+        if len(prep.states) == 1:
+            async with contextlib.aclosing(self._text_deltas(prep, output, prep.state)) as one:
+                async for d in one:
+                    yield 0, d
+            return
+        queue: asyncio.Queue[tuple[int, TextDelta | None, Exception | None]] = asyncio.Queue()
+
+        async def pump(k: int, state: RequestState) -> None:
+            try:
+                async with contextlib.aclosing(self._text_deltas(prep, output, state)) as ds:
+                    async for delta in ds:
+                        queue.put_nowait((k, delta, None))
+                queue.put_nowait((k, None, None))  # this choice is done
+            except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+                queue.put_nowait((k, None, e))
+
+        tasks = [asyncio.create_task(pump(k, s)) for k, s in enumerate(prep.states)]
+        try:
+            left = len(tasks)
+            while left:
+                k, got, err = await queue.get()
+                if err is not None:
+                    raise err
+                if got is None:
+                    left -= 1
+                else:
+                    yield k, got
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _with_deadline(self, prep: PreparedRequest, work: Awaitable[T]) -> T:
         if prep.timeout is None:
@@ -331,7 +369,7 @@ class Frontend:
             async with asyncio.timeout(prep.timeout):
                 return await work
         except TimeoutError:
-            log.info("Request %s timed out after %.3fs", prep.state.request_id, prep.timeout)
+            log.info("Request %s timed out after %.3fs", prep.request_id, prep.timeout)
             raise oai.APIError(
                 408, f"request timed out after {prep.timeout}s", param="timeout", code="timeout"
             ) from None
@@ -339,19 +377,20 @@ class Frontend:
     async def _respond_whole(
         self, prep: PreparedRequest, output: OutputProcessor, headers: dict[str, str]
     ) -> web.Response:
-        async def collect() -> tuple[str, FinishReason | None]:
-            parts: list[str] = []
-            reason = None
-            async for d in self._text_deltas(prep, output):
-                parts.append(d.text)
-                reason = d.finish_reason
-            return "".join(parts), reason
+        async def collect() -> list[tuple[str, FinishReason | None]]:
+            parts: list[list[str]] = [[] for _ in prep.states]
+            reasons: list[FinishReason | None] = [None] * len(prep.states)
+            async with contextlib.aclosing(self._choice_deltas(prep, output)) as deltas:
+                async for k, d in deltas:
+                    parts[k].append(d.text)
+                    reasons[k] = d.finish_reason
+            return [("".join(p), r) for p, r in zip(parts, reasons, strict=True)]
 
         try:
-            text, finish = await self._with_deadline(prep, collect())
+            results = await self._with_deadline(prep, collect())
         except (NoWorkerError, MigrationError, RejectedError) as e:
             raise api_error(e) from None
-        body = Renderer(prep, prep.state.model).response(text, finish)
+        body = Renderer(prep, prep.state.model).response(results)
         return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def _respond_stream(
@@ -363,6 +402,7 @@ class Frontend:
     ) -> web.StreamResponse:
         render = Renderer(prep, prep.state.model)
         resp: web.StreamResponse | None = None
+        choices = range(len(prep.states))
 
         transport = request.transport
         bound = self.cfg.max_client_buffer
@@ -373,7 +413,7 @@ class Frontend:
             if transport is not None:  # writes must not wait on a reader: we watch the buffer
                 transport.set_write_buffer_limits(high=2 * bound)
             if prep.chat:
-                await r.write(render.chunk("", [], None, role=True))
+                await r.write(b"".join(render.chunk(k, "", [], None, role=True) for k in choices))
             return r
 
         async def run() -> None:
@@ -383,18 +423,26 @@ class Frontend:
             if self.client.can_route(prep.state.model):
                 resp = await start()
             tail = b""
-            d: TextDelta
-            async for d in self._text_deltas(prep, output):
-                if resp is None:
-                    resp = await start()
-                if d.finish_reason is not None:  # the last chunk leaves with the stream's end
-                    tail = render.chunk(d.text, d.token_ids, d.finish_reason)
-                    break
-                if transport is not None and transport.get_write_buffer_size() > bound:
-                    log.info("client of %s not reading: cancelling", prep.state.request_id)
-                    transport.abort()
-                    raise ConnectionResetError("the client stopped reading")
-                await resp.write(render.chunk(d.text, d.token_ids, None))
+            running = len(choices)
+            echo = dict(enumerate(prep.echo))  # each choice's echo goes with its first text
+            async with contextlib.aclosing(self._choice_deltas(prep, output)) as deltas:
+                async for k, d in deltas:
+                    if resp is None:
+                        resp = await start()
+                    text = echo.pop(k) + d.text if echo and k in echo else d.text
+                    if d.finish_reason is not None:
+                        running -= 1
+                        chunk = render.chunk(k, text, d.token_ids, d.finish_reason)
+                        if not running:  # the last chunk leaves with the stream's end
+                            tail = chunk
+                            break
+                        await resp.write(chunk)
+                        continue
+                    if transport is not None and transport.get_write_buffer_size() > bound:
+                        log.info("client of %s not reading: cancelling", prep.request_id)
+                        transport.abort()
+                        raise ConnectionResetError("the client stopped reading")
+                    await resp.write(render.chunk(k, text, d.token_ids, None))
             if resp is None:
                 resp = await start()
             if prep.include_usage:

@@ -73,19 +73,28 @@ class RequestState:
 
 @dataclass
 class PreparedRequest:
-    """A validated request: what to generate and how to present it."""
+    """A validated request: what to generate and how to present it. Each choice is a
+    request of its own to the workers (it migrates on its own): prompt i's choice j is
+    `states[i * n + j]`, the choice's index in the response."""
 
-    state: RequestState
+    request_id: str  # the client's; choice k's requests to workers are `{request_id}-{k}`
+    states: list[RequestState]
+    prompt_lens: list[int]  # per prompt: usage counts each prompt once, whatever n
     chat: bool
     stream: bool
     include_usage: bool
     stops: list[str]
     return_token_ids: bool
     timeout: float | None
+    echo: list[str] = field(default_factory=list)  # per choice: text before its output
+
+    @property
+    def state(self) -> RequestState:
+        return self.states[0]
 
     @property
     def prompt_len(self) -> int:
-        return len(self.state.prompt_ids)
+        return sum(self.prompt_lens)
 
 
 Body = oai.CompletionRequest | oai.ChatCompletionRequest
@@ -115,52 +124,65 @@ class Preprocessor:
 
     def __call__(self, body: Body, chat: bool, request_id: str) -> PreparedRequest:
         """Raises `oai.APIError` (a 4xx naming the field) for anything it cannot serve."""
-        if body.n != 1:
-            raise oai.APIError(400, "only n=1 is supported", param="n")
         if body.logprobs not in (None, False):
             raise oai.APIError(400, "logprobs are not supported", param="logprobs")
         max_tokens: int | None
+        echo: list[str] = []  # per prompt, with `echo`
         if isinstance(body, oai.ChatCompletionRequest):
             text = self.tok.apply_chat_template(oai.message_dicts(body.messages))
-            prompt_ids = self.tok.encode(text, add_special_tokens=False)
+            prompts: list[list[int]] = [self.tok.encode(text, add_special_tokens=False)]
             max_tokens = body.max_completion_tokens or body.max_tokens
             prompt_param = "messages"
         else:
-            if body.echo:
-                raise oai.APIError(400, "echo is not supported", param="echo")
-            p = oai.prompt_text_or_ids(body.prompt)
-            prompt_ids = self.tok.encode(p) if isinstance(p, str) else p
-            if isinstance(p, list) and any(t < 0 or t >= self.tok.vocab_size for t in p):
-                raise oai.APIError(400, "prompt token id out of range", param="prompt")
+            prompts = []
+            for p in oai.prompt_list(body.prompt):
+                if isinstance(p, list) and any(t < 0 or t >= self.tok.vocab_size for t in p):
+                    raise oai.APIError(400, "prompt token id out of range", param="prompt")
+                prompts.append(self.tok.encode(p) if isinstance(p, str) else p)
+                if body.echo:
+                    echo.append(p if isinstance(p, str) else self.tok.decode(p))
             max_tokens = body.max_tokens
             prompt_param = "prompt"
-        if not prompt_ids:
-            raise oai.APIError(400, "the prompt is empty", param=prompt_param)
-        max_tokens = self._max_tokens(body, chat, len(prompt_ids), max_tokens, prompt_param)
+        if len(prompts) * body.n > oai.MAX_CHOICES:
+            raise oai.APIError(400, f"prompts x n is at most {oai.MAX_CHOICES} choices", param="n")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         temperature = 1.0 if body.temperature is None else body.temperature
         # A sampled request gets a fixed seed so that a migrated continuation samples the
-        # same way the first worker would have.
+        # same way the first worker would have; choice k samples with seed + k, so with a
+        # seed each choice is reproducible.
         seed = body.seed if body.seed is not None else random.getrandbits(63)
-        state = RequestState(
-            request_id=request_id,
-            model=self.model,
-            prompt_ids=prompt_ids,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=body.top_p or 1.0,
-            seed=seed,
-            eos_token_ids=self.tok.eos_token_ids,
-            ignore_eos=body.ignore_eos,
-        )
+        states: list[RequestState] = []
+        single = len(prompts) * body.n == 1
+        for ids in prompts:
+            if not ids:
+                raise oai.APIError(400, "the prompt is empty", param=prompt_param)
+            budget = self._max_tokens(body, chat, len(ids), max_tokens, prompt_param)
+            for _ in range(body.n):
+                k = len(states)
+                states.append(
+                    RequestState(
+                        request_id=request_id if single else f"{request_id}-{k}",
+                        model=self.model,
+                        prompt_ids=ids,
+                        max_tokens=budget,
+                        temperature=temperature,
+                        top_p=body.top_p or 1.0,
+                        seed=(seed + k + 2**63) % 2**64 - 2**63,  # stays an int64
+                        eos_token_ids=self.tok.eos_token_ids,
+                        ignore_eos=body.ignore_eos,
+                    )
+                )
         return PreparedRequest(
-            state=state,
+            request_id=request_id,
+            states=states,
+            prompt_lens=[len(ids) for ids in prompts],
             chat=chat,
             stream=body.stream,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
             stops=stops,
             return_token_ids=body.return_token_ids,
             timeout=body.timeout or self.cfg.request_timeout,
+            echo=[text for text in echo for _ in range(body.n)],
         )
 
     def _max_tokens(

@@ -106,39 +106,49 @@ class Renderer:
         self._usage: None | UnsetType = None if prep.include_usage else UNSET
 
     def usage(self) -> Usage:
-        state = self.prep.state
-        return usage(self.prep.prompt_len, len(state.generated), state.cached_tokens)
+        """Every prompt once (whatever n), every choice's tokens."""
+        states = self.prep.states
+        return usage(
+            self.prep.prompt_len,
+            sum(len(s.generated) for s in states),
+            sum(s.cached_tokens for s in states),
+        )
 
-    def response(self, text: str, finish: FinishReason | None) -> bytes:
-        """The JSON body of a non-streamed answer."""
-        ids = self.prep.state.generated if self._ids else UNSET
-        choice: Choice
-        if self.prep.chat:
-            choice = ChatChoice(0, Message("assistant", text), None, finish, ids)
-            obj = "chat.completion"
-        else:
-            choice = CompletionChoice(0, text, None, finish, ids)
-            obj = "text_completion"
+    def response(self, results: list[tuple[str, FinishReason | None]]) -> bytes:
+        """The JSON body of a non-streamed answer: `results[k]` is choice k's text (its echo
+        put before it here) and finish reason."""
+        choices: list[Choice] = []
+        for k, (text, finish) in enumerate(results):
+            ids = self.prep.states[k].generated if self._ids else UNSET
+            if self.prep.chat:
+                choices.append(ChatChoice(k, Message("assistant", text), None, finish, ids))
+            else:
+                text = self.prep.echo[k] + text if self.prep.echo else text
+                choices.append(CompletionChoice(k, text, None, finish, ids))
+        obj = "chat.completion" if self.prep.chat else "text_completion"
         return _encode(
-            Response(
-                self.prep.state.request_id, obj, self.created, self.model, [choice], self.usage()
-            )
+            Response(self.prep.request_id, obj, self.created, self.model, choices, self.usage())
         )
 
     def chunk(
-        self, text: str, ids: list[int], finish: FinishReason | None, role: bool = False
+        self,
+        index: int,
+        text: str,
+        ids: list[int],
+        finish: FinishReason | None,
+        role: bool = False,
     ) -> bytes:
-        """One SSE event of a stream."""
+        """One SSE event of a stream, for choice `index`."""
         tids = ids if self._ids else UNSET
         choice: Choice
         if self.prep.chat:
             delta = ChatDelta("assistant", text) if role else ChatDelta(content=text)
-            choice = ChatChunkChoice(0, delta, None, finish, tids)
+            choice = ChatChunkChoice(index, delta, None, finish, tids)
         else:
-            choice = CompletionChoice(0, text, None, finish, tids)
+            choice = CompletionChoice(index, text, None, finish, tids)
         return sse(
             Response(
-                self.prep.state.request_id,
+                self.prep.request_id,
                 self.chunk_object,
                 self.created,
                 self.model,
@@ -151,7 +161,7 @@ class Renderer:
         """The last event of a stream with `include_usage`: no choices, the usage."""
         return sse(
             Response(
-                self.prep.state.request_id,
+                self.prep.request_id,
                 self.chunk_object,
                 self.created,
                 self.model,
