@@ -92,10 +92,18 @@ class Tokenizer:
         self._template = env.from_string(chat_template)
         self._bos, self._eos = bos, eos
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """The prompt text of a conversation; `tools` (OpenAI function definitions) go to
+        the template, which renders them if it knows how."""
         return self._template.render(
             messages=messages,
-            add_generation_prompt=True,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
             bos_token=self._bos,
             eos_token=self._eos,
         )

@@ -17,6 +17,11 @@ Stop = StopString | Annotated[list[StopString], Meta(max_length=16)]
 
 class StreamOptions(Struct):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage so far in every chunk
+
+
+TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 
 
 class CommonParams(Struct, kw_only=True):
@@ -34,7 +39,21 @@ class CommonParams(Struct, kw_only=True):
     ignore_eos: bool = False
     return_token_ids: bool = False
     timeout: Annotated[float, Meta(gt=0.0)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=64)] | None = None  # vLLM
+    # Accepted so clients need not strip them; refused unless neutral (no engine applies
+    # them yet), see Preprocessor: a 400 names the field.
     logprobs: Any = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
+    min_tokens: Annotated[int, Meta(ge=0)] | None = None
+    logit_bias: dict[str, float] | None = None
+    best_of: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] | None = None
+    # accepted and ignored
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    store: bool | None = None
 
 
 class CompletionRequest(CommonParams, kw_only=True):
@@ -51,14 +70,54 @@ class Message(Struct):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer to one
+
+
+class ToolFunction(Struct):
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Struct):
+    type: str
+    function: ToolFunction
+
+
+class ResponseFormat(Struct):
+    type: str
+    json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(CommonParams, kw_only=True):
     messages: list[Message]
     max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    tools: Annotated[list[Tool], Meta(max_length=128)] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+
+
+class TokenizeRequest(Struct, kw_only=True):
+    """vLLM's /tokenize: a prompt, or messages through the chat template."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(Struct, kw_only=True):
+    model: str
+    tokens: Annotated[list[TokenId], Meta(max_length=1_000_000)]
 
 
 completion_decoder = msgspec.json.Decoder(CompletionRequest)
+tokenize_decoder = msgspec.json.Decoder(TokenizeRequest)
+detokenize_decoder = msgspec.json.Decoder(DetokenizeRequest)
 chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 
 
@@ -149,5 +208,49 @@ def message_dicts(messages: list[Message]) -> list[dict]:
                     400, "only text content parts are supported", param=f"messages[{i}].content"
                 )
             content = "".join(p.text for p in content)
-        out.append({"role": m.role, "content": content or ""})
+        d: dict[str, Any] = {"role": m.role, "content": content or ""}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(m, key) is not None:  # for templates that render tool conversations
+                d[key] = getattr(m, key)
+        out.append(d)
     return out
+
+
+def unsupported(body: CommonParams) -> APIError | None:
+    """A 400 naming the first field set to something no engine here honours; None if the
+    request asks nothing of that kind."""
+    neutral: list[tuple[str, Any, tuple[Any, ...]]] = [
+        ("logprobs", body.logprobs, (None, False)),
+        ("top_logprobs", body.top_logprobs, (None, 0)),
+        ("presence_penalty", body.presence_penalty, (None, 0)),
+        ("frequency_penalty", body.frequency_penalty, (None, 0)),
+        ("repetition_penalty", body.repetition_penalty, (None, 1)),
+        ("min_tokens", body.min_tokens, (None, 0)),
+        ("best_of", body.best_of, (None, body.n)),
+    ]
+    for name, value, ok in neutral:
+        if value not in ok:
+            return APIError(400, f"{name} is not supported by segue's engines yet", param=name)
+    if body.logit_bias:
+        return APIError(400, "logit_bias is not supported by segue's engines yet", "logit_bias")
+    if isinstance(body, ChatCompletionRequest):
+        fmt = body.response_format
+        if fmt is not None and fmt.type != "text":
+            return APIError(
+                400,
+                f"response_format {fmt.type!r} is not supported: no engine here constrains "
+                "its output to a format",
+                param="response_format",
+            )
+        if body.tool_choice not in (None, "none", "auto"):
+            return APIError(
+                400,
+                "tool_choice must be 'none' or 'auto': no engine here can force a tool call",
+                param="tool_choice",
+            )
+        for i, t in enumerate(body.tools or []):
+            if t.type != "function":
+                return APIError(
+                    400, f"tools[{i}].type must be 'function'", param=f"tools[{i}].type"
+                )
+    return None

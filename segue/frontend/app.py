@@ -35,10 +35,10 @@ from segue.frontend.config import FrontendConfig
 from segue.frontend.connections import ConnectionGuard, GuardedRunner
 from segue.frontend.keys import ApiKeys
 from segue.frontend.metrics import FrontendMetrics
-from segue.frontend.models import ModelRegistry
+from segue.frontend.models import ModelRegistry, ServedModel
 from segue.frontend.openapi import openapi_document
 from segue.frontend.output import OutputProcessor, TextDelta
-from segue.frontend.preprocess import PreparedRequest, RequestState, decode_body
+from segue.frontend.preprocess import PreparedRequest, RequestState, decode_body, decode_json
 from segue.frontend.render import SSE_DONE, SSE_HEADERS, Renderer, sse
 from segue.frontend.system import PUBLISH_S, SystemServer
 from segue.log import request_id_var
@@ -60,6 +60,8 @@ class Path:
     LIVE = "/live"
     METRICS = "/metrics"
     OPENAPI = "/openapi.json"
+    TOKENIZE = "/tokenize"
+    DETOKENIZE = "/detokenize"
 
 
 def api_error(e: Exception) -> oai.APIError:
@@ -146,6 +148,8 @@ class Frontend:
         app.router.add_get(Path.LIVE, self.handle_live)
         app.router.add_get(Path.METRICS, self.handle_metrics)
         app.router.add_get(Path.OPENAPI, self.handle_openapi)
+        app.router.add_post(Path.TOKENIZE, self.handle_tokenize)
+        app.router.add_post(Path.DETOKENIZE, self.handle_detokenize)
         return app
 
     @web.middleware
@@ -233,6 +237,49 @@ class Frontend:
         ok = bool(self.router.routable()) and not self.shutting_down
         return {"status": "ok" if ok else "unavailable", "workers": workers}, ok
 
+    def _model(self, name: str) -> ServedModel:
+        model = self.models.get(name)
+        if model is None:
+            raise oai.APIError(
+                404,
+                f"The model `{name}` does not exist; this server serves "
+                + ", ".join(f"`{n}`" for n in self.models.models),
+                param="model",
+                code="model_not_found",
+            )
+        return model
+
+    async def handle_tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: token ids of a prompt, or of messages through the template."""
+        try:
+            body = decode_json(await self._read_body(request), oai.tokenize_decoder)
+            tok = self._model(body.model).tokenizer
+            if (body.prompt is None) == (body.messages is None):
+                raise oai.APIError(400, "give either prompt or messages", param="prompt")
+            if body.messages is not None:
+                text = tok.apply_chat_template(
+                    oai.message_dicts(body.messages),
+                    add_generation_prompt=body.add_generation_prompt,
+                )
+                ids = tok.encode(text, add_special_tokens=False)
+            else:
+                ids = tok.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        except oai.APIError as e:
+            return web.json_response(e.body(), status=e.status)
+        return web.json_response(
+            {"count": len(ids), "max_model_len": tok.context_length, "tokens": ids}
+        )
+
+    async def handle_detokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = decode_json(await self._read_body(request), oai.detokenize_decoder)
+            tok = self._model(body.model).tokenizer
+            if any(t >= tok.vocab_size for t in body.tokens):
+                raise oai.APIError(400, "token id out of range", param="tokens")
+        except oai.APIError as e:
+            return web.json_response(e.body(), status=e.status)
+        return web.json_response({"prompt": tok.decode(body.tokens)})
+
     async def handle_openapi(self, request: web.Request) -> web.Response:
         return web.json_response(self._openapi)
 
@@ -273,15 +320,7 @@ class Frontend:
                     headers={"Retry-After": RETRY_AFTER},
                 )
             body = decode_body(await self._read_body(request), chat)
-            model = self.models.get(body.model)
-            if model is None:
-                raise oai.APIError(
-                    404,
-                    f"The model `{body.model}` does not exist; this server serves "
-                    + ", ".join(f"`{n}`" for n in self.models.models),
-                    param="model",
-                    code="model_not_found",
-                )
+            model = self._model(body.model)
             prep = model.preprocess(body, chat, rid)
             if prep.stream:
                 return await self._respond_stream(request, prep, model.output, headers)

@@ -57,6 +57,27 @@ def _generation(name: str, summary: str) -> dict[str, Any]:
     }
 
 
+def _post(name: str, summary: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": summary,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                **_errors(400, 404, 408, 413),
+            },
+        }
+    }
+
+
 def _get(summary: str, media: str = "application/json") -> dict[str, Any]:
     return {
         "get": {
@@ -84,7 +105,12 @@ def _get(summary: str, media: str = "application/json") -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     _, schemas = msgspec.json.schema_components(
-        (oai.CompletionRequest, oai.ChatCompletionRequest),
+        (
+            oai.CompletionRequest,
+            oai.ChatCompletionRequest,
+            oai.TokenizeRequest,
+            oai.DetokenizeRequest,
+        ),
         ref_template="#/components/schemas/{name}",
     )
     return {
@@ -100,6 +126,8 @@ def openapi_document() -> dict[str, Any]:
                 "ChatCompletionRequest", "Create a chat completion"
             ),
             "/v1/models": _get("List the served models"),
+            "/tokenize": _post("TokenizeRequest", "Token ids of a prompt or of chat messages"),
+            "/detokenize": _post("DetokenizeRequest", "Text of token ids"),
             "/health": _get("Health: the workers and whether one is routable"),
             "/live": _get("Liveness of the frontend process"),
             "/metrics": _get("Prometheus metrics", "text/plain"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import msgspec
 
@@ -83,6 +84,7 @@ class PreparedRequest:
     chat: bool
     stream: bool
     include_usage: bool
+    continuous_usage: bool  # usage so far in every chunk (vLLM's continuous_usage_stats)
     stops: list[str]
     return_token_ids: bool
     timeout: float | None
@@ -98,12 +100,19 @@ class PreparedRequest:
 
 
 Body = oai.CompletionRequest | oai.ChatCompletionRequest
+T = TypeVar("T")
 
 
 def decode_body(raw: bytes, chat: bool) -> Body:
     """The typed request, or a 400 naming the field (or the encoding) that is wrong."""
+    if chat:
+        return decode_json(raw, oai.chat_decoder)
+    return decode_json(raw, oai.completion_decoder)
+
+
+def decode_json(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
     try:
-        return (oai.chat_decoder if chat else oai.completion_decoder).decode(raw)
+        return decoder.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise oai.validation_error(e) from None
     except UnicodeDecodeError as e:  # msgspec's error for a string that is not UTF-8
@@ -124,12 +133,16 @@ class Preprocessor:
 
     def __call__(self, body: Body, chat: bool, request_id: str) -> PreparedRequest:
         """Raises `oai.APIError` (a 4xx naming the field) for anything it cannot serve."""
-        if body.logprobs not in (None, False):
-            raise oai.APIError(400, "logprobs are not supported", param="logprobs")
+        if (err := oai.unsupported(body)) is not None:
+            raise err
+        stop_ids = body.stop_token_ids or []
+        if any(t >= self.tok.vocab_size for t in stop_ids):
+            raise oai.APIError(400, "stop token id out of range", param="stop_token_ids")
         max_tokens: int | None
         echo: list[str] = []  # per prompt, with `echo`
         if isinstance(body, oai.ChatCompletionRequest):
-            text = self.tok.apply_chat_template(oai.message_dicts(body.messages))
+            tools = [msgspec.to_builtins(t) for t in body.tools] if body.tools else None
+            text = self.tok.apply_chat_template(oai.message_dicts(body.messages), tools)
             prompts: list[list[int]] = [self.tok.encode(text, add_special_tokens=False)]
             max_tokens = body.max_completion_tokens or body.max_tokens
             prompt_param = "messages"
@@ -168,6 +181,7 @@ class Preprocessor:
                         temperature=temperature,
                         top_p=body.top_p or 1.0,
                         seed=(seed + k + 2**63) % 2**64 - 2**63,  # stays an int64
+                        stop_token_ids=stop_ids,
                         eos_token_ids=self.tok.eos_token_ids,
                         ignore_eos=body.ignore_eos,
                     )
@@ -179,6 +193,9 @@ class Preprocessor:
             chat=chat,
             stream=body.stream,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            continuous_usage=bool(
+                body.stream_options and body.stream_options.continuous_usage_stats
+            ),
             stops=stops,
             return_token_ids=body.return_token_ids,
             timeout=body.timeout or self.cfg.request_timeout,

@@ -146,15 +146,9 @@ class Renderer:
             choice = ChatChunkChoice(index, delta, None, finish, tids)
         else:
             choice = CompletionChoice(index, text, None, finish, tids)
+        u = self.usage() if self.prep.continuous_usage else self._usage
         return sse(
-            Response(
-                self.prep.request_id,
-                self.chunk_object,
-                self.created,
-                self.model,
-                [choice],
-                self._usage,
-            )
+            Response(self.prep.request_id, self.chunk_object, self.created, self.model, [choice], u)
         )
 
     def usage_chunk(self) -> bytes:

@@ -49,3 +49,67 @@ def test_a_million_nested_lists_is_a_400_not_a_recursion_error():
     with pytest.raises(APIError) as e:
         PRE(body(prompt=deep), False, "r")
     assert e.value.status == 400 and "nested too deeply" in e.value.message
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        (b', "presence_penalty": 0.5', "presence_penalty"),
+        (b', "frequency_penalty": -1', "frequency_penalty"),
+        (b', "repetition_penalty": 1.2', "repetition_penalty"),
+        (b', "min_tokens": 3', "min_tokens"),
+        (b', "logprobs": 2', "logprobs"),
+        (b', "logit_bias": {"5": 10}', "logit_bias"),
+        (b', "best_of": 3', "best_of"),
+        (b', "stop_token_ids": [99999999]', "stop_token_ids"),
+    ],
+)
+def test_what_no_engine_honours_is_a_400_naming_it(extra, param):
+    with pytest.raises(APIError) as e:
+        PRE(body(extra), False, "r")
+    assert e.value.status == 400 and e.value.param == param
+
+
+def test_neutral_values_and_ignored_fields_are_accepted():
+    extra = (
+        b', "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1,'
+        b' "min_tokens": 0, "logprobs": false, "best_of": 1, "user": "u",'
+        b' "metadata": {"k": "v"}, "store": false, "stop_token_ids": [7, 9]'
+    )
+    state = PRE(body(extra), False, "r").state
+    assert state.stop_token_ids == [7, 9]
+
+
+def chat(extra: bytes) -> bytes:
+    return (
+        b'{"model": "segue-mocker", "messages": [{"role": "user", "content": "hi"}]' + extra + b"}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        (b', "response_format": {"type": "json_object"}', "response_format"),
+        (b', "tool_choice": "required"', "tool_choice"),
+        (b', "tools": [{"type": "retrieval", "function": {"name": "f"}}]', "tools[0].type"),
+    ],
+)
+def test_chat_features_no_engine_honours_are_400s(extra, param):
+    with pytest.raises(APIError) as e:
+        PRE(chat(extra), True, "r")
+    assert e.value.status == 400 and e.value.param == param
+
+
+def test_tools_reach_the_chat_template():
+    import jinja2
+
+    tok = BuiltinTokenizer()
+    tok._template = jinja2.Environment().from_string(
+        "{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}"
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    pre = Preprocessor(FrontendConfig(), tok, "segue-mocker")
+    tools = b', "tools": [{"type": "function", "function": {"name": "get_tide"}}]'
+    for extra, want in ((tools, "[tool get_tide]hi"), (b"", "hi")):
+        prep = pre(decode_body(chat(extra + b', "tool_choice": "auto"'), True), True, "r")
+        assert tok.decode(prep.state.prompt_ids) == want

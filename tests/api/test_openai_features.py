@@ -1,12 +1,16 @@
-"""Several choices (`n`), batched prompts and `echo`, through the openai client: each choice
-is a request of its own to the workers, reproducible with a seed, and migrates on its own."""
+"""The OpenAI API beyond one plain choice, through the openai client: several choices (`n`;
+each a request of its own to the workers, reproducible with a seed, migrating on its own),
+batched prompts, `echo`, `stop_token_ids`, tools, continuous usage, and vLLM's /tokenize and
+/detokenize."""
 
 from __future__ import annotations
 
 import signal
 from collections import defaultdict
 
+import httpx
 import openai
+import pytest
 from faults import metric, total_migrations, worker_of
 from harness import wait_until
 
@@ -178,3 +182,68 @@ def test_cancelling_a_request_cancels_every_choice(deploy):
             what="every choice aborted",
         )
     assert sum(metric(w, "segue_worker_aborts_total") for w in deploy.workers) == 4
+
+
+def test_tokenize_and_detokenize_as_vllm(agg2):
+    c = client(agg2)
+    t = httpx.post(agg2.url + "/tokenize", json={"model": MODEL, "prompt": "the old mill"}).json()
+    r = c.completions.create(model=MODEL, prompt="the old mill", max_tokens=1)
+    assert t["count"] == len(t["tokens"]) == r.usage.prompt_tokens
+    assert t["max_model_len"] > 0
+    back = httpx.post(agg2.url + "/detokenize", json={"model": MODEL, "tokens": t["tokens"]})
+    assert back.json() == {"prompt": "the old mill"}
+    msgs = [{"role": "user", "content": "hello there"}]
+    tm = httpx.post(agg2.url + "/tokenize", json={"model": MODEL, "messages": msgs}).json()
+    chat = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1)
+    assert tm["count"] == chat.usage.prompt_tokens
+    bad = httpx.post(agg2.url + "/tokenize", json={"model": "nope", "prompt": "x"})
+    assert bad.status_code == 404 and bad.json()["error"]["param"] == "model"
+    neither = httpx.post(agg2.url + "/tokenize", json={"model": MODEL})
+    assert neither.status_code == 400
+    big = httpx.post(agg2.url + "/detokenize", json={"model": MODEL, "tokens": [10**9]})
+    assert big.status_code == 400 and big.json()["error"]["param"] == "tokens"
+
+
+def test_stop_token_ids_end_the_choice(agg2):
+    c = client(agg2)
+    kw = dict(model=MODEL, prompt="a long road", max_tokens=10, temperature=0, extra_body=TOKEN_IDS)
+    full = ids(c.completions.create(**kw).choices[0])
+    stop = full[3]
+    first = full.index(stop)  # the first time that token comes
+    r = c.completions.create(**{**kw, "extra_body": {**TOKEN_IDS, "stop_token_ids": [stop]}})
+    assert r.choices[0].finish_reason == "stop"
+    assert ids(r.choices[0]) == full[: first + 1]
+
+
+def test_tools_accepted_and_continuous_usage(agg2):
+    c = client(agg2)
+    tools = [{"type": "function", "function": {"name": "tide", "parameters": {"type": "object"}}}]
+    r = c.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "when is high tide"}],
+        tools=tools,
+        tool_choice="auto",
+        user="someone",
+        metadata={"team": "ops"},
+        max_tokens=4,
+    )
+    assert r.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_object"},
+        )
+    assert e.value.body["param"] == "response_format"
+    seen = [
+        ch.usage.completion_tokens
+        for ch in c.completions.create(
+            model=MODEL,
+            prompt="the sea",
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+        if ch.choices
+    ]
+    assert seen == sorted(seen) and seen[-1] == 6 and seen[0] >= 1
