@@ -52,6 +52,12 @@ class WorkerConfig:
         help="calls this worker holds at once (running and queued in its engine); over it a "
         "new call gets a retryable `overloaded` error at once and its caller tries another",
     )
+    max_pending_kv: float = option(
+        2.0,
+        help="KV the calls this worker holds may need together (prompt + max_tokens each), "
+        "as a multiple of its engine's KV cache; over it a new call gets `overloaded` as "
+        "over --max-pending (0: no limit)",
+    )
     request_plane: PlaneKind = option(
         PlaneKind.MUX,
         help="how this worker calls remote stages: mux (all calls to a worker on one "

@@ -48,6 +48,9 @@ from segue.worker.session import StageError
 if TYPE_CHECKING:
     from segue.worker.lifecycle import Worker
 
+# Tokens per KV block for the admission estimate (the engines here all use 16).
+KV_BLOCK_TOKENS = 16
+
 log = logging.getLogger("segue.worker")
 _KV_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 
@@ -62,6 +65,7 @@ class Routes:
     def __init__(self, worker: Worker) -> None:
         self.w = worker
         self._calls = 0  # open calls (including remote-stage waits)
+        self._kv_tokens = 0  # the tokens those calls may need in KV (prompt + max_tokens)
         self.idle = asyncio.Event()
         self.idle.set()
         self.muxes: set[MuxServer] = set()
@@ -191,14 +195,16 @@ class Routes:
             code = ErrorCode.DRAINING if w.draining else ErrorCode.ENGINE_UNHEALTHY
             await sink.write_eof(encode_frame(Error(code, f"worker {w.id} is {code}", True)))
             return
-        if self._calls >= w.cfg.max_pending:
+        need = len(req.token_ids) + req.max_tokens
+        why = self._over_limit(need)
+        if why is not None:
             w.metrics.rejections.inc()
-            why = f"worker {w.id} is at its admission limit ({w.cfg.max_pending} calls)"
             await sink.write_eof(encode_frame(Error(ErrorCode.OVERLOADED, why, True)))
             return
         log.info("New Request ID: %s", req.request_id)
         w.metrics.requests.inc()
         self._calls += 1
+        self._kv_tokens += need
         self.idle.clear()
         try:
             await self._dispatch(req, sink)
@@ -207,8 +213,25 @@ class Routes:
             await sink.write_eof(encode_frame(e.frame))
         finally:
             self._calls -= 1
+            self._kv_tokens -= need
             if self._calls == 0:
                 self.idle.set()
+
+    def _over_limit(self, need: int) -> str | None:
+        """Why a new call needing `need` tokens of KV is refused, if it is: past the calls
+        limit, or past the KV the held calls may need (as tokens: engines count blocks of
+        their own size; the first call is always let in, the engine judges it alone)."""
+        w = self.w
+        if self._calls >= w.cfg.max_pending:
+            return f"worker {w.id} is at its admission limit ({w.cfg.max_pending} calls)"
+        if w.cfg.max_pending_kv and self._calls:
+            capacity = w.engine.stats().kv_blocks_total * KV_BLOCK_TOKENS * w.cfg.max_pending_kv
+            if capacity and self._kv_tokens + need > capacity:  # 0: the engine does not say
+                return (
+                    f"worker {w.id} is at its KV admission limit (its calls may need "
+                    f"{self._kv_tokens} tokens of KV; --max-pending-kv {w.cfg.max_pending_kv})"
+                )
+        return None
 
     async def _dispatch(self, req: EngineRequest, resp: FrameSink) -> None:
         stages = self.w.stages

@@ -87,6 +87,26 @@ def test_every_worker_full_is_a_429_with_retry_after(deploy):
     hold.close()
 
 
+def test_kv_admission_limit_refuses_what_the_kv_cache_could_not_hold(deploy):
+    """--max-pending-kv 1 with 64 blocks of 16 tokens: one call needing 1000 tokens of KV
+    holds the worker; another needing 100 more is refused at once, one needing 10 is not."""
+    deploy.start_frontend()
+    w = deploy.start_worker(*SLOW, "--mocker-kv-blocks", "64", "--max-pending-kv", "1")
+    prompt = " ".join(["the"] * 10)  # one token per word with the built-in tokenizer
+    hold = StreamReader(
+        deploy.url, "completions", body("completions", prompt, 990, True), "kv-hold"
+    )
+    hold.read_tokens(1)
+    r = httpx.post(
+        deploy.url + "/v1/completions", json=body("completions", prompt, 90, False), timeout=30
+    )
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    assert r.json()["error"]["code"] == "overloaded"  # by KV: --max-pending is 1024
+    assert post(deploy.url, n=1).status_code == 200  # 5 + 1 tokens: room for that
+    assert metric(w, "segue_worker_rejections_total") == 1
+    hold.close()
+
+
 def test_the_frontends_own_limit_is_a_503_with_retry_after(deploy):
     deploy.start_frontend("--max-inflight", "1")
     deploy.start_worker(*SLOW)
