@@ -99,6 +99,15 @@ def token_digest(token_ids: list[int]) -> str:
     return hashlib.blake2b(msgspec.msgpack.encode(token_ids), digest_size=16).hexdigest()
 
 
+class Logprob(msgspec.Struct, array_like=True, frozen=True):
+    """A generated token's log probability under the model (before temperature), and the
+    `k` most likely tokens at its position with theirs, most likely first."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
 class EngineRequest(msgspec.Struct, kw_only=True):
     request_id: str
     token_ids: list[int]  # prompt + tokens already generated (on migration)
@@ -111,11 +120,13 @@ class EngineRequest(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
     phase: Phase = Phase.GENERATE
     kv: KvHandle | None = None  # for Phase.DECODE
+    logprobs: int | None = None  # with each token its logprob and this many top ones
 
 
 class Tokens(msgspec.Struct, tag="tok"):
     offset: int
     token_ids: list[int]
+    logprobs: list[Logprob] | None = None  # one per token, when the request asked
 
 
 class KeepAlive(msgspec.Struct, tag="ka"):

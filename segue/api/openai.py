@@ -10,6 +10,7 @@ from msgspec import Meta, Struct
 
 NonNegInt = Annotated[int, Meta(ge=0)]
 MAX_CHOICES = 128  # choices one request may ask for: prompts x n
+MAX_LOGPROBS = 20  # top logprobs per token, as OpenAI
 # Stop strings are matched against every text delta: bound their number and length.
 StopString = Annotated[str, Meta(min_length=1, max_length=256)]
 Stop = StopString | Annotated[list[StopString], Meta(max_length=16)]
@@ -43,7 +44,7 @@ class CommonParams(Struct, kw_only=True):
     # Accepted so clients need not strip them; refused unless neutral (no engine applies
     # them yet), see Preprocessor: a 400 names the field.
     logprobs: Any = None
-    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
@@ -220,8 +221,6 @@ def unsupported(body: CommonParams) -> APIError | None:
     """A 400 naming the first field set to something no engine here honours; None if the
     request asks nothing of that kind."""
     neutral: list[tuple[str, Any, tuple[Any, ...]]] = [
-        ("logprobs", body.logprobs, (None, False)),
-        ("top_logprobs", body.top_logprobs, (None, 0)),
         ("presence_penalty", body.presence_penalty, (None, 0)),
         ("frequency_penalty", body.frequency_penalty, (None, 0)),
         ("repetition_penalty", body.repetition_penalty, (None, 1)),

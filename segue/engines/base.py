@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from segue.protocol import EngineRequest, FinishReason, Phase
+from segue.protocol import EngineRequest, FinishReason, Logprob, Phase
 
 
 class EngineTask(StrEnum):
@@ -48,6 +48,7 @@ class EngineInput:
     ignore_eos: bool = False
     task: EngineTask = EngineTask.GENERATE
     kv_payload: bytes | None = None  # DECODE: the KV of token_ids, from the prefill worker
+    logprobs: int | None = None  # push each token with its Logprob (and this many top ones)
 
     @classmethod
     def from_request(
@@ -68,6 +69,7 @@ class EngineInput:
             ignore_eos=req.ignore_eos,
             task=task,
             kv_payload=kv_payload,
+            logprobs=req.logprobs,
         )
 
 
@@ -76,6 +78,7 @@ class EngineOutput:
     token_ids: list[int]
     finish_reason: EngineFinish | None = None
     error: str | None = None
+    logprobs: list[Logprob] | None = None  # one per token, when the request asked
 
 
 @dataclass
@@ -107,6 +110,7 @@ class RequestStream:
     __slots__ = (
         "request_id",
         "_pending",
+        "_logprobs",
         "_finish",
         "_error",
         "_waiter",
@@ -118,6 +122,7 @@ class RequestStream:
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self._pending: list[int] = []
+        self._logprobs: list[Logprob] | None = None
         self._finish: EngineFinish | None = None
         self._error: str | None = None
         self._waiter: asyncio.Future[bool] | None = None
@@ -125,8 +130,12 @@ class RequestStream:
         self.kv_tokens: list[int] = []  # the context an EXPORTED request's KV covers
         self.cached_tokens = 0  # leading context tokens the engine found in its KV cache
 
-    def push(self, token_id: int) -> None:
+    def push(self, token_id: int, logprob: Logprob | None = None) -> None:
         self._pending.append(token_id)
+        if logprob is not None:
+            if self._logprobs is None:
+                self._logprobs = []
+            self._logprobs.append(logprob)
         if self._waiter is not None:
             _wake(self._waiter, True)
 
@@ -159,8 +168,9 @@ class RequestStream:
                 self._waiter = None
                 if timer is not None:
                     timer.cancel()
-        out = EngineOutput(self._pending, self._finish, self._error)
+        out = EngineOutput(self._pending, self._finish, self._error, self._logprobs)
         self._pending = []
+        self._logprobs = None
         return out
 
 

@@ -35,7 +35,7 @@ from segue.engines.base import (
     RequestStream,
 )
 from segue.engines.seqtable import SeqTable
-from segue.protocol import token_digest
+from segue.protocol import Logprob, token_digest
 from segue.stopping import finish_reason
 
 log = logging.getLogger("segue.hf")
@@ -94,9 +94,9 @@ class _Seq:
         return len(self.ctx) - self.computed
 
 
-def _deliver(pushed: list[tuple[RequestStream, int]]) -> None:
-    for stream, tok in pushed:
-        stream.push(tok)
+def _deliver(pushed: list[tuple[RequestStream, int, Logprob | None]]) -> None:
+    for stream, tok, lp in pushed:
+        stream.push(tok, lp)
 
 
 class HFEngine(Engine):
@@ -363,7 +363,7 @@ class HFEngine(Engine):
         if not work:
             return
         greedy = self.torch.argmax(logits, dim=-1).tolist()
-        pushed: list[tuple[RequestStream, int]] = []
+        pushed: list[tuple[RequestStream, int, Logprob | None]] = []
         finished: list[tuple[_Seq, EngineFinish]] = []
         with self._lock:
             for row, (seq, n) in enumerate(work):
@@ -376,7 +376,8 @@ class HFEngine(Engine):
                 tok = greedy[row] if req.temperature == 0 else self._sample(seq, logits[row])
                 seq.ctx.append(tok)
                 seq.out.append(tok)
-                pushed.append((seq.stream, tok))
+                lp = None if req.logprobs is None else self._logprob(logits[row], tok, req.logprobs)
+                pushed.append((seq.stream, tok, lp))
                 done = finish_reason(
                     tok, len(seq.out), req.max_tokens, req.stop_token_ids, self.eos, req.ignore_eos
                 )
@@ -389,6 +390,17 @@ class HFEngine(Engine):
                 self._call(_deliver, pushed)
             for seq, reason in finished:
                 self._finish_locked(seq, reason)
+
+    def _logprob(self, logits: Any, tok: int, k: int) -> Logprob:
+        """The token's log probability under the model (before temperature), and the top
+        k; fp32 math, as vLLM reports them."""
+        lps = self.torch.log_softmax(logits.float(), dim=-1)
+        top = lps.topk(k) if k else None
+        return Logprob(
+            float(lps[tok]),
+            top.indices.tolist() if top is not None else [],
+            top.values.tolist() if top is not None else [],
+        )
 
     def _sample(self, seq: _Seq, logits: Any) -> int:
         torch = self.torch

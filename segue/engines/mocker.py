@@ -41,6 +41,7 @@ from segue.engines.base import (
 )
 from segue.engines.seqtable import SeqBlocks, SeqTable
 from segue.options import option
+from segue.protocol import Logprob
 from segue.stopping import finish_reason
 
 log = logging.getLogger("segue.mocker")
@@ -117,6 +118,7 @@ class MockerEngine(Engine):
     def __init__(self, config: MockerConfig, tokenizer) -> None:
         self.cfg = config
         self.vocab = tokenizer.output_vocab()
+        self._vocab_at = {t: i for i, t in enumerate(self.vocab)}
         self.eos = tokenizer.eos_token_ids
         self.table = SeqTable(
             config.kv_blocks, config.block_size, config.max_num_seqs, config.prefix_caching
@@ -230,13 +232,24 @@ class MockerEngine(Engine):
         seq.h = fold(seq.h, (tok,))
         seq.out.append(tok)
         self._emitted += 1
-        seq.stream.push(tok)
         req = seq.req
+        seq.stream.push(tok, None if req.logprobs is None else self._logprob(seq.h, tok, req))
         done = finish_reason(
             tok, len(seq.out), req.max_tokens, req.stop_token_ids, self.eos, req.ignore_eos
         )
         if done is not None:
             self._finish(seq, EngineFinish(done))
+
+    def _logprob(self, h: int, tok: int, req: EngineInput) -> Logprob:
+        """Simulated, deterministic like the tokens: a function of the context (its hash
+        `h` after `tok`) and the engine seed. The token is the most likely; the others of
+        the top k are the next vocabulary entries, each less likely."""
+        first = -(draw(h, self.cfg.seed ^ 0x5EED, 4096) + 1) / 4096  # in [-1, 0)
+        k = req.logprobs or 0
+        vocab = self.vocab
+        at = self._vocab_at[tok]
+        ids = [vocab[(at + j) % len(vocab)] for j in range(k)]
+        return Logprob(first, ids, [first - j for j in range(k)])
 
     async def _sleep(self, seconds: float) -> None:
         # Sleep to a running deadline rather than for each interval: timers have about 1 ms

@@ -42,6 +42,7 @@ from segue.engines.base import (
 )
 from segue.engines.vllm_events import VllmKvEventRelay, events_endpoint
 from segue.engines.vllm_kv import ExampleKv, KvTransfer, NixlKv
+from segue.protocol import Logprob
 
 log = logging.getLogger("segue.vllm")
 
@@ -279,6 +280,7 @@ class VllmEngine(Engine):
             ignore_eos=req.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
             detokenize=False,
+            logprobs=req.logprobs,
             extra_args=extra or None,
         )
         try:
@@ -299,8 +301,9 @@ class VllmEngine(Engine):
                         stream.finish(EngineFinish.PREFILLED)
                         return
                     continue
-                for t in o.token_ids:
-                    stream.push(t)
+                lps = o.logprobs if req.logprobs is not None else None
+                for i, t in enumerate(o.token_ids):
+                    stream.push(t, _logprob(t, lps[i], req.logprobs or 0) if lps else None)
                 if out.finished:
                     stream.finish(
                         EngineFinish.STOP
@@ -347,3 +350,10 @@ class VllmEngine(Engine):
         if stream is not None:
             stream.finish(EngineFinish.ABORT)
         return True
+
+
+def _logprob(token: int, entries: dict[int, Any], k: int) -> Logprob:
+    """vLLM's logprobs of one position (the sampled token and the top k, each with its
+    rank) as segue's."""
+    top = sorted((v.rank, tid, v.logprob) for tid, v in entries.items() if v.rank <= k)
+    return Logprob(entries[token].logprob, [t for _, t, _ in top], [lp for _, _, lp in top])

@@ -429,7 +429,7 @@ class Frontend:
             results = await self._with_deadline(prep, collect())
         except (NoWorkerError, MigrationError, RejectedError) as e:
             raise api_error(e) from None
-        body = Renderer(prep, prep.state.model).response(results)
+        body = Renderer(prep, prep.state.model, output.tok).response(results)
         return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def _respond_stream(
@@ -439,7 +439,7 @@ class Frontend:
         output: OutputProcessor,
         headers: dict[str, str],
     ) -> web.StreamResponse:
-        render = Renderer(prep, prep.state.model)
+        render = Renderer(prep, prep.state.model, output.tok)
         resp: web.StreamResponse | None = None
         choices = range(len(prep.states))
 
@@ -471,7 +471,7 @@ class Frontend:
                     text = echo.pop(k) + d.text if echo and k in echo else d.text
                     if d.finish_reason is not None:
                         running -= 1
-                        chunk = render.chunk(k, text, d.token_ids, d.finish_reason)
+                        chunk = render.chunk(k, text, d.token_ids, d.finish_reason, start=d.start)
                         if not running:  # the last chunk leaves with the stream's end
                             tail = chunk
                             break
@@ -481,7 +481,7 @@ class Frontend:
                         log.info("client of %s not reading: cancelling", prep.request_id)
                         transport.abort()
                         raise ConnectionResetError("the client stopped reading")
-                    await resp.write(render.chunk(k, text, d.token_ids, None))
+                    await resp.write(render.chunk(k, text, d.token_ids, None, start=d.start))
             if resp is None:
                 resp = await start()
             if prep.include_usage:

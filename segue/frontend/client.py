@@ -206,6 +206,10 @@ class ResilientClient:
                             raise Failure(FailureReason.TOKEN_GAP, inst)
                         new = f.token_ids[skip:] if skip else f.token_ids
                         if new:
+                            if state.logprobs is not None:
+                                if f.logprobs is None or len(f.logprobs) != len(f.token_ids):
+                                    raise Failure(FailureReason.BAD_FRAME, inst)
+                                state.token_logprobs.extend(f.logprobs[skip:])
                             generated.extend(new)
                             yield new, None
                     elif type(f) is Final:

@@ -24,6 +24,7 @@ class TextDelta:
     text: str
     token_ids: list[int]
     finish_reason: FinishReason | None
+    start: int = 0  # index of its first token in the choice's output
 
 
 _MAX_HELD_TOKENS = 4  # a UTF-8 character is at most 4 bytes, so at most 4 byte tokens
@@ -113,6 +114,7 @@ class OutputProcessor:
         start = last = time.perf_counter()
         first = True
         ttft, itl = self.ttft, self.itl
+        pos = 0
         async with contextlib.aclosing(deltas) as stream:
             async for ids, finish in stream:
                 if ids:
@@ -124,12 +126,13 @@ class OutputProcessor:
                         itl.observe(now - last)
                     last = now
                 text, hit = stopper.feed(detok.add(ids))
+                at, pos = pos, pos + len(ids)
                 if hit:
-                    yield TextDelta(text, ids, FinishReason.STOP)
+                    yield TextDelta(text, ids, FinishReason.STOP, at)
                     return
                 if finish is not None:
                     text += stopper.feed(detok.flush())[0] + stopper.flush()
-                    yield TextDelta(text, ids, finish)
+                    yield TextDelta(text, ids, finish, at)
                     return
                 if text or ids:
-                    yield TextDelta(text, ids, None)
+                    yield TextDelta(text, ids, None, at)

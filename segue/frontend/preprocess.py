@@ -14,8 +14,9 @@ from typing import TypeVar
 import msgspec
 
 from segue.api import openai as oai
+from segue.disagg import Strategy
 from segue.frontend.config import FrontendConfig
-from segue.protocol import EngineRequest, FinishReason, KvHandle, Phase
+from segue.protocol import EngineRequest, FinishReason, KvHandle, Logprob, Phase
 from segue.stopping import finish_reason
 from segue.tokenizer import Tokenizer
 
@@ -38,6 +39,8 @@ class RequestState:
     migrations: int = 0
     cached_tokens: int = 0  # of the prompt, as the worker that finished the request found
     refused: int = 0  # workers that answered `overloaded` to it
+    logprobs: int | None = None  # asked: each token's logprob and this many top ones
+    token_logprobs: list[Logprob] = field(default_factory=list)  # one per generated token
 
     def engine_request(
         self, phase: Phase = Phase.GENERATE, kv: KvHandle | None = None
@@ -55,6 +58,7 @@ class RequestState:
             ignore_eos=self.ignore_eos,
             phase=phase,
             kv=kv,
+            logprobs=self.logprobs,
         )
 
     def finished(self) -> FinishReason | None:
@@ -135,6 +139,7 @@ class Preprocessor:
         """Raises `oai.APIError` (a 4xx naming the field) for anything it cannot serve."""
         if (err := oai.unsupported(body)) is not None:
             raise err
+        logprobs = self._logprobs(body)
         stop_ids = body.stop_token_ids or []
         if any(t >= self.tok.vocab_size for t in stop_ids):
             raise oai.APIError(400, "stop token id out of range", param="stop_token_ids")
@@ -182,6 +187,7 @@ class Preprocessor:
                         top_p=body.top_p or 1.0,
                         seed=(seed + k + 2**63) % 2**64 - 2**63,  # stays an int64
                         stop_token_ids=stop_ids,
+                        logprobs=logprobs,
                         eos_token_ids=self.tok.eos_token_ids,
                         ignore_eos=body.ignore_eos,
                     )
@@ -201,6 +207,38 @@ class Preprocessor:
             timeout=body.timeout or self.cfg.request_timeout,
             echo=[text for text in echo for _ in range(body.n)],
         )
+
+    def _logprobs(self, body: Body) -> int | None:
+        """How many top logprobs each token comes with (0: its own only), None: no
+        logprobs. Completions: `logprobs` is that number; chat: `logprobs` true, and
+        `top_logprobs` that number."""
+        if isinstance(body, oai.ChatCompletionRequest):
+            if body.logprobs not in (None, True, False):
+                raise oai.APIError(400, "logprobs must be true or false", param="logprobs")
+            if not body.logprobs:
+                if body.top_logprobs:
+                    raise oai.APIError(
+                        400, "top_logprobs needs logprobs: true", param="top_logprobs"
+                    )
+                return None
+            n = body.top_logprobs or 0
+        else:
+            if body.logprobs is None:
+                return None
+            if type(body.logprobs) is not int or not 0 <= body.logprobs <= oai.MAX_LOGPROBS:
+                raise oai.APIError(
+                    400, f"logprobs must be an integer 0-{oai.MAX_LOGPROBS}", param="logprobs"
+                )
+            if body.echo:
+                raise oai.APIError(
+                    400, "echo with logprobs (prompt logprobs) is not supported yet", "echo"
+                )
+            n = body.logprobs
+        if self.cfg.disagg_strategy is not Strategy.NONE:
+            raise oai.APIError(
+                400, "logprobs are not supported with disaggregated serving yet", "logprobs"
+            )
+        return n
 
     def _max_tokens(
         self,

@@ -14,6 +14,7 @@ from msgspec import UNSET, Struct, UnsetType
 
 from segue.frontend.preprocess import PreparedRequest
 from segue.protocol import FinishReason
+from segue.tokenizer import Tokenizer
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 SSE_DONE = b"data: [DONE]\n\n"
@@ -40,10 +41,35 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     )
 
 
+class CompletionLogprobs(Struct):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Struct):
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
 class CompletionChoice(Struct):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
     token_ids: list[int] | UnsetType = UNSET
 
@@ -56,7 +82,7 @@ class Message(Struct):
 class ChatChoice(Struct):
     index: int
     message: Message
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: FinishReason | None
     token_ids: list[int] | UnsetType = UNSET
 
@@ -69,7 +95,7 @@ class ChatDelta(Struct):
 class ChatChunkChoice(Struct):
     index: int
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: FinishReason | None
     token_ids: list[int] | UnsetType = UNSET
 
@@ -95,11 +121,13 @@ def sse(obj: Struct | dict) -> bytes:
 class Renderer:
     """The response objects of one request."""
 
-    __slots__ = ("prep", "model", "created", "chunk_object", "_ids", "_usage")
+    __slots__ = ("prep", "model", "tok", "created", "chunk_object", "_ids", "_usage", "_chars")
 
-    def __init__(self, prep: PreparedRequest, model: str) -> None:
+    def __init__(self, prep: PreparedRequest, model: str, tok: Tokenizer) -> None:
         self.prep = prep
         self.model = model
+        self.tok = tok
+        self._chars = [0] * len(prep.states)  # per choice: text_offset of its next token
         self.created = int(time.time())
         self.chunk_object = "chat.completion.chunk" if prep.chat else "text_completion"
         self._ids = prep.return_token_ids
@@ -119,12 +147,16 @@ class Renderer:
         put before it here) and finish reason."""
         choices: list[Choice] = []
         for k, (text, finish) in enumerate(results):
-            ids = self.prep.states[k].generated if self._ids else UNSET
+            state = self.prep.states[k]
+            ids = state.generated if self._ids else UNSET
+            lps = self._logprobs(k, 0, len(state.generated))
             if self.prep.chat:
-                choices.append(ChatChoice(k, Message("assistant", text), None, finish, ids))
+                assert not isinstance(lps, CompletionLogprobs)
+                choices.append(ChatChoice(k, Message("assistant", text), lps, finish, ids))
             else:
+                assert not isinstance(lps, ChatLogprobs)
                 text = self.prep.echo[k] + text if self.prep.echo else text
-                choices.append(CompletionChoice(k, text, None, finish, ids))
+                choices.append(CompletionChoice(k, text, lps, finish, ids))
         obj = "chat.completion" if self.prep.chat else "text_completion"
         return _encode(
             Response(self.prep.request_id, obj, self.created, self.model, choices, self.usage())
@@ -137,19 +169,67 @@ class Renderer:
         ids: list[int],
         finish: FinishReason | None,
         role: bool = False,
+        start: int = 0,
     ) -> bytes:
-        """One SSE event of a stream, for choice `index`."""
+        """One SSE event of a stream, for choice `index`: `ids` are its tokens from
+        position `start` of the choice's output."""
         tids = ids if self._ids else UNSET
+        lps = self._logprobs(index, start, len(ids)) if ids else None
         choice: Choice
         if self.prep.chat:
+            assert not isinstance(lps, CompletionLogprobs)
             delta = ChatDelta("assistant", text) if role else ChatDelta(content=text)
-            choice = ChatChunkChoice(index, delta, None, finish, tids)
+            choice = ChatChunkChoice(index, delta, lps, finish, tids)
         else:
-            choice = CompletionChoice(index, text, None, finish, tids)
+            assert not isinstance(lps, ChatLogprobs)
+            choice = CompletionChoice(index, text, lps, finish, tids)
         u = self.usage() if self.prep.continuous_usage else self._usage
         return sse(
             Response(self.prep.request_id, self.chunk_object, self.created, self.model, [choice], u)
         )
+
+    def _logprobs(self, k: int, start: int, n: int) -> CompletionLogprobs | ChatLogprobs | None:
+        """Choice k's logprobs of its tokens [start, start + n), in the endpoint's shape."""
+        state = self.prep.states[k]
+        if state.logprobs is None:
+            return None
+        piece = self._piece
+        ids = state.generated[start : start + n]
+        lps = state.token_logprobs[start : start + n]
+        if self.prep.chat:
+            return ChatLogprobs(
+                [
+                    TokenLogprob(
+                        (s := piece(t)),
+                        lp.logprob,
+                        list(s.encode()),
+                        [
+                            TopLogprob((ts := piece(ti)), tl, list(ts.encode()))
+                            for ti, tl in zip(lp.top_ids, lp.top_logprobs, strict=True)
+                        ],
+                    )
+                    for t, lp in zip(ids, lps, strict=True)
+                ]
+            )
+        tokens = [piece(t) for t in ids]
+        offsets = []
+        at = self._chars[k]
+        for s in tokens:
+            offsets.append(at)
+            at += len(s)
+        self._chars[k] = at
+        return CompletionLogprobs(
+            tokens,
+            [lp.logprob for lp in lps],
+            [
+                {piece(ti): tl for ti, tl in zip(lp.top_ids, lp.top_logprobs, strict=True)}
+                for lp in lps
+            ],
+            offsets,
+        )
+
+    def _piece(self, token_id: int) -> str:
+        return self.tok.decode([token_id])
 
     def usage_chunk(self) -> bytes:
         """The last event of a stream with `include_usage`: no choices, the usage."""

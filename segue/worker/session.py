@@ -156,11 +156,13 @@ class EngineSessions:
             if ids:
                 crash_at = self.exit_after_tokens
                 if crash_at is not None and offset + len(ids) >= crash_at:
-                    await resp.write(encode_frame(Tokens(offset, ids[: crash_at - offset])))
+                    cut = crash_at - offset
+                    lps = out.logprobs[:cut] if out.logprobs else None
+                    await resp.write(encode_frame(Tokens(offset, ids[:cut], lps)))
                     await resp.flush()
                     log.warning("fault injection: exiting after token %d", crash_at)
                     os._exit(9)
-                data = encode_frame(Tokens(offset, ids))
+                data = encode_frame(Tokens(offset, ids, out.logprobs))
                 offset += len(ids)
                 self.metrics.output_tokens.inc(len(ids))
             reason = out.finish_reason

@@ -134,23 +134,29 @@ def test_n3_streaming_chat_is_exact_across_a_sigkill(deploy):
         temperature=0.9,
         seed=11,
         n=3,
+        logprobs=True,
+        top_logprobs=2,
         extra_body=TOKEN_IDS,
     )
     want = c.chat.completions.create(**kw)
     got: dict[int, list[int]] = defaultdict(list)
     text: dict[int, str] = defaultdict(str)
+    lps: dict[int, list] = defaultdict(list)
     stream = c.chat.completions.create(stream=True, extra_headers={"X-Request-Id": "n3-kill"}, **kw)
     victim = None
     for chunk in stream:
         for ch in chunk.choices:
             got[ch.index] += ch.model_extra.get("token_ids") or []
             text[ch.index] += ch.delta.content or ""
+            lps[ch.index] += ch.logprobs.content if ch.logprobs else []
         if victim is None and len(got[0]) >= 10:
             victim = worker_of(deploy, "n3-kill-0")
             victim.signal(signal.SIGKILL)
     assert victim is not None
     for ch in want.choices:
         assert got[ch.index] == ids(ch) and text[ch.index] == ch.message.content
+        assert lps[ch.index] == ch.logprobs.content  # logprobs exact across the move too
+        assert len(ch.logprobs.content) == 400
     assert total_migrations(deploy) >= 1
     for w in deploy.workers:
         if w is not victim:
@@ -247,3 +253,49 @@ def test_tools_accepted_and_continuous_usage(agg2):
         if ch.choices
     ]
     assert seen == sorted(seen) and seen[-1] == 6 and seen[0] >= 1
+
+
+def test_completion_logprobs_whole_and_streamed(agg2):
+    c = client(agg2)
+    kw = dict(model=MODEL, prompt="the old mill", max_tokens=8, temperature=0, logprobs=3)
+    r = c.completions.create(**kw).choices[0]
+    lp = r.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 8
+    assert "".join(lp.tokens) == r.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
+    for tok, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert -1 <= value < 0 and len(top) == 3
+        assert top[tok] == value and max(top.values()) == value  # greedy: the most likely
+    streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in c.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            if ch.logprobs:
+                for key, values in streamed.items():
+                    values += getattr(ch.logprobs, key)
+    assert streamed == lp.model_dump(include=set(streamed))
+    none = c.completions.create(model=MODEL, prompt="the old mill", max_tokens=2)
+    assert none.choices[0].logprobs is None
+
+
+def test_chat_logprobs_whole_and_streamed(agg2):
+    c = client(agg2)
+    kw = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "the sea"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    whole = c.chat.completions.create(**kw).choices[0]
+    content = whole.logprobs.content
+    assert "".join(t.token for t in content) == whole.message.content
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == t.logprob for t in content)
+    assert all(bytes(t.bytes).decode() == t.token for t in content)
+    streamed = []
+    for chunk in c.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            streamed += ch.logprobs.content if ch.logprobs else []
+    assert streamed == content
+    plain = c.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None

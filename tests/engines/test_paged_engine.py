@@ -191,3 +191,39 @@ def test_kv_moves_between_pools_exactly(model_dir, reference):
             await b.stop()
 
     asyncio.run(go())
+
+
+def test_logprobs_are_the_models(model_dir, reference):
+    """Each token's logprob and top 3 equal log_softmax of transformers' logits there."""
+    ids = prompts(3)[2]
+    req = EngineInput("lp", ids, 6, ignore_eos=True, logprobs=3)
+
+    async def go():
+        from segue.engines.hf import HFConfig, HFEngine
+        from segue.tokenizer import HFTokenizer
+
+        engine = HFEngine(HFConfig(model_dir=model_dir, device=DEVICE), HFTokenizer(model_dir))
+        await engine.start()
+        try:
+            s = engine.add_request(req)
+            toks, lps = [], []
+            while True:
+                o = await s.get(30)
+                assert o is not None
+                toks += o.token_ids
+                lps += o.logprobs or []
+                if o.finish_reason is not None:
+                    return toks, lps
+        finally:
+            await engine.stop()
+
+    toks, lps = asyncio.run(go())
+    assert len(lps) == len(toks) == 6
+    with torch.inference_mode():
+        logits = reference(torch.tensor([ids + toks], device=DEVICE)).logits[0].float()
+    want = torch.log_softmax(logits, -1)[len(ids) - 1 : -1]
+    for i, (tok, lp) in enumerate(zip(toks, lps, strict=True)):
+        top = want[i].topk(3)
+        assert lp.top_ids == top.indices.tolist() and lp.top_ids[0] == tok  # greedy
+        assert lp.logprob == pytest.approx(float(want[i, tok]), abs=1e-4)
+        assert lp.top_logprobs == pytest.approx(top.values.tolist(), abs=1e-4)

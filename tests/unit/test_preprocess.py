@@ -58,7 +58,8 @@ def test_a_million_nested_lists_is_a_400_not_a_recursion_error():
         (b', "frequency_penalty": -1', "frequency_penalty"),
         (b', "repetition_penalty": 1.2', "repetition_penalty"),
         (b', "min_tokens": 3', "min_tokens"),
-        (b', "logprobs": 2', "logprobs"),
+        (b', "logprobs": 21', "logprobs"),
+        (b', "logprobs": 2, "echo": true', "echo"),
         (b', "logit_bias": {"5": 10}', "logit_bias"),
         (b', "best_of": 3', "best_of"),
         (b', "stop_token_ids": [99999999]', "stop_token_ids"),
@@ -73,7 +74,7 @@ def test_what_no_engine_honours_is_a_400_naming_it(extra, param):
 def test_neutral_values_and_ignored_fields_are_accepted():
     extra = (
         b', "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1,'
-        b' "min_tokens": 0, "logprobs": false, "best_of": 1, "user": "u",'
+        b' "min_tokens": 0, "best_of": 1, "user": "u",'
         b' "metadata": {"k": "v"}, "store": false, "stop_token_ids": [7, 9]'
     )
     state = PRE(body(extra), False, "r").state
@@ -91,6 +92,8 @@ def chat(extra: bytes) -> bytes:
     [
         (b', "response_format": {"type": "json_object"}', "response_format"),
         (b', "tool_choice": "required"', "tool_choice"),
+        (b', "top_logprobs": 2', "top_logprobs"),
+        (b', "logprobs": 3', "logprobs"),
         (b', "tools": [{"type": "retrieval", "function": {"name": "f"}}]', "tools[0].type"),
     ],
 )
