@@ -121,6 +121,12 @@ class EngineRequest(msgspec.Struct, kw_only=True):
     phase: Phase = Phase.GENERATE
     kv: KvHandle | None = None  # for Phase.DECODE
     logprobs: int | None = None  # with each token its logprob and this many top ones
+    # Penalties see the context's last `start_offset` tokens as generated ones (a migrated
+    # request's earlier output), min_tokens counts them: a move changes nothing.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
 
 
 class Tokens(msgspec.Struct, tag="tok"):

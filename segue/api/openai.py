@@ -41,14 +41,13 @@ class CommonParams(Struct, kw_only=True):
     return_token_ids: bool = False
     timeout: Annotated[float, Meta(gt=0.0)] | None = None
     stop_token_ids: Annotated[list[TokenId], Meta(max_length=64)] | None = None  # vLLM
-    # Accepted so clients need not strip them; refused unless neutral (no engine applies
-    # them yet), see Preprocessor: a 400 names the field.
-    logprobs: Any = None
+    logprobs: Any = None  # completions: top-k count; chat: a bool (with top_logprobs)
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
     min_tokens: Annotated[int, Meta(ge=0)] | None = None
+    # Refused unless neutral (no engine here applies them), see `unsupported`.
     logit_bias: dict[str, float] | None = None
     best_of: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] | None = None
     # accepted and ignored
@@ -221,10 +220,6 @@ def unsupported(body: CommonParams) -> APIError | None:
     """A 400 naming the first field set to something no engine here honours; None if the
     request asks nothing of that kind."""
     neutral: list[tuple[str, Any, tuple[Any, ...]]] = [
-        ("presence_penalty", body.presence_penalty, (None, 0)),
-        ("frequency_penalty", body.frequency_penalty, (None, 0)),
-        ("repetition_penalty", body.repetition_penalty, (None, 1)),
-        ("min_tokens", body.min_tokens, (None, 0)),
         ("best_of", body.best_of, (None, body.n)),
     ]
     for name, value, ok in neutral:

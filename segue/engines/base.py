@@ -49,6 +49,17 @@ class EngineInput:
     task: EngineTask = EngineTask.GENERATE
     kv_payload: bytes | None = None  # DECODE: the KV of token_ids, from the prefill worker
     logprobs: int | None = None  # push each token with its Logprob (and this many top ones)
+    generated: int = 0  # the last tokens of token_ids were generated (before a migration)
+    presence_penalty: float = 0.0  # OpenAI's, over generated tokens
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's and transformers', over the whole context
+    min_tokens: int = 0  # no EOS or stop token before this many generated tokens
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )
 
     @classmethod
     def from_request(
@@ -70,6 +81,11 @@ class EngineInput:
             task=task,
             kv_payload=kv_payload,
             logprobs=req.logprobs,
+            generated=req.start_offset,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            min_tokens=req.min_tokens,
         )
 
 

@@ -373,7 +373,11 @@ class HFEngine(Engine):
                 if not seq.gen or seq.pending:
                     continue
                 req = seq.req
-                tok = greedy[row] if req.temperature == 0 else self._sample(seq, logits[row])
+                if req.penalized or req.generated + len(seq.out) < req.min_tokens:
+                    x = self._processed(seq, logits[row])
+                    tok = int(x.argmax()) if req.temperature == 0 else self._sample(seq, x)
+                else:
+                    tok = greedy[row] if req.temperature == 0 else self._sample(seq, logits[row])
                 seq.ctx.append(tok)
                 seq.out.append(tok)
                 lp = None if req.logprobs is None else self._logprob(logits[row], tok, req.logprobs)
@@ -390,6 +394,28 @@ class HFEngine(Engine):
                 self._call(_deliver, pushed)
             for seq, reason in finished:
                 self._finish_locked(seq, reason)
+
+    def _processed(self, seq: _Seq, logits: Any) -> Any:
+        """The logits with the request's penalties (as vLLM applies them: repetition over
+        the whole context, presence and frequency over generated tokens, which include a
+        migrated request's earlier output) and, before min_tokens, no EOS or stop token."""
+        torch = self.torch
+        req = seq.req
+        x = logits.clone()
+        if req.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.ctx)), device=x.device)
+            v = x[seen]
+            x[seen] = torch.where(v > 0, v / req.repetition_penalty, v * req.repetition_penalty)
+        if req.presence_penalty or req.frequency_penalty:
+            gen = req.token_ids[len(req.token_ids) - req.generated :] + seq.out
+            if gen:
+                ids, counts = torch.unique(torch.tensor(gen, device=x.device), return_counts=True)
+                x[ids] -= req.frequency_penalty * counts + req.presence_penalty
+        if req.generated + len(seq.out) < req.min_tokens:
+            banned = list(req.stop_token_ids) + ([] if req.ignore_eos else list(self.eos))
+            if banned:
+                x[torch.tensor(banned, device=x.device)] = float("-inf")
+        return x
 
     def _logprob(self, logits: Any, tok: int, k: int) -> Logprob:
         """The token's log probability under the model (before temperature), and the top

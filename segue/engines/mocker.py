@@ -165,6 +165,10 @@ class MockerEngine(Engine):
         return self._task is not None and not self._task.done()
 
     def add_request(self, req: EngineInput) -> RequestStream:
+        if req.penalized:
+            raise EngineRequestError(
+                "the mocker engine does not apply presence, frequency or repetition penalties"
+            )
         blocks = self.table.blocks_for(req)
         if req.task is EngineTask.DECODE:
             if req.kv_payload != simulated_kv(req.token_ids, self.cfg.kv_bytes_per_token):
@@ -228,11 +232,16 @@ class MockerEngine(Engine):
         self._wakeup.set()  # freed blocks may let a waiting request in
 
     def _emit(self, seq: _Seq) -> None:
+        req = seq.req
         tok = self.vocab[draw(seq.h, seq.seed, len(self.vocab))]
+        if req.generated + len(seq.out) < req.min_tokens:  # no stop token yet: draw again
+            again = seq.h
+            while tok in req.stop_token_ids:
+                again = fold(again, (0,))
+                tok = self.vocab[draw(again, seq.seed, len(self.vocab))]
         seq.h = fold(seq.h, (tok,))
         seq.out.append(tok)
         self._emitted += 1
-        req = seq.req
         seq.stream.push(tok, None if req.logprobs is None else self._logprob(seq.h, tok, req))
         done = finish_reason(
             tok, len(seq.out), req.max_tokens, req.stop_token_ids, self.eos, req.ignore_eos

@@ -239,6 +239,11 @@ class VllmEngine(Engine):
             raise EngineRequestError("this vllm worker is aggregated: no KV connector")
         if req.request_id in self._tasks:
             raise EngineRequestError(f"request id {req.request_id!r} is already running")
+        if req.presence_penalty or req.frequency_penalty:
+            raise EngineRequestError(
+                "the vllm engine cannot apply presence or frequency penalties exactly: vLLM "
+                "counts only its own output, which a migration would change"
+            )
         if len(req.token_ids) + req.max_tokens > self.cfg.max_model_len:
             raise EngineRequestError(
                 f"prompt + max_tokens exceeds max_model_len {self.cfg.max_model_len}"
@@ -281,6 +286,8 @@ class VllmEngine(Engine):
             output_kind=RequestOutputKind.DELTA,
             detokenize=False,
             logprobs=req.logprobs,
+            repetition_penalty=req.repetition_penalty,
+            min_tokens=max(0, req.min_tokens - req.generated),
             extra_args=extra or None,
         )
         try:

@@ -40,6 +40,10 @@ class RequestState:
     cached_tokens: int = 0  # of the prompt, as the worker that finished the request found
     refused: int = 0  # workers that answered `overloaded` to it
     logprobs: int | None = None  # asked: each token's logprob and this many top ones
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
     token_logprobs: list[Logprob] = field(default_factory=list)  # one per generated token
 
     def engine_request(
@@ -59,6 +63,10 @@ class RequestState:
             phase=phase,
             kv=kv,
             logprobs=self.logprobs,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            min_tokens=self.min_tokens,
         )
 
     def finished(self) -> FinishReason | None:
@@ -188,6 +196,10 @@ class Preprocessor:
                         seed=(seed + k + 2**63) % 2**64 - 2**63,  # stays an int64
                         stop_token_ids=stop_ids,
                         logprobs=logprobs,
+                        presence_penalty=body.presence_penalty or 0.0,
+                        frequency_penalty=body.frequency_penalty or 0.0,
+                        repetition_penalty=body.repetition_penalty or 1.0,
+                        min_tokens=min(body.min_tokens or 0, budget),
                         eos_token_ids=self.tok.eos_token_ids,
                         ignore_eos=body.ignore_eos,
                     )

@@ -53,7 +53,7 @@ class WorkerConfig:
         "new call gets a retryable `overloaded` error at once and its caller tries another",
     )
     max_pending_kv: float = option(
-        2.0,
+        4.0,
         help="KV the calls this worker holds may need together (prompt + max_tokens each), "
         "as a multiple of its engine's KV cache; over it a new call gets `overloaded` as "
         "over --max-pending (0: no limit)",

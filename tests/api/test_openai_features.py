@@ -299,3 +299,22 @@ def test_chat_logprobs_whole_and_streamed(agg2):
     assert streamed == content
     plain = c.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None})
     assert plain.choices[0].logprobs is None
+
+
+def test_min_tokens_and_penalties_on_the_mocker(agg2):
+    """min_tokens bans stop tokens until then (the mocker draws again); penalties the mocker
+    cannot apply are a 400 from the engine, not silently dropped."""
+    c = client(agg2)
+    kw = dict(model=MODEL, prompt="the sea", max_tokens=10, temperature=0, extra_body=TOKEN_IDS)
+    full = ids(c.completions.create(**kw).choices[0])
+    stop = full[1]
+    early = c.completions.create(**{**kw, "extra_body": {**TOKEN_IDS, "stop_token_ids": [stop]}})
+    assert ids(early.choices[0]) == full[:2] and early.choices[0].finish_reason == "stop"
+    late = c.completions.create(
+        **{**kw, "extra_body": {**TOKEN_IDS, "stop_token_ids": [stop], "min_tokens": 6}}
+    ).choices[0]
+    got = ids(late)
+    assert got[0] == full[0] and stop not in got[:6] and len(got) >= 6
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(**{**kw, "presence_penalty": 0.5})
+    assert "penalt" in e.value.body["message"]

@@ -227,3 +227,37 @@ def test_logprobs_are_the_models(model_dir, reference):
         assert lp.top_ids == top.indices.tolist() and lp.top_ids[0] == tok  # greedy
         assert lp.logprob == pytest.approx(float(want[i, tok]), abs=1e-4)
         assert lp.top_logprobs == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_penalties_and_min_tokens_hold_across_a_migration(model_dir, reference):
+    """repetition_penalty as transformers applies it; presence and frequency penalties and
+    min_tokens see a migrated request's earlier output as generated: a request continued
+    from its first 5 tokens ends as the uninterrupted one."""
+    ids = prompts(4)[3]
+    with torch.inference_mode():
+        want = reference.generate(
+            torch.tensor([ids], device=DEVICE),
+            max_new_tokens=12,
+            do_sample=False,
+            repetition_penalty=1.3,
+        )[0, len(ids) :].tolist()
+    kw = dict(ignore_eos=True, frequency_penalty=0.7, presence_penalty=0.4, min_tokens=8)
+    plain = asyncio.run(
+        run_engine(model_dir, [EngineInput("p", ids, 12, repetition_penalty=1.3, ignore_eos=True)])
+    )[0]
+    assert plain["p"][0] == want
+    first = asyncio.run(run_engine(model_dir, [EngineInput("a", ids, 12, **kw)]))[0]["a"][0]
+    stop = first[1]  # as a stop token it is banned there, before min_tokens
+    full = asyncio.run(
+        run_engine(model_dir, [EngineInput("f", ids, 12, stop_token_ids=[stop], **kw)])
+    )[0]["f"][0]
+    assert full[0] == first[0] and full[1] != stop  # the ban changed the second token
+    assert stop not in full[:8] and len(full) >= 8
+    head = full[:5]
+    rest = asyncio.run(
+        run_engine(
+            model_dir,
+            [EngineInput("m", ids + head, 12 - 5, stop_token_ids=[stop], generated=5, **kw)],
+        )
+    )[0]["m"][0]
+    assert head + rest == full

@@ -11,6 +11,7 @@ import signal
 import tempfile
 from pathlib import Path
 
+import httpx
 import pytest
 from client import RawRequest, StreamReader, body, complete
 from faults import metric, migration_counts, total_migrations, worker_of
@@ -109,6 +110,16 @@ def test_vllm_output_equals_transformers(deploy, vllm_slow_model):
     m = AutoModelForCausalLM.from_pretrained(vllm_model, dtype=torch.float32).eval()
     want = m.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :]
     assert r.token_ids == want.tolist()
+    # logprobs: the model's, as transformers computes them
+    lb = {**vbody(vllm_model, "completions", PROMPT, 8, False), "logprobs": 2}
+    lp = httpx.post(deploy.url + "/v1/completions", json=lb, timeout=60).json()
+    lp = lp["choices"][0]["logprobs"]
+    with torch.inference_mode():
+        logits = m(torch.tensor([ids + want.tolist()[:8]])).logits[0].float()
+    ref = torch.log_softmax(logits, -1)[len(ids) - 1 : len(ids) + 7]
+    for i, t in enumerate(want.tolist()[:8]):
+        assert lp["token_logprobs"][i] == pytest.approx(float(ref[i, t]), abs=2e-3)
+        assert max(lp["top_logprobs"][i].values()) == pytest.approx(float(ref[i].max()), abs=2e-3)
     # the reference aggregated cancellation: completion, chat, streaming chat (5 read)
     for i, (kind, stream) in enumerate([("completions", False), ("chat", False), ("chat", True)]):
         rid = f"v-cancel-{i}"

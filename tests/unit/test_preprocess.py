@@ -54,10 +54,9 @@ def test_a_million_nested_lists_is_a_400_not_a_recursion_error():
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        (b', "presence_penalty": 0.5', "presence_penalty"),
-        (b', "frequency_penalty": -1', "frequency_penalty"),
-        (b', "repetition_penalty": 1.2', "repetition_penalty"),
-        (b', "min_tokens": 3', "min_tokens"),
+        (b', "presence_penalty": 2.5', "presence_penalty"),
+        (b', "repetition_penalty": 0', "repetition_penalty"),
+        (b', "min_tokens": -1', "min_tokens"),
         (b', "logprobs": 21', "logprobs"),
         (b', "logprobs": 2, "echo": true', "echo"),
         (b', "logit_bias": {"5": 10}', "logit_bias"),
@@ -79,6 +78,9 @@ def test_neutral_values_and_ignored_fields_are_accepted():
     )
     state = PRE(body(extra), False, "r").state
     assert state.stop_token_ids == [7, 9]
+    req = PRE(body(b', "presence_penalty": 0.5, "min_tokens": 3'), False, "r").state
+    assert req.engine_request().presence_penalty == 0.5
+    assert req.engine_request().min_tokens == 3
 
 
 def chat(extra: bytes) -> bytes:
