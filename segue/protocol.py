@@ -121,6 +121,7 @@ class EngineRequest(msgspec.Struct, kw_only=True):
     phase: Phase = Phase.GENERATE
     kv: KvHandle | None = None  # for Phase.DECODE
     logprobs: int | None = None  # with each token its logprob and this many top ones
+    prompt_logprobs: int | None = None  # the same for the context's tokens, once (echo)
     # Penalties see the context's last `start_offset` tokens as generated ones (a migrated
     # request's earlier output), min_tokens counts them: a move changes nothing.
     presence_penalty: float = 0.0
@@ -133,6 +134,8 @@ class Tokens(msgspec.Struct, tag="tok"):
     offset: int
     token_ids: list[int]
     logprobs: list[Logprob] | None = None  # one per token, when the request asked
+    # the context's tokens' (None for the first), in the first frame, when asked
+    prompt_logprobs: list[Logprob | None] | None = None
 
 
 class KeepAlive(msgspec.Struct, tag="ka"):

@@ -49,6 +49,7 @@ class EngineInput:
     task: EngineTask = EngineTask.GENERATE
     kv_payload: bytes | None = None  # DECODE: the KV of token_ids, from the prefill worker
     logprobs: int | None = None  # push each token with its Logprob (and this many top ones)
+    prompt_logprobs: int | None = None  # with the first token: the context's logprobs
     generated: int = 0  # the last tokens of token_ids were generated (before a migration)
     presence_penalty: float = 0.0  # OpenAI's, over generated tokens
     frequency_penalty: float = 0.0
@@ -81,6 +82,7 @@ class EngineInput:
             task=task,
             kv_payload=kv_payload,
             logprobs=req.logprobs,
+            prompt_logprobs=req.prompt_logprobs,
             generated=req.start_offset,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
@@ -95,6 +97,7 @@ class EngineOutput:
     finish_reason: EngineFinish | None = None
     error: str | None = None
     logprobs: list[Logprob] | None = None  # one per token, when the request asked
+    prompt_logprobs: list[Logprob | None] | None = None  # once, with the first tokens
 
 
 @dataclass
@@ -127,6 +130,7 @@ class RequestStream:
         "request_id",
         "_pending",
         "_logprobs",
+        "_prompt_logprobs",
         "_finish",
         "_error",
         "_waiter",
@@ -139,6 +143,7 @@ class RequestStream:
         self.request_id = request_id
         self._pending: list[int] = []
         self._logprobs: list[Logprob] | None = None
+        self._prompt_logprobs: list[Logprob | None] | None = None
         self._finish: EngineFinish | None = None
         self._error: str | None = None
         self._waiter: asyncio.Future[bool] | None = None
@@ -154,6 +159,10 @@ class RequestStream:
             self._logprobs.append(logprob)
         if self._waiter is not None:
             _wake(self._waiter, True)
+
+    def set_prompt_logprobs(self, logprobs: list[Logprob | None]) -> None:
+        """The context's logprobs (None for its first token); read with the next tokens."""
+        self._prompt_logprobs = logprobs
 
     def finish(self, reason: EngineFinish, error: str | None = None) -> None:
         if self._finish is None:
@@ -184,9 +193,11 @@ class RequestStream:
                 self._waiter = None
                 if timer is not None:
                     timer.cancel()
-        out = EngineOutput(self._pending, self._finish, self._error, self._logprobs)
+        out = EngineOutput(
+            self._pending, self._finish, self._error, self._logprobs, self._prompt_logprobs
+        )
         self._pending = []
-        self._logprobs = None
+        self._logprobs = self._prompt_logprobs = None
         return out
 
 

@@ -76,6 +76,7 @@ class _Seq:
         "out",
         "done",
         "imported",
+        "prompt_lps",
     )
 
     def __init__(self, req: EngineInput, stream: RequestStream, blocks: int) -> None:
@@ -88,6 +89,10 @@ class _Seq:
         self.out: list[int] = []  # tokens generated
         self.done = False
         self.imported: list[Any] | None = None  # a DECODE's pulled K/V, written at admission
+        # the prompt's logprobs as they are computed (the first token has none)
+        self.prompt_lps: list[Logprob | None] | None = (
+            [None] if req.prompt_logprobs is not None and self.gen else None
+        )
 
     @property
     def pending(self) -> int:
@@ -347,7 +352,11 @@ class HFEngine(Engine):
         logits = None
         if work:
             batch = [(s.ctx[s.computed : s.computed + n], s.computed, s.table) for s, n in work]
-            logits = self.paged.prefill(batch)
+            every = frozenset(i for i, (s, _) in enumerate(work) if s.prompt_lps is not None)
+            logits, rows = self.paged.prefill(batch, every)
+            for i, all_logits in rows.items():
+                seq, n = work[i]
+                self._prompt_logprobs(seq, n, all_logits)
         self._advance(work, logits)
         with self._lock:  # prefills whose context is done: hold their KV for the decode side
             for seq, _ in chunks:
@@ -394,6 +403,22 @@ class HFEngine(Engine):
                 self._call(_deliver, pushed)
             for seq, reason in finished:
                 self._finish_locked(seq, reason)
+
+    def _prompt_logprobs(self, seq: _Seq, n: int, logits: Any) -> None:
+        """The logprobs of the prompt tokens this chunk's logits predict (position p's
+        logits predict token p + 1); once the prompt is done they go to the stream, before
+        its first token."""
+        lps = seq.prompt_lps
+        assert lps is not None
+        k = seq.req.prompt_logprobs or 0
+        prompt = seq.req.token_ids
+        for j in range(n):
+            p = seq.computed + j + 1
+            if p < len(prompt):
+                lps.append(self._logprob(logits[j], prompt[p], k))
+        if len(lps) == len(prompt):
+            self._call(seq.stream.set_prompt_logprobs, lps)
+            seq.prompt_lps = None
 
     def _processed(self, seq: _Seq, logits: Any) -> Any:
         """The logits with the request's penalties (as vLLM applies them: repetition over

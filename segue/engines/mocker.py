@@ -177,6 +177,12 @@ class MockerEngine(Engine):
         # Greedy output depends only on the engine seed; sampled output also on the request's.
         seed = self.cfg.seed if req.temperature == 0 else self.cfg.seed ^ (req.seed + 1)
         seq = _Seq(req, stream, seed, blocks)
+        if req.prompt_logprobs is not None:  # deterministic like the tokens: no prefill needed
+            h, lps = 0, []
+            for i, t in enumerate(req.token_ids):
+                h = fold(h, (t,))
+                lps.append(self._logprob(h, t, req.prompt_logprobs) if i else None)
+            stream.set_prompt_logprobs(lps)
         if req.task is EngineTask.DECODE:  # the KV arrived with the request: no prefill to do
             seq.h = fold(0, req.token_ids)
             seq.prefilled = True
@@ -242,21 +248,23 @@ class MockerEngine(Engine):
         seq.h = fold(seq.h, (tok,))
         seq.out.append(tok)
         self._emitted += 1
-        seq.stream.push(tok, None if req.logprobs is None else self._logprob(seq.h, tok, req))
+        seq.stream.push(
+            tok, None if req.logprobs is None else self._logprob(seq.h, tok, req.logprobs)
+        )
         done = finish_reason(
             tok, len(seq.out), req.max_tokens, req.stop_token_ids, self.eos, req.ignore_eos
         )
         if done is not None:
             self._finish(seq, EngineFinish(done))
 
-    def _logprob(self, h: int, tok: int, req: EngineInput) -> Logprob:
+    def _logprob(self, h: int, tok: int, k: int | None) -> Logprob:
         """Simulated, deterministic like the tokens: a function of the context (its hash
         `h` after `tok`) and the engine seed. The token is the most likely; the others of
         the top k are the next vocabulary entries, each less likely."""
         first = -(draw(h, self.cfg.seed ^ 0x5EED, 4096) + 1) / 4096  # in [-1, 0)
-        k = req.logprobs or 0
+        k = k or 0
         vocab = self.vocab
-        at = self._vocab_at[tok]
+        at = self._vocab_at.get(tok, 0)  # a prompt token may be no output token
         ids = [vocab[(at + j) % len(vocab)] for j in range(k)]
         return Logprob(first, ids, [first - j for j in range(k)])
 

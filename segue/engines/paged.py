@@ -175,9 +175,12 @@ class PagedModel:
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, start + n)]
 
-    def prefill(self, batch: list[tuple[list[int], int, list[int]]]) -> Any:
+    def prefill(
+        self, batch: list[tuple[list[int], int, list[int]]], every: frozenset[int] = frozenset()
+    ) -> tuple[Any, dict[int, Any]]:
         """Runs chunks: (token ids, position of the first, the sequence's block table) each.
-        Returns the logits of each chunk's last token, [B, V]."""
+        Returns the logits of each chunk's last token, [B, V], and for the rows in `every`
+        the logits at every position of the chunk, [len(chunk), V] (prompt logprobs)."""
         torch = self.torch
         qmax = max(len(ids) for ids, _, _ in batch)
         nb = max(-(-(start + len(ids)) // self.block_size) for ids, start, _ in batch)
@@ -192,7 +195,8 @@ class PagedModel:
         t = [torch.tensor(x, dtype=torch.long, device=self.device) for x in (tok, pos, slot, table)]
         hidden = self._forward(*t)
         last = torch.tensor([len(ids) - 1 for ids, _, _ in batch], device=self.device)
-        return self.logits(hidden[torch.arange(len(batch), device=self.device), last])
+        rows = {r: self.logits(hidden[r, : len(batch[r][0])]) for r in every}
+        return self.logits(hidden[torch.arange(len(batch), device=self.device), last]), rows
 
     def decode(self, batch: list[tuple[int, int, list[int]]]) -> Any:
         """One token each: (token id, its position, block table). Returns logits [B, V]."""

@@ -286,6 +286,7 @@ class VllmEngine(Engine):
             output_kind=RequestOutputKind.DELTA,
             detokenize=False,
             logprobs=req.logprobs,
+            prompt_logprobs=req.prompt_logprobs,
             repetition_penalty=req.repetition_penalty,
             min_tokens=max(0, req.min_tokens - req.generated),
             extra_args=extra or None,
@@ -308,6 +309,14 @@ class VllmEngine(Engine):
                         stream.finish(EngineFinish.PREFILLED)
                         return
                     continue
+                if req.prompt_logprobs is not None and out.prompt_logprobs:
+                    k = req.prompt_logprobs
+                    stream.set_prompt_logprobs(
+                        [
+                            None if d is None else _logprob(t, d, k)
+                            for t, d in zip(req.token_ids, out.prompt_logprobs, strict=True)
+                        ]
+                    )
                 lps = o.logprobs if req.logprobs is not None else None
                 for i, t in enumerate(o.token_ids):
                     stream.push(t, _logprob(t, lps[i], req.logprobs or 0) if lps else None)

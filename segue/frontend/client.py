@@ -210,6 +210,8 @@ class ResilientClient:
                                 if f.logprobs is None or len(f.logprobs) != len(f.token_ids):
                                     raise Failure(FailureReason.BAD_FRAME, inst)
                                 state.token_logprobs.extend(f.logprobs[skip:])
+                                if f.prompt_logprobs is not None:
+                                    state.prompt_logprobs = f.prompt_logprobs
                             generated.extend(new)
                             yield new, None
                     elif type(f) is Final:

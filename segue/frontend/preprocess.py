@@ -45,6 +45,8 @@ class RequestState:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     token_logprobs: list[Logprob] = field(default_factory=list)  # one per generated token
+    echo_logprobs: bool = False  # also the prompt's (echo with logprobs)
+    prompt_logprobs: list[Logprob | None] | None = None  # once received
 
     def engine_request(
         self, phase: Phase = Phase.GENERATE, kv: KvHandle | None = None
@@ -63,6 +65,10 @@ class RequestState:
             phase=phase,
             kv=kv,
             logprobs=self.logprobs,
+            # asked until received: after a move the prompt's are known already
+            prompt_logprobs=self.logprobs
+            if self.echo_logprobs and self.prompt_logprobs is None
+            else None,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
@@ -196,6 +202,7 @@ class Preprocessor:
                         seed=(seed + k + 2**63) % 2**64 - 2**63,  # stays an int64
                         stop_token_ids=stop_ids,
                         logprobs=logprobs,
+                        echo_logprobs=bool(echo) and logprobs is not None,
                         presence_penalty=body.presence_penalty or 0.0,
                         frequency_penalty=body.frequency_penalty or 0.0,
                         repetition_penalty=body.repetition_penalty or 1.0,
@@ -240,10 +247,6 @@ class Preprocessor:
             if type(body.logprobs) is not int or not 0 <= body.logprobs <= oai.MAX_LOGPROBS:
                 raise oai.APIError(
                     400, f"logprobs must be an integer 0-{oai.MAX_LOGPROBS}", param="logprobs"
-                )
-            if body.echo:
-                raise oai.APIError(
-                    400, "echo with logprobs (prompt logprobs) is not supported yet", "echo"
                 )
             n = body.logprobs
         if self.cfg.disagg_strategy is not Strategy.NONE:

@@ -13,7 +13,7 @@ import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
 from segue.frontend.preprocess import PreparedRequest
-from segue.protocol import FinishReason
+from segue.protocol import FinishReason, Logprob
 from segue.tokenizer import Tokenizer
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -43,8 +43,8 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 class CompletionLogprobs(Struct):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the prompt's first token (echo)
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
@@ -195,7 +195,7 @@ class Renderer:
             return None
         piece = self._piece
         ids = state.generated[start : start + n]
-        lps = state.token_logprobs[start : start + n]
+        generated = state.token_logprobs[start : start + n]
         if self.prep.chat:
             return ChatLogprobs(
                 [
@@ -208,9 +208,13 @@ class Renderer:
                             for ti, tl in zip(lp.top_ids, lp.top_logprobs, strict=True)
                         ],
                     )
-                    for t, lp in zip(ids, lps, strict=True)
+                    for t, lp in zip(ids, generated, strict=True)
                 ]
             )
+        lps: list[Logprob | None] = list(generated)
+        if start == 0 and state.echo_logprobs and state.prompt_logprobs is not None:
+            ids = state.prompt_ids + ids  # echo: the prompt's first
+            lps = state.prompt_logprobs + lps
         tokens = [piece(t) for t in ids]
         offsets = []
         at = self._chars[k]
@@ -220,9 +224,11 @@ class Renderer:
         self._chars[k] = at
         return CompletionLogprobs(
             tokens,
-            [lp.logprob for lp in lps],
+            [None if lp is None else lp.logprob for lp in lps],
             [
-                {piece(ti): tl for ti, tl in zip(lp.top_ids, lp.top_logprobs, strict=True)}
+                None
+                if lp is None
+                else {piece(ti): tl for ti, tl in zip(lp.top_ids, lp.top_logprobs, strict=True)}
                 for lp in lps
             ],
             offsets,

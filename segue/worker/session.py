@@ -158,11 +158,12 @@ class EngineSessions:
                 if crash_at is not None and offset + len(ids) >= crash_at:
                     cut = crash_at - offset
                     lps = out.logprobs[:cut] if out.logprobs else None
-                    await resp.write(encode_frame(Tokens(offset, ids[:cut], lps)))
+                    tokens = Tokens(offset, ids[:cut], lps, out.prompt_logprobs)
+                    await resp.write(encode_frame(tokens))
                     await resp.flush()
                     log.warning("fault injection: exiting after token %d", crash_at)
                     os._exit(9)
-                data = encode_frame(Tokens(offset, ids, out.logprobs))
+                data = encode_frame(Tokens(offset, ids, out.logprobs, out.prompt_logprobs))
                 offset += len(ids)
                 self.metrics.output_tokens.inc(len(ids))
             reason = out.finish_reason

@@ -318,3 +318,22 @@ def test_min_tokens_and_penalties_on_the_mocker(agg2):
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(**{**kw, "presence_penalty": 0.5})
     assert "penalt" in e.value.body["message"]
+
+
+def test_echo_with_logprobs_gives_the_prompts(agg2):
+    c = client(agg2)
+    prompt = "the old mill by the river"
+    n_prompt = c.completions.create(model=MODEL, prompt=prompt, max_tokens=1).usage.prompt_tokens
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2, echo=True)
+    r = c.completions.create(**kw).choices[0]
+    lp = r.logprobs
+    assert len(lp.tokens) == n_prompt + 5 and "".join(lp.tokens) == r.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(-1 <= v < 0 for v in lp.token_logprobs[1:])
+    plain = c.completions.create(**{**kw, "echo": False}).choices[0].logprobs
+    assert lp.token_logprobs[n_prompt:] == plain.token_logprobs  # the output's unchanged
+    streamed: list = []
+    for chunk in c.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            streamed += ch.logprobs.token_logprobs if ch.logprobs else []
+    assert streamed == lp.token_logprobs

@@ -85,7 +85,7 @@ def test_paged_forward_matches_transformers(model_dir, reference):
         # first chunk of each, then the rest in a second (ragged) chunk
         half = [len(s) // 2 for s in seqs]
         paged.prefill([(s[:h], 0, t) for s, h, t in zip(seqs, half, tables, strict=True)])
-        got = paged.prefill([(s[h:], h, t) for s, h, t in zip(seqs, half, tables, strict=True)])
+        got, _ = paged.prefill([(s[h:], h, t) for s, h, t in zip(seqs, half, tables, strict=True)])
         nxt = got.argmax(-1).tolist()
         dec = paged.decode([(x, len(s), t) for x, s, t in zip(nxt, seqs, tables, strict=True)])
         for i, s in enumerate(seqs):
@@ -194,31 +194,46 @@ def test_kv_moves_between_pools_exactly(model_dir, reference):
 
 
 def test_logprobs_are_the_models(model_dir, reference):
-    """Each token's logprob and top 3 equal log_softmax of transformers' logits there."""
+    """Each token's logprob and top 3 equal log_softmax of transformers' logits there; so
+    do the prompt's (echo), computed over several prompt chunks."""
     ids = prompts(3)[2]
-    req = EngineInput("lp", ids, 6, ignore_eos=True, logprobs=3)
+    req = EngineInput("lp", ids, 6, ignore_eos=True, logprobs=3, prompt_logprobs=2)
 
     async def go():
         from segue.engines.hf import HFConfig, HFEngine
         from segue.tokenizer import HFTokenizer
 
-        engine = HFEngine(HFConfig(model_dir=model_dir, device=DEVICE), HFTokenizer(model_dir))
+        # prompt chunks of 5 tokens: the prompt's logprobs come from several steps
+        cfg = HFConfig(model_dir=model_dir, device=DEVICE, max_batched_tokens=5)
+        engine = HFEngine(cfg, HFTokenizer(model_dir))
         await engine.start()
         try:
             s = engine.add_request(req)
-            toks, lps = [], []
+            toks, lps, prompt_lps = [], [], None
             while True:
                 o = await s.get(30)
                 assert o is not None
                 toks += o.token_ids
                 lps += o.logprobs or []
+                if o.prompt_logprobs is not None:
+                    assert prompt_lps is None and not toks[: -len(o.token_ids)]  # first
+                    prompt_lps = o.prompt_logprobs
                 if o.finish_reason is not None:
-                    return toks, lps
+                    return toks, lps, prompt_lps
         finally:
             await engine.stop()
 
-    toks, lps = asyncio.run(go())
+    toks, lps, prompt_lps = asyncio.run(go())
     assert len(lps) == len(toks) == 6
+    with torch.inference_mode():
+        plogits = reference(torch.tensor([ids], device=DEVICE)).logits[0].float()
+    pwant = torch.log_softmax(plogits, -1)
+    assert prompt_lps is not None and len(prompt_lps) == len(ids) and prompt_lps[0] is None
+    for p in range(1, len(ids)):
+        got = prompt_lps[p]
+        assert got is not None
+        assert got.logprob == pytest.approx(float(pwant[p - 1, ids[p]]), abs=1e-4)
+        assert got.top_ids == pwant[p - 1].topk(2).indices.tolist()
     with torch.inference_mode():
         logits = reference(torch.tensor([ids + toks], device=DEVICE)).logits[0].float()
     want = torch.log_softmax(logits, -1)[len(ids) - 1 : -1]
