@@ -225,3 +225,40 @@ def test_cancel_during_prefill_on_hf(deploy, slow_model, strategy):
         assert metric(w, "segue_worker_output_tokens_total") == 0
     if strategy in ("none", "frontend", "prefill-first"):  # the decode side never saw it
         assert all(f"New Request ID: {rid}" not in w.log() for w in deploy.workers[1:])
+
+
+def test_openai_features_on_hf(deploy, tiny_model):
+    """n, batched prompts, logprobs (whole and streamed, echo too), stop_token_ids and a
+    penalty through a real hf worker, with the openai client."""
+    import openai
+
+    start(deploy, tiny_model)
+    name = tiny_model.rsplit("/", 1)[-1]
+    c = openai.OpenAI(base_url=deploy.url + "/v1", api_key="unused", max_retries=0)
+    kw = dict(model=name, max_tokens=6, temperature=0, extra_body={"return_token_ids": True})
+    r = c.completions.create(prompt=[PROMPT, "a long road"], n=2, logprobs=2, **kw)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    alone = c.completions.create(prompt="a long road", logprobs=2, **kw).choices[0]
+    for ch in r.choices[2:]:
+        assert ch.text == alone.text
+        assert ch.logprobs.token_logprobs == pytest.approx(alone.logprobs.token_logprobs)
+    echo = c.completions.create(prompt=PROMPT, echo=True, logprobs=1, **kw).choices[0]
+    assert echo.logprobs.token_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in echo.logprobs.token_logprobs[1:])
+    chat = dict(messages=[{"role": "user", "content": PROMPT}], **kw)
+    whole = c.chat.completions.create(logprobs=True, top_logprobs=2, **chat).choices[0]
+    streamed = [
+        t
+        for chunk in c.chat.completions.create(stream=True, logprobs=True, top_logprobs=2, **chat)
+        for ch in chunk.choices
+        for t in (ch.logprobs.content if ch.logprobs else [])
+    ]
+    assert [t.token for t in streamed] == [t.token for t in whole.logprobs.content]
+    ids = whole.model_extra["token_ids"]
+    stopped = c.chat.completions.create(
+        **{**chat, "extra_body": {"return_token_ids": True, "stop_token_ids": [ids[2]]}}
+    ).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.model_extra["token_ids"][-1] == ids[2]
+    penalised = c.chat.completions.create(frequency_penalty=2.0, **chat).choices[0]
+    assert penalised.finish_reason == "length"
+    wait_until(lambda: idle(deploy.workers[0]), what="idle")
