@@ -16,6 +16,9 @@ def test_frontend_processes_share_a_port_and_sum_their_metrics(deploy):
     kids = wait_until(
         lambda: len(children(fe.pid)) == 3 and children(fe.pid), 30, what="three frontend processes"
     )
+    # each process discovers the worker on its own: on a loaded machine one may not have
+    # yet, and would answer 503 (no worker) to its share of the requests below
+    wait_until(lambda: fe.log().count(" joined (") >= 3, 30, what="every process sees it")
     want = complete(deploy.url, "completions", body("completions", "the sea", 8, False))
     with cf.ThreadPoolExecutor(8) as ex:
         got = list(
