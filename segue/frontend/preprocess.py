@@ -249,9 +249,11 @@ class Preprocessor:
                     400, f"logprobs must be an integer 0-{oai.MAX_LOGPROBS}", param="logprobs"
                 )
             n = body.logprobs
-        if self.cfg.disagg_strategy is not Strategy.NONE:
+        echo = isinstance(body, oai.CompletionRequest) and body.echo
+        if echo and self.cfg.disagg_strategy is not Strategy.NONE:
+            # the decode side gets the prompt's KV, not its logits
             raise oai.APIError(
-                400, "logprobs are not supported with disaggregated serving yet", "logprobs"
+                400, "echo with logprobs is not supported with disaggregated serving", "echo"
             )
         return n
 

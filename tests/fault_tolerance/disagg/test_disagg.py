@@ -8,7 +8,7 @@ import signal
 
 import httpx
 import pytest
-from client import RawRequest, StreamReader, body, complete
+from client import RawRequest, StreamReader, body, complete, path
 from faults import metric, total_migrations
 from harness import Deployment, wait_until
 
@@ -379,4 +379,20 @@ def test_prefill_fallback_local(deploy, reference, strategy):
     )
     want = complete(reference.url, "completions", body("completions", PROMPT, 20, False))
     assert_same(complete(deploy.url, "completions", body("completions", PROMPT, 20, False)), want)
+    assert_all_idle(deploy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_disagg_logprobs_equal_aggregated(deploy, reference, strategy):
+    """The decode side makes every token, so its logprobs are those of an aggregated run;
+    echo with logprobs (the prompt's, which the decode side cannot compute) is a 400."""
+    start(deploy, strategy)
+    for kind, extra in (("completions", {"logprobs": 2}), ("chat", {"logprobs": True})):
+        b = {**body(kind, PROMPT, 12, False), **extra}
+        want = httpx.post(reference.url + path(kind), json=b, timeout=30).json()
+        got = httpx.post(deploy.url + path(kind), json=b, timeout=30).json()
+        assert got["choices"][0]["logprobs"] == want["choices"][0]["logprobs"] is not None
+    echo = {**body("completions", PROMPT, 4, False), "logprobs": 1, "echo": True}
+    r = httpx.post(deploy.url + "/v1/completions", json=echo, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
     assert_all_idle(deploy)
