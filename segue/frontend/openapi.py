@@ -32,50 +32,32 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(c): {"description": "an OpenAI-style error", **ref} for c in codes}
 
 
+def _post(name: str, summary: str, ok: dict[str, Any], errors: tuple[int, ...]) -> dict[str, Any]:
+    """A POST whose JSON body is the schema `name`, answering `ok` (a 200) or errors."""
+    body = {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": body},
+            "responses": {"200": ok, **_errors(*errors)},
+        }
+    }
+
+
 def _generation(name: str, summary: str) -> dict[str, Any]:
-    return {
-        "post": {
-            "summary": summary,
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}
-                },
-            },
-            "responses": {
-                "200": {
-                    "description": "the answer (JSON), or a stream of SSE chunks when "
-                    "`stream` is true",
-                    "content": {
-                        "application/json": {"schema": {"type": "object"}},
-                        "text/event-stream": {"schema": {"type": "string"}},
-                    },
-                },
-                **_errors(400, 404, 408, 413, 503),
-            },
-        }
+    ok = {
+        "description": "the answer (JSON), or a stream of SSE chunks when `stream` is true",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
     }
+    return _post(name, summary, ok, (400, 404, 408, 413, 503))
 
 
-def _post(name: str, summary: str) -> dict[str, Any]:
-    return {
-        "post": {
-            "summary": summary,
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}
-                },
-            },
-            "responses": {
-                "200": {
-                    "description": summary,
-                    "content": {"application/json": {"schema": {"type": "object"}}},
-                },
-                **_errors(400, 404, 408, 413),
-            },
-        }
-    }
+def _tokenizer(name: str, summary: str) -> dict[str, Any]:
+    ok = {"description": summary, "content": {"application/json": {"schema": {"type": "object"}}}}
+    return _post(name, summary, ok, (400, 404, 408, 413))
 
 
 def _get(summary: str, media: str = "application/json") -> dict[str, Any]:
@@ -126,8 +108,8 @@ def openapi_document() -> dict[str, Any]:
                 "ChatCompletionRequest", "Create a chat completion"
             ),
             "/v1/models": _get("List the served models"),
-            "/tokenize": _post("TokenizeRequest", "Token ids of a prompt or of chat messages"),
-            "/detokenize": _post("DetokenizeRequest", "Text of token ids"),
+            "/tokenize": _tokenizer("TokenizeRequest", "Token ids of a prompt or of chat messages"),
+            "/detokenize": _tokenizer("DetokenizeRequest", "Text of token ids"),
             "/health": _get("Health: the workers and whether one is routable"),
             "/live": _get("Liveness of the frontend process"),
             "/metrics": _get("Prometheus metrics", "text/plain"),
