@@ -1,4 +1,4 @@
-"""The `segue` command: serve | frontend | worker | bench | make-model.
+"""The `segue` command: serve | frontend | worker | bench | chaos | make-model.
 
 The flags of `frontend` and `worker` are generated from their config dataclasses
 (segue/frontend/config.py, segue/worker/config.py); `serve` takes both sets and passes each
@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_admin_args(a)
 
+    c = sub.add_parser(
+        "chaos", help="load + faults on a deployment; every answer checked against a fault-free run"
+    )
+    from segue.chaos.run import add_chaos_args
+
+    add_chaos_args(c)
+    ap.set_defaults(chaos_parser=c)
+
     b = sub.add_parser("bench", help="closed-loop load generator for any OpenAI endpoint")
     from segue.bench import add_bench_args
 
@@ -102,7 +110,8 @@ def _run(coro: Coroutine[Any, Any, int]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
     if args.cmd == "make-model":
         from segue.models.tiny import build_tiny_llama
 
@@ -120,6 +129,10 @@ def main(argv: list[str] | None = None) -> None:
         from segue.bench import run_bench
 
         sys.exit(run_bench(args))
+    if args.cmd == "chaos":
+        from segue.chaos.run import run_chaos
+
+        sys.exit(run_chaos(args, args.chaos_parser, lambda: ap.parse_args(argv)))
     if args.cmd == "worker-admin":
         from segue.admin import run_admin
 

@@ -87,6 +87,11 @@ class Host:
                 return kind
         raise RuntimeError("neither netem nor tbf is available")
 
+    def fast_link(self) -> None:
+        """Undoes `slow_link`: the link's default queueing again, both directions."""
+        ip("tc", "qdisc", "del", "dev", self.veth, "root", check=False)
+        ip("tc", "qdisc", "del", "dev", "eth0", "root", netns=self.name, check=False)
+
     def pids(self) -> list[int]:
         return [int(p) for p in ip("netns", "pids", self.name, check=False).split()]
 

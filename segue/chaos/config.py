@@ -1,0 +1,155 @@
+"""What a chaos run does: the load, the faults, the report. One frozen dataclass whose fields
+are the `segue chaos` flags (segue/options.py) and the keys of its TOML file."""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from segue.options import flags, option
+
+
+class FaultKind(enum.StrEnum):
+    KILL = "kill"  # SIGKILL the worker: a crash
+    TERM = "term"  # SIGTERM: a graceful drain (a rolling restart, a rescheduled pod)
+    STOP = "stop"  # SIGSTOP, SIGCONT after --hang-s: a hung process
+    ENGINE_KILL = "engine-kill"  # SIGKILL the worker's engine processes (vLLM's engine core)
+    DISCONNECT = "disconnect"  # clients walk away from a quarter of the streams in flight
+    PARTITION = "partition"  # the worker's host cut off for --hang-s (needs --netns)
+    SLOW = "slow"  # 200 ms delay and 5 % loss on the worker's link for --hang-s (--netns)
+
+
+# Faults that take a worker away until a supervisor restarts it.
+RESTARTING = frozenset({FaultKind.KILL, FaultKind.TERM, FaultKind.ENGINE_KILL})
+NEEDS_NETNS = frozenset({FaultKind.PARTITION, FaultKind.SLOW})
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    config: str | None = option(
+        None, help="TOML file of these options (keys as the flags, without --); flags win"
+    )
+    url: str | None = option(
+        None,
+        help="target a running deployment's frontend instead of starting one; its workers "
+        "listed by the frontend's /health whose processes run on this machine get the faults",
+    )
+    workers: int = option(3, help="workers to start (not with --url)")
+    requests: int = option(200, help="requests to send under faults")
+    concurrency: int = option(16, help="clients, each sending its next request when one ends")
+    distinct: int | None = option(
+        None, help="distinct requests the run cycles through (default: --requests)"
+    )
+    mix: str = option(
+        "completion,chat,completion-stream,chat-stream",
+        help="request kinds drawn with equal weight (repeat one to weigh it more)",
+    )
+    prompt_words: str = option("8-200", help="prompt length range, in words")
+    max_tokens: str = option("8-64", help="max_tokens range")
+    sampled: float = option(
+        0.25, help="share of requests sampled with a seed (the rest greedy); both reproducible"
+    )
+    faults: str = option(
+        "kill,term,stop,disconnect",
+        help="fault kinds, taken in turn: kill, term, stop, engine-kill, disconnect, "
+        "partition, slow",
+    )
+    fault_every: float = option(2.0, help="seconds between faults (0: none)")
+    fault_jitter: float = option(
+        0.0, help="spread each interval uniformly by this share (0.5: 1-3 s for every 2 s)"
+    )
+    first_fault_after: float = option(1.0, help="seconds of load before the first fault")
+    hang_s: float = option(3.0, help="how long stop, partition and slow last")
+    min_routable: int = option(
+        1, help="workers that must stay routable: a fault that would leave fewer waits"
+    )
+    restart: bool = option(True, help="restart workers that exit (not with --url)")
+    netns: bool = option(
+        False, help="each started worker on a host of its own (network namespaces; root)"
+    )
+    request_deadline: float = option(
+        120.0, help="seconds a request may take before it counts as hung"
+    )
+    settle_timeout: float = option(
+        60.0, help="seconds after the load for every worker to be back to idle"
+    )
+    seed: int = option(0, help="seed of the request mix and the fault schedule")
+    report_dir: str = option("chaos-report", help="where report.json and report.html go")
+    progress: bool = option(True, help="a progress bar on stderr")
+
+    def fault_kinds(self) -> list[FaultKind]:
+        return [FaultKind(k.strip()) for k in self.faults.split(",") if k.strip()]
+
+    def mix_kinds(self) -> list[str]:
+        return [k.strip() for k in self.mix.split(",") if k.strip()]
+
+
+KINDS = ("completion", "chat", "completion-stream", "chat-stream")
+
+
+def parse_range(text: str, name: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    try:
+        a, b = int(lo), int(hi or lo)
+    except ValueError:
+        raise ValueError(f"{name}: expected N or N-M, not {text!r}") from None
+    if not 1 <= a <= b:
+        raise ValueError(f"{name}: expected 1 <= N <= M, not {text!r}")
+    return a, b
+
+
+def validate(cfg: ChaosConfig) -> None:
+    """Raises ValueError naming the first bad option."""
+    try:
+        kinds = cfg.fault_kinds()
+    except ValueError as e:
+        raise ValueError(f"--faults: {e}") from None
+    for k in cfg.mix_kinds():
+        if k not in KINDS:
+            raise ValueError(f"--mix: unknown kind {k!r} (one of {', '.join(KINDS)})")
+    if not cfg.mix_kinds():
+        raise ValueError("--mix: no request kinds")
+    parse_range(cfg.prompt_words, "--prompt-words")
+    parse_range(cfg.max_tokens, "--max-tokens")
+    if cfg.requests < 1 or cfg.concurrency < 1:
+        raise ValueError("--requests and --concurrency must be at least 1")
+    if cfg.url is not None and cfg.netns:
+        raise ValueError("--netns places workers this run starts: not with --url")
+    if not cfg.netns and NEEDS_NETNS & set(kinds):
+        raise ValueError("partition and slow faults need --netns (workers on hosts of their own)")
+    if not 0.0 <= cfg.sampled <= 1.0:
+        raise ValueError("--sampled is a share between 0 and 1")
+
+
+def toml_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The TOML file's keys as argparse defaults (so flags given on the command line win).
+    Keys are flag names without the dashes (`fault-every` or `fault_every`); an unknown key
+    or a value of the wrong type is an error naming it."""
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    actions = {a.dest: a for a in parser._actions}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dest = key.replace("-", "_")
+        action = actions.get(dest)
+        if action is None or dest in ("config", "help"):
+            raise ValueError(f"{path}: unknown option {key!r}")
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{path}: {key!r} must be a string, number or boolean")
+        # Through the flag's own parser, so a TOML value is checked as a flag's would be.
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        conv: Any = action.type or str
+        try:
+            converted = conv(text)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise ValueError(f"{path}: {key!r}: {e}") from None
+        if action.choices is not None and converted not in action.choices:
+            raise ValueError(f"{path}: {key!r} must be one of {', '.join(action.choices)}")
+        out[dest] = converted
+    return out
+
+
+CHAOS_DESTS = frozenset(f.dest for f in flags(ChaosConfig))

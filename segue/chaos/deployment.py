@@ -1,0 +1,241 @@
+"""The deployment a chaos run strikes: one it starts (a frontend and workers as child
+processes, each worker optionally on a simulated host of its own, exited workers restarted as
+a supervisor would) or a running one it targets by its frontend's URL (its workers listed by
+the frontend's /health; those whose processes run on this machine can be signalled)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from segue.frontend.config import FrontendConfig
+from segue.lifetime import die_with_parent
+from segue.netsim import Host, Net
+from segue.options import to_argv
+from segue.worker.config import WorkerConfig
+
+# `segue chaos` sets these itself (the deployment's wiring), as `segue serve` does.
+CHAOS_SKIP_FRONTEND = frozenset({"discovery", "namespace", "host", "port", "listen_fd"})
+CHAOS_SKIP_WORKER = frozenset({"discovery", "namespace", "host", "port", "role"})
+_READY_RE = re.compile(rb"segue frontend ready url=(\S+)")
+
+
+class DeploymentError(RuntimeError):
+    """The deployment could not be started or reached."""
+
+
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is `pid` (from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out.append(int(d))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    todo, out = [pid], []
+    while todo:
+        kids = children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def is_local_worker(pid: int) -> bool:
+    """A `segue worker` process on this machine (a PID the frontend reports may belong to
+    another machine, or to something else here)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"segue" in b" ".join(argv) and b"worker" in argv
+
+
+@dataclass
+class Slot:
+    """One worker place of a started deployment; its process changes on restart."""
+
+    index: int
+    host: Host | None
+    popen: subprocess.Popen[bytes] | None = None
+    log: IO[bytes] | None = None
+    restarts: int = 0
+    pids: list[int] = field(default_factory=list)  # every process it has had
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+
+class Deployment:
+    """What the run needs of a deployment, whoever started it."""
+
+    url: str = ""
+    frontend_pid: int | None = None
+    slots: list[Slot]
+    expected_workers: int = 0
+
+    def supervise(self) -> list[tuple[int, int]]:
+        """Restarts exited workers; returns (slot, new pid) for each."""
+        return []
+
+    def slot_of(self, pid: int) -> int | None:
+        for s in self.slots:
+            if pid in s.pids:
+                return s.index
+        return None
+
+    def host_of(self, pid: int) -> Host | None:
+        i = self.slot_of(pid)
+        return self.slots[i].host if i is not None else None
+
+    def can_signal(self, pid: int) -> bool:
+        return is_local_worker(pid)
+
+    def close(self) -> None:
+        pass
+
+
+class TargetDeployment(Deployment):
+    """A running deployment: the operator's supervisor restarts what the faults kill."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.slots = []
+        self.expected_workers = 0  # as many as are routable when the run starts
+
+
+class LocalDeployment(Deployment):
+    def __init__(
+        self,
+        workers: int,
+        frontend: FrontendConfig,
+        worker: WorkerConfig,
+        log_dir: Path,
+        netns: bool = False,
+        restart: bool = True,
+    ) -> None:
+        self.expected_workers = workers
+        self.restart = restart
+        self.log_dir = log_dir
+        self.disc = tempfile.mkdtemp(prefix="segue-chaos-discovery-")
+        self.net = Net() if netns else None
+        self.slots = [Slot(i, self.net.host(f"w{i}") if self.net else None) for i in range(workers)]
+        d = f"file:{self.disc}"
+        self.frontend_argv = [
+            "frontend",
+            "--discovery",
+            d,
+            "--port",
+            "0",
+            *to_argv(frontend, CHAOS_SKIP_FRONTEND),
+        ]
+        self.worker_argv = ["worker", "--discovery", d, *to_argv(worker, CHAOS_SKIP_WORKER)]
+        self.frontend: subprocess.Popen[bytes] | None = None
+        self._fe_log = open(log_dir / "frontend.log", "wb")  # noqa: SIM115 - closed in close()
+        self.restart_times: list[float] = []
+
+    def _spawn(self, argv: list[str], log: IO[bytes], host: Host | None) -> subprocess.Popen[bytes]:
+        prefix = ["ip", "netns", "exec", host.name] if host else []
+        return subprocess.Popen(
+            [*prefix, sys.executable, "-m", "segue", *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+            start_new_session=True,
+        )
+
+    def _start_worker(self, slot: Slot) -> None:
+        if slot.log is None:
+            slot.log = open(self.log_dir / f"worker{slot.index}.log", "ab")  # noqa: SIM115
+        host_args = ["--host", slot.host.addr] if slot.host else []
+        slot.popen = self._spawn([*self.worker_argv, *host_args], slot.log, slot.host)
+        slot.pids.append(slot.popen.pid)
+
+    def start(self, timeout: float = 120.0) -> None:
+        for s in self.slots:
+            self._start_worker(s)
+        self.frontend = self._spawn(self.frontend_argv, self._fe_log, None)
+        self.frontend_pid = self.frontend.pid
+        deadline = time.monotonic() + timeout
+        log_path = self.log_dir / "frontend.log"
+        while not self.url:
+            if self.frontend.poll() is not None:
+                raise DeploymentError(f"the frontend exited early: see {log_path}")
+            if m := _READY_RE.search(log_path.read_bytes()):
+                self.url = m.group(1).decode()
+                break
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"the frontend was not ready in {timeout:g} s")
+            time.sleep(0.05)
+        for s in self.slots:
+            if s.popen and s.popen.poll() is not None:
+                raise DeploymentError(f"worker {s.index} exited early: see {s.log and s.log.name}")
+
+    def supervise(self) -> list[tuple[int, int]]:
+        started = []
+        for s in self.slots:
+            if s.popen is None or s.popen.poll() is None or not self.restart:
+                continue
+            _kill_group(s.popen)
+            self._start_worker(s)
+            s.restarts += 1
+            started.append((s.index, s.popen.pid))
+        return started
+
+    def close(self) -> None:
+        procs = [p for p in (self.frontend, *(s.popen for s in self.slots)) if p is not None]
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGCONT)  # a stopped worker cannot act on SIGTERM
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.0, deadline - time.monotonic()))
+            _kill_group(p)
+        for s in self.slots:
+            if s.log:
+                s.log.close()
+        self._fe_log.close()
+        if self.net:
+            self.net.close()
+        shutil.rmtree(self.disc, ignore_errors=True)
+
+
+def _kill_group(p: subprocess.Popen[bytes]) -> None:
+    """SIGKILL what is left of a child's process group (an engine's helpers outlive a
+    killed worker), then reap the child."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait()

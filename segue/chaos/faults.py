@@ -1,0 +1,176 @@
+"""Faults and their bookkeeping: which worker each strikes, when it ends (a stopped process
+continued, a cut link healed), when the deployment was whole again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import subprocess
+from collections.abc import Callable
+
+import msgspec
+
+from segue.chaos.config import RESTARTING, FaultKind
+from segue.chaos.deployment import Deployment, children, descendants
+
+
+class WorkerView(msgspec.Struct):
+    """A worker as the frontend's /health lists it."""
+
+    id: str
+    pid: int
+    url: str
+    routable: bool
+
+
+class FaultEvent(msgspec.Struct):
+    t: float  # seconds since the run's start
+    kind: FaultKind
+    target: str = ""  # worker id, or "clients"
+    pid: int | None = None
+    slot: int | None = None
+    detail: str = ""
+    ends: float | None = None  # when a stop, partition or slow link ends
+    recovered: float | None = None  # the worker (or its replacement) routable again
+    skipped: str = ""  # why it struck nothing
+
+    @property
+    def recovery_s(self) -> float | None:
+        return None if self.recovered is None else self.recovered - self.t
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    """`sig` to a worker and everything under it (vLLM's engine core and its helpers)."""
+    for p in (pid, *descendants(pid)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, sig)
+
+
+class Injector:
+    def __init__(
+        self,
+        dep: Deployment,
+        hang_s: float,
+        min_routable: int,
+        seed: int,
+        disconnect: Callable[[random.Random], int],
+    ) -> None:
+        self.dep = dep
+        self.hang_s = hang_s
+        self.min_routable = min_routable
+        self.rng = random.Random(seed + 1)
+        self.disconnect = disconnect
+        self.events: list[FaultEvent] = []
+        self._pending: dict[int, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
+        self._stopped: set[int] = set()
+
+    def targets(self, workers: list[WorkerView]) -> list[WorkerView]:
+        """Workers a fault may strike: routable, on this machine, not already struck."""
+        return [
+            w
+            for w in workers
+            if w.routable and w.pid not in self._stopped and self.dep.can_signal(w.pid)
+        ]
+
+    def strike(self, kind: FaultKind, now: float, workers: list[WorkerView]) -> FaultEvent:
+        ev = FaultEvent(t=now, kind=kind)
+        self.events.append(ev)
+        if kind == FaultKind.DISCONNECT:
+            n = self.disconnect(self.rng)
+            ev.target, ev.detail = "clients", f"{n} streams abandoned"
+            ev.skipped = "" if n else "no stream in flight"
+            return ev
+        routable = sum(w.routable for w in workers)
+        candidates = self.targets(workers)
+        if kind == FaultKind.ENGINE_KILL:
+            candidates = [w for w in candidates if children(w.pid)]
+            if not candidates:
+                ev.skipped = "no worker with engine processes (the mocker and hf run inside it)"
+                return ev
+        if not candidates:
+            ev.skipped = "no routable worker this run may signal"
+            return ev
+        if routable - 1 < self.min_routable:
+            ev.skipped = f"would leave fewer than {self.min_routable} routable workers"
+            return ev
+        w = self.rng.choice(candidates)
+        ev.target, ev.pid, ev.slot = w.id, w.pid, self.dep.slot_of(w.pid)
+        loop = asyncio.get_running_loop()
+        if kind == FaultKind.KILL:
+            os.kill(w.pid, signal.SIGKILL)
+        elif kind == FaultKind.TERM:
+            os.kill(w.pid, signal.SIGTERM)
+        elif kind == FaultKind.ENGINE_KILL:
+            kids = children(w.pid)
+            for p in kids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
+            ev.detail = f"engine pids {kids}"
+        elif kind == FaultKind.STOP:
+            _signal_tree(w.pid, signal.SIGSTOP)
+            self._stopped.add(w.pid)
+            self._later(loop, lambda pid=w.pid: self._cont(pid))  # type: ignore[misc]
+        elif kind in (FaultKind.PARTITION, FaultKind.SLOW):
+            host = self.dep.host_of(w.pid)
+            if host is None:
+                ev.skipped = "the worker is not on a simulated host"
+                return ev
+            self._stopped.add(w.pid)
+            if kind == FaultKind.PARTITION:
+                host.partition()
+                heal = host.heal
+            else:
+                ev.detail = host.slow_link(200, 5.0)
+                heal = host.fast_link
+            self._later(loop, lambda pid=w.pid, h=heal: self._heal(pid, h))  # type: ignore[misc]
+        if kind not in RESTARTING:
+            ev.ends = now + self.hang_s
+        return ev
+
+    def _later(self, loop: asyncio.AbstractEventLoop, undo: Callable[[], None]) -> None:
+        key = len(self.events)
+
+        def fire() -> None:
+            self._pending.pop(key, None)
+            undo()
+
+        self._pending[key] = (loop.call_later(self.hang_s, fire), undo)
+
+    def _cont(self, pid: int) -> None:
+        self._stopped.discard(pid)
+        _signal_tree(pid, signal.SIGCONT)
+
+    def _heal(self, pid: int, heal: Callable[[], object]) -> None:
+        self._stopped.discard(pid)
+        with contextlib.suppress(RuntimeError, subprocess.SubprocessError):
+            heal()
+
+    def end_all(self) -> None:
+        """Ends every fault still in force (the run is over or stopping)."""
+        for handle, undo in self._pending.values():
+            handle.cancel()
+            undo()
+        self._pending.clear()
+
+    def note_health(self, now: float, workers: list[WorkerView]) -> None:
+        """Marks faults recovered: the struck worker's place has a routable worker again
+        after the fault ended (its replacement, for faults that end a process)."""
+        routable = {w.pid for w in workers if w.routable}
+        for ev in self.events:
+            if ev.recovered is not None or ev.skipped or ev.pid is None:
+                continue
+            if ev.ends is not None and now < ev.ends:
+                continue
+            if ev.kind in RESTARTING:
+                if ev.slot is not None:
+                    slot = self.dep.slots[ev.slot]
+                    ok = slot.pid != ev.pid and slot.pid in routable
+                else:  # someone else's supervisor: back to as many routable workers
+                    ok = len(routable) >= self.dep.expected_workers
+            else:
+                ok = ev.pid in routable
+            if ok:
+                ev.recovered = now

@@ -1,0 +1,472 @@
+"""`segue chaos`: start (or target) a deployment, send every request once without faults
+(the reference), send the run's requests again while faults strike, wait for the workers to
+be idle, judge every answer against its reference, report, and exit non-zero on any lost,
+wrong or hung request or leaked resource."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+from prometheus_client.parser import text_string_to_metric_families
+
+from segue.chaos.config import (
+    CHAOS_DESTS,
+    ChaosConfig,
+    toml_defaults,
+    validate,
+)
+from segue.chaos.deployment import (
+    CHAOS_SKIP_FRONTEND,
+    CHAOS_SKIP_WORKER,
+    Deployment,
+    DeploymentError,
+    LocalDeployment,
+    TargetDeployment,
+    rss_mib,
+)
+from segue.chaos.faults import FaultEvent, Injector, WorkerView
+from segue.chaos.workload import Outcome, RequestSpec, Status, judge, make_specs, send
+from segue.frontend.config import FrontendConfig
+from segue.options import add_flags, from_args
+from segue.worker.config import WorkerConfig
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEPLOYMENT = 0, 1, 2, 3
+SAMPLE_EVERY = 0.5
+
+
+def add_chaos_args(p: argparse.ArgumentParser) -> None:
+    add_flags(p, ChaosConfig)
+    add_flags(p, FrontendConfig, skip=CHAOS_SKIP_FRONTEND | CHAOS_DESTS)
+    add_flags(p, WorkerConfig, skip=CHAOS_SKIP_WORKER | CHAOS_DESTS)
+
+
+class Sample(msgspec.Struct):
+    """The deployment at one moment of the run."""
+
+    t: float
+    routable: int
+    load: dict[str, float]  # worker -> requests running in its engine
+    migrations: dict[str, float]  # reason -> count since the faulted phase began
+    cancellations: float
+    inflight: float
+    rss_mib: float | None
+
+
+class WorkerState(msgspec.Struct):
+    """A worker's resources after the run (all zero when idle)."""
+
+    worker: str
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    held: int
+
+    def idle(self) -> bool:
+        return not (self.running or self.waiting or self.kv_blocks_used or self.held)
+
+
+class RunResult(msgspec.Struct):
+    reference: list[Outcome]
+    outcomes: list[Outcome]
+    faults: list[FaultEvent]
+    samples: list[Sample]
+    workers_after: list[WorkerState]
+    frontend_inflight_after: float
+    routable_after: int
+    metrics_delta: dict[str, float]
+    duration_s: float
+    restarts: int
+
+
+def scrape(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+class Probe:
+    """The frontend's and workers' /health and /metrics, read over HTTP."""
+
+    def __init__(self, session: aiohttp.ClientSession, dep: Deployment) -> None:
+        self.s = session
+        self.dep = dep
+        self.timeout = aiohttp.ClientTimeout(total=1)
+
+    async def _get(
+        self, url: str, timeout: aiohttp.ClientTimeout | None = None
+    ) -> tuple[int, bytes] | None:
+        try:
+            async with self.s.get(url, timeout=timeout or self.timeout) as r:
+                return r.status, await r.read()
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+
+    async def workers(self) -> list[WorkerView] | None:
+        got = await self._get(self.dep.url + "/health")
+        if got is None:
+            return None
+        try:
+            body = msgspec.json.decode(got[1])
+            return [
+                WorkerView(str(w["id"]), int(w["pid"]), str(w["url"]), bool(w["routable"]))
+                for w in body.get("workers", [])
+            ]
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            return None
+
+    async def metrics(self, url: str) -> dict[str, float]:
+        got = await self._get(url + "/metrics")
+        return scrape(got[1].decode()) if got and got[0] == 200 else {}
+
+    async def engine(self, url: str) -> dict[str, Any] | None:
+        got = await self._get(url + "/health", aiohttp.ClientTimeout(total=0.5))
+        if got is None:
+            return None
+        with contextlib.suppress(msgspec.DecodeError, KeyError, TypeError):
+            return dict(msgspec.json.decode(got[1])["engine"])
+        return None
+
+    def name(self, w: WorkerView) -> str:
+        slot = self.dep.slot_of(w.pid)
+        return f"worker{slot}" if slot is not None else f"worker {w.id[:8]}"
+
+
+class Load:
+    """Closed-loop clients sending requests in a given order; what each got is recorded
+    as it arrives, so a client walking away (a disconnect fault) keeps its tokens so far."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base: str,
+        model: str,
+        specs: list[RequestSpec],
+        deadline: float,
+    ) -> None:
+        self.s, self.base, self.model, self.specs, self.deadline = (
+            session,
+            base,
+            model,
+            specs,
+            deadline,
+        )
+        self.inflight: dict[int, tuple[Outcome, asyncio.Task[None]]] = {}
+        self.done: list[Outcome] = []
+        self.t0 = time.monotonic()
+
+    async def run(self, order: list[int], concurrency: int, t0: float) -> list[Outcome]:
+        self.t0 = t0
+        it = iter(enumerate(order))
+
+        async def client() -> None:
+            for seq, spec_i in it:
+                out = Outcome(seq=seq, spec=spec_i, start=time.monotonic() - t0)
+                spec = self.specs[spec_i]
+                task = asyncio.create_task(
+                    send(self.s, self.base, self.model, spec, out, t0, self.deadline)
+                )
+                self.inflight[seq] = (out, task)
+                await asyncio.wait([task])
+                del self.inflight[seq]
+                if task.cancelled():
+                    out.end = time.monotonic() - t0
+                self.done.append(out)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return sorted(self.done, key=lambda o: o.seq)
+
+    def disconnect(self, rng: random.Random) -> int:
+        """Walks away from a quarter (at least one) of the streams that have started."""
+        streams = [
+            (out, task)
+            for out, task in self.inflight.values()
+            if self.specs[out.spec].stream and out.first is not None and not task.done()
+        ]
+        if not streams:
+            return 0
+        chosen = rng.sample(streams, max(1, len(streams) // 4))
+        for out, task in chosen:
+            out.status = Status.CANCELLED
+            task.cancel()
+        return len(chosen)
+
+
+def _progress(cfg: ChaosConfig, total: int, desc: str) -> Any:
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True)
+
+
+async def _reference(
+    cfg: ChaosConfig, session: aiohttp.ClientSession, dep: Deployment, model: str, specs: list
+) -> list[Outcome]:
+    load = Load(session, dep.url, model, specs, cfg.request_deadline)
+    bar = _progress(cfg, len(specs), "reference run")
+    task = asyncio.create_task(load.run(list(range(len(specs))), cfg.concurrency, time.monotonic()))
+    while not task.done():
+        await asyncio.wait([task], timeout=0.25)
+        if bar is not None:
+            bar.n = len(load.done)
+            bar.refresh()
+    if bar is not None:
+        bar.close()
+    return task.result()
+
+
+async def _wait_ready(probe: Probe, dep: Deployment, timeout: float) -> list[WorkerView]:
+    deadline = time.monotonic() + timeout
+    while True:
+        dep.supervise()
+        ws = await probe.workers()
+        routable = 0 if ws is None else sum(w.routable for w in ws)
+        if ws is not None and routable >= max(1, dep.expected_workers):
+            if not dep.expected_workers:  # a deployment we target: as many as it has now
+                dep.expected_workers = routable
+            return ws
+        if time.monotonic() > deadline:
+            have = 0 if ws is None else sum(w.routable for w in ws)
+            raise DeploymentError(
+                f"{have} of {dep.expected_workers} workers routable after {timeout:g} s"
+            )
+        await asyncio.sleep(0.1)
+
+
+def _migrations(m: dict[str, float]) -> dict[str, float]:
+    pre = "segue_frontend_migrations_total{reason="
+    return {k[len(pre) : -1]: v for k, v in m.items() if k.startswith(pre)}
+
+
+async def chaos(cfg: ChaosConfig, dep: Deployment) -> RunResult:
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout()) as session:
+        probe = Probe(session, dep)
+        await _wait_ready(probe, dep, 180.0)
+        async with session.get(dep.url + "/v1/models") as r:
+            model = (await r.json())["data"][0]["id"]
+        specs = make_specs(cfg)
+        reference = await _reference(cfg, session, dep, model, specs)
+
+        m0 = await probe.metrics(dep.url)
+        mig0 = _migrations(m0)
+        t0 = time.monotonic()
+        load = Load(session, dep.url, model, specs, cfg.request_deadline)
+        injector = Injector(dep, cfg.hang_s, cfg.min_routable, cfg.seed, load.disconnect)
+        order = [i % len(specs) for i in range(cfg.requests)]
+        task = asyncio.create_task(load.run(order, cfg.concurrency, t0))
+        kinds = cfg.fault_kinds()
+        rng = random.Random(cfg.seed + 2)
+        next_fault = cfg.first_fault_after if kinds and cfg.fault_every > 0 else float("inf")
+        samples: list[Sample] = []
+        workers: list[WorkerView] = []
+
+        async def sampler() -> None:
+            # Its own task: a stopped or cut-off worker's /health takes its timeout to fail,
+            # which must not hold up the faults and restarts.
+            while True:
+                now = time.monotonic() - t0
+                samples.append(await _sample(probe, dep, workers, now, mig0))
+                await asyncio.sleep(max(0.0, SAMPLE_EVERY - (time.monotonic() - t0 - now)))
+
+        sampling = asyncio.create_task(sampler())
+        bar = _progress(cfg, cfg.requests, "under faults")
+        restarts = 0
+        try:
+            while not task.done():
+                await asyncio.wait([task], timeout=0.1)
+                now = time.monotonic() - t0
+                restarts += len(dep.supervise())
+                ws = await probe.workers()
+                workers = ws if ws is not None else workers
+                injector.note_health(now, workers)
+                if now >= next_fault and not task.done():
+                    kind = kinds[len(injector.events) % len(kinds)]
+                    injector.strike(kind, now, workers)
+                    spread = 1 + cfg.fault_jitter * rng.uniform(-1, 1)
+                    next_fault = now + cfg.fault_every * spread
+                if bar is not None:
+                    bar.n = len(load.done)
+                    struck = sum(not e.skipped for e in injector.events)
+                    bar.set_postfix(
+                        faults=struck,
+                        errors=sum(o.status != Status.OK for o in load.done),
+                        routable=sum(w.routable for w in workers),
+                        refresh=False,
+                    )
+                    bar.refresh()
+        finally:
+            sampling.cancel()
+            injector.end_all()
+            if bar is not None:
+                bar.close()
+            if not task.done():
+                task.cancel()
+        outcomes = task.result()
+        duration = time.monotonic() - t0
+        # Settle: every fault undone; wait for replacements to be routable and every worker
+        # to have nothing running, waiting or held.
+        deadline = time.monotonic() + cfg.settle_timeout
+        while True:
+            now = time.monotonic() - t0
+            restarts += len(dep.supervise())
+            workers = await probe.workers() or []
+            injector.note_health(now, workers)
+            states = await _worker_states(probe, workers)
+            fe = await probe.metrics(dep.url)
+            inflight = fe.get("segue_frontend_inflight_requests", 0.0)
+            routable = sum(w.routable for w in workers)
+            samples.append(await _sample(probe, dep, workers, now, mig0))
+            whole = routable >= dep.expected_workers or not isinstance(dep, LocalDeployment)
+            if (whole and all(s.idle() for s in states) and not inflight) or (
+                time.monotonic() > deadline
+            ):
+                break
+            await asyncio.sleep(0.2)
+        m1 = fe
+        delta = {k: v - m0.get(k, 0.0) for k, v in m1.items() if v != m0.get(k, 0.0)}
+        return RunResult(
+            reference=reference,
+            outcomes=outcomes,
+            faults=injector.events,
+            samples=samples,
+            workers_after=states,
+            frontend_inflight_after=inflight,
+            routable_after=routable,
+            metrics_delta=delta,
+            duration_s=duration,
+            restarts=restarts,
+        )
+
+
+async def _worker_states(probe: Probe, workers: list[WorkerView]) -> list[WorkerState]:
+    out = []
+    for w in workers:
+        e = await probe.engine(w.url)
+        if e is None:
+            continue  # gone (killed, cut off): it holds nothing a client waits for
+        out.append(
+            WorkerState(
+                probe.name(w),
+                int(e.get("running", 0)),
+                int(e.get("waiting", 0)),
+                int(e.get("kv_blocks_used", 0)),
+                int(e.get("held", 0)),
+            )
+        )
+    return out
+
+
+async def _sample(
+    probe: Probe, dep: Deployment, workers: list[WorkerView], now: float, mig0: dict[str, float]
+) -> Sample:
+    fe = await probe.metrics(dep.url)
+    engines = await asyncio.gather(*(probe.engine(w.url) for w in workers))
+    load = {
+        probe.name(w): float(e.get("running", 0))
+        for w, e in zip(workers, engines, strict=True)
+        if e
+    }
+    mig = {k: v - mig0.get(k, 0.0) for k, v in _migrations(fe).items()}
+    return Sample(
+        t=round(now, 3),
+        routable=sum(w.routable for w in workers),
+        load=load,
+        migrations={k: v for k, v in mig.items() if v},
+        cancellations=fe.get("segue_frontend_cancellations_total", 0.0),
+        inflight=fe.get("segue_frontend_inflight_requests", 0.0),
+        rss_mib=rss_mib(dep.frontend_pid) if dep.frontend_pid else None,
+    )
+
+
+def judge_all(result: RunResult) -> None:
+    ref = {o.spec: o for o in result.reference}
+    for o in result.outcomes:
+        o.verdict = judge(o, ref.get(o.spec))
+
+
+def parse_config(args: argparse.Namespace) -> tuple[ChaosConfig, FrontendConfig, WorkerConfig]:
+    return (
+        from_args(ChaosConfig, args),
+        from_args(FrontendConfig, args, CHAOS_SKIP_FRONTEND),
+        from_args(WorkerConfig, args, CHAOS_SKIP_WORKER),
+    )
+
+
+def load_config(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    reparse: Callable[[], argparse.Namespace],
+) -> tuple[ChaosConfig, FrontendConfig, WorkerConfig]:
+    """The run's configs from the parsed flags; a TOML file's options become the chaos
+    parser's defaults and the command line is parsed again, so flags given on it win.
+    A bad option exits with a usage error naming it."""
+    if args.config:
+        try:
+            parser.set_defaults(**toml_defaults(args.config, parser))
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
+        args = reparse()
+    cfg, fe_cfg, wk_cfg = parse_config(args)
+    try:
+        validate(cfg)
+    except ValueError as e:
+        parser.error(str(e))
+    return cfg, fe_cfg, wk_cfg
+
+
+def run_chaos(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    reparse: Callable[[], argparse.Namespace],
+) -> int:
+    from segue.chaos import report
+
+    cfg, fe_cfg, wk_cfg = load_config(args, parser, reparse)
+    try:
+        import matplotlib  # noqa: F401 - the report's plots; found missing now, not after the run
+    except ImportError:
+        parser.error("the report needs matplotlib: pip install 'segue[chaos]'")
+    report_dir = Path(cfg.report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    dep: Deployment
+    if cfg.url:
+        dep = TargetDeployment(cfg.url)
+    else:
+        (report_dir / "logs").mkdir(exist_ok=True)
+        try:
+            dep = LocalDeployment(
+                cfg.workers, fe_cfg, wk_cfg, report_dir / "logs", cfg.netns, cfg.restart
+            )
+        except RuntimeError as e:  # network namespaces refused (not root)
+            print(f"segue chaos: {e}", file=sys.stderr)
+            return EXIT_DEPLOYMENT
+    try:
+        if isinstance(dep, LocalDeployment):
+            dep.start()
+        result = asyncio.run(chaos(cfg, dep))
+    except DeploymentError as e:
+        print(f"segue chaos: deployment failed: {e}", file=sys.stderr)
+        return EXIT_DEPLOYMENT
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+    finally:
+        dep.close()
+    judge_all(result)
+    summary = report.summarize(cfg, result)
+    report.write(report_dir, cfg, result, summary)
+    print(report.render_text(summary, report_dir))
+    return EXIT_OK if summary["passed"] else EXIT_FAILED

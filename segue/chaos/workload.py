@@ -1,0 +1,189 @@
+"""The requests of a chaos run and what became of each: a reproducible mix of completions and
+chat, streamed or whole, greedy or sampled with a seed, sent by closed-loop clients; and the
+oracle that compares every answer with the same request's answer in a fault-free run."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import random
+import time
+
+import aiohttp
+import msgspec
+
+from segue.chaos.config import ChaosConfig, parse_range
+
+_WORDS = (
+    "the river and sea of light was in his hand for it with as on be at by had are but from "
+    "or have an they which one you were all we her she there would their stone cloud road"
+).split()
+
+
+class RequestSpec(msgspec.Struct, frozen=True):
+    index: int
+    kind: str  # completion | chat
+    stream: bool
+    prompt: str
+    max_tokens: int
+    temperature: float
+    seed: int | None
+
+    def path(self) -> str:
+        return "/v1/chat/completions" if self.kind == "chat" else "/v1/completions"
+
+    def body(self, model: str) -> dict:
+        b: dict = {
+            "model": model,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "return_token_ids": True,
+        }
+        if self.seed is not None:
+            b["seed"] = self.seed
+        if self.kind == "chat":
+            b["messages"] = [{"role": "user", "content": self.prompt}]
+        else:
+            b["prompt"] = self.prompt
+        if self.stream:
+            b["stream"] = True
+            b["stream_options"] = {"include_usage": True}
+        return b
+
+
+def make_specs(cfg: ChaosConfig) -> list[RequestSpec]:
+    """`--distinct` requests (default `--requests`), the same for the same seed."""
+    rng = random.Random(cfg.seed)
+    lo_p, hi_p = parse_range(cfg.prompt_words, "--prompt-words")
+    lo_t, hi_t = parse_range(cfg.max_tokens, "--max-tokens")
+    kinds = cfg.mix_kinds()
+    specs = []
+    for i in range(cfg.distinct or cfg.requests):
+        kind = rng.choice(kinds)
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(lo_p, hi_p))]
+        sampled = rng.random() < cfg.sampled
+        specs.append(
+            RequestSpec(
+                index=i,
+                kind=kind.removesuffix("-stream"),
+                stream=kind.endswith("-stream"),
+                prompt=" ".join(words),
+                max_tokens=rng.randint(lo_t, hi_t),
+                temperature=0.8 if sampled else 0.0,
+                seed=rng.randrange(1 << 31) if sampled else None,
+            )
+        )
+    return specs
+
+
+class Status(enum.StrEnum):
+    OK = "ok"
+    ERROR = "error"  # an HTTP error, an error event, a broken connection
+    HUNG = "hung"  # no end within --request-deadline
+    CANCELLED = "cancelled"  # the client walked away on purpose (a disconnect fault)
+
+
+class Outcome(msgspec.Struct):
+    """One request as the client saw it. Times are seconds since the run's start."""
+
+    seq: int  # order of sending
+    spec: int  # index of its RequestSpec
+    start: float
+    first: float | None = None  # first token (TTFT = first - start)
+    end: float | None = None
+    status: Status = Status.OK
+    http_status: int = 0
+    error: str = ""
+    token_ids: list[int] = msgspec.field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    verdict: str = ""  # the oracle's: exact | wrong | prefix (a cancelled stream's tokens so far)
+
+
+async def execute(
+    session: aiohttp.ClientSession,
+    base: str,
+    model: str,
+    spec: RequestSpec,
+    out: Outcome,
+    t0: float,
+) -> None:
+    """Sends `spec`, filling `out` as the answer arrives (so a caller that cancels this
+    still holds what came before)."""
+    async with session.post(base + spec.path(), json=spec.body(model)) as r:
+        out.http_status = r.status
+        if r.status != 200:
+            out.status = Status.ERROR
+            out.error = f"HTTP {r.status}: {(await r.text())[:300]}"
+            return
+        if not spec.stream:
+            data = await r.json()
+            choice = data["choices"][0]
+            out.first = time.monotonic() - t0
+            out.token_ids = choice.get("token_ids") or []
+            out.text = choice["message"]["content"] if spec.kind == "chat" else choice["text"]
+            out.finish_reason = choice["finish_reason"]
+            return
+        async for line in r.content:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                out.status = Status.ERROR
+                out.error = f"stream error: {ev['error'].get('message', '')[:300]}"
+                return
+            for choice in ev.get("choices") or ():
+                ids = choice.get("token_ids") or []
+                if ids and out.first is None:
+                    out.first = time.monotonic() - t0
+                out.token_ids += ids
+                out.text += (
+                    choice["delta"].get("content", "") if spec.kind == "chat" else choice["text"]
+                )
+                if choice.get("finish_reason"):
+                    out.finish_reason = choice["finish_reason"]
+        if out.finish_reason is None:
+            out.status = Status.ERROR
+            out.error = "stream ended without a finish_reason"
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    base: str,
+    model: str,
+    spec: RequestSpec,
+    out: Outcome,
+    t0: float,
+    deadline: float,
+) -> None:
+    """`execute` with its failures recorded in `out` instead of raised."""
+    try:
+        async with asyncio.timeout(deadline):
+            await execute(session, base, model, spec, out, t0)
+    except TimeoutError:
+        out.status = Status.HUNG
+        out.error = f"no end within {deadline:g} s"
+    except (aiohttp.ClientError, ValueError, KeyError, TypeError) as e:
+        out.status = Status.ERROR
+        out.error = f"{type(e).__name__}: {e}"[:300]
+    finally:
+        out.end = time.monotonic() - t0
+
+
+def judge(out: Outcome, golden: Outcome | None) -> str:
+    """The oracle: an answer is exact when its tokens, text and finish reason equal the
+    fault-free run's; a cancelled stream's tokens must be a prefix of them."""
+    if golden is None or golden.status != Status.OK:
+        return "no-reference"
+    if out.status == Status.CANCELLED:
+        n = len(out.token_ids)
+        return "prefix" if out.token_ids == golden.token_ids[:n] else "wrong"
+    if out.status != Status.OK:
+        return ""
+    same = (
+        out.token_ids == golden.token_ids
+        and out.text == golden.text
+        and out.finish_reason == golden.finish_reason
+    )
+    return "exact" if same else "wrong"
