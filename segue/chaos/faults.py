@@ -131,7 +131,7 @@ class Injector:
         return ev
 
     def _later(self, loop: asyncio.AbstractEventLoop, undo: Callable[[], None]) -> None:
-        key = len(self.events)
+        key = len(self.events) - 1  # the event being struck
 
         def fire() -> None:
             self._pending.pop(key, None)
@@ -148,11 +148,13 @@ class Injector:
         with contextlib.suppress(RuntimeError, subprocess.SubprocessError):
             heal()
 
-    def end_all(self) -> None:
+    def end_all(self, now: float) -> None:
         """Ends every fault still in force (the run is over or stopping)."""
-        for handle, undo in self._pending.values():
+        for key, (handle, undo) in self._pending.items():
             handle.cancel()
             undo()
+            ev = self.events[key]
+            ev.ends = min(ev.ends or now, now)
         self._pending.clear()
 
     def note_health(self, now: float, workers: list[WorkerView]) -> None:

@@ -310,7 +310,7 @@ async def chaos(cfg: ChaosConfig, dep: Deployment) -> RunResult:
                     bar.refresh()
         finally:
             sampling.cancel()
-            injector.end_all()
+            injector.end_all(time.monotonic() - t0)
             if bar is not None:
                 bar.close()
             if not task.done():
