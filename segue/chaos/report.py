@@ -85,6 +85,9 @@ def summarize(cfg: ChaosConfig, r: RunResult) -> dict[str, Any]:
             problems.append(f"{n} requests {what}")
     if leaks:
         problems.append(f"{len(leaks)} workers not idle after the run")
+    if len(r.workers_after) < r.routable_after:
+        silent = r.routable_after - len(r.workers_after)
+        problems.append(f"{silent} routable workers did not report their resources")
     if r.frontend_inflight_after:
         problems.append(f"the frontend still counts {r.frontend_inflight_after:g} in flight")
     if r.routable_after < cfg_expected(r, cfg):

@@ -131,8 +131,8 @@ class Probe:
         got = await self._get(url + "/metrics")
         return scrape(got[1].decode()) if got and got[0] == 200 else {}
 
-    async def engine(self, url: str) -> dict[str, Any] | None:
-        got = await self._get(url + "/health", aiohttp.ClientTimeout(total=0.5))
+    async def engine(self, url: str, timeout: float = 0.5) -> dict[str, Any] | None:
+        got = await self._get(url + "/health", aiohttp.ClientTimeout(total=timeout))
         if got is None:
             return None
         with contextlib.suppress(msgspec.DecodeError, KeyError, TypeError):
@@ -325,13 +325,14 @@ async def chaos(cfg: ChaosConfig, dep: Deployment) -> RunResult:
             restarts += len(dep.supervise())
             workers = await probe.workers() or []
             injector.note_health(now, workers)
-            states = await _worker_states(probe, workers)
+            states = await _worker_states(probe, [w for w in workers if w.routable])
             fe = await probe.metrics(dep.url)
             inflight = fe.get("segue_frontend_inflight_requests", 0.0)
             routable = sum(w.routable for w in workers)
             samples.append(await _sample(probe, dep, workers, now, mig0))
             whole = routable >= dep.expected_workers or not isinstance(dep, LocalDeployment)
-            if (whole and all(s.idle() for s in states) and not inflight) or (
+            answered = len(states) == routable  # a worker too slow to answer is not idle yet
+            if (whole and answered and all(s.idle() for s in states) and not inflight) or (
                 time.monotonic() > deadline
             ):
                 break
@@ -355,9 +356,9 @@ async def chaos(cfg: ChaosConfig, dep: Deployment) -> RunResult:
 async def _worker_states(probe: Probe, workers: list[WorkerView]) -> list[WorkerState]:
     out = []
     for w in workers:
-        e = await probe.engine(w.url)
+        e = await probe.engine(w.url, timeout=3.0)
         if e is None:
-            continue  # gone (killed, cut off): it holds nothing a client waits for
+            continue
         out.append(
             WorkerState(
                 probe.name(w),
