@@ -39,9 +39,14 @@ class ChaosConfig:
     )
     workers: int = option(3, help="workers to start (not with --url)")
     requests: int = option(200, help="requests to send under faults")
+    duration: float = option(
+        0.0, help="seconds to keep sending under faults instead of --requests (a soak)"
+    )
     concurrency: int = option(16, help="clients, each sending its next request when one ends")
     distinct: int | None = option(
-        None, help="distinct requests the run cycles through (default: --requests)"
+        None,
+        help="distinct requests the run cycles through (default: --requests, or 200 with "
+        "--duration)",
     )
     mix: str = option(
         "completion,chat,completion-stream,chat-stream",
@@ -80,6 +85,9 @@ class ChaosConfig:
     report_dir: str = option("chaos-report", help="where report.json and report.html go")
     progress: bool = option(True, help="a progress bar on stderr")
 
+    def n_distinct(self) -> int:
+        return self.distinct or (200 if self.duration > 0 else self.requests)
+
     def fault_kinds(self) -> list[FaultKind]:
         return [FaultKind(k.strip()) for k in self.faults.split(",") if k.strip()]
 
@@ -114,8 +122,10 @@ def validate(cfg: ChaosConfig) -> None:
         raise ValueError("--mix: no request kinds")
     parse_range(cfg.prompt_words, "--prompt-words")
     parse_range(cfg.max_tokens, "--max-tokens")
-    if cfg.requests < 1 or cfg.concurrency < 1:
-        raise ValueError("--requests and --concurrency must be at least 1")
+    if cfg.requests < 1 or cfg.concurrency < 1 or (cfg.distinct is not None and cfg.distinct < 1):
+        raise ValueError("--requests, --distinct and --concurrency must be at least 1")
+    if cfg.duration < 0:
+        raise ValueError("--duration must not be negative")
     if cfg.url is not None and cfg.netns:
         raise ValueError("--netns places workers this run starts: not with --url")
     if not cfg.netns and NEEDS_NETNS & set(kinds):

@@ -450,7 +450,7 @@ figure {{ margin: 0 0 12px; }}
 </style></head>
 <body>
 <h1>segue chaos: <span class="{verdict.lower()[:4]}">{verdict}</span></h1>
-<p>{cfg.requests} requests at concurrency {cfg.concurrency}, faults {esc(cfg.faults)}
+<p>{summary["requests"]} requests at concurrency {cfg.concurrency}, faults {esc(cfg.faults)}
 every {cfg.fault_every:g} s; every answer compared with the same request's answer in a
 fault-free run.</p>
 <table>{rows}</table>

@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -167,12 +168,18 @@ class Load:
         self.done: list[Outcome] = []
         self.t0 = time.monotonic()
 
-    async def run(self, order: list[int], concurrency: int, t0: float) -> list[Outcome]:
+    async def run(
+        self, order: Iterable[int], concurrency: int, t0: float, until: float | None = None
+    ) -> list[Outcome]:
+        """Sends the specs `order` names until it ends or, with `until`, until then
+        (monotonic time)."""
         self.t0 = t0
         it = iter(enumerate(order))
 
         async def client() -> None:
             for seq, spec_i in it:
+                if until is not None and time.monotonic() >= until:
+                    break
                 out = Outcome(seq=seq, spec=spec_i, start=time.monotonic() - t0)
                 spec = self.specs[spec_i]
                 task = asyncio.create_task(
@@ -204,12 +211,12 @@ class Load:
         return len(chosen)
 
 
-def _progress(cfg: ChaosConfig, total: int, desc: str) -> Any:
+def _progress(cfg: ChaosConfig, total: int, desc: str, unit: str = "req") -> Any:
     if not cfg.progress:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
 
 async def _reference(
@@ -266,8 +273,12 @@ async def chaos(cfg: ChaosConfig, dep: Deployment) -> RunResult:
         t0 = time.monotonic()
         load = Load(session, dep.url, model, specs, cfg.request_deadline)
         injector = Injector(dep, cfg.hang_s, cfg.min_routable, cfg.seed, load.disconnect)
-        order = [i % len(specs) for i in range(cfg.requests)]
-        task = asyncio.create_task(load.run(order, cfg.concurrency, t0))
+        if cfg.duration > 0:
+            order: Iterable[int] = itertools.cycle(range(len(specs)))
+            until: float | None = t0 + cfg.duration
+        else:
+            order, until = [i % len(specs) for i in range(cfg.requests)], None
+        task = asyncio.create_task(load.run(order, cfg.concurrency, t0, until))
         kinds = cfg.fault_kinds()
         rng = random.Random(cfg.seed + 2)
         next_fault = cfg.first_fault_after if kinds and cfg.fault_every > 0 else float("inf")
@@ -283,7 +294,9 @@ async def chaos(cfg: ChaosConfig, dep: Deployment) -> RunResult:
                 await asyncio.sleep(max(0.0, SAMPLE_EVERY - (time.monotonic() - t0 - now)))
 
         sampling = asyncio.create_task(sampler())
-        bar = _progress(cfg, cfg.requests, "under faults")
+        bar = _progress(
+            cfg, round(cfg.duration) or cfg.requests, "under faults", "s" if cfg.duration else "req"
+        )
         restarts = 0
         try:
             while not task.done():
@@ -299,7 +312,7 @@ async def chaos(cfg: ChaosConfig, dep: Deployment) -> RunResult:
                     spread = 1 + cfg.fault_jitter * rng.uniform(-1, 1)
                     next_fault = now + cfg.fault_every * spread
                 if bar is not None:
-                    bar.n = len(load.done)
+                    bar.n = min(round(now), bar.total) if cfg.duration else len(load.done)
                     struck = sum(not e.skipped for e in injector.events)
                     bar.set_postfix(
                         faults=struck,

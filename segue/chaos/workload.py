@@ -53,13 +53,13 @@ class RequestSpec(msgspec.Struct, frozen=True):
 
 
 def make_specs(cfg: ChaosConfig) -> list[RequestSpec]:
-    """`--distinct` requests (default `--requests`), the same for the same seed."""
+    """`--distinct` requests, the same for the same seed."""
     rng = random.Random(cfg.seed)
     lo_p, hi_p = parse_range(cfg.prompt_words, "--prompt-words")
     lo_t, hi_t = parse_range(cfg.max_tokens, "--max-tokens")
     kinds = cfg.mix_kinds()
     specs = []
-    for i in range(cfg.distinct or cfg.requests):
+    for i in range(cfg.n_distinct()):
         kind = rng.choice(kinds)
         words = [rng.choice(_WORDS) for _ in range(rng.randint(lo_p, hi_p))]
         sampled = rng.random() < cfg.sampled

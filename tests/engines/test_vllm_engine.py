@@ -5,9 +5,12 @@ to the reference scenarios, and disaggregation through each of vLLM's two KV con
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -224,6 +227,39 @@ def test_request_migration_on_vllm(deploy, vllm_model, sig, short_tmp):
             lambda: victim.pid not in [x["pid"] for x in deploy.frontend.health()["workers"]],
             what="the failed worker gone from the frontend",
         )
+
+
+def test_chaos_kills_vllm_engine_cores_under_load(deploy, vllm_model, short_tmp, tmp_path):
+    """`segue chaos --url` on a vLLM deployment: the engine core of a worker serving the
+    load is killed; every answer equals the fault-free run's, the worker exits for a
+    restart and the other is idle after."""
+    deploy.start_frontend("--model", vllm_model, "--stall-timeout", "30")
+    tmps = [short_tmp / str(i) for i in range(2)]
+    for t in tmps:
+        t.mkdir()
+    ws = [start_worker(deploy, vllm_model, tmpdir=t) for t in tmps]
+    for w in ws:
+        deploy.wait_routable(w, timeout=START)
+    out = tmp_path / "report"
+    r = subprocess.run(
+        [
+            sys.executable, "-m", "segue", "chaos", "--url", deploy.url, "--requests", "40",
+            "--concurrency", "6", "--faults", "engine-kill", "--fault-every", "1000",
+            "--first-fault-after", "1", "--prompt-words", "4-30", "--max-tokens", "24-64",
+            "--progress", "false", "--report-dir", str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads((out / "report.json").read_text())["summary"]
+    assert s["exact"] == 40 and s["faults"]["engine-kill"]["struck"] == 1
+    victim = wait_until(
+        lambda: next((w for w in ws if not w.alive()), None), what="the struck worker's exit"
+    )
+    assert victim.popen.wait() == ENGINE_FAILED_EXIT
+    assert s["leaks"] == [] and len(s["workers_after"]) == 1
 
 
 def disagg_deployment(deploy, model, prefill_flags=(), decode_flags=()):

@@ -67,6 +67,8 @@ def test_bad_toml_is_a_usage_error_naming_the_key(tmp_path, capsys, text, messag
         ({"max_tokens": "x"}, "--max-tokens"),
         ({"url": "http://127.0.0.1:1", "netns": True}, "not with --url"),
         ({"sampled": 1.5}, "--sampled"),
+        ({"duration": -1.0}, "--duration"),
+        ({"distinct": 0}, "--distinct"),
     ],
 )
 def test_validate_names_the_bad_option(changes, message):
