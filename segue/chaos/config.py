@@ -43,6 +43,11 @@ class ChaosConfig:
         0.0, help="seconds to keep sending under faults instead of --requests (a soak)"
     )
     concurrency: int = option(16, help="clients, each sending its next request when one ends")
+    reference_concurrency: int | None = option(
+        None,
+        help="clients of the fault-free reference run (default: --concurrency); 1 also "
+        "proves the engine's answers do not depend on what else is in its batch",
+    )
     distinct: int | None = option(
         None,
         help="distinct requests the run cycles through (default: --requests, or 200 with "
@@ -122,8 +127,11 @@ def validate(cfg: ChaosConfig) -> None:
         raise ValueError("--mix: no request kinds")
     parse_range(cfg.prompt_words, "--prompt-words")
     parse_range(cfg.max_tokens, "--max-tokens")
-    if cfg.requests < 1 or cfg.concurrency < 1 or (cfg.distinct is not None and cfg.distinct < 1):
-        raise ValueError("--requests, --distinct and --concurrency must be at least 1")
+    optional = [n for n in (cfg.distinct, cfg.reference_concurrency) if n is not None]
+    if min(cfg.requests, cfg.concurrency, *optional) < 1:
+        raise ValueError(
+            "--requests, --distinct, --concurrency and --reference-concurrency must be at least 1"
+        )
     if cfg.duration < 0:
         raise ValueError("--duration must not be negative")
     if cfg.url is not None and cfg.netns:

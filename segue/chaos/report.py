@@ -465,18 +465,21 @@ fault-free run.</p>
 
 def write(report_dir: Path, cfg: ChaosConfig, r: RunResult, summary: dict[str, Any]) -> None:
     data = series(r)
+    ref = {o.spec: o for o in r.reference}
     doc = {
         "config": msgspec.to_builtins(cfg),
         "summary": summary,
         "series": data,
         "faults": msgspec.to_builtins(r.faults),
         "samples": msgspec.to_builtins(r.samples),
-        # Tokens are kept only where they matter (wrong answers); lengths for the rest.
+        # Tokens are kept only where they matter (wrong answers, with the reference's);
+        # lengths for the rest.
         "outcomes": [
             {
                 **msgspec.to_builtins(o),
                 "token_ids": o.token_ids if o.verdict == "wrong" else len(o.token_ids),
                 "text": o.text if o.verdict == "wrong" else "",
+                **({"expected": msgspec.to_builtins(ref[o.spec])} if o.verdict == "wrong" else {}),
             }
             for o in r.outcomes
         ],

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import random
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -38,6 +39,7 @@ from segue.chaos.deployment import (
 from segue.chaos.faults import FaultEvent, Injector, WorkerView
 from segue.chaos.workload import Outcome, RequestSpec, Status, judge, make_specs, send
 from segue.frontend.config import FrontendConfig
+from segue.frontend.keys import read_keys
 from segue.options import add_flags, from_args
 from segue.worker.config import WorkerConfig
 
@@ -156,6 +158,7 @@ class Load:
         model: str,
         specs: list[RequestSpec],
         deadline: float,
+        tag: str,
     ) -> None:
         self.s, self.base, self.model, self.specs, self.deadline = (
             session,
@@ -164,6 +167,7 @@ class Load:
             specs,
             deadline,
         )
+        self.tag = tag  # request ids are chaos-{tag}-{seq}
         self.inflight: dict[int, tuple[Outcome, asyncio.Task[None]]] = {}
         self.done: list[Outcome] = []
         self.t0 = time.monotonic()
@@ -180,7 +184,12 @@ class Load:
             for seq, spec_i in it:
                 if until is not None and time.monotonic() >= until:
                     break
-                out = Outcome(seq=seq, spec=spec_i, start=time.monotonic() - t0)
+                out = Outcome(
+                    seq=seq,
+                    spec=spec_i,
+                    start=time.monotonic() - t0,
+                    request_id=f"chaos-{self.tag}-{seq}",
+                )
                 spec = self.specs[spec_i]
                 task = asyncio.create_task(
                     send(self.s, self.base, self.model, spec, out, t0, self.deadline)
@@ -220,9 +229,14 @@ def _progress(cfg: ChaosConfig, total: int, desc: str, unit: str = "req") -> Any
 
 
 async def _reference(
-    cfg: ChaosConfig, session: aiohttp.ClientSession, dep: Deployment, model: str, specs: list
+    cfg: ChaosConfig,
+    session: aiohttp.ClientSession,
+    dep: Deployment,
+    model: str,
+    specs: list,
+    run_id: str,
 ) -> list[Outcome]:
-    load = Load(session, dep.url, model, specs, cfg.request_deadline)
+    load = Load(session, dep.url, model, specs, cfg.request_deadline, f"{run_id}-ref")
     bar = _progress(cfg, len(specs), "reference run")
     task = asyncio.create_task(load.run(list(range(len(specs))), cfg.concurrency, time.monotonic()))
     while not task.done():
@@ -258,20 +272,24 @@ def _migrations(m: dict[str, float]) -> dict[str, float]:
     return {k[len(pre) : -1]: v for k, v in m.items() if k.startswith(pre)}
 
 
-async def chaos(cfg: ChaosConfig, dep: Deployment) -> RunResult:
+async def chaos(cfg: ChaosConfig, dep: Deployment, api_key: str | None = None) -> RunResult:
     conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout()) as session:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with aiohttp.ClientSession(
+        connector=conn, timeout=aiohttp.ClientTimeout(), headers=headers
+    ) as session:
         probe = Probe(session, dep)
         await _wait_ready(probe, dep, 180.0)
         async with session.get(dep.url + "/v1/models") as r:
             model = (await r.json())["data"][0]["id"]
         specs = make_specs(cfg)
-        reference = await _reference(cfg, session, dep, model, specs)
+        run_id = secrets.token_hex(3)  # request ids chaos-RUN-SEQ, unique across runs
+        reference = await _reference(cfg, session, dep, model, specs, run_id)
 
         m0 = await probe.metrics(dep.url)
         mig0 = _migrations(m0)
         t0 = time.monotonic()
-        load = Load(session, dep.url, model, specs, cfg.request_deadline)
+        load = Load(session, dep.url, model, specs, cfg.request_deadline, run_id)
         injector = Injector(dep, cfg.hang_s, cfg.min_routable, cfg.seed, load.disconnect)
         if cfg.duration > 0:
             order: Iterable[int] = itertools.cycle(range(len(specs)))
@@ -454,6 +472,16 @@ def run_chaos(
         import matplotlib  # noqa: F401 - the report's plots; found missing now, not after the run
     except ImportError:
         parser.error("the report needs matplotlib: pip install 'segue[chaos]'")
+    # The frontend's --api-key-file (of the deployment started, or targeted): its first
+    # key is the one the run's clients send.
+    api_key = None
+    if fe_cfg.api_key_file:
+        try:
+            api_key = next(iter(read_keys(Path(fe_cfg.api_key_file))), None)
+        except OSError as e:
+            parser.error(f"--api-key-file: {e}")
+        if api_key is None:
+            parser.error(f"--api-key-file: no key in {fe_cfg.api_key_file}")
     report_dir = Path(cfg.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     dep: Deployment
@@ -471,7 +499,7 @@ def run_chaos(
     try:
         if isinstance(dep, LocalDeployment):
             dep.start()
-        result = asyncio.run(chaos(cfg, dep))
+        result = asyncio.run(chaos(cfg, dep, api_key))
     except DeploymentError as e:
         print(f"segue chaos: deployment failed: {e}", file=sys.stderr)
         return EXIT_DEPLOYMENT

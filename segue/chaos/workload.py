@@ -90,6 +90,7 @@ class Outcome(msgspec.Struct):
     seq: int  # order of sending
     spec: int  # index of its RequestSpec
     start: float
+    request_id: str = ""  # sent as X-Request-Id: every process's log lines name it
     first: float | None = None  # first token (TTFT = first - start)
     end: float | None = None
     status: Status = Status.OK
@@ -111,7 +112,8 @@ async def execute(
 ) -> None:
     """Sends `spec`, filling `out` as the answer arrives (so a caller that cancels this
     still holds what came before)."""
-    async with session.post(base + spec.path(), json=spec.body(model)) as r:
+    headers = {"X-Request-Id": out.request_id} if out.request_id else None
+    async with session.post(base + spec.path(), json=spec.body(model), headers=headers) as r:
         out.http_status = r.status
         if r.status != 200:
             out.status = Status.ERROR

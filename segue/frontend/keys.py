@@ -17,6 +17,12 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def read_keys(path: Path) -> list[str]:
+    """The keys of an API key file: its lines but blank ones and `#` comments."""
+    lines = path.read_text().splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
 class ApiKeys:
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -26,13 +32,12 @@ class ApiKeys:
     def load(self) -> None:
         """(Re)reads the file; a file that cannot be read keeps the keys in force."""
         try:
-            lines = self.path.read_text().splitlines()
+            keys = read_keys(self.path)
         except OSError as e:
             if not self._digests:
                 raise
             log.error("API keys not reloaded from %s: %s (the old keys stay)", self.path, e)
             return
-        keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         if not keys:
             raise ValueError(f"no API key in {self.path}")
         self._digests = frozenset(_digest(k) for k in keys)

@@ -139,7 +139,11 @@ def test_chaos_fails_a_deployment_that_loses_requests(tmp_path):
 
 
 def test_chaos_targets_a_running_deployment_from_a_toml_file(tmp_path, deploy):
-    deploy.start_frontend("--stall-timeout", "1")
+    """A deployment someone else started, behind API keys: the run's clients send the key
+    file's first key, and the faults strike that deployment's worker processes."""
+    keys = tmp_path / "keys"
+    keys.write_text("# the operator's keys\nsk-chaos-1\nsk-other\n")
+    deploy.start_frontend("--stall-timeout", "1", "--api-key-file", str(keys))
     workers = [deploy.start_worker("--mocker-step-ms", "10") for _ in range(2)]
     out = tmp_path / "report"
     conf = tmp_path / "chaos.toml"
@@ -147,6 +151,7 @@ def test_chaos_targets_a_running_deployment_from_a_toml_file(tmp_path, deploy):
         f'url = "{deploy.frontend.url}"\nrequests = 120\nconcurrency = 8\n'
         f'faults = "stop,disconnect"\nfault-every = 1.0\nfirst-fault-after = 0.5\n'
         f'hang-s = 2.0\nprogress = false\nreport-dir = "{out}"\n'
+        f'api-key-file = "{keys}"\n'
     )
     r = chaos("--config", str(conf))
     assert r.returncode == 0, r.stdout + r.stderr
