@@ -323,6 +323,10 @@ class MuxConnection:
     def forget(self, call: MuxCall) -> None:
         self.calls.pop(call.sid, None)
 
+    def on_closed(self, callback: Callable[[], None]) -> None:
+        """Calls `callback` once the connection has closed (its reader has ended)."""
+        self._reader.add_done_callback(lambda _: callback())
+
     async def _read(self) -> None:
         why, reason = "connection closed", FailureReason.STREAM_BROKEN
         try:
@@ -406,11 +410,20 @@ class MuxPool:
         if task is None:
             task = asyncio.get_running_loop().create_task(self._connect(url))
             self._conns[url] = task
-            task.add_done_callback(lambda t: self._forget_failed(url, t))
+            task.add_done_callback(lambda t: self._settled(url, t))
         return await asyncio.shield(task)
 
-    def _forget_failed(self, url: str, task: asyncio.Task[MuxConnection]) -> None:
-        if (task.cancelled() or task.exception() is not None) and self._conns.get(url) is task:
+    def _settled(self, url: str, task: asyncio.Task[MuxConnection]) -> None:
+        """A connection that failed is forgotten at once, one that opened when it closes:
+        workers come and go on new ports, and a closed connection kept per old address
+        would grow the frontend for as long as it runs."""
+        if task.cancelled() or task.exception() is not None:
+            self._forget(url, task)
+        else:
+            task.result().on_closed(lambda: self._forget(url, task))
+
+    def _forget(self, url: str, task: asyncio.Task[MuxConnection]) -> None:
+        if self._conns.get(url) is task:
             del self._conns[url]
 
     async def _connect(self, url: str) -> MuxConnection:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from prometheus_client.parser import text_string_to_metric_families
+from segue.promtext import read_samples
 
 T = TypeVar("T")
 READY_RE = re.compile(r"segue (?:worker|frontend) ready .*?url=(\S+)")
@@ -155,13 +155,7 @@ def get_json(url: str) -> dict:
 def scrape(url: str) -> dict[str, float]:
     """Prometheus samples as {'name{label="v"}': value}."""
     with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
+        return read_samples(r.read().decode())
 
 
 class Deployment:

@@ -31,7 +31,8 @@ FAULT_COLORS = {
     FaultKind.PARTITION: "#1f77b4",
     FaultKind.SLOW: "#7f7f7f",
 }
-DATA_COLORS = ["#2ca02c", "#17becf", "#222222", "#bcbd22", "#006d2c", "#5e3c99", "#b35806"]
+DATA_COLORS = ["#2ca02c", "#17becf", "#bcbd22", "#006d2c", "#5e3c99", "#b35806", "#01665e"]
+INK = "#222222"  # latency lines, failed requests
 PLOT_SIZE = (1000, 330)  # pixels of each plot
 PLOTS = ("throughput", "latency", "migrations", "workers")
 
@@ -63,9 +64,9 @@ def summarize(cfg: ChaosConfig, r: RunResult) -> dict[str, Any]:
             "max_s": None if not rec else round(max(rec), 2),
             "unrecovered": n - len(rec),
         }
-    mig_prefix = "segue_frontend_migrations_total{reason="
+    mig_prefix = 'segue_frontend_migrations_total{reason="'
     migrations = {
-        k[len(mig_prefix) : -1]: int(v)
+        k[len(mig_prefix) : -2]: int(v)
         for k, v in r.metrics_delta.items()
         if k.startswith(mig_prefix)
     }
@@ -309,8 +310,8 @@ def _plots(r: RunResult, data: dict[str, Any]) -> dict[str, bytes]:
     for key, label, color, style in (
         ("ttft_p50_ms", "TTFT p50", DATA_COLORS[0], "-"),
         ("ttft_p99_ms", "TTFT p99", DATA_COLORS[0], "--"),
-        ("latency_p50_ms", "latency p50", DATA_COLORS[2], "-"),
-        ("latency_p99_ms", "latency p99", DATA_COLORS[2], "--"),
+        ("latency_p50_ms", "latency p50", INK, "-"),
+        ("latency_p99_ms", "latency p99", INK, "--"),
     ):
         ys = [math.nan if v is None else v for v in data[key]]
         ax.plot(t, ys, color=color, ls=style, lw=1.5, label=label, marker=".", ms=3)
@@ -331,7 +332,7 @@ def _plots(r: RunResult, data: dict[str, Any]) -> dict[str, bytes]:
             label=f"migrations: {reason}",
         )
     w = data["bucket_s"] * 0.8
-    ax.bar(t, data["errors"], width=w, align="edge", color="#000000", label="failed requests")
+    ax.bar(t, data["errors"], width=w, align="edge", color=INK, label="failed requests")
     ax.bar(
         t,
         data["cancelled"],

@@ -19,7 +19,6 @@ from typing import Any
 
 import aiohttp
 import msgspec
-from prometheus_client.parser import text_string_to_metric_families
 
 from segue.chaos.config import (
     CHAOS_DESTS,
@@ -41,6 +40,7 @@ from segue.chaos.workload import Outcome, RequestSpec, Status, judge, make_specs
 from segue.frontend.config import FrontendConfig
 from segue.frontend.keys import read_keys
 from segue.options import add_flags, from_args
+from segue.promtext import read_samples
 from segue.worker.config import WorkerConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEPLOYMENT = 0, 1, 2, 3
@@ -91,15 +91,6 @@ class RunResult(msgspec.Struct):
     restarts: int
 
 
-def scrape(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
-
 class Probe:
     """The frontend's and workers' /health and /metrics, read over HTTP."""
 
@@ -132,7 +123,7 @@ class Probe:
 
     async def metrics(self, url: str) -> dict[str, float]:
         got = await self._get(url + "/metrics")
-        return scrape(got[1].decode()) if got and got[0] == 200 else {}
+        return read_samples(got[1].decode()) if got and got[0] == 200 else {}
 
     async def engine(self, url: str, timeout: float = 0.5) -> dict[str, Any] | None:
         got = await self._get(url + "/health", aiohttp.ClientTimeout(total=timeout))
@@ -268,8 +259,8 @@ async def _wait_ready(probe: Probe, dep: Deployment, timeout: float) -> list[Wor
 
 
 def _migrations(m: dict[str, float]) -> dict[str, float]:
-    pre = "segue_frontend_migrations_total{reason="
-    return {k[len(pre) : -1]: v for k, v in m.items() if k.startswith(pre)}
+    pre = 'segue_frontend_migrations_total{reason="'
+    return {k[len(pre) : -2]: v for k, v in m.items() if k.startswith(pre)}
 
 
 async def chaos(cfg: ChaosConfig, dep: Deployment, api_key: str | None = None) -> RunResult:

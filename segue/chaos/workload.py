@@ -102,52 +102,43 @@ class Outcome(msgspec.Struct):
     verdict: str = ""  # the oracle's: exact | wrong | prefix (a cancelled stream's tokens so far)
 
 
-async def execute(
-    session: aiohttp.ClientSession,
-    base: str,
-    model: str,
-    spec: RequestSpec,
-    out: Outcome,
-    t0: float,
-) -> None:
-    """Sends `spec`, filling `out` as the answer arrives (so a caller that cancels this
-    still holds what came before)."""
-    headers = {"X-Request-Id": out.request_id} if out.request_id else None
-    async with session.post(base + spec.path(), json=spec.body(model), headers=headers) as r:
-        out.http_status = r.status
-        if r.status != 200:
+async def _read(r: aiohttp.ClientResponse, spec: RequestSpec, out: Outcome, t0: float) -> None:
+    """Reads an answer into `out` as it arrives (so a caller that cancels this still holds
+    what came before)."""
+    out.http_status = r.status
+    if r.status != 200:
+        out.status = Status.ERROR
+        out.error = f"HTTP {r.status}: {(await r.text())[:300]}"
+        return
+    if not spec.stream:
+        data = await r.json()
+        choice = data["choices"][0]
+        out.first = time.monotonic() - t0
+        out.token_ids = choice.get("token_ids") or []
+        out.text = choice["message"]["content"] if spec.kind == "chat" else choice["text"]
+        out.finish_reason = choice["finish_reason"]
+        return
+    async for line in r.content:
+        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            continue
+        ev = json.loads(line[6:])
+        if "error" in ev:
             out.status = Status.ERROR
-            out.error = f"HTTP {r.status}: {(await r.text())[:300]}"
+            out.error = f"stream error: {ev['error'].get('message', '')[:300]}"
             return
-        if not spec.stream:
-            data = await r.json()
-            choice = data["choices"][0]
-            out.first = time.monotonic() - t0
-            out.token_ids = choice.get("token_ids") or []
-            out.text = choice["message"]["content"] if spec.kind == "chat" else choice["text"]
-            out.finish_reason = choice["finish_reason"]
-            return
-        async for line in r.content:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            ev = json.loads(line[6:])
-            if "error" in ev:
-                out.status = Status.ERROR
-                out.error = f"stream error: {ev['error'].get('message', '')[:300]}"
-                return
-            for choice in ev.get("choices") or ():
-                ids = choice.get("token_ids") or []
-                if ids and out.first is None:
-                    out.first = time.monotonic() - t0
-                out.token_ids += ids
-                out.text += (
-                    choice["delta"].get("content", "") if spec.kind == "chat" else choice["text"]
-                )
-                if choice.get("finish_reason"):
-                    out.finish_reason = choice["finish_reason"]
-        if out.finish_reason is None:
-            out.status = Status.ERROR
-            out.error = "stream ended without a finish_reason"
+        for choice in ev.get("choices") or ():
+            ids = choice.get("token_ids") or []
+            if ids and out.first is None:
+                out.first = time.monotonic() - t0
+            out.token_ids += ids
+            out.text += (
+                choice["delta"].get("content", "") if spec.kind == "chat" else choice["text"]
+            )
+            if choice.get("finish_reason"):
+                out.finish_reason = choice["finish_reason"]
+    if out.finish_reason is None:
+        out.status = Status.ERROR
+        out.error = "stream ended without a finish_reason"
 
 
 async def send(
@@ -159,10 +150,14 @@ async def send(
     t0: float,
     deadline: float,
 ) -> None:
-    """`execute` with its failures recorded in `out` instead of raised."""
+    """Sends `spec` and records what became of it in `out`, failures included."""
+    headers = {"X-Request-Id": out.request_id} if out.request_id else None
     try:
-        async with asyncio.timeout(deadline):
-            await execute(session, base, model, spec, out, t0)
+        async with (
+            asyncio.timeout(deadline),
+            session.post(base + spec.path(), json=spec.body(model), headers=headers) as r,
+        ):
+            await _read(r, spec, out, t0)
     except TimeoutError:
         out.status = Status.HUNG
         out.error = f"no end within {deadline:g} s"

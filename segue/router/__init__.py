@@ -67,6 +67,9 @@ class Router:
         for gone in self.instances.keys() - instances.keys():
             log.info("worker %s left discovery", gone)
             self.down.discard(gone)
+            if not self.inflight.get(gone):  # else the last call out removes it
+                self.inflight.pop(gone, None)
+                self.load_tokens.pop(gone, None)
             task = self._probes.pop(gone, None)
             if task:
                 task.cancel()
@@ -141,6 +144,8 @@ class Router:
         finally:
             self.inflight[wid] -= 1
             self.load_tokens[wid] -= tokens
+            if not self.inflight[wid] and wid not in self.instances:  # it left meanwhile
+                del self.inflight[wid], self.load_tokens[wid]
 
     def mark_down(self, instance: Instance, reason: str) -> None:
         if instance.id in self.down or instance.id not in self.instances:

@@ -150,7 +150,7 @@ def run_result(**changes) -> RunResult:
         workers_after=[WorkerState("worker0", 0, 0, 0, 0), WorkerState("worker1", 0, 0, 0, 0)],
         frontend_inflight_after=0.0,
         routable_after=2,
-        metrics_delta={"segue_frontend_migrations_total{reason=stream_broken}": 4.0},
+        metrics_delta={'segue_frontend_migrations_total{reason="stream_broken"}': 4.0},
         duration_s=4.0,
         restarts=1,
     )

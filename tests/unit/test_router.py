@@ -36,3 +36,17 @@ def test_random_policy_and_discovery_removal():
     r.mark_down(inst("a"), "test")
     r.update({"b": inst("b")})
     assert "a" not in r.down  # gone from discovery: forgotten, not left "down"
+
+
+def test_workers_that_left_are_forgotten():
+    """Workers come and go (restarts get new ids): what the router counts per worker goes
+    with them, also when a call was still in flight as it left."""
+    r = Router("least-loaded")
+    r.update({i: inst(i) for i in "ab"})
+    with r.track(inst("a"), tokens=10), r.track(inst("b"), tokens=5):
+        r.update({"b": inst("b")})  # a leaves while its call is in flight
+        assert r.inflight["a"] == 1
+    assert "a" not in r.inflight and "a" not in r.load_tokens
+    assert r.inflight == {"b": 0}
+    r.update({})
+    assert r.inflight == {} and r.load_tokens == {}

@@ -248,6 +248,7 @@ async def test_mux_broken_connection_fails_and_aborts_every_call_on_it(mux_runni
     r.engine.step(1)
     await asyncio.gather(*firsts)
     (server,) = r.worker.routes.muxes
+    assert list(r.plane.mux._conns) == [r.worker.url]
     await server.ws.close()
     for c in calls:
         with pytest.raises(Failure) as e:
@@ -255,6 +256,9 @@ async def test_mux_broken_connection_fails_and_aborts_every_call_on_it(mux_runni
         assert e.value.reason is FailureReason.STREAM_BROKEN
     await wait_for(lambda: sorted(r.engine.aborted) == ["c0", "c1", "c2"], what="aborts")
     assert not r.worker.sessions.active and r.worker.routes.calls == 0
+    # The caller forgets the closed connection (a restarted worker comes back on another
+    # address: one kept per old address grew the frontend in a 10-minute chaos soak).
+    await wait_for(lambda: not r.plane.mux._conns, what="the closed connection forgotten")
 
 
 async def test_mux_a_worker_silent_on_every_call_loses_the_connection(mux_running):
