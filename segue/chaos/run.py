@@ -161,6 +161,7 @@ class Load:
         self.tag = tag  # request ids are chaos-{tag}-{seq}
         self.inflight: dict[int, tuple[Outcome, asyncio.Task[None]]] = {}
         self.done: list[Outcome] = []
+        self.failed = 0  # lost or hung so far, for the progress bar
         self.t0 = time.monotonic()
 
     async def run(
@@ -190,6 +191,7 @@ class Load:
                 del self.inflight[seq]
                 if task.cancelled():
                     out.end = time.monotonic() - t0
+                self.failed += out.status in (Status.ERROR, Status.HUNG)
                 self.done.append(out)
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -325,7 +327,7 @@ async def chaos(cfg: ChaosConfig, dep: Deployment, api_key: str | None = None) -
                     struck = sum(not e.skipped for e in injector.events)
                     bar.set_postfix(
                         faults=struck,
-                        errors=sum(o.status != Status.OK for o in load.done),
+                        failed=load.failed,
                         routable=sum(w.routable for w in workers),
                         refresh=False,
                     )
