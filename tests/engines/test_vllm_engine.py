@@ -55,7 +55,23 @@ def vbody(model, kind, prompt, n, stream):
     return b
 
 
+_worker_tmps: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _remove_worker_tmps():
+    """Removes each worker's temp directory after the test (after `deploy` stopped it: an
+    autouse fixture is set up first, so torn down last). vLLM puts IPC sockets there and
+    the example KV connector its files, which a killed worker cannot remove."""
+    yield
+    while _worker_tmps:
+        shutil.rmtree(_worker_tmps.pop(), ignore_errors=True)
+
+
 def start_worker(d, model, *extra, tmpdir=None):
+    if tmpdir is None:
+        tmpdir = Path(tempfile.mkdtemp(prefix="sg-"))
+        _worker_tmps.append(tmpdir)
     # vLLM binds its OpenMP threads to every core by default; two busy engines then starve
     # every other process of a 2-core machine (CI saw a worker's event loop stall for 10 s).
     # One core per engine, taken in turn, leaves room for the frontend, workers and tests.
@@ -70,7 +86,7 @@ def start_worker(d, model, *extra, tmpdir=None):
         fast=False,
         wait=False,
         ready_timeout=START,
-        env={"VLLM_CPU_OMP_THREADS_BIND": str(core), **({"TMPDIR": str(tmpdir)} if tmpdir else {})},
+        env={"VLLM_CPU_OMP_THREADS_BIND": str(core), "TMPDIR": str(tmpdir)},
     )
 
 
