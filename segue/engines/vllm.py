@@ -108,8 +108,9 @@ class VllmEngine(Engine):
         self._events_endpoint = events_endpoint()
         self._relay: asyncio.Task[None] | None = None
         if cfg.role != "aggregated":
-            self.kv = NixlKv() if cfg.kv_connector == "nixl" else ExampleKv()
-            if self.kv.whole_prompt_per_step:
+            # Checked before the connector exists: ExampleKv makes a directory at once.
+            kv_type = NixlKv if cfg.kv_connector == "nixl" else ExampleKv
+            if kv_type.whole_prompt_per_step:
                 if (cfg.max_num_batched_tokens or cfg.max_model_len) < cfg.max_model_len:
                     raise ValueError(
                         f"the {cfg.kv_connector} KV connector cannot store a prompt prefilled "
@@ -117,6 +118,7 @@ class VllmEngine(Engine):
                         f"context length ({cfg.max_model_len}) on prefill/decode workers"
                     )
                 self.cfg = replace(cfg, max_num_batched_tokens=cfg.max_model_len)
+            self.kv = kv_type()
 
     async def start(self) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
