@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "chaos", help="load + faults on a deployment; every answer checked against a fault-free run"
     )
-    from segue.chaos.run import add_chaos_args
+    from segue.chaos.config import add_chaos_args
 
     add_chaos_args(c)
     ap.set_defaults(chaos_parser=c)

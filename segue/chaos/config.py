@@ -9,7 +9,9 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-from segue.options import flags, option
+from segue.frontend.config import FrontendConfig
+from segue.options import add_flags, flags, option
+from segue.worker.config import WorkerConfig
 
 
 class FaultKind(enum.StrEnum):
@@ -171,3 +173,15 @@ def toml_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
 
 
 CHAOS_DESTS = frozenset(f.dest for f in flags(ChaosConfig))
+
+# `segue chaos` sets these itself (the deployment's wiring), as `segue serve` does.
+CHAOS_SKIP_FRONTEND = frozenset({"discovery", "namespace", "host", "port", "listen_fd"})
+CHAOS_SKIP_WORKER = frozenset({"discovery", "namespace", "host", "port", "role"})
+
+
+def add_chaos_args(p: argparse.ArgumentParser) -> None:
+    """The chaos flags, then every frontend and worker flag chaos does not set itself
+    (here, not in run.py, so building the CLI's parser imports no HTTP client)."""
+    add_flags(p, ChaosConfig)
+    add_flags(p, FrontendConfig, skip=CHAOS_SKIP_FRONTEND | CHAOS_DESTS)
+    add_flags(p, WorkerConfig, skip=CHAOS_SKIP_WORKER | CHAOS_DESTS)

@@ -18,15 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from segue.chaos.config import CHAOS_SKIP_FRONTEND, CHAOS_SKIP_WORKER
 from segue.frontend.config import FrontendConfig
 from segue.lifetime import die_with_parent
 from segue.netsim import Host, Net
 from segue.options import to_argv
 from segue.worker.config import WorkerConfig
 
-# `segue chaos` sets these itself (the deployment's wiring), as `segue serve` does.
-CHAOS_SKIP_FRONTEND = frozenset({"discovery", "namespace", "host", "port", "listen_fd"})
-CHAOS_SKIP_WORKER = frozenset({"discovery", "namespace", "host", "port", "role"})
 _READY_RE = re.compile(rb"segue frontend ready url=(\S+)")
 
 

@@ -21,14 +21,13 @@ import aiohttp
 import msgspec
 
 from segue.chaos.config import (
-    CHAOS_DESTS,
+    CHAOS_SKIP_FRONTEND,
+    CHAOS_SKIP_WORKER,
     ChaosConfig,
     toml_defaults,
     validate,
 )
 from segue.chaos.deployment import (
-    CHAOS_SKIP_FRONTEND,
-    CHAOS_SKIP_WORKER,
     Deployment,
     DeploymentError,
     LocalDeployment,
@@ -39,18 +38,12 @@ from segue.chaos.faults import FaultEvent, Injector, WorkerView
 from segue.chaos.workload import Outcome, RequestSpec, Status, judge, make_specs, send
 from segue.frontend.config import FrontendConfig
 from segue.frontend.keys import read_keys
-from segue.options import add_flags, from_args
+from segue.options import from_args
 from segue.promtext import read_samples
 from segue.worker.config import WorkerConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEPLOYMENT = 0, 1, 2, 3
 SAMPLE_EVERY = 0.5
-
-
-def add_chaos_args(p: argparse.ArgumentParser) -> None:
-    add_flags(p, ChaosConfig)
-    add_flags(p, FrontendConfig, skip=CHAOS_SKIP_FRONTEND | CHAOS_DESTS)
-    add_flags(p, WorkerConfig, skip=CHAOS_SKIP_WORKER | CHAOS_DESTS)
 
 
 class Sample(msgspec.Struct):
