@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _frontend(cfg: FrontendConfig) -> int:
     from segue.discovery import open_discovery
-    from segue.frontend.app import run_frontend
+    from segue.frontend.server import run_frontend
     from segue.lifetime import install_signal_handlers
     from segue.tokenizer import load_tokenizer
 

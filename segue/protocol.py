@@ -18,6 +18,8 @@ from enum import StrEnum
 
 import msgspec
 
+from segue.sampling import GREEDY, SamplingParams
+
 
 class Route:
     """Paths a worker serves (the frontend serves the OpenAI paths in frontend/app.py)."""
@@ -113,21 +115,10 @@ class EngineRequest(msgspec.Struct, kw_only=True):
     token_ids: list[int]  # prompt + tokens already generated (on migration)
     max_tokens: int  # remaining budget for this call
     start_offset: int = 0  # index in the client's output of the first token this call makes
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_token_ids: list[int] = []
-    ignore_eos: bool = False
+    sampling: SamplingParams = GREEDY
     phase: Phase = Phase.GENERATE
     kv: KvHandle | None = None  # for Phase.DECODE
-    logprobs: int | None = None  # with each token its logprob and this many top ones
-    prompt_logprobs: int | None = None  # the same for the context's tokens, once (echo)
-    # Penalties see the context's last `start_offset` tokens as generated ones (a migrated
-    # request's earlier output), min_tokens counts them: a move changes nothing.
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
+    prompt_logprobs: int | None = None  # the context's logprobs (echo), until received
 
 
 class Tokens(msgspec.Struct, tag="tok"):

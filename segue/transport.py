@@ -19,7 +19,7 @@ import msgspec
 
 from segue.discovery import Instance
 from segue.failures import Failure, FailureReason
-from segue.mux import MuxPool
+from segue.mux_client import MuxPool
 from segue.protocol import (
     EngineRequest,
     Error,

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
+import msgspec
+
 from segue.protocol import EngineRequest, FinishReason, Logprob, Phase
+from segue.sampling import GREEDY, SamplingParams
 
 
 class EngineTask(StrEnum):
@@ -41,26 +44,11 @@ class EngineInput:
     request_id: str
     token_ids: list[int]  # the whole context: prompt (+ tokens generated before a migration)
     max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
+    sampling: SamplingParams = GREEDY
     task: EngineTask = EngineTask.GENERATE
     kv_payload: bytes | None = None  # DECODE: the KV of token_ids, from the prefill worker
-    logprobs: int | None = None  # push each token with its Logprob (and this many top ones)
     prompt_logprobs: int | None = None  # with the first token: the context's logprobs
     generated: int = 0  # the last tokens of token_ids were generated (before a migration)
-    presence_penalty: float = 0.0  # OpenAI's, over generated tokens
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0  # vLLM's and transformers', over the whole context
-    min_tokens: int = 0  # no EOS or stop token before this many generated tokens
-
-    @property
-    def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty) or (
-            self.repetition_penalty != 1.0
-        )
 
     @classmethod
     def from_request(
@@ -74,20 +62,11 @@ class EngineInput:
             request_id=req.request_id,
             token_ids=req.token_ids,
             max_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            seed=req.seed,
-            stop_token_ids=req.stop_token_ids,
-            ignore_eos=req.ignore_eos,
+            sampling=req.sampling,
             task=task,
             kv_payload=kv_payload,
-            logprobs=req.logprobs,
             prompt_logprobs=req.prompt_logprobs,
             generated=req.start_offset,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty,
-            min_tokens=req.min_tokens,
         )
 
 
@@ -100,8 +79,9 @@ class EngineOutput:
     prompt_logprobs: list[Logprob | None] | None = None  # once, with the first tokens
 
 
-@dataclass
-class EngineStats:
+class EngineStats(msgspec.Struct):
+    """What an engine holds now; a worker's /health shows it as `engine`."""
+
     running: int
     waiting: int
     kv_blocks_used: int
@@ -109,7 +89,8 @@ class EngineStats:
     held: int = 0  # prefilled KV kept for a decode worker to pull
     # prompt tokens by where their KV came from: "computed", "local_cache_hit",
     # "external_kv_transfer" (cumulative; empty for engines that do not count)
-    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: dict[str, int] = {}
+    block_size: int = 0  # tokens per KV block (0: the engine does not say)
 
 
 class EngineRequestError(ValueError):

@@ -9,9 +9,8 @@ decode pass over every other running sequence, a CUDA graph on a GPU. Sequences 
 leave between steps. An abort takes effect before the next step and frees its blocks.
 
 Disaggregation and live moves copy KV between paged pools: a prefill computes the KV of all
-tokens but the last; the payload is a msgpack header (shape, dtype, token digest) followed by
-the raw bytes of each layer's K and V for those positions, read from the sequence's blocks;
-the decode side writes them into blocks of its own and feeds the last token. No pickle.
+tokens but the last, `kv_codec` turns those positions' blocks into a payload, the decode side
+writes them into blocks of its own and feeds the last token. Token choice is `sampler`'s.
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
+from segue.engines import kv_codec, sampler
 from segue.engines.base import (
     Engine,
     EngineFinish,
@@ -34,20 +32,12 @@ from segue.engines.base import (
     EngineTask,
     RequestStream,
 )
+from segue.engines.sampler import needs_processing
 from segue.engines.seqtable import SeqTable
-from segue.protocol import Logprob, token_digest
+from segue.protocol import Logprob
 from segue.stopping import finish_reason
 
 log = logging.getLogger("segue.hf")
-
-
-class _KvHeader(msgspec.Struct):
-    digest: str
-    num_tokens: int  # positions the payload covers (the context but its last token)
-    dtype: str
-    layers: int
-    kv_heads: int
-    head_dim: int
 
 
 @dataclass
@@ -187,7 +177,9 @@ class HFEngine(Engine):
         stream = RequestStream(req.request_id)
         seq = _Seq(req, stream, blocks)
         if req.task is EngineTask.DECODE:
-            seq.imported = self._parse_kv(req.token_ids, req.kv_payload)
+            seq.imported = kv_codec.decode(
+                self.torch, self.paged, self.cfg.dtype, req.token_ids, req.kv_payload
+            )
         with self._lock:
             self.table.add(seq)
         self._work.set()
@@ -228,16 +220,7 @@ class HFEngine(Engine):
 
     def kv_payload(self, key: str) -> bytes:
         seq, ids = self.table.held[key]
-        p = self.paged
-        header = _KvHeader(
-            token_digest(ids), len(ids) - 1, self.cfg.dtype, p.layers, p.kv_heads, p.head_dim
-        )
-        head = msgspec.msgpack.encode(header)
-        parts = [len(head).to_bytes(4, "big"), head]
-        if len(ids) > 1:
-            for t in p.read(seq.table, len(ids) - 1):
-                parts.append(t.contiguous().view(self.torch.uint8).cpu().numpy().tobytes())
-        return b"".join(parts)
+        return kv_codec.encode(self.torch, self.paged, self.cfg.dtype, seq.table, ids)
 
     def kv_nbytes(self, key: str) -> int:
         ids = self.table.held[key][1]
@@ -252,38 +235,6 @@ class HFEngine(Engine):
             entry[0].table = []
         self._work.set()
         return True
-
-    def _parse_kv(self, token_ids: list[int], payload: bytes | None) -> list[Any]:
-        """The K/V tensors of a pulled payload (on the CPU), checked against these tokens
-        and this model."""
-        torch = self.torch
-        p = self.paged
-        if payload is None:
-            raise EngineRequestError("a decode needs a KV payload")
-        try:
-            n = int.from_bytes(payload[:4], "big")
-            header = msgspec.msgpack.decode(payload[4 : 4 + n], type=_KvHeader)
-        except (TypeError, ValueError, msgspec.DecodeError):
-            raise EngineRequestError("KV payload is not a segue KV payload") from None
-        if header.digest != token_digest(token_ids) or header.num_tokens != len(token_ids) - 1:
-            raise EngineRequestError("KV payload does not belong to this request's tokens")
-        if header.dtype != self.cfg.dtype:
-            raise EngineRequestError(f"KV payload is {header.dtype}, engine is {self.cfg.dtype}")
-        if (header.layers, header.kv_heads, header.head_dim) != (p.layers, p.kv_heads, p.head_dim):
-            raise EngineRequestError("KV payload is for another model shape")
-        dtype = getattr(torch, header.dtype)
-        size = header.num_tokens * p.kv_heads * p.head_dim * torch.empty((), dtype=dtype).itemsize
-        if len(payload) != 4 + n + 2 * p.layers * size:
-            raise EngineRequestError("KV payload has the wrong size")
-        if header.num_tokens == 0:
-            return []
-        raw = torch.frombuffer(bytearray(payload[4 + n :]), dtype=torch.uint8)
-        return [
-            raw[i * size : (i + 1) * size]
-            .view(dtype)
-            .reshape(header.num_tokens, p.kv_heads, p.head_dim)
-            for i in range(2 * p.layers)
-        ]
 
     # -- scheduler thread ----------------------------------------------------------------
 
@@ -382,17 +333,19 @@ class HFEngine(Engine):
                 if not seq.gen or seq.pending:
                     continue
                 req = seq.req
-                if req.penalized or req.generated + len(seq.out) < req.min_tokens:
+                sp = req.sampling
+                made = req.generated + len(seq.out)
+                if needs_processing(sp, made):
                     x = self._processed(seq, logits[row])
-                    tok = int(x.argmax()) if req.temperature == 0 else self._sample(seq, x)
+                    tok = int(x.argmax()) if sp.greedy else self._sample(seq, x)
                 else:
-                    tok = greedy[row] if req.temperature == 0 else self._sample(seq, logits[row])
+                    tok = greedy[row] if sp.greedy else self._sample(seq, logits[row])
                 seq.ctx.append(tok)
                 seq.out.append(tok)
-                lp = None if req.logprobs is None else self._logprob(logits[row], tok, req.logprobs)
+                lp = None if sp.logprobs is None else self._logprob(logits[row], tok, sp.logprobs)
                 pushed.append((seq.stream, tok, lp))
                 done = finish_reason(
-                    tok, len(seq.out), req.max_tokens, req.stop_token_ids, self.eos, req.ignore_eos
+                    tok, len(seq.out), req.max_tokens, sp.stop_token_ids, self.eos, sp.ignore_eos
                 )
                 if done is not None:
                     finished.append((seq, EngineFinish(done)))
@@ -421,47 +374,13 @@ class HFEngine(Engine):
             seq.prompt_lps = None
 
     def _processed(self, seq: _Seq, logits: Any) -> Any:
-        """The logits with the request's penalties (as vLLM applies them: repetition over
-        the whole context, presence and frequency over generated tokens, which include a
-        migrated request's earlier output) and, before min_tokens, no EOS or stop token."""
-        torch = self.torch
         req = seq.req
-        x = logits.clone()
-        if req.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.ctx)), device=x.device)
-            v = x[seen]
-            x[seen] = torch.where(v > 0, v / req.repetition_penalty, v * req.repetition_penalty)
-        if req.presence_penalty or req.frequency_penalty:
-            gen = req.token_ids[len(req.token_ids) - req.generated :] + seq.out
-            if gen:
-                ids, counts = torch.unique(torch.tensor(gen, device=x.device), return_counts=True)
-                x[ids] -= req.frequency_penalty * counts + req.presence_penalty
-        if req.generated + len(seq.out) < req.min_tokens:
-            banned = list(req.stop_token_ids) + ([] if req.ignore_eos else list(self.eos))
-            if banned:
-                x[torch.tensor(banned, device=x.device)] = float("-inf")
-        return x
+        generated = req.token_ids[len(req.token_ids) - req.generated :] + seq.out
+        return sampler.processed(self.torch, logits, req.sampling, seq.ctx, generated, self.eos)
 
     def _logprob(self, logits: Any, tok: int, k: int) -> Logprob:
-        """The token's log probability under the model (before temperature), and the top
-        k; fp32 math, as vLLM reports them."""
-        lps = self.torch.log_softmax(logits.float(), dim=-1)
-        top = lps.topk(k) if k else None
-        return Logprob(
-            float(lps[tok]),
-            top.indices.tolist() if top is not None else [],
-            top.values.tolist() if top is not None else [],
-        )
+        return sampler.logprob(self.torch, logits, tok, k)
 
     def _sample(self, seq: _Seq, logits: Any) -> int:
-        torch = self.torch
-        req = seq.req
-        # Seeded per (request seed, position) so a migrated request samples the same.
-        pos = len(req.token_ids) + len(seq.out)
-        g = torch.Generator(device="cpu").manual_seed((req.seed * 1_000_003 + pos) % 2**63)
-        probs = torch.softmax(logits.cpu() / req.temperature, dim=-1)
-        if req.top_p < 1.0:
-            sp, si = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sp, 0) - sp < req.top_p
-            probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-        return int(torch.multinomial(probs, 1, generator=g))
+        position = len(seq.req.token_ids) + len(seq.out)
+        return sampler.sample(self.torch, logits, seq.req.sampling, position)

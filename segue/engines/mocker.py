@@ -165,7 +165,8 @@ class MockerEngine(Engine):
         return self._task is not None and not self._task.done()
 
     def add_request(self, req: EngineInput) -> RequestStream:
-        if req.penalized:
+        sp = req.sampling
+        if sp.penalized:
             raise EngineRequestError(
                 "the mocker engine does not apply presence, frequency or repetition penalties"
             )
@@ -175,7 +176,7 @@ class MockerEngine(Engine):
                 raise EngineRequestError("KV payload does not belong to this request's tokens")
         stream = RequestStream(req.request_id)
         # Greedy output depends only on the engine seed; sampled output also on the request's.
-        seed = self.cfg.seed if req.temperature == 0 else self.cfg.seed ^ (req.seed + 1)
+        seed = self.cfg.seed if sp.greedy else self.cfg.seed ^ (sp.seed + 1)
         seq = _Seq(req, stream, seed, blocks)
         if req.prompt_logprobs is not None:  # deterministic like the tokens: no prefill needed
             h, lps = 0, []
@@ -239,20 +240,21 @@ class MockerEngine(Engine):
 
     def _emit(self, seq: _Seq) -> None:
         req = seq.req
+        sp = req.sampling
         tok = self.vocab[draw(seq.h, seq.seed, len(self.vocab))]
-        if req.generated + len(seq.out) < req.min_tokens:  # no stop token yet: draw again
+        if req.generated + len(seq.out) < sp.min_tokens:  # no stop token yet: draw again
             again = seq.h
-            while tok in req.stop_token_ids:
+            while tok in sp.stop_token_ids:
                 again = fold(again, (0,))
                 tok = self.vocab[draw(again, seq.seed, len(self.vocab))]
         seq.h = fold(seq.h, (tok,))
         seq.out.append(tok)
         self._emitted += 1
         seq.stream.push(
-            tok, None if req.logprobs is None else self._logprob(seq.h, tok, req.logprobs)
+            tok, None if sp.logprobs is None else self._logprob(seq.h, tok, sp.logprobs)
         )
         done = finish_reason(
-            tok, len(seq.out), req.max_tokens, req.stop_token_ids, self.eos, req.ignore_eos
+            tok, len(seq.out), req.max_tokens, sp.stop_token_ids, self.eos, sp.ignore_eos
         )
         if done is not None:
             self._finish(seq, EngineFinish(done))

@@ -199,6 +199,7 @@ class SeqTable:
             kv_blocks_used=self.total - self.free,
             kv_blocks_total=self.total,
             held=len(self.held),
+            block_size=self.block_size,
         )
 
 

@@ -234,6 +234,7 @@ class VllmEngine(Engine):
             kv_blocks_total=self.total_blocks,
             held=len(self.kv.held) if self.kv else 0,
             prompt_tokens=dict(self._prompt_tokens),
+            block_size=self.block_size,
         )
 
     def add_request(self, req: EngineInput) -> RequestStream:
@@ -241,7 +242,7 @@ class VllmEngine(Engine):
             raise EngineRequestError("this vllm worker is aggregated: no KV connector")
         if req.request_id in self._tasks:
             raise EngineRequestError(f"request id {req.request_id!r} is already running")
-        if req.presence_penalty or req.frequency_penalty:
+        if req.sampling.presence_penalty or req.sampling.frequency_penalty:
             raise EngineRequestError(
                 "the vllm engine cannot apply presence or frequency penalties exactly: vLLM "
                 "counts only its own output, which a migration would change"
@@ -276,21 +277,22 @@ class VllmEngine(Engine):
     async def _consume(self, req: EngineInput, stream: RequestStream, extra: dict) -> None:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-        stops = list(req.stop_token_ids) + ([] if req.ignore_eos else self.eos)
+        sp = req.sampling
+        stops = list(sp.stop_token_ids) + ([] if sp.ignore_eos else self.eos)
         prefill = req.task is EngineTask.PREFILL
         params = SamplingParams(
             max_tokens=1 if prefill else req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            seed=req.seed if req.temperature > 0 else None,
+            temperature=sp.temperature,
+            top_p=sp.top_p,
+            seed=None if sp.greedy else sp.seed,
             stop_token_ids=stops,
-            ignore_eos=req.ignore_eos,
+            ignore_eos=sp.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
             detokenize=False,
-            logprobs=req.logprobs,
+            logprobs=sp.logprobs,
             prompt_logprobs=req.prompt_logprobs,
-            repetition_penalty=req.repetition_penalty,
-            min_tokens=max(0, req.min_tokens - req.generated),
+            repetition_penalty=sp.repetition_penalty,
+            min_tokens=max(0, sp.min_tokens - req.generated),
             extra_args=extra or None,
         )
         try:
@@ -319,9 +321,9 @@ class VllmEngine(Engine):
                             for t, d in zip(req.token_ids, out.prompt_logprobs, strict=True)
                         ]
                     )
-                lps = o.logprobs if req.logprobs is not None else None
+                lps = o.logprobs if sp.logprobs is not None else None
                 for i, t in enumerate(o.token_ids):
-                    stream.push(t, _logprob(t, lps[i], req.logprobs or 0) if lps else None)
+                    stream.push(t, _logprob(t, lps[i], sp.logprobs or 0) if lps else None)
                 if out.finished:
                     stream.finish(
                         EngineFinish.STOP

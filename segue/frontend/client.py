@@ -17,43 +17,17 @@ from collections.abc import AsyncGenerator
 
 from prometheus_client import Counter
 
-from segue.disagg import PrefillFallback, Strategy, frontend_driven
+from segue.disagg import PrefillFallback, Strategy
 from segue.discovery import Instance
 from segue.failures import Failure, FailureReason, Verdict, failure_of_frame
-from segue.frontend.preprocess import RequestState
-from segue.protocol import (
-    EngineRequest,
-    Final,
-    FinishReason,
-    KeepAlive,
-    KvHandle,
-    Phase,
-    Role,
-    Tokens,
-)
+from segue.frontend import frontend_driven
+from segue.frontend.errors import MigrationError, NoWorkerError, OverloadedError, RejectedError
+from segue.frontend.request import BadFrame, RequestState, TokenDelta
+from segue.protocol import EngineRequest, Final, KeepAlive, KvHandle, Phase, Role, Tokens
 from segue.router import Router
 from segue.transport import RequestPlane, drop_kv_soon
 
 log = logging.getLogger("segue.frontend")
-
-# What a generation yields: (new token ids, None) as tokens arrive, then ([], reason).
-Delta = tuple[list[int], FinishReason | None]
-
-
-class NoWorkerError(Exception):
-    """No worker can take the request (503)."""
-
-
-class OverloadedError(NoWorkerError):
-    """Every worker that could take the request is at its admission limit (a 429)."""
-
-
-class MigrationError(Exception):
-    """The request broke and could not be recreated (limit reached or no worker left)."""
-
-
-class RejectedError(Exception):
-    """A worker refused the request for a reason re-sending cannot fix (400)."""
 
 
 class ResilientClient:
@@ -81,8 +55,8 @@ class ResilientClient:
         """Whether some worker could take a new request for `model` now."""
         return bool(self.router.routable(self.strategy.first_role, model))
 
-    async def generate(self, state: RequestState) -> AsyncGenerator[Delta, None]:
-        """Yields (new token ids, None) as tokens arrive, then ([], finish_reason)."""
+    async def generate(self, state: RequestState) -> AsyncGenerator[TokenDelta, None]:
+        """Yields the client's new tokens as they arrive, then a delta with the finish."""
         exclude: set[str] = set()
         resume: KvHandle | None = None  # a live move: the KV to decode on from
         while True:
@@ -90,7 +64,7 @@ class ResilientClient:
             if done:
                 if resume is not None:  # nothing left to generate: the KV is not needed
                     drop_kv_soon(self.plane.session, resume.url, resume.kv_id)
-                yield [], done
+                yield TokenDelta([], done)
                 return
             try:
                 attempt = (
@@ -103,7 +77,7 @@ class ResilientClient:
                 async with contextlib.aclosing(attempt) as stream:
                     async for item in stream:
                         yield item
-                        if item[1] is not None:
+                        if item.finish_reason is not None:
                             return
                 raise Failure(FailureReason.STREAM_ENDED)  # an attempt always finishes
             except Failure as f:
@@ -127,7 +101,7 @@ class ResilientClient:
         if action.verdict is Verdict.REJECT:
             raise RejectedError(f.message)
         if f.reason is FailureReason.OVERLOADED:
-            state.refused += 1
+            state.count_refusal()
         if f.instance is not None:
             if action.exclude:
                 exclude.add(f.instance.id)
@@ -135,7 +109,7 @@ class ResilientClient:
                 self.router.mark_down(f.instance, f.label)
         if not action.counted:
             return
-        if state.migrations >= self.migration_limit:
+        if not state.count_migration(self.migration_limit):
             log.error(
                 "Cannot recreate stream: migration limit %d reached (last failure: %s)",
                 self.migration_limit,
@@ -145,7 +119,6 @@ class ResilientClient:
                 f"worker failed ({f.label}) and the migration limit "
                 f"({self.migration_limit}) is reached"
             )
-        state.migrations += 1
         self.migrations_total.labels(reason=f.label).inc()
         log.warning(
             "Stream disconnected... recreating stream... request %s, worker %s, reason %s, "
@@ -159,7 +132,7 @@ class ResilientClient:
         )
 
     def pick(self, role: Role, exclude: set[str], state: RequestState) -> Instance:
-        tokens = state.prompt_ids + state.generated if self.router.wants_tokens else None
+        tokens = state.context if self.router.wants_tokens else None
         inst = self.router.pick((role,), exclude, state.model, tokens)
         if inst is None:
             if state.refused:
@@ -176,16 +149,16 @@ class ResilientClient:
 
     def _resume(
         self, state: RequestState, exclude: set[str], kv: KvHandle
-    ) -> AsyncGenerator[Delta, None]:
+    ) -> AsyncGenerator[TokenDelta, None]:
         """The attempt after a live move: a decode from the moved KV, on any worker that
         decodes (it pulls the KV from the worker that gave the request back)."""
-        tokens = state.prompt_ids + state.generated if self.router.wants_tokens else None
+        tokens = state.context if self.router.wants_tokens else None
         inst = self.router.pick((Role.AGGREGATED, Role.DECODE), exclude, state.model, tokens)
         if inst is None:
             raise NoWorkerError("no worker available to continue a moved request")
         return self.relay_tokens(inst, state, state.engine_request(Phase.DECODE, kv))
 
-    def _attempt(self, state: RequestState, exclude: set[str]) -> AsyncGenerator[Delta, None]:
+    def _attempt(self, state: RequestState, exclude: set[str]) -> AsyncGenerator[TokenDelta, None]:
         if self.strategy is Strategy.FRONTEND:
             return frontend_driven.attempt(self, state, exclude)
         inst = self.pick(self.strategy.first_role, exclude, state)
@@ -193,30 +166,21 @@ class ResilientClient:
 
     async def relay_tokens(
         self, inst: Instance, state: RequestState, req: EngineRequest
-    ) -> AsyncGenerator[Delta, None]:
+    ) -> AsyncGenerator[TokenDelta, None]:
         """One call: yields the tokens the client does not have yet, then the finish."""
-        generated = state.generated
         with self.router.track(inst, len(req.token_ids)):
             frames = self.plane.frames(inst, req, self.stall_timeout)
             async with contextlib.aclosing(frames) as fs:
                 async for f in fs:
                     if type(f) is Tokens:
-                        skip = len(generated) - f.offset
-                        if skip < 0:
-                            raise Failure(FailureReason.TOKEN_GAP, inst)
-                        new = f.token_ids[skip:] if skip else f.token_ids
-                        if new:
-                            if state.logprobs is not None:
-                                if f.logprobs is None or len(f.logprobs) != len(f.token_ids):
-                                    raise Failure(FailureReason.BAD_FRAME, inst)
-                                state.token_logprobs.extend(f.logprobs[skip:])
-                                if f.prompt_logprobs is not None:
-                                    state.prompt_logprobs = f.prompt_logprobs
-                            generated.extend(new)
-                            yield new, None
+                        try:
+                            delta = state.accept(f)
+                        except BadFrame as e:
+                            raise Failure(e.reason, inst) from None
+                        if delta is not None:
+                            yield delta
                     elif type(f) is Final:
-                        state.cached_tokens = f.cached_tokens
-                        yield [], f.finish_reason
+                        yield state.finish(f)
                         return
                     elif type(f) is not KeepAlive:
                         raise failure_of_frame(f, inst)

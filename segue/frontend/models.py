@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from segue.api import openai as oai
 from segue.discovery import Instance, ModelCard
 from segue.frontend.config import FrontendConfig
 from segue.frontend.output import OutputProcessor
@@ -46,6 +47,19 @@ class ModelRegistry:
 
     def get(self, name: str) -> ServedModel | None:
         return self.models.get(name)
+
+    def require(self, name: str) -> ServedModel:
+        """The served model `name`, or a 404 naming the ones served."""
+        model = self.models.get(name)
+        if model is None:
+            raise oai.APIError(
+                404,
+                f"The model `{name}` does not exist; this server serves "
+                + ", ".join(f"`{n}`" for n in self.models),
+                param="model",
+                code="model_not_found",
+            )
+        return model
 
     def accept(self, instances: dict[str, Instance]) -> dict[str, Instance]:
         """The instances whose model this frontend can serve (loading new models' tokenizers);

@@ -14,17 +14,22 @@ from dataclasses import dataclass
 
 from prometheus_client import Histogram
 
-from segue.frontend.client import Delta
-from segue.protocol import FinishReason
+from segue.frontend.request import TokenDelta
+from segue.protocol import FinishReason, Logprob
 from segue.tokenizer import Tokenizer
 
 
 @dataclass(slots=True)
 class TextDelta:
+    """What the renderer renders of one choice: its text and the tokens behind it."""
+
     text: str
     token_ids: list[int]
     finish_reason: FinishReason | None
     start: int = 0  # index of its first token in the choice's output
+    logprobs: list[Logprob] | None = None  # one per token, when the request asked
+    prompt_logprobs: list[Logprob | None] | None = None  # echo: once, with the first tokens
+    cached_tokens: int = 0  # with the finish: prompt tokens found in the worker's cache
 
 
 _MAX_HELD_TOKENS = 4  # a UTF-8 character is at most 4 bytes, so at most 4 byte tokens
@@ -105,7 +110,7 @@ class OutputProcessor:
         self.itl = itl
 
     async def text_deltas(
-        self, deltas: AsyncGenerator[Delta, None], stops: list[str]
+        self, deltas: AsyncGenerator[TokenDelta, None], stops: list[str]
     ) -> AsyncGenerator[TextDelta, None]:
         """Yields text deltas (never empty unless they carry token ids or the finish);
         the last one has the finish reason. Closing it closes `deltas`."""
@@ -116,7 +121,8 @@ class OutputProcessor:
         ttft, itl = self.ttft, self.itl
         pos = 0
         async with contextlib.aclosing(deltas) as stream:
-            async for ids, finish in stream:
+            async for d in stream:
+                ids, finish = d.token_ids, d.finish_reason
                 if ids:
                     now = time.perf_counter()
                     if first:
@@ -127,12 +133,13 @@ class OutputProcessor:
                     last = now
                 text, hit = stopper.feed(detok.add(ids))
                 at, pos = pos, pos + len(ids)
+                lps, plps = d.logprobs, d.prompt_logprobs
                 if hit:
-                    yield TextDelta(text, ids, FinishReason.STOP, at)
+                    yield TextDelta(text, ids, FinishReason.STOP, at, lps, plps)
                     return
                 if finish is not None:
                     text += stopper.feed(detok.flush())[0] + stopper.flush()
-                    yield TextDelta(text, ids, finish, at)
+                    yield TextDelta(text, ids, finish, at, lps, plps, d.cached_tokens)
                     return
                 if text or ids:
-                    yield TextDelta(text, ids, None, at)
+                    yield TextDelta(text, ids, None, at, lps, plps)

@@ -1,5 +1,5 @@
-"""Preprocessing: an OpenAI request body -> the request state the rest of the frontend works
-on (prompt token ids, sampling, limits, how to present the answer).
+"""Preprocessing: an OpenAI request body -> the request states the rest of the frontend works
+on (prompt token ids, `SamplingParams`, limits) and how to present the answer.
 
 The frontend tokenizes here so that it always knows the token ids of the prompt and of every
 generated token: that is what makes migration exact.
@@ -16,78 +16,9 @@ import msgspec
 from segue.api import openai as oai
 from segue.disagg import Strategy
 from segue.frontend.config import FrontendConfig
-from segue.protocol import EngineRequest, FinishReason, KvHandle, Logprob, Phase
-from segue.stopping import finish_reason
+from segue.frontend.request import RequestState
+from segue.sampling import SamplingParams
 from segue.tokenizer import Tokenizer
-
-
-@dataclass
-class RequestState:
-    """One client request as the engines see it, and the tokens it has received so far."""
-
-    request_id: str
-    prompt_ids: list[int]
-    max_tokens: int
-    model: str = "segue-mocker"  # served name: only workers of this model may take it
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_token_ids: list[int] = field(default_factory=list)
-    eos_token_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False
-    generated: list[int] = field(default_factory=list)
-    migrations: int = 0
-    cached_tokens: int = 0  # of the prompt, as the worker that finished the request found
-    refused: int = 0  # workers that answered `overloaded` to it
-    logprobs: int | None = None  # asked: each token's logprob and this many top ones
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-    token_logprobs: list[Logprob] = field(default_factory=list)  # one per generated token
-    echo_logprobs: bool = False  # also the prompt's (echo with logprobs)
-    prompt_logprobs: list[Logprob | None] | None = None  # once received
-
-    def engine_request(
-        self, phase: Phase = Phase.GENERATE, kv: KvHandle | None = None
-    ) -> EngineRequest:
-        """What to send a worker now: the context so far and the budget left."""
-        return EngineRequest(
-            request_id=self.request_id,
-            token_ids=self.prompt_ids + self.generated,
-            max_tokens=self.max_tokens - len(self.generated),
-            start_offset=len(self.generated),
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-            stop_token_ids=self.stop_token_ids,
-            ignore_eos=self.ignore_eos,
-            phase=phase,
-            kv=kv,
-            logprobs=self.logprobs,
-            # asked until received: after a move the prompt's are known already
-            prompt_logprobs=self.logprobs
-            if self.echo_logprobs and self.prompt_logprobs is None
-            else None,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-            min_tokens=self.min_tokens,
-        )
-
-    def finished(self) -> FinishReason | None:
-        """The finish reason if the tokens received already complete the request (a stream
-        that broke after its last token but before its Final frame)."""
-        if not self.generated:
-            return None
-        return finish_reason(
-            self.generated[-1],
-            len(self.generated),
-            self.max_tokens,
-            self.stop_token_ids,
-            self.eos_token_ids,
-            self.ignore_eos,
-        )
 
 
 @dataclass
@@ -191,24 +122,27 @@ class Preprocessor:
             budget = self._max_tokens(body, chat, len(ids), max_tokens, prompt_param)
             for _ in range(body.n):
                 k = len(states)
+                sampling = SamplingParams(
+                    temperature=temperature,
+                    top_p=body.top_p or 1.0,
+                    seed=(seed + k + 2**63) % 2**64 - 2**63,  # stays an int64
+                    stop_token_ids=stop_ids,
+                    ignore_eos=body.ignore_eos,
+                    logprobs=logprobs,
+                    presence_penalty=body.presence_penalty or 0.0,
+                    frequency_penalty=body.frequency_penalty or 0.0,
+                    repetition_penalty=body.repetition_penalty or 1.0,
+                    min_tokens=min(body.min_tokens or 0, budget),
+                )
                 states.append(
                     RequestState(
                         request_id=request_id if single else f"{request_id}-{k}",
                         model=self.model,
                         prompt_ids=ids,
                         max_tokens=budget,
-                        temperature=temperature,
-                        top_p=body.top_p or 1.0,
-                        seed=(seed + k + 2**63) % 2**64 - 2**63,  # stays an int64
-                        stop_token_ids=stop_ids,
-                        logprobs=logprobs,
+                        sampling=sampling,
                         echo_logprobs=bool(echo) and logprobs is not None,
-                        presence_penalty=body.presence_penalty or 0.0,
-                        frequency_penalty=body.frequency_penalty or 0.0,
-                        repetition_penalty=body.repetition_penalty or 1.0,
-                        min_tokens=min(body.min_tokens or 0, budget),
                         eos_token_ids=self.tok.eos_token_ids,
-                        ignore_eos=body.ignore_eos,
                     )
                 )
         return PreparedRequest(

@@ -8,10 +8,12 @@ asked for them (`return_token_ids`), a chunk's `usage` (as null) only with
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
+from segue.frontend.output import TextDelta
 from segue.frontend.preprocess import PreparedRequest
 from segue.protocol import FinishReason, Logprob
 from segue.tokenizer import Tokenizer
@@ -118,16 +120,57 @@ def sse(obj: Struct | dict) -> bytes:
     return b"data: " + _encode(obj) + b"\n\n"
 
 
-class Renderer:
-    """The response objects of one request."""
+@dataclass(slots=True)
+class ChoiceOutput:
+    """One choice of a whole (non-streamed) answer, collected from its text deltas."""
 
-    __slots__ = ("prep", "model", "tok", "created", "chunk_object", "_ids", "_usage", "_chars")
+    parts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)
+    prompt_logprobs: list[Logprob | None] | None = None
+    finish_reason: FinishReason | None = None
+    cached_tokens: int = 0
+
+    def add(self, d: TextDelta) -> None:
+        self.parts.append(d.text)
+        self.token_ids.extend(d.token_ids)
+        if d.logprobs:
+            self.logprobs.extend(d.logprobs)
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = d.prompt_logprobs
+        self.finish_reason = d.finish_reason
+        self.cached_tokens = d.cached_tokens or self.cached_tokens
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class Renderer:
+    """The response objects of one request, from what each choice produced (the text
+    deltas it is given): it counts their tokens for `usage`."""
+
+    __slots__ = (
+        "prep",
+        "model",
+        "tok",
+        "created",
+        "chunk_object",
+        "_ids",
+        "_usage",
+        "_chars",
+        "_tokens",
+        "_cached",
+    )
 
     def __init__(self, prep: PreparedRequest, model: str, tok: Tokenizer) -> None:
         self.prep = prep
         self.model = model
         self.tok = tok
-        self._chars = [0] * len(prep.states)  # per choice: text_offset of its next token
+        n = len(prep.states)
+        self._chars = [0] * n  # per choice: text_offset of its next token
+        self._tokens = [0] * n  # per choice: tokens rendered
+        self._cached = [0] * n  # per choice: prompt tokens its worker had cached
         self.created = int(time.time())
         self.chunk_object = "chat.completion.chunk" if prep.chat else "text_completion"
         self._ids = prep.return_token_ids
@@ -135,67 +178,77 @@ class Renderer:
 
     def usage(self) -> Usage:
         """Every prompt once (whatever n), every choice's tokens."""
-        states = self.prep.states
-        return usage(
-            self.prep.prompt_len,
-            sum(len(s.generated) for s in states),
-            sum(s.cached_tokens for s in states),
-        )
+        return usage(self.prep.prompt_len, sum(self._tokens), sum(self._cached))
 
-    def response(self, results: list[tuple[str, FinishReason | None]]) -> bytes:
-        """The JSON body of a non-streamed answer: `results[k]` is choice k's text (its echo
-        put before it here) and finish reason."""
+    def response(self, outputs: list[ChoiceOutput]) -> bytes:
+        """The JSON body of a non-streamed answer: `outputs[k]` is choice k's (its echo is
+        put before its text here)."""
         choices: list[Choice] = []
-        for k, (text, finish) in enumerate(results):
-            state = self.prep.states[k]
-            ids = state.generated if self._ids else UNSET
-            lps = self._logprobs(k, 0, len(state.generated))
+        for k, out in enumerate(outputs):
+            self._tokens[k], self._cached[k] = len(out.token_ids), out.cached_tokens
+            ids = out.token_ids if self._ids else UNSET
+            lps = self._logprobs(k, out.token_ids, out.logprobs, out.prompt_logprobs, 0)
+            finish = out.finish_reason
             if self.prep.chat:
                 assert not isinstance(lps, CompletionLogprobs)
-                choices.append(ChatChoice(k, Message("assistant", text), lps, finish, ids))
+                choices.append(ChatChoice(k, Message("assistant", out.text), lps, finish, ids))
             else:
                 assert not isinstance(lps, ChatLogprobs)
-                text = self.prep.echo[k] + text if self.prep.echo else text
+                text = self.prep.echo[k] + out.text if self.prep.echo else out.text
                 choices.append(CompletionChoice(k, text, lps, finish, ids))
         obj = "chat.completion" if self.prep.chat else "text_completion"
         return _encode(
             Response(self.prep.request_id, obj, self.created, self.model, choices, self.usage())
         )
 
-    def chunk(
-        self,
-        index: int,
-        text: str,
-        ids: list[int],
-        finish: FinishReason | None,
-        role: bool = False,
-        start: int = 0,
-    ) -> bytes:
-        """One SSE event of a stream, for choice `index`: `ids` are its tokens from
-        position `start` of the choice's output."""
+    def role_chunk(self, index: int) -> bytes:
+        """A chat stream's first event for choice `index`: the assistant role, no text."""
+        choice = ChatChunkChoice(
+            index, ChatDelta("assistant", ""), None, None, [] if self._ids else UNSET
+        )
+        return self._chunk(choice)
+
+    def chunk(self, index: int, text: str, d: TextDelta) -> bytes:
+        """One SSE event of a stream: choice `index`'s delta `d`, `text` in place of its
+        own (an echo put before it)."""
+        ids = d.token_ids
+        self._tokens[index] += len(ids)
+        self._cached[index] = d.cached_tokens or self._cached[index]
         tids = ids if self._ids else UNSET
-        lps = self._logprobs(index, start, len(ids)) if ids else None
+        lps = (
+            self._logprobs(index, ids, d.logprobs or [], d.prompt_logprobs, d.start)
+            if ids
+            else None
+        )
         choice: Choice
         if self.prep.chat:
             assert not isinstance(lps, CompletionLogprobs)
-            delta = ChatDelta("assistant", text) if role else ChatDelta(content=text)
-            choice = ChatChunkChoice(index, delta, lps, finish, tids)
+            choice = ChatChunkChoice(index, ChatDelta(content=text), lps, d.finish_reason, tids)
         else:
             assert not isinstance(lps, ChatLogprobs)
-            choice = CompletionChoice(index, text, lps, finish, tids)
+            choice = CompletionChoice(index, text, lps, d.finish_reason, tids)
+        return self._chunk(choice)
+
+    def _chunk(self, choice: Choice) -> bytes:
         u = self.usage() if self.prep.continuous_usage else self._usage
         return sse(
             Response(self.prep.request_id, self.chunk_object, self.created, self.model, [choice], u)
         )
 
-    def _logprobs(self, k: int, start: int, n: int) -> CompletionLogprobs | ChatLogprobs | None:
-        """Choice k's logprobs of its tokens [start, start + n), in the endpoint's shape."""
+    def _logprobs(
+        self,
+        k: int,
+        ids: list[int],
+        generated: list[Logprob],
+        prompt_lps: list[Logprob | None] | None,
+        start: int,
+    ) -> CompletionLogprobs | ChatLogprobs | None:
+        """Choice k's logprobs of its tokens `ids` (from position `start` of its output), in
+        the endpoint's shape; `prompt_lps`, with the first tokens, for echo."""
         state = self.prep.states[k]
-        if state.logprobs is None:
+        if state.sampling.logprobs is None:
             return None
         piece = self._piece
-        ids = state.generated[start : start + n]
-        generated = state.token_logprobs[start : start + n]
         if self.prep.chat:
             return ChatLogprobs(
                 [
@@ -212,9 +265,9 @@ class Renderer:
                 ]
             )
         lps: list[Logprob | None] = list(generated)
-        if start == 0 and state.echo_logprobs and state.prompt_logprobs is not None:
+        if start == 0 and state.echo_logprobs and prompt_lps is not None:
             ids = state.prompt_ids + ids  # echo: the prompt's first
-            lps = state.prompt_logprobs + lps
+            lps = prompt_lps + lps
         tokens = [piece(t) for t in ids]
         offsets = []
         at = self._chars[k]

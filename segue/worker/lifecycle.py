@@ -48,8 +48,6 @@ class Worker:
         self.discovery = discovery
         self.cfg = cfg
         self.id = f"{cfg.role[0]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.url = ""
-        self.draining = False
         self.metrics = WorkerMetrics(engine)
         self.kv = KvStore(engine, cfg.kv_ttl, self.metrics.registry)
         self.sessions = EngineSessions(
@@ -72,12 +70,29 @@ class Worker:
             cfg.keepalive,
         )
         self.kv_events = KvEventLog()
-        self.publishes_kv_events = False  # known once the engine has started
-        self.routes = Routes(self)
+        self.routes = Routes(
+            self.id,
+            cfg,
+            engine,
+            self.sessions,
+            self.stages,
+            self.kv,
+            self.kv_events,
+            self.metrics,
+            self.token,
+        )
+
+    @property
+    def url(self) -> str:
+        return self.routes.url
 
     @property
     def healthy(self) -> bool:
-        return self.sessions.failure is None and self.engine.healthy
+        return self.routes.healthy
+
+    @property
+    def draining(self) -> bool:
+        return self.routes.draining
 
     async def _watch_peers(self) -> None:
         async for instances in self.discovery.watch():
@@ -86,7 +101,7 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> int:
         """Serves until `stop`; returns the exit code."""
         await self.engine.start()
-        self.publishes_kv_events = self.engine.publish_kv_events(self.kv_events)
+        self.routes.publishes_kv_events = self.engine.publish_kv_events(self.kv_events)
         tasks = [
             asyncio.create_task(
                 monitor_engine(self.engine, self.sessions, self.cfg.engine_stall_timeout, stop)
@@ -101,7 +116,7 @@ class Worker:
         await site.start()
         port = sock.getsockname()[1]
         host = self.cfg.advertise_host or advertised_host(self.cfg.host)
-        self.url = self.kv.url = f"http://{host}:{port}"
+        self.routes.url = self.kv.url = f"http://{host}:{port}"
         inst = Instance(
             id=self.id,
             role=self.cfg.role,
@@ -114,35 +129,32 @@ class Worker:
         print(f"segue worker ready id={self.id} role={self.cfg.role} url={self.url}", flush=True)
         log.info("worker %s ready at %s", self.id, self.url)
         await stop.wait()
-        if self.sessions.failure is not None:
-            # Nothing left to drain: the requests are failing over. Leave discovery now,
-            # let their error frames go out, and exit without touching the engine (a hung
-            # one may never return from a stop).
+        failure = self.sessions.failure
+        if failure is not None:
+            # Nothing left to drain: the requests are failing over. Leave discovery now
+            # and let their error frames go out; the engine is not touched (a hung one may
+            # never return from a stop).
             await lease.revoke()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.routes.idle.wait(), 5.0)
-            await self.routes.close_muxes()
-            await self.kv_events.close()
-            await runner.cleanup()
-            await self.router.close()
-            await self.plane.close()
-            await self.session.close()
-            self.engine.release_files()
-            log.error("worker %s exiting: %s", self.id, self.sessions.failure.value)
-            return ENGINE_FAILED_EXIT
-        log.info("draining: leaving discovery, %d requests in flight", self.routes.calls)
-        self.draining = True
-        await lease.revoke()
-        await self.drain()
+        else:
+            log.info("draining: leaving discovery, %d requests in flight", self.routes.calls)
+            self.routes.draining = True
+            await lease.revoke()
+            await self.drain()
         for t in tasks:
             t.cancel()
         await self.routes.close_muxes()
         await self.kv_events.close()
         await runner.cleanup()
-        self.kv.clear()
         await self.router.close()
         await self.plane.close()
         await self.session.close()
+        if failure is not None:
+            self.engine.release_files()
+            log.error("worker %s exiting: %s", self.id, failure.value)
+            return ENGINE_FAILED_EXIT
+        self.kv.clear()
         await self.engine.stop()
         await self.discovery.close()
         log.info("worker %s stopped", self.id)

@@ -5,7 +5,8 @@ A call takes a msgpack EngineRequest and answers length-prefixed frames, on a ca
 connection (segue.mux) or as the body of a POST /generate. When the caller cancels the call
 or goes away, the call's task is cancelled, which aborts the engine request (and any remote
 stage this worker called for it). What runs depends on the request's phase and, for a
-GENERATE, on this worker's role (segue.disagg):
+GENERATE, on this worker's role (segue.disagg; the strategies are worker/decode_first.py and
+worker/prefill_first.py):
 
   GENERATE on aggregated   prefill + decode here
   GENERATE on decode       decode-first: remote prefill, pull the KV, decode here
@@ -18,21 +19,22 @@ GENERATE, on this worker's role (segue.disagg):
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import msgspec
 from aiohttp import web
 from prometheus_client import generate_latest
 
+from segue import health
 from segue.auth import HEADER, token_ok
-from segue.disagg import Strategy, decode_first, prefill_first
+from segue.disagg import Strategy
+from segue.engines.base import Engine
 from segue.log import request_id_var
-from segue.mux import MAX_MESSAGE, FrameSink, HttpSink, MuxServer, MuxSink
+from segue.mux import MAX_MESSAGE, MuxServer, MuxSink
 from segue.protocol import (
     CONTENT_TYPE,
     EngineRequest,
@@ -43,13 +45,14 @@ from segue.protocol import (
     decode_request,
     encode_frame,
 )
-from segue.worker.session import StageError
-
-if TYPE_CHECKING:
-    from segue.worker.lifecycle import Worker
-
-# Tokens per KV block for the admission estimate (the engines here all use 16).
-KV_BLOCK_TOKENS = 16
+from segue.worker import decode_first, prefill_first
+from segue.worker.config import WorkerConfig
+from segue.worker.kv_events import KvEventLog
+from segue.worker.kv_store import KvStore
+from segue.worker.metrics import WorkerMetrics
+from segue.worker.session import EngineSessions
+from segue.worker.sink import FrameSink, HttpSink, StageError
+from segue.worker.stages import Stages
 
 log = logging.getLogger("segue.worker")
 _KV_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
@@ -62,8 +65,33 @@ class MoveRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Routes:
-    def __init__(self, worker: Worker) -> None:
-        self.w = worker
+    """Serves the calls and endpoints of one worker; `draining` and `url` are set by its
+    lifecycle, `publishes_kv_events` once the engine has started."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        cfg: WorkerConfig,
+        engine: Engine,
+        sessions: EngineSessions,
+        stages: Stages,
+        kv: KvStore,
+        kv_events: KvEventLog,
+        metrics: WorkerMetrics,
+        token: str | None,
+    ) -> None:
+        self.id = worker_id
+        self.cfg = cfg
+        self.engine = engine
+        self.sessions = sessions
+        self.stages = stages
+        self.kv = kv
+        self.kv_events = kv_events
+        self.metrics = metrics
+        self.token = token
+        self.url = ""
+        self.draining = False
+        self.publishes_kv_events = False
         self._calls = 0  # open calls (including remote-stage waits)
         self._kv_tokens = 0  # the tokens those calls may need in KV (prompt + max_tokens)
         self.idle = asyncio.Event()
@@ -74,16 +102,20 @@ class Routes:
     def calls(self) -> int:
         return self._calls
 
+    @property
+    def healthy(self) -> bool:
+        return self.sessions.failure is None and self.engine.healthy
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._require_token])
         app.router.add_get(Route.MUX, self.mux)
-        app.router.add_get(Route.KV_EVENTS, self.kv_events)
+        app.router.add_get(Route.KV_EVENTS, self.serve_kv_events)
         app.router.add_post(Route.ADMIN_MOVE, self.admin_move)
         app.router.add_post(Route.GENERATE, self.generate)
         app.router.add_get(Route.KV, self.kv_pull)
         app.router.add_delete(Route.KV, self.kv_drop)
-        app.router.add_get(Route.HEALTH, self.health)
-        app.router.add_get(Route.METRICS, self.metrics)
+        app.router.add_get(Route.HEALTH, self.handle_health)
+        app.router.add_get(Route.METRICS, self.handle_metrics)
         return app
 
     @web.middleware
@@ -95,32 +127,35 @@ class Routes:
         """With a cluster token set, the request plane answers only callers that carry it
         (health and metrics stay open for probes and scrapers)."""
         if request.path in (Route.HEALTH, Route.METRICS) or token_ok(
-            self.w.token, request.headers.get(HEADER)
+            self.token, request.headers.get(HEADER)
         ):
             return await handler(request)
         return web.json_response({"error": "missing or wrong cluster token"}, status=401)
 
-    async def health(self, request: web.Request) -> web.Response:
-        w = self.w
-        healthy = w.healthy
-        body = {
-            "status": "draining" if w.draining else ("ok" if healthy else "unhealthy"),
-            "id": w.id,
-            "role": w.cfg.role,
-            "pid": os.getpid(),
-            "url": w.url,
-            "engine": dataclasses.asdict(w.engine.stats()),
-        }
-        return web.json_response(body, status=200 if healthy else 503)
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.w.metrics.registry), content_type="text/plain"
+    async def handle_health(self, request: web.Request) -> web.Response:
+        healthy = self.healthy
+        status = (
+            health.WorkerStatus.DRAINING
+            if self.draining
+            else health.WorkerStatus.OK
+            if healthy
+            else health.WorkerStatus.UNHEALTHY
         )
+        body = health.WorkerHealth(
+            status, self.id, self.cfg.role, os.getpid(), self.url, self.engine.stats()
+        )
+        return web.Response(
+            body=health.encode(body),
+            status=200 if healthy else 503,
+            content_type="application/json",
+        )
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), content_type="text/plain")
 
     async def kv_pull(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
-        payload = self.w.kv.take(key) if _KV_KEY_RE.match(key) else None
+        payload = self.kv.take(key) if _KV_KEY_RE.match(key) else None
         if payload is None:
             return web.json_response(
                 {"error": f"no KV payload {key!r} (expired, freed or never made)"}, status=404
@@ -129,7 +164,7 @@ class Routes:
 
     async def kv_drop(self, request: web.Request) -> web.Response:
         key = request.match_info["key"]
-        ok = _KV_KEY_RE.match(key) and self.w.kv.drop(key, "its request was cancelled")
+        ok = _KV_KEY_RE.match(key) and self.kv.drop(key, "its request was cancelled")
         return web.Response(status=204 if ok else 404)
 
     async def mux(self, request: web.Request) -> web.WebSocketResponse:
@@ -143,10 +178,10 @@ class Routes:
             self.muxes.discard(server)
         return ws
 
-    async def kv_events(self, request: web.Request) -> web.StreamResponse:
-        if not self.w.publishes_kv_events:
+    async def serve_kv_events(self, request: web.Request) -> web.StreamResponse:
+        if not self.publishes_kv_events:
             return web.json_response({"error": "this engine has no prefix cache"}, status=404)
-        return await self.w.kv_events.serve(request)
+        return await self.kv_events.serve(request)
 
     async def admin_move(self, request: web.Request) -> web.Response:
         """Moves running requests to other workers, live where the engine can export their
@@ -156,12 +191,12 @@ class Routes:
             body = msgspec.json.decode(await request.read(), type=MoveRequest)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             return web.json_response({"error": f"bad move request: {e}"}, status=400)
-        active = list(self.w.sessions.active)
+        active = list(self.sessions.active)
         if body.request_id is not None:
             wanted = [body.request_id]
         else:
             wanted = active[len(active) - body.count :] if body.count else []
-        moved = self.w.sessions.move(wanted, live=body.live)
+        moved = self.sessions.move(wanted, live=body.live)
         log.info("admin: moving %d requests: %s", len(moved), moved)
         return web.json_response({"moved": moved})
 
@@ -190,19 +225,18 @@ class Routes:
 
     async def _serve(self, req: EngineRequest, sink: FrameSink) -> None:
         request_id_var.set(req.request_id)
-        w = self.w
-        if w.draining or not w.healthy:
-            code = ErrorCode.DRAINING if w.draining else ErrorCode.ENGINE_UNHEALTHY
-            await sink.write_eof(encode_frame(Error(code, f"worker {w.id} is {code}", True)))
+        if self.draining or not self.healthy:
+            code = ErrorCode.DRAINING if self.draining else ErrorCode.ENGINE_UNHEALTHY
+            await sink.write_eof(encode_frame(Error(code, f"worker {self.id} is {code}", True)))
             return
         need = len(req.token_ids) + req.max_tokens
         why = self._over_limit(need)
         if why is not None:
-            w.metrics.rejections.inc()
+            self.metrics.rejections.inc()
             await sink.write_eof(encode_frame(Error(ErrorCode.OVERLOADED, why, True)))
             return
         log.info("New Request ID: %s", req.request_id)
-        w.metrics.requests.inc()
+        self.metrics.requests.inc()
         self._calls += 1
         self._kv_tokens += need
         self.idle.clear()
@@ -221,25 +255,26 @@ class Routes:
         """Why a new call needing `need` tokens of KV is refused, if it is: past the calls
         limit, or past the KV the held calls may need (as tokens: engines count blocks of
         their own size; the first call is always let in, the engine judges it alone)."""
-        w = self.w
-        if self._calls >= w.cfg.max_pending:
-            return f"worker {w.id} is at its admission limit ({w.cfg.max_pending} calls)"
-        if w.cfg.max_pending_kv and self._calls:
-            capacity = w.engine.stats().kv_blocks_total * KV_BLOCK_TOKENS * w.cfg.max_pending_kv
+        cfg = self.cfg
+        if self._calls >= cfg.max_pending:
+            return f"worker {self.id} is at its admission limit ({cfg.max_pending} calls)"
+        if cfg.max_pending_kv and self._calls:
+            stats = self.engine.stats()
+            capacity = stats.kv_blocks_total * stats.block_size * cfg.max_pending_kv
             if capacity and self._kv_tokens + need > capacity:  # 0: the engine does not say
                 return (
-                    f"worker {w.id} is at its KV admission limit (its calls may need "
-                    f"{self._kv_tokens} tokens of KV; --max-pending-kv {w.cfg.max_pending_kv})"
+                    f"worker {self.id} is at its KV admission limit (its calls may need "
+                    f"{self._kv_tokens} tokens of KV; --max-pending-kv {cfg.max_pending_kv})"
                 )
         return None
 
     async def _dispatch(self, req: EngineRequest, resp: FrameSink) -> None:
-        stages = self.w.stages
+        stages = self.stages
         phase = req.phase
         if phase is Phase.GENERATE:
-            strategy = Strategy.of_worker(self.w.cfg.role)
+            strategy = Strategy.of_worker(self.cfg.role)
             if strategy is Strategy.DECODE_FIRST:
-                await decode_first.run(stages, req, resp, self.w.cfg.prefill_fallback)
+                await decode_first.run(stages, req, resp, self.cfg.prefill_fallback)
             elif strategy is Strategy.PREFILL_FIRST:
                 await prefill_first.run(stages, req, resp)
             else:

@@ -20,7 +20,6 @@ from segue.engines.base import (
     EngineTask,
     RequestStream,
 )
-from segue.mux import FrameSink
 from segue.protocol import (
     EngineRequest,
     Error,
@@ -34,6 +33,7 @@ from segue.protocol import (
 )
 from segue.worker.kv_store import KvStore
 from segue.worker.metrics import WorkerMetrics
+from segue.worker.sink import FrameSink, StageError
 
 log = logging.getLogger("segue.worker")
 KEEPALIVE_FRAME = encode_frame(KeepAlive())
@@ -44,14 +44,6 @@ class EngineFailure(Enum):
 
     DEAD = "engine_dead"
     HUNG = "engine_hung"
-
-
-class StageError(Exception):
-    """Ends a call with an Error frame (the caller's failure table decides what next)."""
-
-    def __init__(self, code: ErrorCode, message: str, retryable: bool) -> None:
-        super().__init__(message)
-        self.frame = Error(code, message, retryable)
 
 
 class EngineSessions:

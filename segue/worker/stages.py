@@ -16,7 +16,6 @@ import msgspec
 from segue.discovery import Instance
 from segue.engines.base import EngineTask
 from segue.failures import Failure, FailureReason
-from segue.mux import FrameSink
 from segue.protocol import (
     EngineRequest,
     Error,
@@ -33,7 +32,8 @@ from segue.router import Router
 from segue.transport import RequestPlane, drop_kv_soon, pull_kv
 from segue.worker.kv_store import KvStore
 from segue.worker.metrics import WorkerMetrics
-from segue.worker.session import KEEPALIVE_FRAME, EngineSessions, StageError
+from segue.worker.session import KEEPALIVE_FRAME, EngineSessions
+from segue.worker.sink import FrameSink, StageError
 
 log = logging.getLogger("segue.worker")
 T = TypeVar("T")

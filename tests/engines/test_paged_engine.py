@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from segue.engines.base import EngineFinish, EngineInput, EngineTask
+from segue.sampling import SamplingParams
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -30,6 +31,9 @@ def reference(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
 
 
+NO_EOS = SamplingParams(ignore_eos=True)
+
+
 def prompts(n: int, base: int = 5) -> list[list[int]]:
     """Prompts of different lengths (3 .. 60 tokens) so batches are ragged."""
     return [
@@ -38,7 +42,7 @@ def prompts(n: int, base: int = 5) -> list[list[int]]:
 
 
 def decode_input(rid: str, ids: list[int], n: int, payload: bytes) -> EngineInput:
-    return EngineInput(rid, ids, n, ignore_eos=True, task=EngineTask.DECODE, kv_payload=payload)
+    return EngineInput(rid, ids, n, NO_EOS, task=EngineTask.DECODE, kv_payload=payload)
 
 
 def generate(reference, ids: list[int], n: int) -> list[int]:
@@ -98,7 +102,7 @@ def test_batched_greedy_equals_generate_and_frees_blocks(model_dir, reference):
     """Twelve ragged requests, eight running at once, prompts chunked 16 tokens per step:
     each one's tokens equal `generate()` of it alone; all blocks back after."""
     ps = prompts(12)
-    reqs = [EngineInput(f"r{i}", p, max_tokens=20, ignore_eos=True) for i, p in enumerate(ps)]
+    reqs = [EngineInput(f"r{i}", p, max_tokens=20, sampling=NO_EOS) for i, p in enumerate(ps)]
     out, stats = asyncio.run(run_engine(model_dir, reqs, max_num_seqs=8, max_batched_tokens=16))
     for i, p in enumerate(ps):
         toks, reason = out[f"r{i}"]
@@ -115,8 +119,8 @@ def test_abort_frees_blocks_at_once(model_dir):
         engine = HFEngine(HFConfig(model_dir=model_dir, device=DEVICE), HFTokenizer(model_dir))
         await engine.start()
         try:
-            a = engine.add_request(EngineInput("a", prompts(1)[0], 1500, ignore_eos=True))
-            b = engine.add_request(EngineInput("b", prompts(2)[1], 8, ignore_eos=True))
+            a = engine.add_request(EngineInput("a", prompts(1)[0], 1500, NO_EOS))
+            b = engine.add_request(EngineInput("b", prompts(2)[1], 8, NO_EOS))
             first = await a.get(30)
             assert first is not None and first.token_ids
             assert engine.stats().kv_blocks_used > 0
@@ -159,7 +163,7 @@ def test_kv_moves_between_pools_exactly(model_dir, reference):
         await a.start()
         await b.start()
         try:
-            s = a.add_request(EngineInput("p", ids, 24, ignore_eos=True, task=EngineTask.PREFILL))
+            s = a.add_request(EngineInput("p", ids, 24, NO_EOS, task=EngineTask.PREFILL))
             assert await drain(s) == ([], EngineFinish.PREFILLED)
             payload = a.kv_payload(s.kv_key)
             assert len(payload) > a.kv_nbytes(s.kv_key) > 0
@@ -167,7 +171,7 @@ def test_kv_moves_between_pools_exactly(model_dir, reference):
             d = b.add_request(decode_input("d", ids, 24, payload))
             assert await drain(d) == (want, EngineFinish.LENGTH)
             # live export after some tokens, import on the other engine
-            r = a.add_request(EngineInput("r", ids, 24, ignore_eos=True))
+            r = a.add_request(EngineInput("r", ids, 24, NO_EOS))
             first = await r.get(30)
             assert first is not None
             assert a.export("r")
@@ -197,7 +201,7 @@ def test_logprobs_are_the_models(model_dir, reference):
     """Each token's logprob and top 3 equal log_softmax of transformers' logits there; so
     do the prompt's (echo), computed over several prompt chunks."""
     ids = prompts(3)[2]
-    req = EngineInput("lp", ids, 6, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    req = EngineInput("lp", ids, 6, SamplingParams(ignore_eos=True, logprobs=3), prompt_logprobs=2)
 
     async def go():
         from segue.engines.hf import HFConfig, HFEngine
@@ -258,13 +262,20 @@ def test_penalties_and_min_tokens_hold_across_a_migration(model_dir, reference):
         )[0, len(ids) :].tolist()
     kw = dict(ignore_eos=True, frequency_penalty=0.7, presence_penalty=0.4, min_tokens=8)
     plain = asyncio.run(
-        run_engine(model_dir, [EngineInput("p", ids, 12, repetition_penalty=1.3, ignore_eos=True)])
+        run_engine(
+            model_dir,
+            [EngineInput("p", ids, 12, SamplingParams(repetition_penalty=1.3, ignore_eos=True))],
+        )
     )[0]
     assert plain["p"][0] == want
-    first = asyncio.run(run_engine(model_dir, [EngineInput("a", ids, 12, **kw)]))[0]["a"][0]
+    first = asyncio.run(run_engine(model_dir, [EngineInput("a", ids, 12, SamplingParams(**kw))]))[
+        0
+    ]["a"][0]
     stop = first[1]  # as a stop token it is banned there, before min_tokens
     full = asyncio.run(
-        run_engine(model_dir, [EngineInput("f", ids, 12, stop_token_ids=[stop], **kw)])
+        run_engine(
+            model_dir, [EngineInput("f", ids, 12, SamplingParams(stop_token_ids=[stop], **kw))]
+        )
     )[0]["f"][0]
     assert full[0] == first[0] and full[1] != stop  # the ban changed the second token
     assert stop not in full[:8] and len(full) >= 8
@@ -272,7 +283,15 @@ def test_penalties_and_min_tokens_hold_across_a_migration(model_dir, reference):
     rest = asyncio.run(
         run_engine(
             model_dir,
-            [EngineInput("m", ids + head, 12 - 5, stop_token_ids=[stop], generated=5, **kw)],
+            [
+                EngineInput(
+                    "m",
+                    ids + head,
+                    12 - 5,
+                    SamplingParams(stop_token_ids=[stop], **kw),
+                    generated=5,
+                )
+            ],
         )
     )[0]["m"][0]
     assert head + rest == full

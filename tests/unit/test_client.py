@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter
 from segue.discovery import Instance
 from segue.failures import ACTIONS, FailureReason, Verdict
 from segue.frontend.client import MigrationError, NoWorkerError, RejectedError, ResilientClient
-from segue.frontend.preprocess import RequestState
+from segue.frontend.request import RequestState
 from segue.protocol import ErrorCode, FinishReason, PlaneKind
 from segue.router import Router
 from segue.transport import RequestPlane
@@ -54,7 +54,8 @@ class Setup:
         out: list[int] = []
         finish = None
         async with contextlib.aclosing(self.client.generate(state)) as gen:
-            async for ids, reason in gen:
+            async for d in gen:
+                ids, reason = d.token_ids, d.finish_reason
                 out += ids
                 finish = reason
         assert out == state.generated
@@ -158,8 +159,8 @@ async def test_closing_the_generation_cancels_the_call(setup):
     state = RequestState(request_id="r", prompt_ids=list(PROMPT), max_tokens=N)
     gen = s.client.generate(state)
     got: list[int] = []
-    async for ids, _ in gen:
-        got += ids
+    async for d in gen:
+        got += d.token_ids
         if len(got) == 3:
             break
     await gen.aclose()

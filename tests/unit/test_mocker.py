@@ -6,6 +6,7 @@ import pytest
 
 from segue.engines.base import EngineInput, EngineRequestError
 from segue.engines.mocker import MockerConfig, MockerEngine
+from segue.sampling import SamplingParams
 from segue.tokenizer import BuiltinTokenizer
 
 
@@ -29,8 +30,10 @@ async def engine():
     await e.stop()
 
 
-def req(rid, ids, n, **kw):
-    return EngineInput(request_id=rid, token_ids=ids, max_tokens=n, **kw)
+def req(rid, ids, n, **sampling):
+    return EngineInput(
+        request_id=rid, token_ids=ids, max_tokens=n, sampling=SamplingParams(**sampling)
+    )
 
 
 async def test_output_is_pure_function_of_context(engine):

@@ -7,6 +7,7 @@ from collections.abc import AsyncGenerator
 from prometheus_client import CollectorRegistry, Histogram
 
 from segue.frontend.output import OutputProcessor, TextDelta
+from segue.frontend.request import TokenDelta
 from segue.protocol import FinishReason
 from segue.tokenizer import BuiltinTokenizer
 
@@ -28,12 +29,12 @@ class Upstream:
         self.closed = False
         self.sent = 0
 
-    async def gen(self) -> AsyncGenerator[tuple[list[int], FinishReason | None], None]:
+    async def gen(self) -> AsyncGenerator[TokenDelta, None]:
         try:
             for t in self.ids:
                 self.sent += 1
-                yield [t], None
-            yield [], self.finish
+                yield TokenDelta([t])
+            yield TokenDelta([], self.finish)
         finally:
             self.closed = True
 

@@ -32,7 +32,7 @@ def test_seed_beyond_int64_is_a_400_naming_it(seed):
 @pytest.mark.parametrize("seed", [2**63 - 1, -(2**63), 0])
 def test_seed_in_int64_reaches_the_wire(seed):
     state = PRE(body(b', "seed": %d' % seed), False, "r").state
-    assert state.seed == seed and encode_request(state.engine_request())
+    assert state.sampling.seed == seed and encode_request(state.engine_request())
 
 
 @pytest.mark.parametrize(
@@ -76,10 +76,10 @@ def test_neutral_values_and_ignored_fields_are_accepted():
         b' "metadata": {"k": "v"}, "store": false, "stop_token_ids": [7, 9]'
     )
     state = PRE(body(extra), False, "r").state
-    assert state.stop_token_ids == [7, 9]
+    assert state.sampling.stop_token_ids == [7, 9]
     req = PRE(body(b', "presence_penalty": 0.5, "min_tokens": 3'), False, "r").state
-    assert req.engine_request().presence_penalty == 0.5
-    assert req.engine_request().min_tokens == 3
+    assert req.engine_request().sampling.presence_penalty == 0.5
+    assert req.engine_request().sampling.min_tokens == 3
 
 
 def chat(extra: bytes) -> bytes:

@@ -1,26 +1,41 @@
-"""Strategy `frontend`: the frontend calls a prefill worker for a KV handle, then a decode
-worker with it. With no prefill worker and `--prefill-fallback local`, the decode worker
-does it all (Phase.LOCAL)."""
+"""Disaggregation strategy `frontend` (segue.disagg), run by the resilient client: call a
+prefill worker for a KV handle, then a decode worker with it. With no prefill worker and
+`--prefill-fallback local`, the decode worker does it all (Phase.LOCAL)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from segue.disagg import PrefillFallback
+from segue.discovery import Instance
 from segue.failures import Failure, FailureReason, failure_of_frame
-from segue.protocol import KeepAlive, KvHandle, Phase, Prefilled, Role
-from segue.transport import drop_kv_soon
+from segue.frontend.errors import NoWorkerError
+from segue.frontend.request import RequestState, TokenDelta
+from segue.protocol import EngineRequest, KeepAlive, KvHandle, Phase, Prefilled, Role
+from segue.router import Router
+from segue.transport import RequestPlane, drop_kv_soon
 
-if TYPE_CHECKING:
-    from segue.frontend.client import Delta, ResilientClient
-    from segue.frontend.preprocess import RequestState
+
+class Caller(Protocol):
+    """What this strategy uses of the resilient client that runs its attempt."""
+
+    router: Router
+    plane: RequestPlane
+    stall_timeout: float
+    prefill_fallback: PrefillFallback
+
+    def pick(self, role: Role, exclude: set[str], state: RequestState) -> Instance: ...
+
+    def relay_tokens(
+        self, inst: Instance, state: RequestState, req: EngineRequest
+    ) -> AsyncGenerator[TokenDelta, None]: ...
 
 
 async def attempt(
-    client: ResilientClient, state: RequestState, exclude: set[str]
-) -> AsyncGenerator[Delta, None]:
+    client: Caller, state: RequestState, exclude: set[str]
+) -> AsyncGenerator[TokenDelta, None]:
     handle = await remote_prefill(client, state, exclude)
     if handle is None:  # no prefill worker; fallback: the decode worker does it all
         inst = client.pick(Role.DECODE, exclude, state)
@@ -39,12 +54,8 @@ async def attempt(
             drop_kv_soon(client.plane.session, handle.url, handle.kv_id)
 
 
-async def remote_prefill(
-    client: ResilientClient, state: RequestState, exclude: set[str]
-) -> KvHandle | None:
+async def remote_prefill(client: Caller, state: RequestState, exclude: set[str]) -> KvHandle | None:
     """The KV handle of the prompt from a prefill worker (None: fall back to local)."""
-    from segue.frontend.client import NoWorkerError
-
     tokens = state.prompt_ids if client.router.wants_tokens else None
     inst = client.router.pick((Role.PREFILL,), exclude, state.model, tokens)
     if inst is None:

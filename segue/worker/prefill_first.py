@@ -10,9 +10,8 @@ import msgspec
 
 from segue.engines.base import EngineTask
 from segue.failures import Failure, FailureReason
-from segue.mux import FrameSink
 from segue.protocol import EngineRequest, ErrorCode, Final, Phase, Role, Tokens, encode_frame
-from segue.worker.session import StageError
+from segue.worker.sink import FrameSink, StageError
 
 if TYPE_CHECKING:
     from segue.worker.stages import Stages

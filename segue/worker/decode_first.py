@@ -12,9 +12,8 @@ import msgspec
 
 from segue.disagg import PrefillFallback
 from segue.failures import Failure, FailureReason
-from segue.mux import FrameSink
 from segue.protocol import EngineRequest, ErrorCode, KvHandle, Phase, Prefilled, Role
-from segue.worker.session import StageError
+from segue.worker.sink import FrameSink, StageError
 
 if TYPE_CHECKING:
     from segue.worker.stages import Stages

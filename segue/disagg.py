@@ -1,14 +1,15 @@
-"""Disaggregated serving: one strategy per mode, used by the frontend and the workers.
+"""Disaggregated serving: the vocabulary the frontend and the workers share.
 
 A strategy says which role receives a new request first and, on that side, how the prefill
 and decode stages are chained:
 
   none           an aggregated worker does it all
   frontend       the frontend calls a prefill worker for a KV handle, then a decode worker
-                 with it (frontend_driven.py)
-  decode-first   a decode worker calls a prefill worker, pulls the KV, decodes (decode_first.py)
+                 with it (frontend/frontend_driven.py)
+  decode-first   a decode worker calls a prefill worker, pulls the KV, decodes
+                 (worker/decode_first.py)
   prefill-first  a prefill worker prefills, calls a decode worker with the KV and relays its
-                 stream (prefill_first.py)
+                 stream (worker/prefill_first.py)
 
 A worker knows its strategy from its role: a decode worker that receives a GENERATE call
 runs decode-first, a prefill worker prefill-first. Strategy names never travel in requests;
