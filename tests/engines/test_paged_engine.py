@@ -268,9 +268,8 @@ def test_penalties_and_min_tokens_hold_across_a_migration(model_dir, reference):
         )
     )[0]
     assert plain["p"][0] == want
-    first = asyncio.run(run_engine(model_dir, [EngineInput("a", ids, 12, SamplingParams(**kw))]))[
-        0
-    ]["a"][0]
+    penalized = [EngineInput("a", ids, 12, SamplingParams(**kw))]
+    first = asyncio.run(run_engine(model_dir, penalized))[0]["a"][0]
     stop = first[1]  # as a stop token it is banned there, before min_tokens
     full = asyncio.run(
         run_engine(
