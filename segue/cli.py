@@ -83,7 +83,7 @@ async def _frontend(cfg: FrontendConfig) -> int:
 
 async def _worker(cfg: WorkerConfig) -> int:
     from segue.discovery import open_discovery
-    from segue.engines import create_engine
+    from segue.engines.registry import create_engine
     from segue.lifetime import install_signal_handlers
     from segue.models.card import card_for
     from segue.tokenizer import load_tokenizer
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(run_bench(args))
     if args.cmd == "chaos":
-        from segue.chaos.run import run_chaos
+        from segue.chaos.main import run_chaos
 
         sys.exit(run_chaos(args, args.chaos_parser, lambda: ap.parse_args(argv)))
     if args.cmd == "worker-admin":

@@ -7,7 +7,6 @@ gracefully; a worker that crashes is restarted.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -19,8 +18,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
 
+from segue import health
 from segue.frontend.config import FrontendConfig
 from segue.lifetime import die_with_parent
 from segue.options import option, to_argv
@@ -79,11 +78,11 @@ def _kill_group(p: subprocess.Popen[bytes]) -> None:
     p.wait()
 
 
-def _health(url: str) -> dict[str, Any] | None:
+def _health(url: str) -> health.FrontendHealth | None:
     try:
         with urllib.request.urlopen(url + "/health", timeout=1) as r:
-            return json.loads(r.read())
-    except (OSError, ValueError):
+            return health.decode_frontend(r.read())
+    except OSError:
         return None
 
 
@@ -125,7 +124,7 @@ def _supervise(
                     workers[i] = _spawn(worker_args)
             if not ready:
                 h = _health(url)
-                if h and sum(1 for w in h["workers"] if w["routable"]) >= cfg.workers:
+                if h and len(h.routable) >= cfg.workers:
                     ready = True
                     print(
                         f"segue ready: {url} (frontend pid {frontend.pid}, "

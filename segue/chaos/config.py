@@ -151,12 +151,16 @@ def toml_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     with open(path, "rb") as f:
         data = tomllib.load(f)
     actions = {a.dest: a for a in parser._actions}
+    # a flag's aliases name it too (`kv-blocks` for `--hf-kv-blocks`)
+    for a in parser._actions:
+        for opt in a.option_strings:
+            actions.setdefault(opt.lstrip("-").replace("-", "_"), a)
     out: dict[str, Any] = {}
     for key, value in data.items():
-        dest = key.replace("-", "_")
-        action = actions.get(dest)
-        if action is None or dest in ("config", "help"):
+        action = actions.get(key.replace("-", "_"))
+        if action is None or action.dest in ("config", "help"):
             raise ValueError(f"{path}: unknown option {key!r}")
+        dest = action.dest
         if isinstance(value, (dict, list)):
             raise ValueError(f"{path}: {key!r} must be a string, number or boolean")
         # Through the flag's own parser, so a TOML value is checked as a flag's would be.

@@ -1,5 +1,6 @@
-"""What a chaos run found: the verdict and its numbers (`summarize`), one screen of text for
-the terminal, report.json, and report.html with its plots (matplotlib, embedded as PNG)."""
+"""The files of a chaos run's report: report.json (the config, the summary of summary.py,
+the plotted series, faults, samples, outcomes) and report.html with its plots (matplotlib,
+embedded as PNG)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,15 @@ import html
 import io
 import json
 import math
-from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
 from segue.chaos.config import ChaosConfig, FaultKind
+from segue.chaos.result import RunResult
+from segue.chaos.summary import Summary, ms, pct
 from segue.chaos.workload import Status
-
-if TYPE_CHECKING:
-    from segue.chaos.run import RunResult
 
 # One colour per fault kind, none of them used for data lines (the browser test looks for
 # the kill colour in the screenshot).
@@ -35,183 +34,6 @@ DATA_COLORS = ["#2ca02c", "#17becf", "#bcbd22", "#006d2c", "#5e3c99", "#b35806",
 INK = "#222222"  # latency lines, failed requests
 PLOT_SIZE = (1000, 330)  # pixels of each plot
 PLOTS = ("throughput", "latency", "migrations", "workers")
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
-def _ms(x: float | None) -> float | None:
-    return None if x is None else round(x * 1000, 1)
-
-
-def summarize(cfg: ChaosConfig, r: RunResult) -> dict[str, Any]:
-    outs = r.outcomes
-    status = Counter(o.status.value for o in outs)
-    verdicts = Counter(o.verdict for o in outs)
-    ok = [o for o in outs if o.status == Status.OK]
-    ref_failed = [o for o in r.reference if o.status != Status.OK]
-    struck = [e for e in r.faults if not e.skipped]
-    recovery: dict[str, dict[str, float | None]] = {}
-    for kind in sorted({e.kind for e in struck if e.pid is not None}):
-        rec = [e.recovery_s for e in struck if e.kind == kind and e.recovery_s is not None]
-        n = sum(e.kind == kind for e in struck if e.pid is not None)
-        recovery[kind] = {
-            "p50_s": None if not rec else round(_pct(rec, 0.5) or 0.0, 2),
-            "max_s": None if not rec else round(max(rec), 2),
-            "unrecovered": n - len(rec),
-        }
-    mig_prefix = 'segue_frontend_migrations_total{reason="'
-    migrations = {
-        k[len(mig_prefix) : -2]: int(v)
-        for k, v in r.metrics_delta.items()
-        if k.startswith(mig_prefix)
-    }
-    leaks = [msgspec.to_builtins(w) for w in r.workers_after if not w.idle()]
-    rss = [s.rss_mib for s in r.samples if s.rss_mib is not None]
-    tokens = sum(len(o.token_ids) for o in ok)
-    problems = []
-    if ref_failed:
-        problems.append(f"{len(ref_failed)} requests failed in the fault-free reference run")
-    for what, n in (
-        ("failed (lost)", status[Status.ERROR]),
-        ("hung", status[Status.HUNG]),
-        ("answered wrong", verdicts["wrong"]),
-        ("without a reference answer", verdicts["no-reference"]),
-    ):
-        if n:
-            problems.append(f"{n} requests {what}")
-    if leaks:
-        problems.append(f"{len(leaks)} workers not idle after the run")
-    if len(r.workers_after) < r.routable_after:
-        silent = r.routable_after - len(r.workers_after)
-        problems.append(f"{silent} routable workers did not report their resources")
-    if r.frontend_inflight_after:
-        problems.append(f"the frontend still counts {r.frontend_inflight_after:g} in flight")
-    if r.routable_after < cfg_expected(r, cfg):
-        problems.append(f"only {r.routable_after} workers routable after the run")
-    failures = [
-        {
-            "seq": o.seq,
-            "spec": o.spec,
-            "status": o.status.value,
-            "verdict": o.verdict,
-            "error": o.error,
-        }
-        for o in outs
-        if o.status in (Status.ERROR, Status.HUNG) or o.verdict == "wrong"
-    ]
-    return {
-        "passed": not problems,
-        "problems": problems,
-        "requests": len(outs),
-        "duration_s": round(r.duration_s, 2),
-        "requests_per_s": round(len(outs) / r.duration_s, 2) if r.duration_s else 0.0,
-        "output_tokens_per_s": round(tokens / r.duration_s, 1) if r.duration_s else 0.0,
-        "status": dict(status),
-        "exact": verdicts["exact"],
-        "wrong": verdicts["wrong"],
-        "cancelled_prefix_exact": verdicts["prefix"],
-        "reference": {"requests": len(r.reference), "failed": len(ref_failed)},
-        "faults": {
-            k: {
-                "struck": sum(e.kind == k for e in struck),
-                "skipped": sum(e.kind == k and bool(e.skipped) for e in r.faults),
-            }
-            for k in sorted({e.kind for e in r.faults})
-        },
-        "recovery": recovery,
-        "restarts": r.restarts,
-        "migrations": migrations,
-        "frontend_cancellations": int(r.metrics_delta.get("segue_frontend_cancellations_total", 0)),
-        "ttft_ms": {
-            "p50": _ms(_pct([o.first - o.start for o in ok if o.first is not None], 0.5)),
-            "p99": _ms(_pct([o.first - o.start for o in ok if o.first is not None], 0.99)),
-        },
-        "latency_ms": {
-            "p50": _ms(_pct([o.end - o.start for o in ok if o.end is not None], 0.5)),
-            "p99": _ms(_pct([o.end - o.start for o in ok if o.end is not None], 0.99)),
-        },
-        "workers_after": [msgspec.to_builtins(w) for w in r.workers_after],
-        "leaks": leaks,
-        "frontend_inflight_after": r.frontend_inflight_after,
-        "routable_after": r.routable_after,
-        "frontend_rss_mib": None
-        if not rss
-        else {"first": round(rss[0], 1), "last": round(rss[-1], 1), "max": round(max(rss), 1)},
-        "failures": failures[:50],
-    }
-
-
-def cfg_expected(r: RunResult, cfg: ChaosConfig) -> int:
-    """Workers that should be routable after the run: those the run started (restarted
-    when killed); for a targeted deployment, whatever its supervisor brings back."""
-    return cfg.workers if cfg.url is None and cfg.restart else 0
-
-
-def render_text(s: dict[str, Any], report_dir: Path) -> str:
-    st = s["status"]
-    lines = [
-        f"segue chaos: {'PASSED' if s['passed'] else 'FAILED'}"
-        f"   report: {report_dir / 'report.html'}",
-        f"requests    {s['requests']} under faults in {s['duration_s']} s "
-        f"({s['requests_per_s']}/s, {s['output_tokens_per_s']} tokens/s); reference run "
-        f"{s['reference']['requests']}, {s['reference']['failed']} failed",
-        f"answers     exact {s['exact']} · wrong {s['wrong']} · failed {st.get('error', 0)} · "
-        f"hung {st.get('hung', 0)} · cancelled by the client {st.get('cancelled', 0)} "
-        f"(tokens so far exact: {s['cancelled_prefix_exact']})",
-        "faults      "
-        + (
-            " · ".join(
-                f"{k} {v['struck']}" + (f" ({v['skipped']} skipped)" if v["skipped"] else "")
-                for k, v in s["faults"].items()
-            )
-            or "none"
-        )
-        + f"; {s['restarts']} restarts",
-        "recovery    "
-        + (
-            " · ".join(
-                f"{k} p50 {v['p50_s']} s max {v['max_s']} s"
-                + (f" ({v['unrecovered']} not yet)" if v["unrecovered"] else "")
-                for k, v in s["recovery"].items()
-            )
-            or "-"
-        ),
-        "migrations  "
-        + (" · ".join(f"{k} {v}" for k, v in sorted(s["migrations"].items())) or "none")
-        + f"; frontend cancellations {s['frontend_cancellations']}",
-        f"latency     TTFT p50 {s['ttft_ms']['p50']} ms p99 {s['ttft_ms']['p99']} ms; "
-        f"end to end p50 {s['latency_ms']['p50']} ms p99 {s['latency_ms']['p99']} ms",
-        "resources   "
-        + (
-            f"every worker idle ({len(s['workers_after'])}: nothing running, waiting, "
-            f"in KV blocks or held)"
-            if not s["leaks"]
-            else "NOT idle: "
-            + "; ".join(
-                f"{w['worker']} running {w['running']} waiting {w['waiting']} "
-                f"kv_blocks {w['kv_blocks_used']} held {w['held']}"
-                for w in s["leaks"]
-            )
-        )
-        + f"; frontend in flight {s['frontend_inflight_after']:g}",
-    ]
-    if s["frontend_rss_mib"]:
-        r = s["frontend_rss_mib"]
-        lines.append(
-            f"frontend    RSS {r['first']} MiB at start, {r['last']} at end, max {r['max']}"
-        )
-    for p in s["problems"]:
-        lines.append(f"PROBLEM     {p}")
-    for f in s["failures"][:5]:
-        lines.append(
-            f"  request {f['seq']} (spec {f['spec']}): {f['status']} {f['verdict']} {f['error']}"
-        )
-    return "\n".join(lines)
 
 
 def _buckets(r: RunResult) -> tuple[float, int]:
@@ -250,10 +72,10 @@ def series(r: RunResult) -> dict[str, Any]:
         "tokens_per_s": [t / width for t in toks],
         "errors": errors,
         "cancelled": cancelled,
-        "ttft_p50_ms": [_ms(_pct(v, 0.5)) for v in ttft],
-        "ttft_p99_ms": [_ms(_pct(v, 0.99)) for v in ttft],
-        "latency_p50_ms": [_ms(_pct(v, 0.5)) for v in lat],
-        "latency_p99_ms": [_ms(_pct(v, 0.99)) for v in lat],
+        "ttft_p50_ms": [ms(pct(v, 0.5)) for v in ttft],
+        "ttft_p99_ms": [ms(pct(v, 0.99)) for v in ttft],
+        "latency_p50_ms": [ms(pct(v, 0.5)) for v in lat],
+        "latency_p99_ms": [ms(pct(v, 0.99)) for v in lat],
         "faults": [
             {"t": round(e.t, 3), "kind": e.kind.value, "target": e.target, "ends": e.ends}
             for e in r.faults
@@ -383,7 +205,7 @@ window.addEventListener('load', () => {
 
 def _html(
     cfg: ChaosConfig,
-    summary: dict[str, Any],
+    summary: Summary,
     data: dict[str, Any],
     pngs: dict[str, bytes],
     r: RunResult,
@@ -394,33 +216,33 @@ def _html(
         for k, v in (
             (
                 "verdict",
-                "PASSED" if summary["passed"] else "FAILED: " + "; ".join(summary["problems"]),
+                "PASSED" if summary.passed else "FAILED: " + "; ".join(summary.problems),
             ),
-            ("requests", f"{summary['requests']} in {summary['duration_s']} s"),
-            ("exact", summary["exact"]),
-            ("wrong", summary["wrong"]),
-            ("failed", summary["status"].get("error", 0)),
-            ("hung", summary["status"].get("hung", 0)),
+            ("requests", f"{summary.requests} in {summary.duration_s} s"),
+            ("exact", summary.exact),
+            ("wrong", summary.wrong),
+            ("failed", summary.status.get("error", 0)),
+            ("hung", summary.status.get("hung", 0)),
             (
                 "cancelled by the client",
-                f"{summary['status'].get('cancelled', 0)} "
-                f"(tokens so far exact: {summary['cancelled_prefix_exact']})",
+                f"{summary.status.get('cancelled', 0)} "
+                f"(tokens so far exact: {summary.cancelled_prefix_exact})",
             ),
             (
                 "migrations",
-                ", ".join(f"{k} {v}" for k, v in sorted(summary["migrations"].items())) or "none",
+                ", ".join(f"{k} {v}" for k, v in sorted(summary.migrations.items())) or "none",
             ),
-            ("restarts", summary["restarts"]),
-            ("TTFT p50 / p99", f"{summary['ttft_ms']['p50']} / {summary['ttft_ms']['p99']} ms"),
+            ("restarts", summary.restarts),
+            ("TTFT p50 / p99", f"{summary.ttft_ms.p50} / {summary.ttft_ms.p99} ms"),
             (
                 "latency p50 / p99",
-                f"{summary['latency_ms']['p50']} / {summary['latency_ms']['p99']} ms",
+                f"{summary.latency_ms.p50} / {summary.latency_ms.p99} ms",
             ),
             (
                 "workers after the run",
-                "all idle" if not summary["leaks"] else json.dumps(summary["leaks"]),
+                "all idle" if not summary.leaks else json.dumps(msgspec.to_builtins(summary.leaks)),
             ),
-            ("frontend RSS", json.dumps(summary["frontend_rss_mib"])),
+            ("frontend RSS", json.dumps(msgspec.to_builtins(summary.frontend_rss_mib))),
         )
     )
     fault_rows = "".join(
@@ -435,11 +257,13 @@ def _html(
         f"src='data:image/png;base64,{base64.b64encode(pngs[name]).decode()}'></figure>"
         for name in PLOTS
     )
-    verdict = "PASSED" if summary["passed"] else "FAILED"
+    verdict = "PASSED" if summary.passed else "FAILED"
     fault_head = "".join(
         f"<th>{c}</th>" for c in ("t (s)", "kind", "worker", "detail", "recovered after (s)")
     )
-    payload = json.dumps({"summary": summary, "series": data}).replace("</", "<\\/")
+    payload = json.dumps({"summary": msgspec.to_builtins(summary), "series": data}).replace(
+        "</", "<\\/"
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>segue chaos report</title>
 <style>
@@ -451,7 +275,7 @@ figure {{ margin: 0 0 12px; }}
 </style></head>
 <body>
 <h1>segue chaos: <span class="{verdict.lower()[:4]}">{verdict}</span></h1>
-<p>{summary["requests"]} requests at concurrency {cfg.concurrency}, faults {esc(cfg.faults)}
+<p>{summary.requests} requests at concurrency {cfg.concurrency}, faults {esc(cfg.faults)}
 every {cfg.fault_every:g} s; every answer compared with the same request's answer in a
 fault-free run.</p>
 <table>{rows}</table>
@@ -464,12 +288,12 @@ fault-free run.</p>
 """
 
 
-def write(report_dir: Path, cfg: ChaosConfig, r: RunResult, summary: dict[str, Any]) -> None:
+def write(report_dir: Path, cfg: ChaosConfig, r: RunResult, summary: Summary) -> None:
     data = series(r)
     ref = {o.spec: o for o in r.reference}
     doc = {
         "config": msgspec.to_builtins(cfg),
-        "summary": summary,
+        "summary": msgspec.to_builtins(summary),
         "series": data,
         "faults": msgspec.to_builtins(r.faults),
         "samples": msgspec.to_builtins(r.samples),

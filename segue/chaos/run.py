@@ -1,87 +1,31 @@
-"""`segue chaos`: start (or target) a deployment, send every request once without faults
-(the reference), send the run's requests again while faults strike, wait for the workers to
-be idle, judge every answer against its reference, report, and exit non-zero on any lost,
-wrong or hung request or leaked resource."""
+"""The phases of a chaos run on a deployment: send every request once without faults (the
+reference), send the run's requests again while faults strike, sampling the deployment,
+then wait for the workers to be idle and record their resources (segue.chaos.main runs it;
+summary.py judges what it recorded)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import itertools
 import random
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
-import msgspec
 
-from segue.chaos.config import (
-    CHAOS_SKIP_FRONTEND,
-    CHAOS_SKIP_WORKER,
-    ChaosConfig,
-    toml_defaults,
-    validate,
-)
-from segue.chaos.deployment import (
-    Deployment,
-    DeploymentError,
-    LocalDeployment,
-    TargetDeployment,
-    rss_mib,
-)
-from segue.chaos.faults import FaultEvent, Injector, WorkerView
-from segue.chaos.workload import Outcome, RequestSpec, Status, judge, make_specs, send
-from segue.frontend.config import FrontendConfig
-from segue.frontend.keys import read_keys
-from segue.options import from_args
+from segue import health
+from segue.chaos.config import ChaosConfig
+from segue.chaos.deployment import Deployment, DeploymentError, LocalDeployment, rss_mib
+from segue.chaos.faults import Injector, WorkerView
+from segue.chaos.result import RunResult, Sample, WorkerState
+from segue.chaos.workload import Outcome, RequestSpec, Status, make_specs, send
+from segue.engines.base import EngineStats
 from segue.promtext import read_samples
-from segue.worker.config import WorkerConfig
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEPLOYMENT = 0, 1, 2, 3
 SAMPLE_EVERY = 0.5
-
-
-class Sample(msgspec.Struct):
-    """The deployment at one moment of the run."""
-
-    t: float
-    routable: int
-    load: dict[str, float]  # worker -> requests running in its engine
-    migrations: dict[str, float]  # reason -> count since the faulted phase began
-    cancellations: float
-    inflight: float
-    rss_mib: float | None
-
-
-class WorkerState(msgspec.Struct):
-    """A worker's resources after the run (all zero when idle)."""
-
-    worker: str
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    held: int
-
-    def idle(self) -> bool:
-        return not (self.running or self.waiting or self.kv_blocks_used or self.held)
-
-
-class RunResult(msgspec.Struct):
-    reference: list[Outcome]
-    outcomes: list[Outcome]
-    faults: list[FaultEvent]
-    samples: list[Sample]
-    workers_after: list[WorkerState]
-    frontend_inflight_after: float
-    routable_after: int
-    metrics_delta: dict[str, float]
-    duration_s: float
-    restarts: int
 
 
 class Probe:
@@ -103,28 +47,19 @@ class Probe:
 
     async def workers(self) -> list[WorkerView] | None:
         got = await self._get(self.dep.url + "/health")
-        if got is None:
+        body = None if got is None else health.decode_frontend(got[1])
+        if body is None:
             return None
-        try:
-            body = msgspec.json.decode(got[1])
-            return [
-                WorkerView(str(w["id"]), int(w["pid"]), str(w["url"]), bool(w["routable"]))
-                for w in body.get("workers", [])
-            ]
-        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
-            return None
+        return [WorkerView(w.id, w.pid, w.url, w.routable) for w in body.workers]
 
     async def metrics(self, url: str) -> dict[str, float]:
         got = await self._get(url + "/metrics")
         return read_samples(got[1].decode()) if got and got[0] == 200 else {}
 
-    async def engine(self, url: str, timeout: float = 0.5) -> dict[str, Any] | None:
+    async def engine(self, url: str, timeout: float = 0.5) -> EngineStats | None:
         got = await self._get(url + "/health", aiohttp.ClientTimeout(total=timeout))
-        if got is None:
-            return None
-        with contextlib.suppress(msgspec.DecodeError, KeyError, TypeError):
-            return dict(msgspec.json.decode(got[1])["engine"])
-        return None
+        body = None if got is None else health.decode_worker(got[1])
+        return None if body is None else body.engine
 
     def name(self, w: WorkerView) -> str:
         slot = self.dep.slot_of(w.pid)
@@ -376,15 +311,7 @@ async def _worker_states(probe: Probe, workers: list[WorkerView]) -> list[Worker
         e = await probe.engine(w.url, timeout=3.0)
         if e is None:
             continue
-        out.append(
-            WorkerState(
-                probe.name(w),
-                int(e.get("running", 0)),
-                int(e.get("waiting", 0)),
-                int(e.get("kv_blocks_used", 0)),
-                int(e.get("held", 0)),
-            )
-        )
+        out.append(WorkerState(probe.name(w), e.running, e.waiting, e.kv_blocks_used, e.held))
     return out
 
 
@@ -394,9 +321,9 @@ async def _sample(
     fe = await probe.metrics(dep.url)
     engines = await asyncio.gather(*(probe.engine(w.url) for w in workers))
     load = {
-        probe.name(w): float(e.get("running", 0))
+        probe.name(w): float(e.running)
         for w, e in zip(workers, engines, strict=True)
-        if e
+        if e is not None
     }
     mig = {k: v - mig0.get(k, 0.0) for k, v in _migrations(fe).items()}
     return Sample(
@@ -408,93 +335,3 @@ async def _sample(
         inflight=fe.get("segue_frontend_inflight_requests", 0.0),
         rss_mib=rss_mib(dep.frontend_pid) if dep.frontend_pid else None,
     )
-
-
-def judge_all(result: RunResult) -> None:
-    ref = {o.spec: o for o in result.reference}
-    for o in result.outcomes:
-        o.verdict = judge(o, ref.get(o.spec))
-
-
-def parse_config(args: argparse.Namespace) -> tuple[ChaosConfig, FrontendConfig, WorkerConfig]:
-    return (
-        from_args(ChaosConfig, args),
-        from_args(FrontendConfig, args, CHAOS_SKIP_FRONTEND),
-        from_args(WorkerConfig, args, CHAOS_SKIP_WORKER),
-    )
-
-
-def load_config(
-    args: argparse.Namespace,
-    parser: argparse.ArgumentParser,
-    reparse: Callable[[], argparse.Namespace],
-) -> tuple[ChaosConfig, FrontendConfig, WorkerConfig]:
-    """The run's configs from the parsed flags; a TOML file's options become the chaos
-    parser's defaults and the command line is parsed again, so flags given on it win.
-    A bad option exits with a usage error naming it."""
-    if args.config:
-        try:
-            parser.set_defaults(**toml_defaults(args.config, parser))
-        except (OSError, ValueError) as e:
-            parser.error(str(e))
-        args = reparse()
-    cfg, fe_cfg, wk_cfg = parse_config(args)
-    try:
-        validate(cfg)
-    except ValueError as e:
-        parser.error(str(e))
-    return cfg, fe_cfg, wk_cfg
-
-
-def run_chaos(
-    args: argparse.Namespace,
-    parser: argparse.ArgumentParser,
-    reparse: Callable[[], argparse.Namespace],
-) -> int:
-    from segue.chaos import report
-
-    cfg, fe_cfg, wk_cfg = load_config(args, parser, reparse)
-    try:
-        import matplotlib  # noqa: F401 - the report's plots; found missing now, not after the run
-    except ImportError:
-        parser.error("the report needs matplotlib: pip install 'segue[chaos]'")
-    # The frontend's --api-key-file (of the deployment started, or targeted): its first
-    # key is the one the run's clients send.
-    api_key = None
-    if fe_cfg.api_key_file:
-        try:
-            api_key = next(iter(read_keys(Path(fe_cfg.api_key_file))), None)
-        except OSError as e:
-            parser.error(f"--api-key-file: {e}")
-        if api_key is None:
-            parser.error(f"--api-key-file: no key in {fe_cfg.api_key_file}")
-    report_dir = Path(cfg.report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
-    dep: Deployment
-    if cfg.url:
-        dep = TargetDeployment(cfg.url)
-    else:
-        (report_dir / "logs").mkdir(exist_ok=True)
-        try:
-            dep = LocalDeployment(
-                cfg.workers, fe_cfg, wk_cfg, report_dir / "logs", cfg.netns, cfg.restart
-            )
-        except RuntimeError as e:  # network namespaces refused (not root)
-            print(f"segue chaos: {e}", file=sys.stderr)
-            return EXIT_DEPLOYMENT
-    try:
-        if isinstance(dep, LocalDeployment):
-            dep.start()
-        result = asyncio.run(chaos(cfg, dep, api_key))
-    except DeploymentError as e:
-        print(f"segue chaos: deployment failed: {e}", file=sys.stderr)
-        return EXIT_DEPLOYMENT
-    except KeyboardInterrupt:
-        return EXIT_FAILED
-    finally:
-        dep.close()
-    judge_all(result)
-    summary = report.summarize(cfg, result)
-    report.write(report_dir, cfg, result, summary)
-    print(report.render_text(summary, report_dir))
-    return EXIT_OK if summary["passed"] else EXIT_FAILED

@@ -1,4 +1,6 @@
-"""Which engine a worker runs, and the options of the real (hf, vllm) engines."""
+"""Which engine a worker runs, and the option groups of the real engines: the options every
+engine shares (no prefix), hf's (`--hf-*`) and vLLM's (`--vllm-*`); the mocker's group is
+`MockerConfig` (`--mocker-*`). Flags older than the groups stay as aliases."""
 
 from __future__ import annotations
 
@@ -21,19 +23,34 @@ class KvConnector(StrEnum):
 
 @dataclass(frozen=True)
 class EngineOptions:
+    """Options the hf and vLLM engines share."""
+
     max_num_seqs: int = option(8, help="hf/vllm: most sequences running at once")
-    kv_blocks: int = option(4096, help="hf: KV cache blocks")
-    device: str = option("auto", help="hf: cpu, cuda or auto")
-    dtype: str = option(
-        "float32", choices=("float32", "bfloat16", "float16"), help="hf: weights and KV cache"
-    )
-    cuda_graphs: bool = option(True, help="hf: replay decode steps as CUDA graphs on a GPU")
     max_num_batched_tokens: int | None = option(
         None,
         help="hf/vllm: prompt tokens one engine step may compute; a longer prompt is "
         "prefilled in chunks (hf: 2048, vLLM: its default, when unset)",
     )
-    vllm_kv_connector: KvConnector = option(
+
+
+@dataclass(frozen=True)
+class HFOptions:
+    kv_blocks: int = option(4096, help="KV cache blocks", aliases=("--kv-blocks",))
+    device: str = option("auto", help="cpu, cuda or auto", aliases=("--device",))
+    dtype: str = option(
+        "float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="weights and KV cache",
+        aliases=("--dtype",),
+    )
+    cuda_graphs: bool = option(
+        True, help="replay decode steps as CUDA graphs on a GPU", aliases=("--cuda-graphs",)
+    )
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    kv_connector: KvConnector = option(
         KvConnector.EXAMPLE,
         help="vLLM's KV connector for prefill/decode workers (nixl: "
         "see docs/operations.md for its state on CPU)",

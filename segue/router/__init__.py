@@ -1,10 +1,5 @@
-"""Picks a worker for each call.
-
-Policies: round-robin, random, least-loaded (fewest calls in flight from this process), and
-kv: the worker with the lowest cost, `--kv-overlap-weight` x the context tokens it would
-have to prefill (what its prefix cache lacks, from the KV index) + `--kv-load-weight` x the
-context tokens of the calls this process has in flight on it; ties go to fewer calls in
-flight, then round-robin.
+"""Picks a worker for each call, with the policy `--router` names (the table and what each
+does: router/policies.py).
 
 The live set comes from discovery. A worker whose call failed (refused, broken stream,
 stall) is taken out of rotation at once and comes back only when a health probe answers
@@ -15,28 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import random
 from collections.abc import Iterable, Iterator
-from enum import StrEnum
 
 import aiohttp
 
+from segue import health
 from segue.discovery import Instance
 from segue.protocol import Role, Route
 from segue.router.kv_follow import KvFollower
 from segue.router.kv_index import KvIndex
+from segue.router.loads import Loads
+from segue.router.policies import POLICIES, Policy
+
+__all__ = ["Policy", "Router"]
 
 log = logging.getLogger("segue.router")
 PROBE_INTERVAL = 0.25
-
-
-class Policy(StrEnum):
-    ROUND_ROBIN = "round-robin"
-    RANDOM = "random"
-    LEAST_LOADED = "least-loaded"
-    KV = "kv"
 
 
 class Router:
@@ -48,18 +38,18 @@ class Router:
         kv_load_weight: float = 0.1,
     ) -> None:
         self.policy = Policy(policy)
+        spec = POLICIES[self.policy]
         self.instances: dict[str, Instance] = {}
         self.down: set[str] = set()
-        self.inflight: dict[str, int] = {}
-        self.load_tokens: dict[str, int] = {}  # context tokens of the calls in flight
-        self.kv_index = KvIndex()
-        self.kv_weights = (kv_overlap_weight, kv_load_weight)
+        self.loads = Loads(kv_weights=(kv_overlap_weight, kv_load_weight))
+        self.inflight = self.loads.inflight
+        self.load_tokens = self.loads.load_tokens  # context tokens of the calls in flight
+        self.kv_index: KvIndex = self.loads.kv_index
+        self._chooser = spec.make(self.loads)
+        self._wants_tokens = spec.wants_tokens
         self._follower = (
-            KvFollower(session, self.kv_index)
-            if self.policy is Policy.KV and session is not None
-            else None
+            KvFollower(session, self.kv_index) if spec.follows_kv and session is not None else None
         )
-        self._rr = itertools.count()
         self._session = session
         self._probes: dict[str, asyncio.Task[None]] = {}
 
@@ -82,7 +72,7 @@ class Router:
     @property
     def wants_tokens(self) -> bool:
         """Whether `pick` uses the request's tokens (worth passing them)."""
-        return self.policy is Policy.KV
+        return self._wants_tokens
 
     def routable(self, role: Role | None = None, model: str | None = None) -> list[Instance]:
         return [
@@ -113,24 +103,7 @@ class Router:
         ]
         if not cands:
             return None
-        if self.policy is Policy.RANDOM:
-            return random.choice(cands)
-        if self.policy is Policy.KV and tokens is not None and len(cands) > 1:
-            cands = self._cheapest(cands, tokens)
-        if self.policy in (Policy.LEAST_LOADED, Policy.KV):
-            low = min(self.inflight.get(i.id, 0) for i in cands)
-            cands = [i for i in cands if self.inflight.get(i.id, 0) == low]
-        return cands[next(self._rr) % len(cands)]
-
-    def _cheapest(self, cands: list[Instance], tokens: list[int]) -> list[Instance]:
-        cached = self.kv_index.overlap(tokens, [i.id for i in cands])
-        w_prefill, w_load = self.kv_weights
-        n = len(tokens)
-        costs = [
-            w_prefill * (n - cached[i.id]) + w_load * self.load_tokens.get(i.id, 0) for i in cands
-        ]
-        low = min(costs)
-        return [i for i, c in zip(cands, costs, strict=True) if c == low]
+        return self._chooser.choose(cands, tokens if self._wants_tokens else None)
 
     @contextlib.contextmanager
     def track(self, instance: Instance, tokens: int = 0) -> Iterator[None]:
@@ -162,8 +135,9 @@ class Router:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
                 async with self._session.get(instance.url + Route.HEALTH, timeout=timeout) as r:
-                    ok = r.status == 200 and (await r.json()).get("status") == "ok"
-            except (aiohttp.ClientError, TimeoutError, ValueError):
+                    body = health.decode_worker(await r.read()) if r.status == 200 else None
+                ok = body is not None and body.status is health.WorkerStatus.OK
+            except (aiohttp.ClientError, TimeoutError):
                 ok = False
             if ok and instance.id in self.instances:
                 log.info("worker %s back in rotation", instance.id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from segue.disagg import PrefillFallback
-from segue.engines.config import EngineName, EngineOptions
+from segue.engines.config import EngineName, EngineOptions, HFOptions, VllmOptions
 from segue.engines.mocker import MockerConfig
 from segue.options import option
 from segue.protocol import PlaneKind, Role
@@ -84,8 +84,11 @@ class WorkerConfig:
     # Fault injection for tests: the process dies (os._exit) right after it has sent the
     # token at this offset of a client's output, before any final frame.
     fault_exit_after_tokens: int | None = option(None, hidden=True, help="fault injection")
+    # the engines' option groups (segue.engines.registry builds the engine from them)
     engine_options: EngineOptions = option(default_factory=EngineOptions, prefix="", help="")
     mocker: MockerConfig = option(default_factory=MockerConfig, prefix="mocker", help="")
+    hf: HFOptions = option(default_factory=HFOptions, prefix="hf", help="")
+    vllm: VllmOptions = option(default_factory=VllmOptions, prefix="vllm", help="")
 
     @property
     def served_model_name(self) -> str:

@@ -7,13 +7,15 @@ import base64
 import json
 import re
 import struct
+from pathlib import Path
 
 import pytest
 
-from segue.chaos import report
+from segue.chaos import report, summary
 from segue.chaos.config import ChaosConfig, FaultKind, validate
 from segue.chaos.faults import FaultEvent
-from segue.chaos.run import RunResult, Sample, WorkerState, judge_all, load_config
+from segue.chaos.main import load_config
+from segue.chaos.result import RunResult, Sample, WorkerState, judge_all
 from segue.chaos.workload import Outcome, Status, judge, make_specs
 from segue.cli import build_parser
 
@@ -164,42 +166,42 @@ CFG = ChaosConfig(workers=2)
 
 
 def test_verdict_passes_only_a_clean_run():
-    s = report.summarize(CFG, run_result())
-    assert s["passed"] and s["exact"] == 40 and s["migrations"] == {"stream_broken": 4}
-    assert s["recovery"]["kill"] == {"p50_s": 0.7, "max_s": 0.7, "unrecovered": 0}
-    assert s["recovery"]["stop"]["unrecovered"] == 1
-    assert "disconnect" not in s["recovery"]
+    s = summary.summarize(CFG, run_result())
+    assert s.passed and s.exact == 40 and s.migrations == {"stream_broken": 4}
+    assert s.recovery["kill"] == summary.Recovery(p50_s=0.7, max_s=0.7, unrecovered=0)
+    assert s.recovery["stop"].unrecovered == 1
+    assert "disconnect" not in s.recovery
 
     r = run_result()
     r.outcomes[3].token_ids = [9, 9, 9]
     judge_all(r)
-    assert report.summarize(CFG, r)["problems"] == ["1 requests answered wrong"]
+    assert summary.summarize(CFG, r).problems == ["1 requests answered wrong"]
     r = run_result()
     r.outcomes[4].status = Status.ERROR
     r.outcomes[5].status = Status.HUNG
-    assert report.summarize(CFG, r)["problems"] == [
+    assert summary.summarize(CFG, r).problems == [
         "1 requests failed (lost)",
         "1 requests hung",
     ]
-    leak = report.summarize(
+    leak = summary.summarize(
         CFG, run_result(workers_after=[WorkerState("worker1", 0, 0, 3, 0)], routable_after=1)
     )
-    assert leak["problems"] == [
+    assert leak.problems == [
         "1 workers not idle after the run",
         "only 1 workers routable after the run",
     ]
-    assert "kv_blocks 3" in report.render_text(leak, report.Path("x"))
-    inflight = report.summarize(CFG, run_result(frontend_inflight_after=2.0))
-    assert inflight["problems"] == ["the frontend still counts 2 in flight"]
+    assert "kv_blocks 3" in summary.render_text(leak, Path("x"))
+    inflight = summary.summarize(CFG, run_result(frontend_inflight_after=2.0))
+    assert inflight.problems == ["the frontend still counts 2 in flight"]
     ref = run_result()
     ref.reference[0].status = Status.ERROR
     judge_all(ref)
-    assert not report.summarize(CFG, ref)["passed"]
+    assert not summary.summarize(CFG, ref).passed
 
 
 def test_report_has_every_plot_at_its_size_and_the_faults(tmp_path):
     r = run_result()
-    s = report.summarize(CFG, r)
+    s = summary.summarize(CFG, r)
     report.write(tmp_path, CFG, r, s)
     page = (tmp_path / "report.html").read_text()
     pngs = re.findall(

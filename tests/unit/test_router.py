@@ -50,3 +50,29 @@ def test_workers_that_left_are_forgotten():
     assert r.inflight == {"b": 0}
     r.update({})
     assert r.inflight == {} and r.load_tokens == {}
+
+
+def test_power_of_two_picks_the_less_loaded_of_two():
+    r = Router("power-of-two")
+    r.update({i: inst(i) for i in "abc"})
+    assert not r.wants_tokens
+    with r.track(inst("a")), r.track(inst("a")), r.track(inst("b")):
+        picks = collections.Counter(r.pick(["aggregated"]).id for _ in range(300))
+    # c (idle) wins every draw it is in (2 of 3 pairs); a (the busiest) never wins one
+    assert picks["a"] == 0 and picks["c"] > picks["b"] > 0
+    r.mark_down(inst("c"), "test")
+    assert {r.pick(["aggregated"]).id for _ in range(20)} <= {"a", "b"}
+    assert r.pick(["aggregated"], exclude={"a", "b"}) is None
+    only = Router("power-of-two")
+    only.update({"a": inst("a")})
+    assert only.pick(["aggregated"]).id == "a"  # one candidate: no draw of two
+
+
+def test_every_policy_has_a_row_and_a_cli_choice():
+    from segue.frontend.config import FrontendConfig
+    from segue.options import flags
+    from segue.router.policies import POLICIES, Policy
+
+    assert set(POLICIES) == set(Policy)
+    (router_flag,) = [f for f in flags(FrontendConfig) if f.dest == "router"]
+    assert set(router_flag.choices or ()) == {p.value for p in Policy}
