@@ -22,7 +22,7 @@ from segue.sampling import GREEDY, SamplingParams
 
 
 class Route:
-    """Paths a worker serves (the frontend serves the OpenAI paths in frontend/app.py)."""
+    """Paths a worker serves (the frontend serves the OpenAI paths: frontend/http.py `Path`)."""
 
     GENERATE = "/generate"
     MUX = "/mux"  # a WebSocket carrying many calls (segue.mux)
