@@ -69,6 +69,7 @@ class FinishReason(StrEnum):
 
     STOP = "stop"  # a stop token or EOS (or, in the frontend, a stop string)
     LENGTH = "length"  # max_tokens reached
+    TOOL_CALLS = "tool_calls"  # (frontend) the answer is tool calls: it stopped to call them
 
 
 class ErrorCode(StrEnum):

@@ -8,7 +8,31 @@ apply it; nothing in between copies fields.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import msgspec
+
+
+class ConstraintKind(StrEnum):
+    """What the output must match (segue.grammar compiles each with xgrammar)."""
+
+    JSON_SCHEMA = "json_schema"  # `spec`: the schema, as JSON text
+    JSON_OBJECT = "json_object"  # any JSON object (`spec` empty)
+    REGEX = "regex"
+    CHOICE = "choice"  # `spec`: a JSON list of the strings allowed
+    GRAMMAR = "grammar"  # `spec`: EBNF (GBNF), `root` the start rule
+    # `spec`: JSON {"format": a --tool-call-parser, "tools": [{"name", "parameters"}]}: one
+    # call of one of the tools, in that parser's format, its arguments valid for its schema
+    TOOL_CALL = "tool_call"
+
+
+class Constraint(msgspec.Struct, frozen=True, array_like=True):
+    """Constrained decoding: the output is a prefix of a string of the constraint's
+    language, whole when it finishes with `stop`. A migrated request's engine advances the
+    grammar over the tokens already generated before it samples."""
+
+    kind: ConstraintKind
+    spec: str = ""
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, frozen=True):
@@ -26,6 +50,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM's and transformers', over the whole context
     min_tokens: int = 0  # no EOS or stop token before this many generated tokens
+    constraint: Constraint | None = None  # structured output
+    # With tools and tool_choice auto, what a call would follow: the mocker's
+    # --mocker-tool-calls answers with one; the real engines ignore it.
+    tool_call: Constraint | None = None
 
     @property
     def penalized(self) -> bool:

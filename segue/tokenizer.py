@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import jinja2.sandbox
@@ -152,6 +153,11 @@ class BuiltinTokenizer(Tokenizer):
     def output_vocab(self) -> list[int]:
         return self._word_ids
 
+    @property
+    def pieces(self) -> list[bytes]:
+        """Each token id's bytes (the vocabulary a grammar engine needs)."""
+        return self._pieces
+
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face model directory's tokenizer (no transformers import needed)."""
@@ -198,6 +204,11 @@ class HFTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def backend(self) -> Any:
+        """The `tokenizers.Tokenizer` (a grammar engine reads its vocabulary)."""
+        return self._tok
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids

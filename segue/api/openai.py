@@ -8,6 +8,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
+from segue.sampling import Constraint, ConstraintKind
+
 NonNegInt = Annotated[int, Meta(ge=0)]
 MAX_CHOICES = 128  # choices one request may ask for: prompts x n
 MAX_LOGPROBS = 20  # top logprobs per token, as OpenAI
@@ -47,6 +49,9 @@ class CommonParams(Struct, kw_only=True):
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
     min_tokens: Annotated[int, Meta(ge=0)] | None = None
+    # Structured outputs (both endpoints, as vLLM): OpenAI's and vLLM's own.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     # Refused unless neutral (no engine here applies them), see `unsupported`.
     logit_bias: dict[str, float] | None = None
     best_of: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] | None = None
@@ -86,9 +91,32 @@ class Tool(Struct):
     function: ToolFunction
 
 
+class JsonSchemaFormat(Struct, kw_only=True):
+    name: str = "response"
+    description: str | None = None
+    schema: dict[str, Any] | bool | None = None
+    strict: bool | None = None
+
+
 class ResponseFormat(Struct):
+    """OpenAI's: `text`, `json_object` or `json_schema` (what `chat.completions.parse`
+    sends for a Pydantic model)."""
+
     type: str
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(Struct, kw_only=True):
+    """vLLM's `structured_outputs`: exactly one of these constrains the output."""
+
+    json: dict[str, Any] | str | None = None  # a JSON schema (object or its text)
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # EBNF (GBNF), start rule `root`
+    json_object: bool | None = None
+    # vLLM's, refused here (see `unsupported`)
+    structural_tag: str | None = None
+    whitespace_pattern: str | None = None
 
 
 class ChatCompletionRequest(CommonParams, kw_only=True):
@@ -97,7 +125,6 @@ class ChatCompletionRequest(CommonParams, kw_only=True):
     tools: Annotated[list[Tool], Meta(max_length=128)] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
 
 
 class TokenizeRequest(Struct, kw_only=True):
@@ -216,6 +243,94 @@ def message_dicts(messages: list[Message]) -> list[dict]:
     return out
 
 
+def constraint(body: CommonParams) -> tuple[Constraint | None, str]:
+    """The request's output constraint and the field that set it (for errors): from
+    `response_format` or `structured_outputs`, at most one of them, one kind each."""
+    fmt, so = body.response_format, body.structured_outputs
+    if fmt is not None and so is not None:
+        raise APIError(
+            400, "give response_format or structured_outputs, not both", "structured_outputs"
+        )
+    if fmt is not None:
+        if fmt.type == "text":
+            return None, "response_format"
+        if fmt.type == "json_object":
+            return Constraint(ConstraintKind.JSON_OBJECT), "response_format"
+        if fmt.type == "json_schema":
+            js = fmt.json_schema
+            if js is None or js.schema is None:
+                raise APIError(
+                    400, "response_format json_schema needs json_schema.schema", "response_format"
+                )
+            return Constraint(ConstraintKind.JSON_SCHEMA, _json_text(js.schema)), "response_format"
+        raise APIError(
+            400,
+            f"response_format.type {fmt.type!r} must be text, json_object or json_schema",
+            "response_format",
+        )
+    if so is None:
+        return None, ""
+    given = [
+        (kind, value)
+        for kind, value in (
+            (ConstraintKind.JSON_SCHEMA, so.json),
+            (ConstraintKind.REGEX, so.regex),
+            (ConstraintKind.CHOICE, so.choice),
+            (ConstraintKind.GRAMMAR, so.grammar),
+            (ConstraintKind.JSON_OBJECT, so.json_object or None),
+        )
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise APIError(
+            400,
+            "structured_outputs needs exactly one of json, regex, choice, grammar, json_object",
+            "structured_outputs",
+        )
+    kind, value = given[0]
+    if kind is ConstraintKind.JSON_SCHEMA:
+        spec = value if isinstance(value, str) else _json_text(value)
+    elif kind is ConstraintKind.CHOICE:
+        spec = msgspec.json.encode(value).decode()
+    elif kind is ConstraintKind.JSON_OBJECT:
+        spec = ""
+    else:
+        spec = str(value)
+    return Constraint(kind, spec), "structured_outputs"
+
+
+def forced_tools(body: ChatCompletionRequest) -> list[Tool] | None:
+    """The tools one of which the answer must call (`tool_choice` `required`, or a named
+    function: that one); None when the model chooses (`auto`, `none`, unset)."""
+    choice = body.tool_choice
+    if choice in (None, "none", "auto"):
+        return None
+    tools = body.tools or []
+    if not tools:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    if choice == "required":
+        return tools
+    name = None
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
+        raise APIError(
+            400,
+            "tool_choice must be none, auto, required or "
+            '{"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
+    named = [t for t in tools if t.function.name == name]
+    if not named:
+        raise APIError(400, f"tool_choice names {name!r}, which is not in tools", "tool_choice")
+    return named
+
+
+def _json_text(value: Any) -> str:
+    return msgspec.json.encode(value).decode()  # key order kept: it orders the output
+
+
 def unsupported(body: CommonParams) -> APIError | None:
     """A 400 naming the first field set to something no engine here honours; None if the
     request asks nothing of that kind."""
@@ -227,24 +342,23 @@ def unsupported(body: CommonParams) -> APIError | None:
             return APIError(400, f"{name} is not supported by segue's engines yet", param=name)
     if body.logit_bias:
         return APIError(400, "logit_bias is not supported by segue's engines yet", "logit_bias")
+    so = body.structured_outputs
+    if so is not None:
+        for name in ("structural_tag", "whitespace_pattern"):
+            if getattr(so, name) is not None:
+                return APIError(
+                    400,
+                    f"structured_outputs.{name} is not supported",
+                    param=f"structured_outputs.{name}",
+                )
     if isinstance(body, ChatCompletionRequest):
-        fmt = body.response_format
-        if fmt is not None and fmt.type != "text":
-            return APIError(
-                400,
-                f"response_format {fmt.type!r} is not supported: no engine here constrains "
-                "its output to a format",
-                param="response_format",
-            )
-        if body.tool_choice not in (None, "none", "auto"):
-            return APIError(
-                400,
-                "tool_choice must be 'none' or 'auto': no engine here can force a tool call",
-                param="tool_choice",
-            )
         for i, t in enumerate(body.tools or []):
             if t.type != "function":
                 return APIError(
                     400, f"tools[{i}].type must be 'function'", param=f"tools[{i}].type"
                 )
+        try:
+            forced_tools(body)
+        except APIError as e:
+            return e
     return None

@@ -97,6 +97,11 @@ class EngineRequestError(ValueError):
     """The engine cannot serve this request at all (too long for its KV cache...)."""
 
 
+class ConstraintRejected(EngineRequestError):
+    """The request's constraint cannot compile, or the tokens it already generated are not
+    accepted by it (a corrupted or forged context): no worker can serve it."""
+
+
 def _wake(waiter: asyncio.Future[bool], value: bool) -> None:
     if not waiter.done():
         waiter.set_result(value)
@@ -202,6 +207,9 @@ class Engine(abc.ABC):
     def release_files(self) -> None:  # noqa: B027 - optional hook
         """Delete what the engine keeps on disk, without a call into the engine: a worker
         whose engine died or hung exits without `stop()`, which may never return."""
+
+    async def prepare(self, inp: EngineInput) -> None:  # noqa: B027 - optional hook
+        """Work to do off the event loop before `add_request` (compiling a grammar)."""
 
     @abc.abstractmethod
     def add_request(self, inp: EngineInput) -> RequestStream:

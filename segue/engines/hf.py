@@ -10,7 +10,8 @@ leave between steps. An abort takes effect before the next step and frees its bl
 
 Disaggregation and live moves copy KV between paged pools: a prefill computes the KV of all
 tokens but the last, `kv_codec` turns those positions' blocks into a payload, the decode side
-writes them into blocks of its own and feeds the last token. Token choice is `sampler`'s.
+writes them into blocks of its own and feeds the last token. Token choice is `sampler`'s,
+after a constrained row's grammar masked its logits (`constrained`).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from segue.engines.base import (
     EngineTask,
     RequestStream,
 )
-from segue.engines.sampler import needs_processing
+from segue.engines.constrained import EngineGrammars, mask_logits
 from segue.engines.seqtable import SeqTable
-from segue.protocol import Logprob
+from segue.grammar import Matcher
+from segue.protocol import FinishReason, Logprob
 from segue.stopping import finish_reason
 
 log = logging.getLogger("segue.hf")
@@ -67,6 +69,7 @@ class _Seq:
         "done",
         "imported",
         "prompt_lps",
+        "matcher",
     )
 
     def __init__(self, req: EngineInput, stream: RequestStream, blocks: int) -> None:
@@ -83,6 +86,7 @@ class _Seq:
         self.prompt_lps: list[Logprob | None] | None = (
             [None] if req.prompt_logprobs is not None and self.gen else None
         )
+        self.matcher: Matcher | None = None  # a constrained request's grammar state
 
     @property
     def pending(self) -> int:
@@ -98,6 +102,8 @@ class HFEngine(Engine):
     def __init__(self, cfg: HFConfig, tokenizer) -> None:
         self.cfg = cfg
         self.eos = tokenizer.eos_token_ids
+        self.tokenizer = tokenizer
+        self.grammars = EngineGrammars(tokenizer)  # remade for the model's vocabulary in start
         # torch and the model load in start() (a heavy import, a slow load): Any until then
         self.paged: Any = None
         self.torch: Any = None
@@ -112,8 +118,6 @@ class HFEngine(Engine):
         self._thread: threading.Thread | None = None
         self._loop: Any = None  # the worker's event loop, from start()
         self._failed: str | None = None
-
-    # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -134,6 +138,8 @@ class HFEngine(Engine):
         model: Any = AutoModelForCausalLM.from_pretrained(
             Path(self.cfg.model_dir), dtype=getattr(torch, self.cfg.dtype)
         )
+        # the logits may be wider than the tokenizer's vocabulary (padded embeddings)
+        self.grammars = EngineGrammars(self.tokenizer, model.config.vocab_size)
         self.paged = PagedModel(
             model.to(device).eval(),
             self.cfg.kv_blocks,
@@ -165,7 +171,9 @@ class HFEngine(Engine):
         with self._lock:
             return self.table.stats()
 
-    # -- requests (event-loop side) ------------------------------------------------------
+    # -- event-loop side: requests -------------------------------------------------------
+    async def prepare(self, inp: EngineInput) -> None:
+        await self.grammars.prepare(inp)
 
     def add_request(self, req: EngineInput) -> RequestStream:
         with self._lock:
@@ -174,8 +182,10 @@ class HFEngine(Engine):
             raise EngineRequestError(
                 f"request needs {blocks} KV blocks, a sequence may have {self.max_blocks}"
             )
+        matcher = self.grammars.matcher(req)
         stream = RequestStream(req.request_id)
         seq = _Seq(req, stream, blocks)
+        seq.matcher = matcher
         if req.task is EngineTask.DECODE:
             seq.imported = kv_codec.decode(
                 self.torch, self.paged, self.cfg.dtype, req.token_ids, req.kv_payload
@@ -322,6 +332,14 @@ class HFEngine(Engine):
         samples its next token from its row of `logits`."""
         if not work:
             return
+        mask_logits(
+            logits,
+            [
+                (row, seq.matcher)
+                for row, (seq, n) in enumerate(work)
+                if seq.matcher is not None and seq.gen and not seq.done and seq.pending == n
+            ],
+        )
         greedy = self.torch.argmax(logits, dim=-1).tolist()
         pushed: list[tuple[RequestStream, int, Logprob | None]] = []
         finished: list[tuple[_Seq, EngineFinish]] = []
@@ -334,12 +352,11 @@ class HFEngine(Engine):
                     continue
                 req = seq.req
                 sp = req.sampling
-                made = req.generated + len(seq.out)
-                if needs_processing(sp, made):
-                    x = self._processed(seq, logits[row])
-                    tok = int(x.argmax()) if sp.greedy else self._sample(seq, x)
-                else:
-                    tok = greedy[row] if sp.greedy else self._sample(seq, logits[row])
+                generated = req.token_ids[len(req.token_ids) - req.generated :] + seq.out
+                position = len(req.token_ids) + len(seq.out)
+                tok = sampler.choose(
+                    self.torch, logits[row], greedy[row], sp, seq.ctx, generated, self.eos, position
+                )
                 seq.ctx.append(tok)
                 seq.out.append(tok)
                 lp = None if sp.logprobs is None else self._logprob(logits[row], tok, sp.logprobs)
@@ -347,6 +364,12 @@ class HFEngine(Engine):
                 done = finish_reason(
                     tok, len(seq.out), req.max_tokens, sp.stop_token_ids, self.eos, sp.ignore_eos
                 )
+                if seq.matcher is not None:
+                    if not seq.matcher.accept(tok):  # masked: only a bug gets here
+                        finished.append((seq, EngineFinish.ERROR))
+                        continue
+                    if seq.matcher.done:
+                        done = done or FinishReason.STOP  # the grammar is whole
                 if done is not None:
                     finished.append((seq, EngineFinish(done)))
             # One wake-up of the event loop per step for all tokens (a thread-safe call
@@ -373,14 +396,5 @@ class HFEngine(Engine):
             self._call(seq.stream.set_prompt_logprobs, lps)
             seq.prompt_lps = None
 
-    def _processed(self, seq: _Seq, logits: Any) -> Any:
-        req = seq.req
-        generated = req.token_ids[len(req.token_ids) - req.generated :] + seq.out
-        return sampler.processed(self.torch, logits, req.sampling, seq.ctx, generated, self.eos)
-
     def _logprob(self, logits: Any, tok: int, k: int) -> Logprob:
         return sampler.logprob(self.torch, logits, tok, k)
-
-    def _sample(self, seq: _Seq, logits: Any) -> int:
-        position = len(seq.req.token_ids) + len(seq.out)
-        return sampler.sample(self.torch, logits, seq.req.sampling, position)

@@ -39,9 +39,12 @@ from segue.engines.base import (
     KvEvents,
     RequestStream,
 )
+from segue.engines.constrained import EngineGrammars
 from segue.engines.seqtable import SeqBlocks, SeqTable
+from segue.grammar import Matcher
 from segue.options import option
-from segue.protocol import Logprob
+from segue.protocol import FinishReason, Logprob
+from segue.sampling import Constraint
 from segue.stopping import finish_reason
 
 log = logging.getLogger("segue.mocker")
@@ -92,6 +95,9 @@ class MockerConfig:
     kv_bytes_per_token: int = option(
         1024, help="size of the simulated KV payload a prefill hands over"
     )
+    tool_calls: bool = option(
+        False, help="answer a request that has tools with a well-formed call of one (true/false)"
+    )
     # Fault injection for tests: after emitting this many tokens in all, the engine stops
     # stepping forever (a hung engine inside a live worker).
     hang_after_tokens: int | None = option(
@@ -100,7 +106,18 @@ class MockerConfig:
 
 
 class _Seq:
-    __slots__ = ("req", "stream", "h", "seed", "out", "blocks", "prefilled", "done", "kv")
+    __slots__ = (
+        "req",
+        "stream",
+        "h",
+        "seed",
+        "out",
+        "blocks",
+        "prefilled",
+        "done",
+        "kv",
+        "matcher",
+    )
 
     def __init__(self, req: EngineInput, stream: RequestStream, seed: int, blocks: int):
         self.req = req
@@ -112,6 +129,7 @@ class _Seq:
         self.prefilled = False
         self.done = False
         self.kv = SeqBlocks([])  # set by the SeqTable
+        self.matcher: Matcher | None = None  # a constrained request's grammar state
 
 
 class MockerEngine(Engine):
@@ -120,6 +138,8 @@ class MockerEngine(Engine):
         self.vocab = tokenizer.output_vocab()
         self._vocab_at = {t: i for i, t in enumerate(self.vocab)}
         self.eos = tokenizer.eos_token_ids
+        self.tokenizer = tokenizer
+        self.grammars = EngineGrammars(tokenizer)
         self.table = SeqTable(
             config.kv_blocks, config.block_size, config.max_num_seqs, config.prefix_caching
         )
@@ -164,6 +184,14 @@ class MockerEngine(Engine):
     def healthy(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def _constraint(self, inp: EngineInput) -> Constraint | None:
+        """The request's, or with --mocker-tool-calls the tool call it could make."""
+        sp = inp.sampling
+        return sp.constraint or (sp.tool_call if self.cfg.tool_calls else None)
+
+    async def prepare(self, inp: EngineInput) -> None:
+        await self.grammars.prepare(inp, self._constraint(inp))
+
     def add_request(self, req: EngineInput) -> RequestStream:
         sp = req.sampling
         if sp.penalized:
@@ -174,10 +202,12 @@ class MockerEngine(Engine):
         if req.task is EngineTask.DECODE:
             if req.kv_payload != simulated_kv(req.token_ids, self.cfg.kv_bytes_per_token):
                 raise EngineRequestError("KV payload does not belong to this request's tokens")
+        matcher = self.grammars.matcher(req, self._constraint(req))
         stream = RequestStream(req.request_id)
         # Greedy output depends only on the engine seed; sampled output also on the request's.
         seed = self.cfg.seed if sp.greedy else self.cfg.seed ^ (sp.seed + 1)
         seq = _Seq(req, stream, seed, blocks)
+        seq.matcher = matcher
         if req.prompt_logprobs is not None:  # deterministic like the tokens: no prefill needed
             h, lps = 0, []
             for i, t in enumerate(req.token_ids):
@@ -241,12 +271,15 @@ class MockerEngine(Engine):
     def _emit(self, seq: _Seq) -> None:
         req = seq.req
         sp = req.sampling
-        tok = self.vocab[draw(seq.h, seq.seed, len(self.vocab))]
-        if req.generated + len(seq.out) < sp.min_tokens:  # no stop token yet: draw again
-            again = seq.h
-            while tok in sp.stop_token_ids:
-                again = fold(again, (0,))
-                tok = self.vocab[draw(again, seq.seed, len(self.vocab))]
+        if seq.matcher is not None:
+            tok = self._constrained(seq)
+        else:
+            tok = self.vocab[draw(seq.h, seq.seed, len(self.vocab))]
+            if req.generated + len(seq.out) < sp.min_tokens:  # no stop token yet: draw again
+                again = seq.h
+                while tok in sp.stop_token_ids:
+                    again = fold(again, (0,))
+                    tok = self.vocab[draw(again, seq.seed, len(self.vocab))]
         seq.h = fold(seq.h, (tok,))
         seq.out.append(tok)
         self._emitted += 1
@@ -256,8 +289,29 @@ class MockerEngine(Engine):
         done = finish_reason(
             tok, len(seq.out), req.max_tokens, sp.stop_token_ids, self.eos, sp.ignore_eos
         )
+        if done is None and seq.matcher is not None and seq.matcher.done:
+            done = FinishReason.STOP  # the grammar is whole (past EOS with ignore_eos)
         if done is not None:
             self._finish(seq, EngineFinish(done))
+
+    def _constrained(self, seq: _Seq) -> int:
+        """The grammar's choice: EOS as soon as the grammar allows it (so the output ends
+        when it is whole), else a draw among the tokens it allows, a function of the
+        context as ever."""
+        m = seq.matcher
+        assert m is not None
+        allowed = m.allowed(self.tokenizer.vocab_size)
+        sp = seq.req.sampling
+        early = seq.req.generated + len(seq.out) < sp.min_tokens
+        ends = [t for t in allowed if t in self.eos and not sp.ignore_eos and not early]
+        if ends:
+            tok = ends[0]
+        else:
+            banned = set(sp.stop_token_ids) | self.eos if early or sp.ignore_eos else set()
+            pool = [t for t in allowed if t not in banned] or allowed
+            tok = pool[draw(seq.h, seq.seed, len(pool))]
+        m.accept(tok)
+        return tok
 
     def _logprob(self, h: int, tok: int, k: int | None) -> Logprob:
         """Simulated, deterministic like the tokens: a function of the context (its hash

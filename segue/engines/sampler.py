@@ -36,8 +36,22 @@ def processed(
     return x
 
 
-def needs_processing(sp: SamplingParams, generated: int) -> bool:
-    return sp.penalized or generated < sp.min_tokens
+def choose(
+    torch: Any,
+    logits: Any,
+    greedy: int,
+    sp: SamplingParams,
+    context: list[int],
+    generated: list[int],
+    eos: Collection[int],
+    position: int,
+) -> int:
+    """The next token of one sequence from its row of `logits` (already masked by its
+    grammar, if any); `greedy`: the row's argmax, computed for the whole batch at once."""
+    if sp.penalized or len(generated) < sp.min_tokens:
+        x = processed(torch, logits, sp, context, generated, eos)
+        return int(x.argmax()) if sp.greedy else sample(torch, x, sp, position)
+    return greedy if sp.greedy else sample(torch, logits, sp, position)
 
 
 def sample(torch: Any, logits: Any, sp: SamplingParams, position: int) -> int:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from segue.disagg import PrefillFallback, Strategy
+from segue.frontend.tool_calls import ToolParser
 from segue.options import option
 from segue.protocol import PlaneKind
 from segue.router import Policy
@@ -26,6 +27,9 @@ class FrontendConfig:
         None, help="served model name (default: the model directory's name)"
     )
     router: Policy = option(Policy.ROUND_ROBIN, help="how a worker is picked")
+    tool_call_parser: ToolParser = option(
+        ToolParser.HERMES, help="how tool calls are read out of a chat answer that has tools"
+    )
     kv_overlap_weight: float = option(
         1.0, help="--router kv: cost per context token a worker would have to prefill"
     )

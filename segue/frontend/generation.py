@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import re
 import uuid
@@ -31,7 +33,9 @@ from segue.frontend.output import OutputProcessor, TextDelta
 from segue.frontend.preprocess import PreparedRequest, decode_body
 from segue.frontend.render import SSE_DONE, SSE_HEADERS, ChoiceOutput, Renderer, sse
 from segue.frontend.request import RequestState
+from segue.frontend.tool_calls import ToolCallParser
 from segue.log import request_id_var
+from segue.protocol import FinishReason
 
 log = logging.getLogger("segue.frontend")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -49,6 +53,33 @@ def api_error(e: Exception) -> oai.APIError:
             429, f"Overloaded: {e}", code="overloaded", headers={"Retry-After": RETRY_AFTER}
         )
     return oai.APIError(503, f"Service unavailable: {e}", code="unavailable")
+
+
+def tool_parser(prep: PreparedRequest, k: int) -> ToolCallParser:
+    """Choice k's parser; its call ids are a function of the request id and the choice."""
+    assert prep.tool_parser is not None
+    tag = hashlib.blake2b(f"{prep.request_id}/{k}".encode(), digest_size=6).hexdigest()
+    return ToolCallParser(prep.tool_parser, tag)
+
+
+def tool_chunks(render: Renderer, parser: ToolCallParser, k: int, text: str, d: TextDelta) -> bytes:
+    """A text delta of a choice whose tool calls are parsed: its content, the calls it
+    completed, and with the finish `tool_calls` when it made any."""
+    content, calls = parser.feed(text)
+    finish = d.finish_reason
+    if finish is not None:
+        rest, more = parser.finish()
+        content, calls = content + rest, calls + more
+        if parser.calls and finish is FinishReason.STOP:
+            finish = FinishReason.TOOL_CALLS
+    out = b""
+    if content or d.token_ids or (finish is not None and not calls):
+        plain = finish if not calls else None
+        out += render.chunk(k, content, dataclasses.replace(d, finish_reason=plain))
+    out += render.tool_call_chunks(k, calls)
+    if calls and finish is not None:
+        out += render.finish_chunk(k, finish)
+    return out
 
 
 class Generations:
@@ -93,6 +124,7 @@ class Generations:
             body = decode_body(await read_body(request, self.cfg), chat)
             model = self.models.require(body.model)
             prep = model.preprocess(body, chat, rid)
+            await model.check(prep)
             if prep.stream:
                 return await self._respond_stream(request, prep, model.output, headers)
             return await self._respond_whole(prep, model.output, headers)
@@ -185,6 +217,14 @@ class Generations:
             outputs = await self._with_deadline(prep, collect())
         except (NoWorkerError, MigrationError, RejectedError) as e:
             raise api_error(e) from None
+        if prep.tool_parser is not None:
+            for k, out in enumerate(outputs):
+                parser = tool_parser(prep, k)
+                content, calls = parser.feed(out.text)
+                rest, more = parser.finish()
+                out.content, out.tool_calls = content + rest, calls + more
+                if out.tool_calls and out.finish_reason is FinishReason.STOP:
+                    out.finish_reason = FinishReason.TOOL_CALLS
         body = Renderer(prep, prep.state.model, output.tok).response(outputs)
         return web.Response(body=body, content_type="application/json", headers=headers)
 
@@ -220,6 +260,9 @@ class Generations:
             tail = b""
             running = len(choices)
             echo = dict(enumerate(prep.echo))  # each choice's echo goes with its first text
+            parsers = (
+                [tool_parser(prep, k) for k in choices] if prep.tool_parser is not None else None
+            )
             async with contextlib.aclosing(self._choice_deltas(prep, output)) as deltas:
                 async for k, d in deltas:
                     if resp is None:
@@ -227,7 +270,10 @@ class Generations:
                     text = echo.pop(k) + d.text if echo and k in echo else d.text
                     if d.finish_reason is not None:
                         running -= 1
-                        chunk = render.chunk(k, text, d)
+                        if parsers is not None:
+                            chunk = tool_chunks(render, parsers[k], k, text, d)
+                        else:
+                            chunk = render.chunk(k, text, d)
                         if not running:  # the last chunk leaves with the stream's end
                             tail = chunk
                             break
@@ -237,6 +283,11 @@ class Generations:
                         log.info("client of %s not reading: cancelling", prep.request_id)
                         transport.abort()
                         raise ConnectionResetError("the client stopped reading")
+                    if parsers is not None:
+                        chunk = tool_chunks(render, parsers[k], k, text, d)
+                        if chunk:
+                            await resp.write(chunk)
+                        continue
                     await resp.write(render.chunk(k, text, d))
             if resp is None:
                 resp = await start()

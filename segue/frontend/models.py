@@ -5,6 +5,7 @@ refused: the router never sees it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -12,7 +13,8 @@ from segue.api import openai as oai
 from segue.discovery import Instance, ModelCard
 from segue.frontend.config import FrontendConfig
 from segue.frontend.output import OutputProcessor
-from segue.frontend.preprocess import Preprocessor
+from segue.frontend.preprocess import PreparedRequest, Preprocessor
+from segue.grammar import GrammarError, Grammars
 from segue.models.card import CardError, card_for, tokenizer_for
 from segue.tokenizer import Tokenizer
 
@@ -25,6 +27,20 @@ class ServedModel:
     tokenizer: Tokenizer
     preprocess: Preprocessor
     output: OutputProcessor
+    grammars: Grammars  # compiles each new constraint once, to refuse what cannot compile
+
+    async def check(self, prep: PreparedRequest) -> None:
+        """A 400 naming the field for a constraint that cannot compile (off the event loop:
+        the first compile also imports xgrammar)."""
+        c = prep.constraint
+        if c is None:
+            return
+        try:
+            await asyncio.to_thread(self.grammars.compile, c)
+        except GrammarError as e:
+            raise oai.APIError(
+                400, f"{prep.constraint_param}: {e}", param=prep.constraint_param
+            ) from None
 
 
 class ModelRegistry:
@@ -41,6 +57,7 @@ class ModelRegistry:
             tok,
             Preprocessor(self.cfg, tok, card.name),
             OutputProcessor(tok, self._ttft, self._itl),
+            Grammars(tok),
         )
         self.models[card.name] = m
         return m

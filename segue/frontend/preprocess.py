@@ -17,7 +17,9 @@ from segue.api import openai as oai
 from segue.disagg import Strategy
 from segue.frontend.config import FrontendConfig
 from segue.frontend.request import RequestState
-from segue.sampling import SamplingParams
+from segue.frontend.tool_calls import ToolParser
+from segue.grammar import tool_call_spec
+from segue.sampling import Constraint, ConstraintKind, SamplingParams
 from segue.tokenizer import Tokenizer
 
 
@@ -38,6 +40,8 @@ class PreparedRequest:
     return_token_ids: bool
     timeout: float | None
     echo: list[str] = field(default_factory=list)  # per choice: text before its output
+    constraint_param: str = ""  # the field that constrains the output (for its errors)
+    tool_parser: ToolParser | None = None  # tool calls are parsed out of the answer
 
     @property
     def state(self) -> RequestState:
@@ -46,6 +50,10 @@ class PreparedRequest:
     @property
     def prompt_len(self) -> int:
         return sum(self.prompt_lens)
+
+    @property
+    def constraint(self) -> Constraint | None:
+        return self.state.sampling.constraint
 
 
 Body = oai.CompletionRequest | oai.ChatCompletionRequest
@@ -84,6 +92,12 @@ class Preprocessor:
         """Raises `oai.APIError` (a 4xx naming the field) for anything it cannot serve."""
         if (err := oai.unsupported(body)) is not None:
             raise err
+        constraint, constraint_param = oai.constraint(body)
+        tool_parser, tool_call = None, None
+        if isinstance(body, oai.ChatCompletionRequest) and body.tools:
+            constraint, constraint_param, tool_parser, tool_call = self._tools(
+                body, constraint, constraint_param
+            )
         logprobs = self._logprobs(body)
         stop_ids = body.stop_token_ids or []
         if any(t >= self.tok.vocab_size for t in stop_ids):
@@ -133,6 +147,8 @@ class Preprocessor:
                     frequency_penalty=body.frequency_penalty or 0.0,
                     repetition_penalty=body.repetition_penalty or 1.0,
                     min_tokens=min(body.min_tokens or 0, budget),
+                    constraint=constraint,
+                    tool_call=tool_call,
                 )
                 states.append(
                     RequestState(
@@ -159,7 +175,30 @@ class Preprocessor:
             return_token_ids=body.return_token_ids,
             timeout=body.timeout or self.cfg.request_timeout,
             echo=[text for text in echo for _ in range(body.n)],
+            constraint_param=constraint_param,
+            tool_parser=tool_parser,
         )
+
+    def _tools(
+        self, body: oai.ChatCompletionRequest, constraint: Constraint | None, param: str
+    ) -> tuple[Constraint | None, str, ToolParser | None, Constraint | None]:
+        """With tools: the constraint (`required` or a named function: one call of those
+        tools, in the parser's format), the parser (unless tool_choice is none), and what
+        a call would follow (the mocker's --mocker-tool-calls)."""
+        parser = self.cfg.tool_call_parser
+        if body.tool_choice == "none":
+            return constraint, param, None, None
+        forced = oai.forced_tools(body)
+        tools = forced or body.tools or []
+        spec = tool_call_spec(parser, [(t.function.name, t.function.parameters) for t in tools])
+        call = Constraint(ConstraintKind.TOOL_CALL, spec)
+        if forced is None:
+            return constraint, param, parser, call
+        if constraint is not None:
+            raise oai.APIError(
+                400, f"tool_choice {body.tool_choice!r} cannot be combined with {param}", param
+            )
+        return call, "tool_choice", parser, None
 
     def _logprobs(self, body: Body) -> int | None:
         """How many top logprobs each token comes with (0: its own only), None: no

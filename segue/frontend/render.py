@@ -15,6 +15,7 @@ from msgspec import UNSET, Struct, UnsetType
 
 from segue.frontend.output import TextDelta
 from segue.frontend.preprocess import PreparedRequest
+from segue.frontend.tool_calls import ParsedCall
 from segue.protocol import FinishReason, Logprob
 from segue.tokenizer import Tokenizer
 
@@ -76,9 +77,33 @@ class CompletionChoice(Struct):
     token_ids: list[int] | UnsetType = UNSET
 
 
+class FunctionCall(Struct):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(Struct):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
+class FunctionDelta(Struct):
+    arguments: str = ""
+    name: str | UnsetType = UNSET
+
+
+class ToolCallDelta(Struct):
+    index: int
+    function: FunctionDelta
+    id: str | UnsetType = UNSET
+    type: str | UnsetType = UNSET
+
+
 class Message(Struct):
     role: str
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | UnsetType = UNSET
 
 
 class ChatChoice(Struct):
@@ -91,7 +116,8 @@ class ChatChoice(Struct):
 
 class ChatDelta(Struct):
     role: str | UnsetType = UNSET
-    content: str = ""
+    content: str | None = ""
+    tool_calls: list[ToolCallDelta] | UnsetType = UNSET
 
 
 class ChatChunkChoice(Struct):
@@ -130,6 +156,8 @@ class ChoiceOutput:
     prompt_logprobs: list[Logprob | None] | None = None
     finish_reason: FinishReason | None = None
     cached_tokens: int = 0
+    content: str | None = None  # set: the text once tool calls are parsed out of it
+    tool_calls: list[ParsedCall] = field(default_factory=list)
 
     def add(self, d: TextDelta) -> None:
         self.parts.append(d.text)
@@ -143,7 +171,7 @@ class ChoiceOutput:
 
     @property
     def text(self) -> str:
-        return "".join(self.parts)
+        return "".join(self.parts) if self.content is None else self.content
 
 
 class Renderer:
@@ -191,7 +219,14 @@ class Renderer:
             finish = out.finish_reason
             if self.prep.chat:
                 assert not isinstance(lps, CompletionLogprobs)
-                choices.append(ChatChoice(k, Message("assistant", out.text), lps, finish, ids))
+                message = Message("assistant", out.text)
+                if out.tool_calls:
+                    message = Message(
+                        "assistant",
+                        out.text or None,
+                        [ToolCall(c.id, FunctionCall(c.name, c.arguments)) for c in out.tool_calls],
+                    )
+                choices.append(ChatChoice(k, message, lps, finish, ids))
             else:
                 assert not isinstance(lps, ChatLogprobs)
                 text = self.prep.echo[k] + out.text if self.prep.echo else out.text
@@ -228,6 +263,20 @@ class Renderer:
             assert not isinstance(lps, ChatLogprobs)
             choice = CompletionChoice(index, text, lps, d.finish_reason, tids)
         return self._chunk(choice)
+
+    def tool_call_chunks(self, index: int, calls: list[ParsedCall]) -> bytes:
+        """Each call as OpenAI streams one: its index, id and name, then its arguments."""
+        out = b""
+        for c in calls:
+            head = ToolCallDelta(c.index, FunctionDelta("", c.name), c.id, "function")
+            args = ToolCallDelta(c.index, FunctionDelta(c.arguments))
+            for d in (head, args):
+                choice = ChatChunkChoice(index, ChatDelta(content=None, tool_calls=[d]), None, None)
+                out += self._chunk(choice)
+        return out
+
+    def finish_chunk(self, index: int, finish: FinishReason) -> bytes:
+        return self._chunk(ChatChunkChoice(index, ChatDelta(content=None), None, finish))
 
     def _chunk(self, choice: Choice) -> bytes:
         u = self.usage() if self.prep.continuous_usage else self._usage

@@ -14,8 +14,22 @@ from pathlib import Path
 
 from segue.tokenizer import _WORDS
 
+# Tools and tool messages in the hermes format (what `--tool-call-parser hermes` reads): the
+# tools as JSON lines in a system turn, an assistant's calls as <tool_call> blocks, a tool's
+# answer in <tool_response>. Without tools, a plain role-tagged transcript.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n"
+    "{{ bos_token }}"
+    "{% if tools %}<|system|> You may call these tools. Answer a call as <tool_call>\n"
+    '{"name": NAME, "arguments": ARGUMENTS}\n</tool_call>\n<tools>\n'
+    "{% for t in tools %}{{ t | tojson }}\n{% endfor %}</tools>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'tool' %}<|tool|> <tool_response>\n{{ m['content'] }}\n"
+    "</tool_response>\n"
+    "{% elif m['role'] == 'assistant' and m.get('tool_calls') %}<|assistant|> "
+    "{{ m['content'] or '' }}{% for c in m['tool_calls'] %}<tool_call>\n"
+    '{"name": "{{ c[\'function\'][\'name\'] }}", "arguments": '
+    "{{ c['function']['arguments'] }}}\n</tool_call>{% endfor %}\n"
+    "{% else %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
 )
 SPECIALS = ["<unk>", "<s>", "</s>"]

@@ -13,6 +13,7 @@ import time
 from enum import Enum
 
 from segue.engines.base import (
+    ConstraintRejected,
     Engine,
     EngineFinish,
     EngineInput,
@@ -103,9 +104,11 @@ class EngineSessions:
         """Runs the request in the engine, streaming Tokens/KeepAlive frames to the caller.
         Returns the KV key of a finished PREFILL; writes the final frame of anything else."""
         try:
-            stream = self.engine.add_request(EngineInput.from_request(req, task, kv_payload))
+            inp = EngineInput.from_request(req, task, kv_payload)
+            await self.engine.prepare(inp)
+            stream = self.engine.add_request(inp)
         except EngineRequestError as e:
-            if task is EngineTask.DECODE:
+            if task is EngineTask.DECODE and not isinstance(e, ConstraintRejected):
                 raise StageError(ErrorCode.KV_MISMATCH, str(e), retryable=True) from None
             raise StageError(ErrorCode.BAD_REQUEST, str(e), retryable=False) from None
         if not self.active:  # the engine's idle time is not a stall

@@ -238,7 +238,7 @@ def test_tools_accepted_and_continuous_usage(agg2):
         c.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "x"}],
-            response_format={"type": "json_object"},
+            response_format={"type": "yaml"},  # json_object and json_schema are served
         )
     assert e.value.body["param"] == "response_format"
     seen = [

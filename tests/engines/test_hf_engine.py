@@ -262,3 +262,45 @@ def test_openai_features_on_hf(deploy, tiny_model):
     penalised = c.chat.completions.create(frequency_penalty=2.0, **chat).choices[0]
     assert penalised.finish_reason == "length"
     wait_until(lambda: idle(deploy.workers[0]), what="idle")
+
+
+def test_structured_output_and_forced_tool_call_on_hf(deploy, tiny_model):
+    """Random weights: only the grammar makes the output JSON. A constrained request whose
+    worker dies after 5 tokens ends token-identical (and valid) on the other worker; a
+    required tool call parses, its arguments valid for the tool's schema."""
+    import json
+
+    pytest.importorskip("xgrammar")
+    name = tiny_model.rsplit("/", 1)[-1]
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}},
+        "required": ["ok", "n"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
+    b = hf_body(tiny_model, "chat", PROMPT, 60, False, response_format=fmt)
+    start(deploy, tiny_model)
+    want = complete(deploy.url, "chat", b)
+    assert want.status == 200 and want.finish_reason == "stop", want.error
+    assert set(json.loads(want.text)) == {"ok", "n"}
+    faulty = deploy.start_worker(
+        "--engine", "hf", "--model", tiny_model, "--fault-exit-after-tokens", "5", fast=False
+    )
+    for i in range(2):  # round-robin: one of two lands on the faulty worker
+        got = complete(deploy.url, "chat", b, f"hf-so-{i}")
+        assert got.status == 200 and got.token_ids == want.token_ids and got.text == want.text
+        if f"New Request ID: hf-so-{i}" in faulty.log():
+            break
+    else:
+        raise AssertionError("no request reached the faulty worker")
+    assert total_migrations(deploy) == 1
+    tool = {"type": "function", "function": {"name": "tide", "parameters": schema}}
+    forced = hf_body(tiny_model, "chat", PROMPT, 80, False, tools=[tool], tool_choice="required")
+    import httpx
+
+    r = httpx.post(deploy.url + "/v1/chat/completions", json=forced, timeout=60).json()
+    ch = r["choices"][0]
+    assert ch["finish_reason"] == "tool_calls" and r["model"] == name, r
+    (call,) = ch["message"]["tool_calls"]
+    assert call["function"]["name"] == "tide"
+    assert set(json.loads(call["function"]["arguments"])) == {"ok", "n"}

@@ -294,3 +294,40 @@ def test_penalties_and_min_tokens_hold_across_a_migration(model_dir, reference):
         )
     )[0]["m"][0]
     assert head + rest == full
+
+
+def test_constrained_decoding_is_valid_and_resumes_exactly(model_dir):
+    """The grammar masks the whole batch's logits (random weights: only the mask makes
+    the output JSON); a request resumed after k of its tokens (a migration) makes the
+    same tokens, its matcher advanced over those k first."""
+    import json
+
+    pytest.importorskip("xgrammar")
+    from segue.sampling import Constraint, ConstraintKind
+    from segue.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(model_dir)
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}},
+        "required": ["ok", "n"],
+    }
+    c = Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(schema))
+    ids = prompts(3)[2]
+    plain = EngineInput("plain", ids, 30)  # batched with the constrained ones, unmasked
+    greedy = EngineInput("g", ids, 60, SamplingParams(constraint=c))
+    sampled = EngineInput("s", ids, 60, SamplingParams(constraint=c, temperature=1.0, seed=4))
+    out, stats = asyncio.run(run_engine(model_dir, [plain, greedy, sampled]))
+    assert stats.running == 0 and stats.kv_blocks_used == 0
+    for rid in ("g", "s"):
+        toks, finish = out[rid]
+        assert finish == EngineFinish.STOP, (rid, tok.decode(toks))
+        doc = json.loads(tok.decode(toks))
+        assert set(doc) == {"ok", "n"} and isinstance(doc["ok"], bool)
+    toks = out["s"][0]
+    for k in (1, len(toks) // 2, len(toks) - 1):
+        sp = SamplingParams(constraint=c, temperature=1.0, seed=4)
+        rest = asyncio.run(
+            run_engine(model_dir, [EngineInput("m", ids + toks[:k], 60 - k, sp, generated=k)])
+        )[0]["m"][0]
+        assert toks[:k] + rest == toks, k

@@ -91,7 +91,7 @@ def chat(extra: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        (b', "response_format": {"type": "json_object"}', "response_format"),
+        (b', "response_format": {"type": "yaml"}', "response_format"),
         (b', "tool_choice": "required"', "tool_choice"),
         (b', "top_logprobs": 2', "top_logprobs"),
         (b', "logprobs": 3', "logprobs"),

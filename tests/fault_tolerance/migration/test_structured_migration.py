@@ -1,0 +1,110 @@
+"""A constrained request survives its worker: the worker that continues advances its
+grammar over the tokens already generated, so the client's output is token-identical to an
+uninterrupted run and valid, whether the worker dies at the first token, in the middle of
+the object, inside a string or one token before the end, or drains and hands it back.
+Dynamo gives up here (it never migrates a guided request)."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import httpx
+import pytest
+from client import StreamReader, body, complete
+from faults import total_migrations, worker_of
+
+from segue.protocol import EngineRequest, Error, FrameParser, encode_request
+from segue.sampling import Constraint, ConstraintKind, SamplingParams
+from segue.tokenizer import BuiltinTokenizer
+
+pytest.importorskip("xgrammar")
+
+PROMPT = "the station report"
+TOK = BuiltinTokenizer()  # the mocker's
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "station": {"type": "string", "maxLength": 16},
+        "depth": {"type": "integer"},
+        "readings": {"type": "array", "items": {"type": "number"}, "maxItems": 4},
+    },
+    "required": ["station", "depth", "readings"],
+}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "report", "schema": SCHEMA}}
+
+
+def constrained(stream: bool, kind: str = "chat") -> dict:
+    return body(kind, PROMPT, 400, stream, response_format=FORMAT, temperature=0.6, seed=21)
+
+
+def run(d, b: dict, rid: str):
+    if b["stream"]:
+        return StreamReader(d.url, "chat", b, rid).finish()
+    return complete(d.url, "chat", b, rid)
+
+
+def crash_points(d) -> tuple[object, dict[str, int]]:
+    want = complete(d.url, "chat", constrained(False))
+    assert want.status == 200 and want.finish_reason == "stop", want.error
+    doc = json.loads(want.text)
+    assert set(doc) == {"station", "depth", "readings"}
+    ids = want.token_ids
+    # the first token after the opening quote of the station's value: inside a string
+    inside = next(k for k in range(1, len(ids)) if TOK.decode(ids[:k]).count('"') == 3) + 1
+    return want, {"first": 1, "middle": len(ids) // 2, "string": inside, "before_end": len(ids) - 1}
+
+
+@pytest.mark.parametrize("point", ["first", "middle", "string", "before_end"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_constrained_output_is_exact_across_a_crash(deploy, point, stream):
+    deploy.start_frontend()
+    healthy = deploy.start_worker()
+    want, points = crash_points(deploy)
+    faulty = deploy.start_worker("--fault-exit-after-tokens", str(points[point]))
+    for i in range(2):  # round-robin: one of two consecutive requests lands on `faulty`
+        rid = f"so-{point}-{stream}-{i}"
+        got = run(deploy, constrained(stream), rid)
+        assert got.status == 200 and got.error is None, got.error
+        assert got.token_ids == want.token_ids and got.text == want.text
+        assert got.finish_reason == "stop" and json.loads(got.text) == json.loads(want.text)
+        if f"New Request ID: {rid}" in faulty.log():
+            break
+    else:
+        raise AssertionError("no request reached the faulty worker")
+    faulty.popen.wait(5)
+    assert total_migrations(deploy) == 1
+    assert f"New Request ID: {rid}" in healthy.log()
+
+
+def test_constrained_request_is_handed_back_exactly_on_drain(deploy):
+    deploy.start_frontend()
+    # 50 ms a token: the answer (about 40 tokens) outlasts the 0.3 s drain by far
+    slow = ("--mocker-step-ms", "50", "--mocker-batch-slowdown", "0", "--drain-timeout", "0.3")
+    deploy.start_worker(*slow)
+    want, _ = crash_points(deploy)
+    deploy.start_worker(*slow)
+    reader = StreamReader(deploy.url, "chat", constrained(True), "so-drain")
+    reader.read_tokens(3)  # under way: then its worker drains and hands it back, live
+    worker_of(deploy, "so-drain").signal(signal.SIGTERM)
+    got = reader.finish()
+    assert got.token_ids == want.token_ids and got.finish_reason == "stop"
+    assert json.loads(got.text) == json.loads(want.text)
+    assert total_migrations(deploy) == 1
+
+
+def test_a_forged_context_is_an_error_naming_the_request(deploy):
+    """A worker asked to continue from tokens its grammar does not accept refuses (400),
+    never answering something else."""
+    deploy.start_frontend()
+    w = deploy.start_worker()
+    tok = TOK
+    sp = SamplingParams(constraint=Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(SCHEMA)))
+    forged = tok.encode(PROMPT) + tok.encode('["not an object"')
+    req = EngineRequest(
+        request_id="forged-1", token_ids=forged, max_tokens=5, start_offset=4, sampling=sp
+    )
+    r = httpx.post(w.url + "/generate", content=encode_request(req), timeout=10)
+    (frame,) = FrameParser().feed(r.content)
+    assert isinstance(frame, Error) and frame.code == "bad_request" and not frame.retryable
+    assert "request forged-1: generated token" in frame.message
