@@ -13,6 +13,7 @@ import httpx
 import pytest
 from client import StreamReader, body, complete
 from faults import total_migrations, worker_of
+from harness import Deployment, wait_until
 
 from segue.protocol import EngineRequest, Error, FrameParser, encode_request
 from segue.sampling import Constraint, ConstraintKind, SamplingParams
@@ -108,3 +109,41 @@ def test_a_forged_context_is_an_error_naming_the_request(deploy):
     (frame,) = FrameParser().feed(r.content)
     assert isinstance(frame, Error) and frame.code == "bad_request" and not frame.retryable
     assert "request forged-1: generated token" in frame.message
+
+
+@pytest.mark.parametrize("strategy", ["frontend", "decode-first", "prefill-first"])
+def test_constrained_request_across_a_disaggregated_hand_over(deploy, tmp_path, strategy):
+    """The prefill worker builds no matcher (it makes no token); the decode worker's starts
+    at the root, or, after its predecessor died mid-object (frontend, decode-first), is
+    advanced over what the client already has: the answer equals an aggregated run's."""
+    (tmp_path / "aggregated").mkdir()
+    ref = Deployment(tmp_path / "aggregated")
+    try:
+        ref.start_frontend()
+        ref.start_worker()
+        want, points = crash_points(ref)
+    finally:
+        ref.stop()
+    # random: round-robin's one counter serves the prefill and the decode pick alike, so
+    # with the frontend strategy it sends every request to the same decode worker
+    deploy.start_frontend("--disagg-strategy", strategy, "--router", "random")
+    deploy.start_worker(role="prefill")
+    deploy.start_worker(role="decode")
+    faulty = None
+    if strategy != "prefill-first":
+        faulty = deploy.start_worker(
+            "--fault-exit-after-tokens", str(points["middle"]), role="decode"
+        )
+    for w in deploy.workers:  # workers that call peers must have seen them
+        wait_until(lambda w=w: w.log().count("joined (") >= len(deploy.workers) - 1, what="peers")
+    for i in range(40 if faulty else 1):  # until one lands on the faulty worker (2^-40)
+        rid = f"so-disagg-{strategy}-{i}"
+        got = run(deploy, constrained(i % 2 == 1), rid)
+        assert got.status == 200 and got.error is None, got.error
+        assert got.token_ids == want.token_ids and got.text == want.text
+        if faulty is not None and f"New Request ID: {rid}" in faulty.log():
+            break
+    if faulty is not None:
+        assert f"New Request ID: {rid}" in faulty.log(), "no request reached the faulty worker"
+        faulty.popen.wait(5)
+        assert total_migrations(deploy) == 1
