@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from segue.engines.base import (
-    ConstraintRejected,
     Engine,
     EngineFinish,
     EngineInput,
@@ -41,9 +40,16 @@ from segue.engines.base import (
     KvEvents,
     RequestStream,
 )
+from segue.engines.constrained import EngineGrammars
 from segue.engines.vllm_events import VllmKvEventRelay, events_endpoint
 from segue.engines.vllm_kv import ExampleKv, KvTransfer, NixlKv
 from segue.protocol import Logprob
+
+# segue.engines.vllm_grammar, loaded by vLLM's engine core by name; a constrained request
+# carries its constraint and how many of its prompt's tokens it generated in extra_args
+GRAMMAR_PROCESSOR = "segue.engines.vllm_grammar:GrammarLogitsProcessor"
+CONSTRAINT_KEY = "segue_constraint"  # extra_args: [kind, spec, generated]
+
 
 log = logging.getLogger("segue.vllm")
 
@@ -95,6 +101,7 @@ class VllmEngine(Engine):
     def __init__(self, cfg: VllmConfig, tokenizer) -> None:
         self.cfg = cfg
         self.eos = sorted(tokenizer.eos_token_ids)
+        self.grammars = EngineGrammars(tokenizer)  # checks constraints in the worker
         self.llm: Any = None  # vllm's AsyncLLM, from start() (vllm imports lazily)
         self._tasks: dict[str, asyncio.Task] = {}
         self._streams: dict[str, RequestStream] = {}
@@ -173,6 +180,7 @@ class VllmEngine(Engine):
             disable_log_stats=False,
             kv_transfer_config=kv_transfer,
             kv_events_config=events,
+            logits_processors=[GRAMMAR_PROCESSOR],
         )
         self._launcher = _engine_dies_with_worker()
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerStats])
@@ -238,17 +246,16 @@ class VllmEngine(Engine):
             block_size=self.block_size,
         )
 
+    async def prepare(self, inp: EngineInput) -> None:
+        await self.grammars.prepare(inp)
+
     def add_request(self, req: EngineInput) -> RequestStream:
         if req.task is not EngineTask.GENERATE and self.kv is None:
             raise EngineRequestError("this vllm worker is aggregated: no KV connector")
         if req.request_id in self._tasks:
             raise EngineRequestError(f"request id {req.request_id!r} is already running")
-        if req.sampling.constraint is not None:
-            # vLLM would start its grammar at the root of the context, wrong for a migrated
-            # request (docs/api.md); until segue drives its own matcher there, refuse.
-            raise ConstraintRejected(
-                "the vllm engine does not serve structured outputs yet (hf and mocker do)"
-            )
+        # a context its grammar does not accept is refused here, naming the request
+        self.grammars.matcher(req)
         if req.sampling.presence_penalty or req.sampling.frequency_penalty:
             raise EngineRequestError(
                 "the vllm engine cannot apply presence or frequency penalties exactly: vLLM "
@@ -264,6 +271,9 @@ class VllmEngine(Engine):
             extra = kv.prefill_args()
         elif kv is not None and req.task is EngineTask.DECODE:
             extra = kv.decode_args(req.token_ids, req.kv_payload)
+        c = req.sampling.constraint
+        if c is not None and req.task is not EngineTask.PREFILL:
+            extra[CONSTRAINT_KEY] = [c.kind.value, c.spec, req.generated]
         stream = RequestStream(req.request_id)
         self._streams[req.request_id] = stream
         task = asyncio.create_task(self._consume(req, stream, extra))

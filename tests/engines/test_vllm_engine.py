@@ -522,3 +522,177 @@ def test_vllm_kv_events_reach_the_kv_router(deploy, vllm_model):
     assert again.usage["prompt_tokens_details"]["cached_tokens"] >= 128
     hit = 'segue_engine_prompt_tokens_total{source="local_cache_hit"}'
     wait_until(lambda: metric(w, hit) >= 128, what="vLLM counts the hit")
+
+
+SO_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "station": {"type": "string", "maxLength": 12},
+        "depth": {"type": "integer", "maximum": 999},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["station", "depth", "ok"],
+    "additionalProperties": False,  # random weights: only bounds make an answer end
+}
+
+
+def test_structured_outputs_and_tools_on_vllm_exact_when_continued(deploy, vllm_model):
+    """vLLM through segue's own logits processor (segue.engines.vllm_grammar): random
+    weights, so only the grammar makes these outputs valid. JSON schema (the openai client's
+    parse), regex, choice with n=3, a required and a named tool call, streamed and whole.
+    Then the engine-level property that makes migration exact: a request that arrives with
+    part of its answer (at the first token, mid-object, inside a string, one before the
+    end) continues it token for token; a forged context is refused naming the request; and
+    a worker SIGKILLed mid-object hands the client the same answer through the other."""
+    import pydantic
+    from openai import OpenAI
+
+    from segue.protocol import EngineRequest, Error, FrameParser, Tokens, encode_request
+    from segue.sampling import Constraint, ConstraintKind, SamplingParams
+
+    pytest.importorskip("xgrammar")
+    name = vllm_model.rsplit("/", 1)[-1]
+    deploy.start_frontend("--model", vllm_model, "--stall-timeout", "30")
+    w = start_worker(deploy, vllm_model)
+    deploy.wait_routable(w, timeout=START)
+    c = OpenAI(base_url=deploy.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    msgs = [{"role": "user", "content": PROMPT}]
+
+    class Report(pydantic.BaseModel):  # bounded: random weights would never close a string
+        station: str = pydantic.Field(max_length=12)
+        depth: int = pydantic.Field(le=999)
+        ok: bool
+
+    parsed = c.chat.completions.parse(
+        model=name, messages=msgs, max_tokens=80, temperature=0, response_format=Report
+    ).choices[0]
+    assert parsed.finish_reason == "stop" and isinstance(parsed.message.parsed, Report)
+
+    import re
+
+    regex = "[a-z]{2,6}-[0-9]{2}"
+    chunks = c.completions.create(
+        model=name,
+        prompt=PROMPT,
+        max_tokens=30,
+        temperature=0,
+        stream=True,
+        extra_body={"structured_outputs": {"regex": regex}},
+    )
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert re.fullmatch(regex, text), text
+    choices = ["low tide", "high tide", "slack"]
+    r = c.completions.create(
+        model=name,
+        prompt=PROMPT,
+        max_tokens=20,
+        temperature=1.0,
+        seed=5,
+        n=3,
+        extra_body={"structured_outputs": {"choice": choices}},
+    )
+    assert len(r.choices) == 3 and all(x.text in choices for x in r.choices), r.choices
+
+    tool = {"type": "function", "function": {"name": "tide", "parameters": SO_SCHEMA}}
+    speed = {"type": "integer", "maximum": 99}
+    bounded = {"type": "object", "properties": {"speed": speed}, "additionalProperties": False}
+    other = {"type": "function", "function": {"name": "wind", "parameters": bounded}}
+    forced = c.chat.completions.create(
+        model=name,
+        messages=msgs,
+        max_tokens=120,
+        temperature=0,
+        tools=[tool, other],
+        tool_choice="required",
+    ).choices[0]
+    assert forced.finish_reason == "tool_calls", forced
+    (call,) = forced.message.tool_calls
+    assert call.function.name in ("tide", "wind")
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "wind" or set(args) == set(SO_SCHEMA["properties"])
+    named = c.chat.completions.create(
+        model=name,
+        messages=msgs,
+        max_tokens=120,
+        temperature=0,
+        tools=[tool, other],
+        tool_choice={"type": "function", "function": {"name": "tide"}},
+        stream=True,
+    )
+    names, arg_text, finish = [], "", None
+    for ch in named:
+        if not ch.choices:
+            continue
+        for d in ch.choices[0].delta.tool_calls or ():
+            if d.function and d.function.name:
+                names.append(d.function.name)
+            arg_text += (d.function and d.function.arguments) or ""
+        finish = ch.choices[0].finish_reason or finish
+    assert names == ["tide"] and finish == "tool_calls"
+    assert set(json.loads(arg_text)) == set(SO_SCHEMA["properties"])
+
+    # continued requests, straight to the worker: token for token the uninterrupted answer
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": SO_SCHEMA}}
+    b = {**vbody(vllm_model, "completions", PROMPT, 80, False), "response_format": fmt}
+    want = complete(deploy.url, "completions", b)
+    assert want.status == 200 and want.finish_reason == "stop", want.error
+    assert set(json.loads(want.text)) == set(SO_SCHEMA["properties"])
+    prompt = httpx.post(
+        deploy.url + "/tokenize", json={"model": name, "prompt": PROMPT}, timeout=30
+    ).json()["tokens"]
+    ids = want.token_ids
+    # the first token after the opening quote of the station's value: inside a string
+    inside = next(k for k in range(1, len(ids)) if _decoded(deploy, name, ids[:k]).count('"') == 3)
+    inside += 1
+    sp = SamplingParams(constraint=Constraint(ConstraintKind.JSON_SCHEMA, json.dumps(SO_SCHEMA)))
+
+    def continued(k: int, rid: str, context: list[int]) -> list[int] | Error:
+        req = EngineRequest(
+            request_id=rid, token_ids=context, max_tokens=80 - k, start_offset=k, sampling=sp
+        )
+        r = httpx.post(w.url + "/generate", content=encode_request(req), timeout=120)
+        out: list[int] = []
+        for f in FrameParser().feed(r.content):
+            if isinstance(f, Error):
+                return f
+            if isinstance(f, Tokens):
+                out += f.token_ids
+        return out
+
+    for k in (1, len(ids) // 2, inside, len(ids) - 1):
+        assert continued(k, f"v-so-{k}", prompt + ids[:k]) == ids[k:], k
+    forged = continued(2, "v-so-forged", prompt + _tokens(deploy, name, '["no'))
+    assert isinstance(forged, Error) and forged.code == "bad_request", forged
+    assert "request v-so-forged: generated token" in forged.message
+
+    # and for real: the worker holding it dies mid-object
+    faulty = start_worker(deploy, vllm_model, "--fault-exit-after-tokens", str(len(ids) // 2))
+    deploy.wait_routable(faulty, timeout=START)
+    for i in range(2):  # round-robin: one of two lands on the faulty worker
+        rid = f"v-so-crash-{i}"
+        got = StreamReader(deploy.url, "completions", {**b, **_streamed()}, rid).finish()
+        assert got.error is None and got.token_ids == ids and got.text == want.text
+        if f"New Request ID: {rid}" in faulty.log():
+            break
+    else:
+        raise AssertionError("no request reached the faulty worker")
+    assert faulty.popen.wait(30) != 0 and total_migrations(deploy) == 1
+    wait_until(lambda: idle(w), what="the worker idle")
+
+
+def _streamed() -> dict:
+    return {"stream": True, "stream_options": {"include_usage": True}}
+
+
+def _tokens(d, model: str, text: str) -> list[int]:
+    r = httpx.post(
+        d.url + "/tokenize",
+        json={"model": model, "prompt": text, "add_special_tokens": False},
+        timeout=30,
+    )
+    return r.json()["tokens"]
+
+
+def _decoded(d, model: str, ids: list[int]) -> str:
+    r = httpx.post(d.url + "/detokenize", json={"model": model, "tokens": ids}, timeout=30)
+    return r.json()["prompt"]
