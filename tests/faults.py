@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+import signal
 import time
 
 from harness import Deployment, Proc
@@ -39,3 +42,25 @@ def migration_counts(d: Deployment) -> dict[str, float]:
 
 def total_migrations(d: Deployment) -> float:
     return sum(migration_counts(d).values())
+
+
+def move_while_stopped(worker: Proc, rid: str) -> list[str]:
+    """Stop the worker, send the move (it waits in the worker's socket buffer), let it go:
+    the move is read before the request can finish, however slowly this process runs."""
+    host, port = worker.url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    worker.signal(signal.SIGSTOP)
+    try:
+        conn.request(
+            "POST",
+            "/admin/move",
+            json.dumps({"request_id": rid}),
+            {"Content-Type": "application/json"},
+        )
+    finally:
+        worker.signal(signal.SIGCONT)
+    r = conn.getresponse()
+    assert r.status == 200
+    moved: list[str] = json.loads(r.read())["moved"]
+    conn.close()
+    return moved

@@ -7,10 +7,13 @@ the engine failed it), or, for a PREFILL, with the key of the KV the engine now 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from enum import Enum
+from typing import TypeVar
 
 from segue.engines.base import (
     ConstraintRejected,
@@ -38,6 +41,21 @@ from segue.worker.sink import FrameSink, StageError
 
 log = logging.getLogger("segue.worker")
 KEEPALIVE_FRAME = encode_frame(KeepAlive())
+T = TypeVar("T")
+
+
+async def with_keepalive(interval: float, resp: FrameSink, work: Awaitable[T]) -> T:
+    """Await `work`, sending keep-alive frames meanwhile so the caller's stall timer does
+    not fire on slow but live work (a KV transfer, a grammar's first compile)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=interval)
+            if done:
+                return task.result()
+            await resp.write(KEEPALIVE_FRAME)
+    finally:
+        task.cancel()
 
 
 class EngineFailure(Enum):
@@ -105,7 +123,8 @@ class EngineSessions:
         Returns the KV key of a finished PREFILL; writes the final frame of anything else."""
         try:
             inp = EngineInput.from_request(req, task, kv_payload)
-            await self.engine.prepare(inp)
+            # the first constrained request imports xgrammar and compiles: seconds, live
+            await with_keepalive(self.keepalive, resp, self.engine.prepare(inp))
             stream = self.engine.add_request(inp)
         except EngineRequestError as e:
             if task is EngineTask.DECODE and not isinstance(e, ConstraintRejected):

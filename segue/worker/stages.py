@@ -8,8 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Iterator
-from typing import TypeVar
+from collections.abc import AsyncGenerator, Iterator
 
 import msgspec
 
@@ -32,11 +31,10 @@ from segue.router import Router
 from segue.transport import RequestPlane, drop_kv_soon, pull_kv
 from segue.worker.kv_store import KvStore
 from segue.worker.metrics import WorkerMetrics
-from segue.worker.session import KEEPALIVE_FRAME, EngineSessions
+from segue.worker.session import KEEPALIVE_FRAME, EngineSessions, with_keepalive
 from segue.worker.sink import FrameSink, StageError
 
 log = logging.getLogger("segue.worker")
-T = TypeVar("T")
 
 
 class Stages:
@@ -86,8 +84,8 @@ class Stages:
         if kv.num_tokens != len(req.token_ids) or kv.digest != token_digest(req.token_ids):
             raise StageError(ErrorCode.KV_MISMATCH, "KV handle is for other tokens", True)
         try:
-            payload = await self.with_keepalive(
-                resp, pull_kv(self.session, kv.url, kv.kv_id, self.stall_timeout)
+            payload = await with_keepalive(
+                self.keepalive, resp, pull_kv(self.session, kv.url, kv.kv_id, self.stall_timeout)
             )
         except Failure as e:
             raise StageError(
@@ -163,16 +161,3 @@ class Stages:
                 time.time(),
             )
             raise
-
-    async def with_keepalive(self, resp: FrameSink, work: Awaitable[T]) -> T:
-        """Await `work`, sending keep-alive frames meanwhile so the caller's stall timer
-        does not fire on a slow but live transfer."""
-        task = asyncio.ensure_future(work)
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=self.keepalive)
-                if done:
-                    return task.result()
-                await resp.write(KEEPALIVE_FRAME)
-        finally:
-            task.cancel()

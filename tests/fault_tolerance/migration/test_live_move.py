@@ -6,14 +6,12 @@ nothing."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import signal
 
 import httpx
 import pytest
 from client import StreamReader, body, complete
-from faults import metric, migrations, worker_of
+from faults import metric, migrations, move_while_stopped, worker_of
 from harness import Proc, wait_until
 
 PROMPT = " ".join(["the river runs to the sea"] * 8)  # a few full KV blocks
@@ -34,28 +32,6 @@ def move(worker: Proc, rid: str) -> list[str]:
     r = httpx.post(worker.url + "/admin/move", json={"request_id": rid}, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()["moved"]
-
-
-def move_while_stopped(worker: Proc, rid: str) -> list[str]:
-    """Stop the worker, send the move (it waits in the worker's socket buffer), let it go:
-    the move is read before the request can finish, however slowly this process runs."""
-    host, port = worker.url.removeprefix("http://").rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    worker.signal(signal.SIGSTOP)
-    try:
-        conn.request(
-            "POST",
-            "/admin/move",
-            json.dumps({"request_id": rid}),
-            {"Content-Type": "application/json"},
-        )
-    finally:
-        worker.signal(signal.SIGCONT)
-    r = conn.getresponse()
-    assert r.status == 200
-    moved: list[str] = json.loads(r.read())["moved"]
-    conn.close()
-    return moved
 
 
 def stream_on(deploy, worker: Proc, prefix: str) -> tuple[str, StreamReader]:

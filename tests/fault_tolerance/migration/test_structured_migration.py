@@ -12,7 +12,7 @@ import signal
 import httpx
 import pytest
 from client import StreamReader, body, complete
-from faults import total_migrations, worker_of
+from faults import metric, migrations, move_while_stopped, total_migrations, worker_of
 from harness import Deployment, wait_until
 
 from segue.protocol import EngineRequest, Error, FrameParser, encode_request
@@ -92,6 +92,52 @@ def test_constrained_request_is_handed_back_exactly_on_drain(deploy):
     assert got.token_ids == want.token_ids and got.finish_reason == "stop"
     assert json.loads(got.text) == json.loads(want.text)
     assert total_migrations(deploy) == 1
+
+
+def test_constrained_request_of_a_hung_worker_goes_on_exactly(deploy):
+    """SIGSTOP mid-answer: the stall timer moves it; the new worker's matcher is advanced
+    over what the client already has. The hung worker's stream is still open when the
+    timer fires (about 40 tokens at 100 ms each outlast reading 3 and the 1 s timer)."""
+    deploy.start_frontend("--stall-timeout", "1")
+    slow = ("--mocker-step-ms", "100", "--mocker-batch-slowdown", "0")
+    deploy.start_worker(*slow)
+    want, _ = crash_points(deploy)
+    deploy.start_worker(*slow)
+    reader = StreamReader(deploy.url, "chat", constrained(True), "so-stall")
+    reader.read_tokens(3)
+    victim = worker_of(deploy, "so-stall")
+    victim.signal(signal.SIGSTOP)
+    try:
+        got = reader.finish()
+        assert got.token_ids == want.token_ids and got.finish_reason == "stop"
+        assert json.loads(got.text) == json.loads(want.text)
+        assert migrations(deploy, "stall") == 1 and total_migrations(deploy) == 1
+    finally:
+        victim.signal(signal.SIGCONT)
+
+
+def test_constrained_request_moved_live_with_its_kv_goes_on_exactly(deploy):
+    """`/admin/move` mid-answer: the target pulls the KV, recomputes nothing, and continues
+    the grammar from where the source left it."""
+    deploy.start_frontend()
+    slow = ("--mocker-step-ms", "50", "--mocker-batch-slowdown", "0")
+    deploy.start_worker(*slow)
+    want, _ = crash_points(deploy)
+    deploy.start_worker(*slow)
+    reader = StreamReader(deploy.url, "chat", constrained(True), "so-move")
+    reader.read_tokens(3)
+    source = worker_of(deploy, "so-move")
+    target = next(w for w in deploy.workers if w is not source)
+    computed = 'segue_engine_prompt_tokens_total{source="computed"}'
+    before = metric(target, computed)
+    assert move_while_stopped(source, "so-move") == ["so-move"]
+    got = reader.finish()
+    assert got.token_ids == want.token_ids and got.finish_reason == "stop"
+    assert json.loads(got.text) == json.loads(want.text)
+    assert "Handed back Request ID: so-move (live" in source.log()
+    assert "New Request ID: so-move" in target.log()
+    assert metric(target, computed) == before  # continued from the pulled KV
+    assert migrations(deploy, "drain") == 1
 
 
 def test_a_forged_context_is_an_error_naming_the_request(deploy):
