@@ -2,7 +2,7 @@
 small protocol a policy implements) and what it needs of the router. Adding a policy: a
 module with its chooser, a name and a row here (power_of_two.py is one).
 
-round-robin   in turn
+round-robin   in turn (a turn per role)
 random        uniformly at random
 least-loaded  fewest calls in flight from this process; ties in turn
 kv            lowest cost: `--kv-overlap-weight` x the context tokens the worker would have
@@ -42,11 +42,15 @@ class Policy(StrEnum):
 
 
 class RoundRobin:
+    """A turn per role: with one counter, a disaggregated request's prefill pick and its
+    decode pick would advance it alike, and every decode could land on one worker."""
+
     def __init__(self, loads: Loads) -> None:
-        self._next = itertools.count()
+        self._next: dict[str, itertools.count[int]] = {}
 
     def choose(self, cands: list[Instance], tokens: list[int] | None) -> Instance:
-        return cands[next(self._next) % len(cands)]
+        turn = self._next.setdefault(cands[0].role, itertools.count())
+        return cands[next(turn) % len(cands)]
 
 
 class Random:

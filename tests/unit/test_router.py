@@ -21,6 +21,18 @@ def test_round_robin_skips_down_and_excluded():
     assert r.pick(["prefill"]) is None
 
 
+def test_round_robin_takes_turns_per_role():
+    """A disaggregated request picks a prefill worker, then a decode worker: each role's
+    turn advances alone, so consecutive requests spread over the decode workers."""
+    r = Router("round-robin")
+    r.update({"p": inst("p", "prefill"), "d1": inst("d1", "decode"), "d2": inst("d2", "decode")})
+    decodes = []
+    for _ in range(4):
+        assert r.pick(["prefill"]).id == "p"
+        decodes.append(r.pick(["decode"]).id)
+    assert collections.Counter(decodes) == {"d1": 2, "d2": 2}
+
+
 def test_least_loaded_prefers_idle_worker():
     r = Router("least-loaded")
     r.update({i: inst(i) for i in "ab"})
