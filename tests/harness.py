@@ -178,7 +178,8 @@ class Deployment:
         name = "frontend" if not self.frontends else f"frontend{len(self.frontends) + 1}"
         p = Proc(
             name,
-            ["frontend", "--port", "0", "--discovery", self.discovery, *extra],
+            # one response store per deployment, in its directory (shared by its frontends)
+            ["frontend", "--port", "0", "--discovery", self.discovery, *self._store(extra), *extra],
             self.tmp,
             env,
             netns,
@@ -188,6 +189,9 @@ class Deployment:
         self.frontend = p
         self.frontends.append(p)
         return p
+
+    def _store(self, extra: tuple[str, ...]) -> list[str]:
+        return [] if "--store" in extra else ["--store", f"sqlite:{self.tmp / 'responses.db'}"]
 
     def start_worker(
         self,

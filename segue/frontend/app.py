@@ -27,6 +27,8 @@ from segue.frontend.models import ModelRegistry
 from segue.frontend.openapi import openapi_document
 from segue.frontend.output import OutputProcessor
 from segue.frontend.preprocess import decode_json
+from segue.frontend.response_store import ResponseStore
+from segue.frontend.responses import Responses
 from segue.router import Router
 from segue.tokenizer import Tokenizer
 from segue.transport import RequestPlane
@@ -70,6 +72,8 @@ class Frontend:
             prefill_fallback=cfg.prefill_fallback,
         )
         self.generations = Generations(cfg, self.models, self.client, self.metrics)
+        self.store = ResponseStore(cfg.store_path, cfg.store_ttl)
+        self.responses = Responses(cfg, self.models, self.generations, self.store, self.metrics)
         self.guard: ConnectionGuard | None = None  # set once the runner has made it
         self.keys = ApiKeys(cfg.api_key_file) if cfg.api_key_file else None
         self._openapi = openapi_document()
@@ -91,6 +95,7 @@ class Frontend:
         self._watch_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._watch_task
+        await self.store.close()
         await self.router.close()
         await self.plane.close()
         await self.session.close()
@@ -107,6 +112,12 @@ class Frontend:
         )
         app.router.add_post(Path.COMPLETIONS, self.handle_completions)
         app.router.add_post(Path.CHAT, self.handle_chat)
+        r = self.responses
+        app.router.add_post(Path.RESPONSES, r.handle_create)
+        app.router.add_get(Path.RESPONSE, r.handle_get)
+        app.router.add_delete(Path.RESPONSE, r.handle_delete)
+        app.router.add_post(Path.RESPONSE_CANCEL, r.handle_cancel)
+        app.router.add_get(Path.RESPONSE_INPUT_ITEMS, r.handle_input_items)
         app.router.add_get(Path.MODELS, self.handle_models)
         app.router.add_get(Path.HEALTH, self.handle_health)
         app.router.add_get(Path.LIVE, self.handle_live)

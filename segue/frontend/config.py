@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 
 from segue.disagg import PrefillFallback, Strategy
@@ -106,7 +107,22 @@ class FrontendConfig:
         "own: they answer at once under any load, and /live there is 503 when the event "
         "loop stalls (0: any free port; every --processes child binds it)",
     )
+    store: str = option(
+        "",
+        help="the Responses API's store: sqlite:PATH, a file every frontend process of this "
+        "host may share (default: segue-responses.sqlite3 in the temp directory)",
+    )
+    store_ttl: float = option(86400.0, help="seconds a stored response is kept (the Responses API)")
     listen_fd: int | None = option(None, hidden=True, help="a listening socket (from --processes)")
+
+    @property
+    def store_path(self) -> str:
+        """The SQLite file of the response store."""
+        if not self.store:
+            return os.path.join(tempfile.gettempdir(), "segue-responses.sqlite3")
+        if not self.store.startswith("sqlite:"):
+            raise ValueError(f"--store {self.store!r}: only sqlite:PATH stores exist yet")
+        return self.store.removeprefix("sqlite:").removeprefix("//")
 
     @property
     def served_model_name(self) -> str:

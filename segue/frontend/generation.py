@@ -153,7 +153,7 @@ class Generations:
     ) -> AsyncGenerator[TextDelta, None]:
         return output.text_deltas(self.client.generate(state), prep.stops)
 
-    async def _choice_deltas(
+    async def choice_deltas(
         self, prep: PreparedRequest, output: OutputProcessor
     ) -> AsyncGenerator[tuple[int, TextDelta], None]:
         """Every choice's text deltas as (choice index, delta), as they come. Choices run
@@ -208,7 +208,7 @@ class Generations:
     ) -> web.Response:
         async def collect() -> list[ChoiceOutput]:
             outputs = [ChoiceOutput() for _ in prep.states]
-            async with contextlib.aclosing(self._choice_deltas(prep, output)) as deltas:
+            async with contextlib.aclosing(self.choice_deltas(prep, output)) as deltas:
                 async for k, d in deltas:
                     outputs[k].add(d)
             return outputs
@@ -263,7 +263,7 @@ class Generations:
             parsers = (
                 [tool_parser(prep, k) for k in choices] if prep.tool_parser is not None else None
             )
-            async with contextlib.aclosing(self._choice_deltas(prep, output)) as deltas:
+            async with contextlib.aclosing(self.choice_deltas(prep, output)) as deltas:
                 async for k, d in deltas:
                     if resp is None:
                         resp = await start()

@@ -28,6 +28,10 @@ class Path:
     OPENAPI = "/openapi.json"
     TOKENIZE = "/tokenize"
     DETOKENIZE = "/detokenize"
+    RESPONSES = "/v1/responses"
+    RESPONSE = "/v1/responses/{response_id}"
+    RESPONSE_CANCEL = "/v1/responses/{response_id}/cancel"
+    RESPONSE_INPUT_ITEMS = "/v1/responses/{response_id}/input_items"
 
 
 _OPEN_PATHS = frozenset({Path.HEALTH, Path.LIVE, Path.OPENAPI})

@@ -47,6 +47,22 @@ class FrontendMetrics:
             "Requests cancelled because the client went away",
             registry=r,
         )
+        self.response_resumes = Counter(
+            "segue_frontend_response_resumes",
+            "Streams of a stored response resumed (GET /v1/responses/ID?stream=true)",
+            registry=r,
+        )
+        self.response_takeovers = Counter(
+            "segue_frontend_response_takeovers",
+            "Background responses this process took over from a frontend that stopped "
+            "writing them (died, or let them go at shutdown)",
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "segue_frontend_store_errors",
+            "Response store operations that failed",
+            registry=r,
+        )
         self.inflight = Gauge(
             "segue_frontend_inflight_requests",
             "Requests in flight",

@@ -1,0 +1,245 @@
+"""The Responses API through the openai client, on real frontend and mocker processes: two
+frontends share discovery and the response store, so a background response created at one
+is read, resumed, cancelled and taken over at the other, and a stream resumed after event N
+goes on exactly where it left off, even when the frontend that generated it was SIGKILLed
+or drained."""
+
+from __future__ import annotations
+
+import signal
+
+import httpx
+import openai
+import pytest
+from faults import metric
+from harness import wait_until
+
+MODEL = "segue-mocker"
+PROMPT = "the river and the sea"
+SLOW = ("--mocker-step-ms", "20", "--mocker-batch-slowdown", "0")
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def two_frontends(deploy):
+    deploy.start_frontend()
+    deploy.start_frontend()
+    return deploy
+
+
+def text_of(events) -> str:
+    return "".join(e.delta for e in events if e.type == "response.output_text.delta")
+
+
+def test_create_whole_and_streamed_equal_a_chat_completion(agg2):
+    """A response is the chat completion of its conversation: same text, same usage; its
+    stream is OpenAI's events, numbered from 0 without a gap."""
+    c = client(agg2.url)
+    chat = c.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPT}],
+        max_tokens=12,
+        temperature=0,
+    )
+    r = c.responses.create(
+        model=MODEL, instructions="be brief", input=PROMPT, max_output_tokens=12, temperature=0
+    )
+    assert r.output_text == chat.choices[0].message.content
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.input_tokens == chat.usage.prompt_tokens and r.usage.output_tokens == 12
+    events = list(
+        c.responses.create(
+            model=MODEL, instructions="be brief", input=PROMPT, max_output_tokens=12,
+            temperature=0, stream=True,
+        )
+    )  # fmt: skip
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
+    assert text_of(events) == r.output_text == events[-1].response.output_text
+    assert c.responses.retrieve(events[-1].response.id).output_text == r.output_text
+
+
+def test_structured_tool_call_and_round_trip(agg2):
+    """text.format constrains the output (the stream helper's completed response parses);
+    a forced function call comes back as a function_call item; its output goes back as a
+    function_call_output item with previous_response_id and the model answers."""
+    pytest.importorskip("xgrammar")
+    c = client(agg2.url)
+    schema = {
+        "type": "object",
+        "properties": {"depth": {"type": "integer"}, "ok": {"type": "boolean"}},
+        "required": ["depth", "ok"],
+        "additionalProperties": False,
+    }
+    fmt = {"format": {"type": "json_schema", "name": "r", "schema": schema, "strict": True}}
+    with c.responses.stream(model=MODEL, input=PROMPT, max_output_tokens=60, text=fmt) as s:
+        final = s.get_final_response()
+    assert final.status == "completed"
+    import json
+
+    assert set(json.loads(final.output_text)) == {"depth", "ok"}
+    tool = {"type": "function", "name": "tide", "parameters": schema}
+    r = c.responses.create(
+        model=MODEL, input=PROMPT, tools=[tool], tool_choice="required", max_output_tokens=300
+    )
+    (call,) = [o for o in r.output if o.type == "function_call"]
+    assert call.name == "tide" and set(json.loads(call.arguments)) == {"depth", "ok"}
+    answer = c.responses.create(
+        model=MODEL,
+        previous_response_id=r.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "4 m"}],
+        max_output_tokens=8,
+    )
+    assert answer.status in ("completed", "incomplete") and answer.output_text
+    items = list(c.responses.input_items.list(answer.id))
+    assert [i.type for i in items] == ["function_call_output"]
+
+
+def test_background_stream_resumes_at_another_frontend(two_frontends):
+    """A client reads part of a background stream at one frontend, leaves, and resumes at
+    the other with starting_after: it gets every later event, numbered on, and the whole
+    equals the uninterrupted stream (read again from the store at the end)."""
+    d = two_frontends
+    d.start_worker(*SLOW)
+    a, b = d.frontends
+    s = client(a.url).responses.create(
+        model=MODEL, input=PROMPT, max_output_tokens=60, temperature=0, background=True,
+        stream=True,
+    )  # fmt: skip
+    head = []
+    for e in s:
+        head.append(e)
+        if len(head) == 8:
+            break
+    s.close()
+    rid = head[0].response.id
+    assert head[0].response.status == "queued" and head[0].response.background
+    n = head[-1].sequence_number
+    tail = list(client(b.url).responses.retrieve(rid, stream=True, starting_after=n))
+    assert [e.sequence_number for e in head + tail] == list(range(len(head) + len(tail)))
+    assert tail[-1].type == "response.incomplete"
+    again = list(client(b.url).responses.retrieve(rid, stream=True, starting_after=-1))
+    assert [e.model_dump() for e in again] == [e.model_dump() for e in head + tail]
+    assert metric(b, "segue_frontend_response_resumes_total") == 2
+
+
+def wait_resumable(fe, rid: str, n: int) -> None:
+    """Until frontend `fe`'s store has written event `n` of `rid`."""
+    url = f"{fe.url}/v1/responses/{rid}?stream=true&starting_after={n - 1}"
+
+    def written() -> bool:
+        with httpx.stream("GET", url, timeout=10) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    return True
+        return False
+
+    wait_until(written, timeout=10, what=f"event {n} stored")
+
+
+@pytest.mark.parametrize("how", ["kill", "term"])
+def test_background_response_survives_its_frontend(two_frontends, how):
+    """The frontend generating a background response is SIGKILLed (or drained with
+    SIGTERM) mid-stream; the client resumes at the other frontend, which takes the response
+    over (at once after a drain, after STALE_S after a kill) and generates it again from its
+    stored request: the events after N go on exactly, and the text equals an uninterrupted
+    response's (greedy, same input)."""
+    d = two_frontends
+    w = d.start_worker(*SLOW)
+    a, b = d.frontends
+    want = client(b.url).responses.create(
+        model=MODEL, input=PROMPT, max_output_tokens=200, temperature=0
+    )
+    s = client(a.url).responses.create(
+        model=MODEL, input=PROMPT, max_output_tokens=200, temperature=0, background=True,
+        stream=True,
+    )  # fmt: skip
+    head = []
+    for e in s:
+        head.append(e)
+        if len(head) == 6:
+            break
+    rid = head[0].response.id
+    wait_resumable(b, rid, 6)  # what the client has, the store has too
+    w.signal(signal.SIGSTOP)  # no progress while the frontend goes: it is mid-answer
+    try:
+        a.signal(signal.SIGKILL if how == "kill" else signal.SIGTERM)
+        a.popen.wait(10)
+    finally:
+        w.signal(signal.SIGCONT)
+    s.close()
+    n = head[-1].sequence_number
+    tail = list(client(b.url).responses.retrieve(rid, stream=True, starting_after=n))
+    events = head + tail
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].type == "response.incomplete"
+    assert text_of(events) == want.output_text == events[-1].response.output_text
+    items = {e.item_id for e in events if e.type == "response.output_text.delta"}
+    assert len(items) == 1  # the taker's item ids are the first owner's
+    assert metric(b, "segue_frontend_response_takeovers_total") == 1
+    assert client(b.url).responses.retrieve(rid).status == "incomplete"
+
+
+def test_cancel_at_another_frontend_stops_the_generation(two_frontends):
+    d = two_frontends
+    w = d.start_worker(*SLOW)
+    a, b = d.frontends
+    r = client(a.url).responses.create(
+        model=MODEL, input=PROMPT, max_output_tokens=2000, background=True
+    )
+    wait_until(
+        lambda: w.metrics()["segue_engine_running_requests"] == 1, what="the response running"
+    )
+    assert client(b.url).responses.cancel(r.id).status == "cancelled"
+    wait_until(
+        lambda: (
+            w.metrics()["segue_engine_running_requests"] == 0
+            and w.metrics()["segue_engine_kv_blocks_used"] == 0
+        ),
+        what="the worker freed the response",
+    )
+    assert client(a.url).responses.retrieve(r.id).status == "cancelled"
+    assert client(b.url).responses.cancel(r.id).status == "cancelled"  # idempotent
+
+
+def test_bad_requests_name_the_problem(agg2):
+    url = agg2.url + "/v1/responses"
+    cases = [
+        ({"model": MODEL, "input": "x", "reasoning": {}}, 400, "reasoning"),
+        ({"model": MODEL, "input": "x", "background": True, "store": False}, 400, "store"),
+        ({"model": MODEL, "input": "x", "previous_response_id": "resp_nope"}, 404, "resp_nope"),
+        ({"model": MODEL, "input": [{"type": "image"}]}, 400, "input[0].type"),
+        ({"model": MODEL, "input": "x", "text": {"format": {"type": "xml"}}}, 400, "text.format"),
+    ]
+    for body, status, named in cases:
+        r = httpx.post(url, json=body, timeout=30)
+        assert r.status_code == status, (body, r.text)
+        assert named in r.text
+    assert httpx.get(url + "/resp_nope", timeout=10).status_code == 404
+    assert httpx.post(url + "/resp_nope/cancel", timeout=10).status_code == 404
+    assert httpx.delete(url + "/resp_nope", timeout=10).status_code == 404
+    done = client(agg2.url).responses.create(
+        model=MODEL, input="x", max_output_tokens=3, background=True
+    )
+    wait_until(
+        lambda: client(agg2.url).responses.retrieve(done.id).status == "incomplete",
+        what="done",
+    )
+    r = httpx.get(f"{url}/{done.id}", params={"stream": "true", "starting_after": 99})
+    assert r.status_code == 400 and "starting_after" in r.text
+    assert client(agg2.url).responses.cancel(done.id).status == "incomplete"  # unchanged
