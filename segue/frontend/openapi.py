@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 
 from segue.api import openai as oai
+from segue.api import responses as rapi
 
 _ERROR = {
     "type": "object",
@@ -85,6 +86,58 @@ def _get(summary: str, media: str = "application/json") -> dict[str, Any]:
     }
 
 
+_RESPONSE_ID = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_JSON_OK = {
+    "description": "the response object",
+    "content": {"application/json": {"schema": {"type": "object"}}},
+}
+
+
+def _stored(method: str, summary: str, errors: tuple[int, ...]) -> dict[str, Any]:
+    """An operation on one stored response."""
+    return {
+        method: {
+            "summary": summary,
+            "parameters": [_RESPONSE_ID],
+            "responses": {"200": _JSON_OK, **_errors(*errors)},
+        }
+    }
+
+
+def _responses_paths() -> dict[str, Any]:
+    stream_ok = {
+        "description": "the response object, or its events after `starting_after` (SSE)",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
+    }
+    query = [
+        {"name": "stream", "in": "query", "schema": {"type": "boolean"}},
+        {"name": "starting_after", "in": "query", "schema": {"type": "integer", "minimum": -1}},
+    ]
+    get = {
+        "get": {
+            "summary": "Retrieve a stored response, or stream its events again",
+            "parameters": [_RESPONSE_ID, *query],
+            "responses": {"200": stream_ok, **_errors(400, 404, 503)},
+        }
+    }
+    return {
+        "/v1/responses": _generation("ResponsesRequest", "Create a response"),
+        "/v1/responses/{response_id}": {
+            **get,
+            **_stored("delete", "Delete a stored response", (404, 503)),
+        },
+        "/v1/responses/{response_id}/cancel": _stored(
+            "post", "Cancel a background response", (400, 404, 503)
+        ),
+        "/v1/responses/{response_id}/input_items": _stored(
+            "get", "The input items of a stored response", (404, 503)
+        ),
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     _, schemas = msgspec.json.schema_components(
         (
@@ -92,6 +145,7 @@ def openapi_document() -> dict[str, Any]:
             oai.ChatCompletionRequest,
             oai.TokenizeRequest,
             oai.DetokenizeRequest,
+            rapi.ResponsesRequest,
         ),
         ref_template="#/components/schemas/{name}",
     )
@@ -113,6 +167,7 @@ def openapi_document() -> dict[str, Any]:
             "/health": _get("Health: the workers and whether one is routable"),
             "/live": _get("Liveness of the frontend process"),
             "/metrics": _get("Prometheus metrics", "text/plain"),
+            **_responses_paths(),
         },
         "components": {"schemas": {**schemas, "Error": _ERROR}},
     }

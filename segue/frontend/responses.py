@@ -1,34 +1,25 @@
 """The Responses API (`/v1/responses`): a response is generated as a chat completion
 (api/responses.py builds it) and presented as OpenAI's response object and events
 (response_events.py); stored responses live in the response store (response_store.py),
-which every frontend naming the same store reads.
-
-A background response (`background: true`) belongs to the frontend that generates it, not
-to a client connection: a client that leaves, or a second client, follows its events with
-`GET /v1/responses/{id}?stream=true&starting_after=N` at any frontend. The owner writes its
-events to the store in batches (every BATCH_S, and at least every BEAT_S as a heartbeat).
-A frontend asked about a running response whose owner has not written for STALE_S (it
-died, or let it go at shutdown) takes it over: it claims it in the store and generates it
-again from its stored request. The events are a function of the request and its tokens
-(the seed is derived from the response id), so the new owner's events equal the first
-owner's, number for number; it writes only those after the last stored one.
+which every frontend naming the same store reads. Background responses, their followers and
+their take-over after their frontend died: background.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
 
 from segue.api import openai as oai
 from segue.api import responses as rapi
+from segue.frontend.background import Background, Event
 from segue.frontend.config import FrontendConfig
 from segue.frontend.errors import MigrationError, NoWorkerError, RejectedError
 from segue.frontend.generation import Generations, api_error, tool_parser
@@ -37,20 +28,15 @@ from segue.frontend.metrics import FrontendMetrics
 from segue.frontend.models import ModelRegistry
 from segue.frontend.preprocess import PreparedRequest, decode_json
 from segue.frontend.render import SSE_HEADERS
-from segue.frontend.response_events import TERMINAL, ResponseEvents, sse
-from segue.frontend.response_store import ResponseStore, Status, Stored, StoreError, Write
+from segue.frontend.response_events import ResponseEvents, sse
+from segue.frontend.response_store import ResponseStore, Status, Stored, StoreError
 from segue.log import request_id_var
 from segue.protocol import FinishReason
 
 log = logging.getLogger("segue.frontend")
 
-BATCH_S = 0.05  # events wait at most this long before their batch is written
-BEAT_S = 0.5  # an owner writes at least this often, events or none
-STALE_S = 3.0  # an owner silent this long has died or let go: take the response over
-POLL_S = 0.02  # a follower of a response owned elsewhere reads the store this often
+T = TypeVar("T")
 _CHAT_PARAMS = {"response_format": "text.format", "max_tokens": "max_output_tokens"}
-
-Event = tuple[int, str, bytes]  # sequence number, type, JSON
 
 
 def _header(body: rapi.ResponsesRequest) -> dict[str, Any]:
@@ -76,26 +62,6 @@ def _header(body: rapi.ResponsesRequest) -> dict[str, Any]:
     }
 
 
-class Running:
-    """A background response this process owns: its events so far, for local followers."""
-
-    def __init__(self, builder: ResponseEvents) -> None:
-        self.builder = builder
-        self.events: list[Event] = []
-        self.task: asyncio.Task[None] | None = None
-        self.ended = False  # done, failed, cancelled or let go: followers stop
-        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def publish(self, events: list[Event], ended: bool = False) -> None:
-        self.events += events
-        self.ended = self.ended or ended
-        changed, self._changed = self._changed, asyncio.get_running_loop().create_future()
-        changed.set_result(None)
-
-    async def changed(self) -> None:
-        await asyncio.shield(self._changed)
-
-
 class Responses:
     def __init__(
         self,
@@ -110,8 +76,7 @@ class Responses:
         self.generations = generations
         self.store = store
         self.metrics = metrics
-        self.owner = uuid.uuid4().hex  # this process, as the store knows its responses
-        self.running: dict[str, Running] = {}
+        self.background = Background(store, metrics, self)
 
     # -- HTTP ----------------------------------------------------------------------------
 
@@ -132,7 +97,7 @@ class Responses:
             builder = ResponseEvents(rid, _header(body), created)
             if body.store:
                 record = {"body": msgspec.json.decode(raw), "conversation": conversation + items}
-                await self._store(
+                await self.store_op(
                     self.store.create(
                         rid,
                         msgspec.json.encode(record),
@@ -140,24 +105,25 @@ class Responses:
                         builder.encoded(),
                         builder.status,
                         body.background,
-                        self.owner,
+                        self.background.owner,
                     )
                 )
             if body.background:
-                running = self._own(rid, prep, builder, stored_last=-1)
+                running = self.background.own(rid, prep, builder, stored_last=-1)
                 if body.stream:
-                    return await self._stream(request, rid, self._follow_local(running, -1))
+                    events = self.background.follow_local(running, -1)
+                    return await self._stream(request, rid, events)
                 return _json(builder.response())
             if body.stream:
-                gen = self._events(prep, builder)
+                gen = self.events(prep, builder)
                 resp = await self._stream(request, rid, gen)
             else:
-                async with contextlib.aclosing(self._events(prep, builder)) as gen:
+                async with contextlib.aclosing(self.events(prep, builder)) as gen:
                     async for _ in gen:
                         pass
                 resp = _json(builder.response())
             if body.store:
-                await self._store(self.store.finish(rid, builder.encoded(), builder.status))
+                await self.store_op(self.store.finish(rid, builder.encoded(), builder.status))
             return resp
         except oai.APIError as e:
             return web.json_response(e.body(), status=e.status, headers=e.headers)
@@ -165,12 +131,12 @@ class Responses:
     async def handle_get(self, request: web.Request) -> web.StreamResponse:
         try:
             rid = request.match_info["response_id"]
-            stored = await self._get(rid)
+            stored = await self.get(rid)
             q = request.query
             if q.get("stream", "false").lower() != "true":
                 if stored.status.running:
-                    await self._take_over_if_stale(stored)
-                    stored = await self._get(rid)
+                    await self.background.take_over_if_stale(stored)
+                    stored = await self.get(rid)
                 return web.Response(body=stored.response, content_type="application/json")
             if not stored.background:
                 raise oai.APIError(400, "only background responses can be streamed again", "stream")
@@ -183,22 +149,20 @@ class Responses:
                 )
             self.metrics.response_resumes.inc()
             log.info("Resumed Response ID: %s after event %d", rid, after)
-            return await self._stream(request, rid, self._follow(stored, after))
+            return await self._stream(request, rid, self.background.follow(stored, after))
         except oai.APIError as e:
             return web.json_response(e.body(), status=e.status, headers=e.headers)
 
     async def handle_cancel(self, request: web.Request) -> web.Response:
         try:
             rid = request.match_info["response_id"]
-            stored = await self._get(rid)
+            stored = await self.get(rid)
             if not stored.background:
                 raise oai.APIError(400, "only background responses can be cancelled", "response_id")
-            done = await self._store(self.store.cancel(rid, _cancelled))
+            done = await self.store_op(self.store.cancel(rid, _cancelled))
             if done is None:
                 raise _not_found(rid)
-            running = self.running.get(rid)
-            if running is not None and running.task is not None:
-                running.task.cancel()  # at once; elsewhere its owner stops at its next batch
+            self.background.stop(rid)  # at once; elsewhere its owner stops at its next batch
             log.info("Cancelled Response ID: %s", rid)
             return web.Response(body=done.response, content_type="application/json")
         except oai.APIError as e:
@@ -207,18 +171,16 @@ class Responses:
     async def handle_delete(self, request: web.Request) -> web.Response:
         try:
             rid = request.match_info["response_id"]
-            if not await self._store(self.store.delete(rid)):
+            if not await self.store_op(self.store.delete(rid)):
                 raise _not_found(rid)
-            running = self.running.get(rid)
-            if running is not None and running.task is not None:
-                running.task.cancel()
+            self.background.stop(rid)
             return web.json_response({"id": rid, "object": "response", "deleted": True})
         except oai.APIError as e:
             return web.json_response(e.body(), status=e.status, headers=e.headers)
 
     async def handle_input_items(self, request: web.Request) -> web.Response:
         try:
-            stored = await self._get(request.match_info["response_id"])
+            stored = await self.get(request.match_info["response_id"])
         except oai.APIError as e:
             return web.json_response(e.body(), status=e.status, headers=e.headers)
         items = msgspec.json.decode(stored.input_items)
@@ -232,28 +194,17 @@ class Responses:
             }
         )
 
-    async def detach_all(self) -> None:
-        """At shutdown: let every background response this process owns go, so that a
-        client resuming at another frontend has it taken over at once."""
-        for rid, running in list(self.running.items()):
-            if running.task is not None:
-                running.task.cancel()
-            running.publish([], ended=True)
-            with contextlib.suppress(StoreError):
-                await self.store.release(rid, self.owner)
-            log.info("Detached Response ID: %s (frontend stopping)", rid)
-
     # -- pieces --------------------------------------------------------------------------
 
-    async def _store(self, op: Any) -> Any:
+    async def store_op(self, op: Awaitable[T]) -> T:
         try:
             return await op
         except StoreError as e:
             self.metrics.store_errors.inc()
             raise oai.APIError(503, str(e), code="store_unavailable") from None
 
-    async def _get(self, rid: str) -> Stored:
-        stored = await self._store(self.store.get(rid))
+    async def get(self, rid: str) -> Stored:
+        stored = await self.store_op(self.store.get(rid))
         if stored is None:
             raise _not_found(rid)
         return stored
@@ -263,7 +214,7 @@ class Responses:
         output, as items."""
         if previous is None:
             return []
-        stored = await self._store(self.store.get(previous))
+        stored = await self.store_op(self.store.get(previous))
         if stored is None:
             raise oai.APIError(
                 404, f"No response found with id '{previous}'", param="previous_response_id"
@@ -289,7 +240,7 @@ class Responses:
             raise
         return prep
 
-    async def _events(
+    async def events(
         self, prep: PreparedRequest, builder: ResponseEvents
     ) -> AsyncGenerator[list[Event], None]:
         """The response's events, in batches as they are made, from its start to its
@@ -321,6 +272,13 @@ class Responses:
             builder.fail(str(err.code or "server_error"), err.message)
             yield builder.take()
 
+    async def restart(self, stored: Stored) -> tuple[PreparedRequest, ResponseEvents]:
+        record = msgspec.json.decode(stored.request)
+        body = msgspec.convert(record["body"], rapi.ResponsesRequest)
+        created = msgspec.json.decode(stored.response)["created_at"]
+        prep = await self._prepare(body, record["conversation"], stored.id)
+        return prep, ResponseEvents(stored.id, _header(body), created)
+
     async def _stream(
         self, request: web.Request, rid: str, events: AsyncGenerator[list[Event], None]
     ) -> web.StreamResponse:
@@ -332,133 +290,6 @@ class Responses:
                     await resp.write(b"".join(sse(data, kind) for _, kind, data in batch))
         await resp.write_eof()
         return resp
-
-    # -- background responses -------------------------------------------------------------
-
-    def _own(
-        self, rid: str, prep: PreparedRequest, builder: ResponseEvents, stored_last: int
-    ) -> Running:
-        """Generates a background response in this process, whatever its clients do."""
-        running = Running(builder)
-        self.running[rid] = running
-        running.task = asyncio.create_task(self._generate(rid, prep, running, stored_last))
-        return running
-
-    async def _generate(
-        self, rid: str, prep: PreparedRequest, running: Running, stored_last: int
-    ) -> None:
-        request_id_var.set(rid)
-        writer = asyncio.create_task(self._writer(rid, running, stored_last))
-        try:
-            async with contextlib.aclosing(self._events(prep, running.builder)) as gen:
-                async for batch in gen:
-                    running.publish(batch)
-            running.publish([], ended=True)
-            await writer  # its last batch written
-        finally:
-            writer.cancel()
-            running.publish([], ended=True)
-            if self.running.get(rid) is running:
-                del self.running[rid]
-
-    async def _writer(self, rid: str, running: Running, stored_last: int) -> None:
-        """Writes the owner's events in batches (every BATCH_S at most, at least every
-        BEAT_S) until the response ends; stops the generation if the store says the
-        response is no longer ours (cancelled, deleted, taken over)."""
-        written = stored_last
-        builder = running.builder
-        while True:
-            ended = running.ended
-            new = running.events[written + 1 :]
-            try:
-                result = await self.store.append(
-                    rid, self.owner, [(s, d) for s, _, d in new], builder.encoded(),
-                    builder.status,
-                )  # fmt: skip
-            except StoreError as e:  # kept, and written with the next batch
-                self.metrics.store_errors.inc()
-                log.error("Response ID: %s: %s", rid, e)
-            else:
-                if new:
-                    written = new[-1][0]
-                if result is Write.LOST:
-                    log.info("Response ID: %s is no longer this frontend's: stopping", rid)
-                    if running.task is not None:
-                        running.task.cancel()
-                    return
-                if ended:
-                    return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(BEAT_S):
-                    await running.changed()
-                    await asyncio.sleep(BATCH_S)  # let a batch gather
-
-    async def _follow_local(
-        self, running: Running, after: int
-    ) -> AsyncGenerator[list[Event], None]:
-        i = after + 1
-        while True:
-            if i < len(running.events):
-                batch = running.events[i:]
-                i += len(batch)
-                yield batch
-                continue
-            if running.ended:
-                return
-            await running.changed()
-
-    async def _follow(self, stored: Stored, after: int) -> AsyncGenerator[list[Event], None]:
-        """Events after `after` of a background response, to its end: from this process if
-        it owns it, else from the store (taking it over if its owner went silent)."""
-        rid = stored.id
-        while True:
-            running = self.running.get(rid)
-            if running is not None:
-                async with contextlib.aclosing(self._follow_local(running, after)) as local:
-                    async for batch in local:
-                        after = batch[-1][0]
-                        yield batch
-                if running.builder.done or running.builder.status is Status.CANCELLED:
-                    return
-                stored = await self._get(rid)  # let go, or lost: read on from the store
-            rows = await self._store(self.store.events(rid, after))
-            if rows:
-                batch = [(s, _kind(d), d) for s, d in rows]
-                after = rows[-1][0]
-                yield batch
-                if batch[-1][1] in TERMINAL:
-                    return
-                continue
-            stored = await self._get(rid)
-            if not stored.status.running:
-                if stored.last_seq <= after:
-                    return
-                continue
-            if not await self._take_over_if_stale(stored):
-                await asyncio.sleep(POLL_S)
-
-    async def _take_over_if_stale(self, stored: Stored) -> bool:
-        """Claims a running response whose owner went silent and generates it again here;
-        True if this process owns it now."""
-        if stored.id in self.running:
-            return True
-        if time.time() - stored.heartbeat < STALE_S:
-            return False
-        if not await self._store(self.store.claim(stored.id, self.owner, STALE_S)):
-            return False
-        record = msgspec.json.decode(stored.request)
-        body = msgspec.convert(record["body"], rapi.ResponsesRequest)
-        old = msgspec.json.decode(stored.response)
-        prep = await self._prepare(body, record["conversation"], stored.id)
-        builder = ResponseEvents(stored.id, _header(body), old["created_at"])
-        self._own(stored.id, prep, builder, stored_last=stored.last_seq)
-        self.metrics.response_takeovers.inc()
-        log.info("Took over Response ID: %s after event %d", stored.id, stored.last_seq)
-        return True
-
-
-def _kind(data: bytes) -> str:
-    return str(msgspec.json.decode(data)["type"])
 
 
 def _json(doc: dict[str, Any]) -> web.Response:

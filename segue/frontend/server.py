@@ -58,7 +58,7 @@ async def run_frontend(
     await stop.wait()
     log.info("frontend stopping: no new connections, finishing streams")
     fe.shutting_down = True
-    await fe.responses.detach_all()  # their clients resume at another frontend
+    await fe.responses.background.detach_all()  # their clients resume at another frontend
     await runner.cleanup()
     if system is not None and publisher is not None:
         publisher.cancel()

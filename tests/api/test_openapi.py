@@ -11,7 +11,14 @@ from segue.api import openai as oai
 def test_openapi_document_is_the_validating_types(agg2):
     doc = httpx.get(agg2.url + "/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health"):
+    for path in (
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/responses",
+        "/v1/responses/{response_id}",
+        "/v1/models",
+        "/health",
+    ):
         assert path in doc["paths"], path
     _, want = msgspec.json.schema_components(
         (oai.CompletionRequest, oai.ChatCompletionRequest),
