@@ -140,7 +140,7 @@ class Background:
             try:
                 result = await self.store.append(
                     rid, self.owner, [(s, d) for s, _, d in new], builder.encoded(),
-                    builder.status,
+                    builder.status, msgspec.json.encode(builder.tokens),
                 )  # fmt: skip
             except StoreError as e:  # kept, and written with the next batch
                 self.metrics.store_errors.inc()
@@ -203,14 +203,15 @@ class Background:
                 await asyncio.sleep(POLL_S)
 
     async def take_over_if_stale(self, stored: Stored) -> bool:
-        """Claims a running response whose owner went silent and generates it again here;
-        True if this process owns it now."""
+        """Claims a running response whose owner went silent and goes on with it here
+        from its stored tokens; True if this process owns it now."""
         if stored.id in self.running:
             return True
         if time.time() - stored.heartbeat < STALE_S:
             return False
         if not await self.source.store_op(self.store.claim(stored.id, self.owner, STALE_S)):
             return False
+        stored = await self.source.get(stored.id)  # as its last owner left it
         prep, builder = await self.source.restart(stored)
         self.own(stored.id, prep, builder, stored_last=stored.last_seq)
         self.metrics.response_takeovers.inc()

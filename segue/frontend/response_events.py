@@ -3,11 +3,13 @@ events (`response.created`, `response.in_progress`, output items with their cont
 and text deltas, function calls with their argument deltas, then `response.completed`,
 `response.incomplete` or `response.failed`), each with its `sequence_number`.
 
-Every event is a function of the response's request and of its text so far (item ids and
-call ids are derived from the response id; the tool-call parser's state is a function of
-the text), so a response generated again elsewhere (a frontend that took over a response
-whose frontend died) emits the same events with the same numbers: a client resuming after
-event N gets exactly what an uninterrupted stream would have sent after N.
+Every event is a function of the response's request and of its tokens, whatever frames they
+arrived in: tokens are detokenized one at a time (so where a text delta ends does not
+depend on how the worker grouped tokens into frames), item ids and call ids are derived
+from the response id, and the tool-call parser's state is a function of the text. A
+frontend that takes over a response replays its stored tokens through a fresh builder,
+which makes the stored events again, number for number, and goes on from there: a client
+resuming after event N gets exactly what an uninterrupted stream would have sent after N.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Any
 
 import msgspec
 
+from segue.frontend.output import IncrementalDetokenizer
 from segue.frontend.response_store import Status
-from segue.frontend.tool_calls import ParsedCall
+from segue.frontend.tool_calls import ParsedCall, ToolCallParser
 from segue.protocol import FinishReason
+from segue.tokenizer import Tokenizer
 
 _encode = msgspec.json.encode
 
@@ -36,8 +40,18 @@ class ResponseEvents:
     """Builds one response's object and events; `emitted` holds the events (encoded) made
     since it was last emptied."""
 
-    def __init__(self, response_id: str, header: dict[str, Any], created_at: int) -> None:
+    def __init__(
+        self,
+        response_id: str,
+        header: dict[str, Any],
+        created_at: int,
+        tokenizer: Tokenizer,
+        parser: ToolCallParser | None,
+    ) -> None:
         self.id = response_id
+        self.tokens: list[int] = []  # the output so far
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._parser = parser
         self.header = header  # the request's fields that the response object echoes
         self.created_at = created_at
         self.status = Status.QUEUED if header.get("background") else Status.IN_PROGRESS
@@ -80,6 +94,23 @@ class ResponseEvents:
         self._emit("response.created", response=self.response())
         self.status = Status.IN_PROGRESS
         self._emit("response.in_progress", response=self.response())
+
+    def add(self, token_ids: list[int]) -> None:
+        """New output tokens, one at a time."""
+        for t in token_ids:
+            self.tokens.append(t)
+            self._feed(self._detok.add([t]))
+
+    def _feed(self, text: str, last: bool = False) -> None:
+        if self._parser is None:
+            self.text(text)
+            return
+        content, calls = self._parser.feed(text)
+        if last:
+            rest, more = self._parser.finish()
+            content, calls = content + rest, calls + more
+        self.text(content)
+        self.calls(calls)
 
     def text(self, delta: str) -> None:
         if not delta:
@@ -156,10 +187,10 @@ class ResponseEvents:
             item["status"] = "completed"
             self._emit("response.output_item.done", output_index=index, item=item)
 
-    def finish(
-        self, reason: FinishReason, input_tokens: int, output_tokens: int, cached: int
-    ) -> None:
+    def finish(self, reason: FinishReason, input_tokens: int, cached: int) -> None:
+        self._feed(self._detok.flush(), last=True)
         self._close_message()
+        output_tokens = len(self.tokens)
         self.usage = {
             "input_tokens": input_tokens,
             "input_tokens_details": {"cached_tokens": min(cached, input_tokens)},

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS responses (
     request BLOB NOT NULL,
     input_items BLOB NOT NULL,
     response BLOB NOT NULL,
+    tokens BLOB NOT NULL DEFAULT '[]',
     last_seq INTEGER NOT NULL DEFAULT -1,
     owner TEXT NOT NULL DEFAULT '',
     heartbeat REAL NOT NULL DEFAULT 0
@@ -85,6 +86,7 @@ class Stored:
     request: bytes  # the Responses body as received (JSON)
     input_items: bytes  # JSON list
     response: bytes  # the response object, as of the last write (JSON)
+    tokens: bytes  # its output tokens as of the last write (a JSON list)
     last_seq: int
     owner: str
     heartbeat: float
@@ -191,9 +193,10 @@ class ResponseStore:
         events: list[tuple[int, bytes]],
         response: bytes,
         status: Status,
+        tokens: bytes,
     ) -> Write:
-        """An owner's batch: its events, the response as of them, its status; written only
-        while `owner` still owns the running response."""
+        """An owner's batch: its events, the response and its tokens as of them, its
+        status; written only while `owner` still owns the running response."""
         now = time.time()
 
         def append(db: sqlite3.Connection) -> Write:
@@ -209,9 +212,9 @@ class ResponseStore:
                 )
                 last = events[-1][0] if events else None
                 db.execute(
-                    "UPDATE responses SET status = ?, response = ?, heartbeat = ?,"
+                    "UPDATE responses SET status = ?, response = ?, tokens = ?, heartbeat = ?,"
                     " last_seq = COALESCE(?, last_seq) WHERE id = ?",
-                    (status, response, now, last, rid),
+                    (status, response, tokens, now, last, rid),
                 )
                 return Write.OK
 
@@ -299,12 +302,13 @@ class ResponseStore:
 
 def _get(db: sqlite3.Connection, rid: str) -> Stored | None:
     row = db.execute(
-        "SELECT id, status, background, request, input_items, response, last_seq, owner,"
-        " heartbeat FROM responses WHERE id = ? AND expires >= ?",
+        "SELECT id, status, background, request, input_items, response, tokens, last_seq,"
+        " owner, heartbeat FROM responses WHERE id = ? AND expires >= ?",
         (rid, time.time()),
     ).fetchone()
     if row is None:
         return None
     return Stored(
-        row[0], Status(row[1]), bool(row[2]), row[3], row[4], row[5], row[6], row[7], row[8]
-    )
+        row[0], Status(row[1]), bool(row[2]), row[3], row[4], row[5], row[6], row[7], row[8],
+        row[9],
+    )  # fmt: skip

@@ -94,7 +94,7 @@ class Responses:
             items = rapi.input_items(body)
             created = int(time.time())
             prep = await self._prepare(body, conversation + items, rid)
-            builder = ResponseEvents(rid, _header(body), created)
+            builder = self.builder(prep, _header(body), created)
             if body.store:
                 record = {"body": msgspec.json.decode(raw), "conversation": conversation + items}
                 await self.store_op(
@@ -240,31 +240,32 @@ class Responses:
             raise
         return prep
 
+    def builder(
+        self, prep: PreparedRequest, header: dict[str, Any], created: int
+    ) -> ResponseEvents:
+        tok = self.models.require(prep.state.model).tokenizer
+        parser = tool_parser(prep, 0) if prep.tool_parser is not None else None
+        return ResponseEvents(prep.request_id, header, created, tok, parser)
+
     async def events(
         self, prep: PreparedRequest, builder: ResponseEvents
     ) -> AsyncGenerator[list[Event], None]:
-        """The response's events, in batches as they are made, from its start to its
-        terminal event (a failure to generate is `response.failed`)."""
-        builder.start()
-        yield builder.take()
+        """The response's events, in batches as they are made, to its terminal event (a
+        failure to generate is `response.failed`); from its start, or from where a
+        builder replayed with the request's earlier tokens (`prep.state.generated`) is."""
+        if builder.seq < 0:
+            builder.start()
+            yield builder.take()
         output = self.models.require(prep.state.model).output
-        parser = tool_parser(prep, 0) if prep.tool_parser is not None else None
-        made = 0
         try:
             async with contextlib.aclosing(self.generations.choice_deltas(prep, output)) as ds:
                 async for _, d in ds:
-                    made += len(d.token_ids)
-                    text, calls = (d.text, []) if parser is None else parser.feed(d.text)
-                    if d.finish_reason is not None and parser is not None:
-                        rest, more = parser.finish()
-                        text, calls = text + rest, calls + more
-                    builder.text(text)
-                    builder.calls(calls)
+                    builder.add(d.token_ids)
                     if d.finish_reason is not None:
                         reason = d.finish_reason
                         if reason is FinishReason.TOOL_CALLS:
                             reason = FinishReason.STOP
-                        builder.finish(reason, prep.prompt_len, made, d.cached_tokens)
+                        builder.finish(reason, prep.prompt_len, d.cached_tokens)
                     if builder.emitted:
                         yield builder.take()
         except (oai.APIError, NoWorkerError, MigrationError, RejectedError) as e:
@@ -273,11 +274,22 @@ class Responses:
             yield builder.take()
 
     async def restart(self, stored: Stored) -> tuple[PreparedRequest, ResponseEvents]:
+        """A stored running response, to go on from its stored tokens: the request with
+        them as generated (the next worker continues from there, as after a migration),
+        and a builder that made its stored events again from them."""
         record = msgspec.json.decode(stored.request)
         body = msgspec.convert(record["body"], rapi.ResponsesRequest)
         created = msgspec.json.decode(stored.response)["created_at"]
         prep = await self._prepare(body, record["conversation"], stored.id)
-        return prep, ResponseEvents(stored.id, _header(body), created)
+        builder = self.builder(prep, _header(body), created)
+        tokens = msgspec.json.decode(stored.tokens)
+        builder.start()
+        builder.add(tokens)
+        if builder.seq != stored.last_seq:  # stored in one transaction: a bug if so
+            log.error("Response ID: %s: its tokens do not make its events", stored.id)
+            return prep, self.builder(prep, _header(body), created)  # from its start
+        prep.state.generated = list(tokens)
+        return prep, builder
 
     async def _stream(
         self, request: web.Request, rid: str, events: AsyncGenerator[list[Event], None]
