@@ -27,7 +27,7 @@ from segue.frontend.models import ModelRegistry
 from segue.frontend.openapi import openapi_document
 from segue.frontend.output import OutputProcessor
 from segue.frontend.preprocess import decode_json
-from segue.frontend.response_store import ResponseStore
+from segue.frontend.response_store import open_store
 from segue.frontend.responses import Responses
 from segue.router import Router
 from segue.tokenizer import Tokenizer
@@ -72,7 +72,7 @@ class Frontend:
             prefill_fallback=cfg.prefill_fallback,
         )
         self.generations = Generations(cfg, self.models, self.client, self.metrics)
-        self.store = ResponseStore(cfg.store_path, cfg.store_ttl)
+        self.store = open_store(cfg.store, cfg.store_ttl)
         self.responses = Responses(cfg, self.models, self.generations, self.store, self.metrics)
         self.guard: ConnectionGuard | None = None  # set once the runner has made it
         self.keys = ApiKeys(cfg.api_key_file) if cfg.api_key_file else None

@@ -36,6 +36,7 @@ BATCH_S = 0.05  # events wait at most this long before their batch is written
 BEAT_S = 0.5  # an owner writes at least this often, events or none
 STALE_S = 3.0  # an owner silent this long has died or let go: take the response over
 POLL_S = 0.02  # a follower of a response owned elsewhere reads the store this often
+FINAL_TRIES = 20  # a response's last batch is given up after this many failed writes
 
 Event = tuple[int, str, bytes]  # sequence number, type, JSON
 T = TypeVar("T")
@@ -58,18 +59,31 @@ class Source(Protocol):
 
 
 class Running:
-    """A background response this process owns: its events so far, for local followers."""
+    """A background response this process owns: its events so far, for local followers
+    (who see the terminal event only once it is stored, so a client that saw the end
+    finds the finished response at any frontend)."""
 
     def __init__(self, builder: ResponseEvents) -> None:
         self.builder = builder
         self.events: list[Event] = []
+        self.visible = 0  # events local followers may read
         self.task: asyncio.Task[None] | None = None
+        self.generated = False  # the last event is made: the writer writes it and stops
         self.ended = False  # done, failed, cancelled or let go: followers stop
         self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def publish(self, events: list[Event], ended: bool = False) -> None:
+    def add(self, events: list[Event], visible: bool = True) -> None:
         self.events += events
-        self.ended = self.ended or ended
+        if visible:
+            self.visible = len(self.events)
+        self._notify()
+
+    def end(self) -> None:
+        self.visible = len(self.events)
+        self.ended = True
+        self._notify()
+
+    def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.get_running_loop().create_future()
         changed.set_result(None)
 
@@ -97,7 +111,7 @@ class Background:
         for rid, running in list(self.running.items()):
             if running.task is not None:
                 running.task.cancel()
-            running.publish([], ended=True)
+            running.end()
             with contextlib.suppress(StoreError):
                 await self.store.release(rid, self.owner)
             log.info("Detached Response ID: %s (frontend stopping)", rid)
@@ -119,32 +133,38 @@ class Background:
         try:
             async with contextlib.aclosing(self.source.events(prep, running.builder)) as gen:
                 async for batch in gen:
-                    running.publish(batch)
-            running.publish([], ended=True)
-            await writer  # its last batch written
+                    running.add(batch, visible=not running.builder.done)
+            running.generated = True
+            running.add([], visible=False)  # wakes the writer
+            await writer  # the last batch written
         finally:
             writer.cancel()
-            running.publish([], ended=True)
+            running.end()
             if self.running.get(rid) is running:
                 del self.running[rid]
 
     async def _writer(self, rid: str, running: Running, stored_last: int) -> None:
         """Writes the owner's events in batches (every BATCH_S at most, at least every
         BEAT_S) until the response ends; stops the generation if the store says the
-        response is no longer ours (cancelled, deleted, taken over)."""
+        response is no longer ours (cancelled, deleted, taken over). A failed write is
+        tried again with the next batch; the last one at most FINAL_TRIES times."""
         written = stored_last
         builder = running.builder
+        tries = 0
         while True:
-            ended = running.ended
+            last = running.generated
             new = running.events[written + 1 :]
             try:
                 result = await self.store.append(
                     rid, self.owner, [(s, d) for s, _, d in new], builder.encoded(),
                     builder.status, msgspec.json.encode(builder.tokens),
                 )  # fmt: skip
-            except StoreError as e:  # kept, and written with the next batch
+            except StoreError as e:
                 self.metrics.store_errors.inc()
                 log.error("Response ID: %s: %s", rid, e)
+                tries += last
+                if tries >= FINAL_TRIES:
+                    return
             else:
                 if new:
                     written = new[-1][0]
@@ -153,18 +173,19 @@ class Background:
                     if running.task is not None:
                         running.task.cancel()
                     return
-                if ended:
+                if last:
                     return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(BEAT_S):
                     await running.changed()
-                    await asyncio.sleep(BATCH_S)  # let a batch gather
+                    if not running.generated:
+                        await asyncio.sleep(BATCH_S)  # let a batch gather
 
     async def follow_local(self, running: Running, after: int) -> AsyncGenerator[list[Event], None]:
         i = after + 1
         while True:
-            if i < len(running.events):
-                batch = running.events[i:]
+            if i < running.visible:
+                batch = running.events[i : running.visible]
                 i += len(batch)
                 yield batch
                 continue

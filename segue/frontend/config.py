@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 
 from segue.disagg import PrefillFallback, Strategy
@@ -109,20 +108,12 @@ class FrontendConfig:
     )
     store: str = option(
         "",
-        help="the Responses API's store: sqlite:PATH, a file every frontend process of this "
-        "host may share (default: segue-responses.sqlite3 in the temp directory)",
+        help="the Responses API's store: redis://HOST:PORT/DB (frontends on several "
+        "machines) or sqlite:PATH, a file every frontend process of one host may share "
+        "(default: segue-responses.sqlite3 in the temp directory)",
     )
     store_ttl: float = option(86400.0, help="seconds a stored response is kept (the Responses API)")
     listen_fd: int | None = option(None, hidden=True, help="a listening socket (from --processes)")
-
-    @property
-    def store_path(self) -> str:
-        """The SQLite file of the response store."""
-        if not self.store:
-            return os.path.join(tempfile.gettempdir(), "segue-responses.sqlite3")
-        if not self.store.startswith("sqlite:"):
-            raise ValueError(f"--store {self.store!r}: only sqlite:PATH stores exist yet")
-        return self.store.removeprefix("sqlite:").removeprefix("//")
 
     @property
     def served_model_name(self) -> str:

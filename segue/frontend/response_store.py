@@ -1,6 +1,8 @@
 """The response store of the Responses API: each stored response's request, input items,
-status, current object and (for background responses) its streamed events, reachable from
-every frontend process that names the same store.
+status, current object, output tokens and (for background responses) its streamed events,
+reachable from every frontend process that names the same store (`ResponseStore`, made by
+`open_store` from `--store`): an SQLite file on one host (here) or Redis for several
+(redis_store.py).
 
 The embedded store is an SQLite file (WAL mode): every frontend process of one host opens
 the same file, so a response created at one is read, resumed or cancelled at another, and
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -92,8 +96,68 @@ class Stored:
     heartbeat: float
 
 
-class ResponseStore:
-    def __init__(self, path: str | Path, ttl: float, max_responses: int = 100_000) -> None:
+class ResponseStore(Protocol):
+    """Every change is atomic; writes of a running response's owner are guarded by its
+    ownership. Failures raise StoreError."""
+
+    writes: int
+
+    async def create(
+        self,
+        rid: str,
+        request: bytes,
+        input_items: bytes,
+        response: bytes,
+        status: Status,
+        background: bool,
+        owner: str,
+    ) -> None: ...
+
+    async def append(
+        self,
+        rid: str,
+        owner: str,
+        events: list[tuple[int, bytes]],
+        response: bytes,
+        status: Status,
+        tokens: bytes,
+    ) -> Write: ...
+
+    async def finish(self, rid: str, response: bytes, status: Status) -> None: ...
+
+    async def claim(self, rid: str, owner: str, stale_after: float) -> bool: ...
+
+    async def release(self, rid: str, owner: str) -> None: ...
+
+    async def cancel(self, rid: str, response: Callable[[bytes], bytes]) -> Stored | None: ...
+
+    async def delete(self, rid: str) -> bool: ...
+
+    async def get(self, rid: str) -> Stored | None: ...
+
+    async def events(self, rid: str, after: int) -> list[tuple[int, bytes]]: ...
+
+    async def close(self) -> None: ...
+
+
+MAX_RESPONSES = 100_000
+
+
+def open_store(url: str, ttl: float) -> ResponseStore:
+    """`--store`: redis://HOST:PORT/DB, sqlite:PATH, or empty (an SQLite file in the
+    temp directory)."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from segue.frontend.redis_store import RedisStore
+
+        return RedisStore(url, ttl)
+    if url and not url.startswith("sqlite:"):
+        raise ValueError(f"--store {url!r}: give redis://HOST:PORT/DB or sqlite:PATH")
+    path = url.removeprefix("sqlite:").removeprefix("//")
+    return SqliteStore(path or os.path.join(tempfile.gettempdir(), "segue-responses.sqlite3"), ttl)
+
+
+class SqliteStore:
+    def __init__(self, path: str | Path, ttl: float, max_responses: int = MAX_RESPONSES) -> None:
         self.path = str(path)
         self.ttl = ttl
         self.max_responses = max_responses

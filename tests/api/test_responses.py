@@ -11,8 +11,10 @@ import signal
 import httpx
 import openai
 import pytest
+from etcd import Etcd
 from faults import metric
-from harness import wait_until
+from harness import Deployment, wait_until
+from redis_server import Redis
 
 MODEL = "segue-mocker"
 PROMPT = "the river and the sea"
@@ -23,11 +25,25 @@ def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-@pytest.fixture
-def two_frontends(deploy):
-    deploy.start_frontend()
-    deploy.start_frontend()
-    return deploy
+@pytest.fixture(params=["sqlite+file", "redis+etcd"])
+def two_frontends(request, tmp_path):
+    """Two frontends sharing discovery and a response store: the embedded SQLite file with
+    file discovery, or Redis with etcd (as frontends on several machines would)."""
+    servers: list = []
+    if request.param == "redis+etcd":
+        servers = [Etcd(tmp_path), Redis(tmp_path)]
+        d = Deployment(tmp_path, discovery=servers[0].spec)
+        extra: tuple[str, ...] = ("--store", servers[1].url)
+    else:
+        d, extra = Deployment(tmp_path), ()
+    try:
+        d.start_frontend(*extra)
+        d.start_frontend(*extra)
+        yield d
+    finally:
+        d.stop()
+        for s in servers:
+            s.stop()
 
 
 def text_of(events) -> str:
@@ -243,3 +259,36 @@ def test_bad_requests_name_the_problem(agg2):
     r = httpx.get(f"{url}/{done.id}", params={"stream": "true", "starting_after": 99})
     assert r.status_code == 400 and "starting_after" in r.text
     assert client(agg2.url).responses.cancel(done.id).status == "incomplete"  # unchanged
+
+
+def test_with_redis_down_only_what_needs_it_fails_and_at_once(deploy, tmp_path):
+    """A request that needs the store gets a 503 naming it within the store's timeout
+    (never a hang); store: false, chat and completions are unaffected; when Redis is back
+    the store is used again."""
+    server = Redis(tmp_path)
+    try:
+        deploy.start_frontend("--store", server.url)
+        deploy.start_worker()
+        c = client(deploy.url)
+        assert c.responses.create(model=MODEL, input="x", max_output_tokens=3).status
+        server.stop()
+        r = httpx.post(
+            deploy.url + "/v1/responses",
+            json={"model": MODEL, "input": "x", "max_output_tokens": 3},
+            timeout=30,
+        )
+        assert r.status_code == 503 and "response store" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "store_unavailable"
+        free = c.responses.create(model=MODEL, input="x", max_output_tokens=3, store=False)
+        assert free.status == "incomplete"
+        chat = c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3
+        )
+        assert chat.choices[0].finish_reason == "length"
+        assert metric(deploy, "segue_frontend_store_errors_total") >= 1
+        server.start()
+        back = c.responses.create(model=MODEL, input="x", max_output_tokens=3)
+        assert c.responses.retrieve(back.id).status == "incomplete"
+    finally:
+        deploy.stop()
+        server.stop()
