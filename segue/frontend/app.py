@@ -27,8 +27,8 @@ from segue.frontend.models import ModelRegistry
 from segue.frontend.openapi import openapi_document
 from segue.frontend.output import OutputProcessor
 from segue.frontend.preprocess import decode_json
-from segue.frontend.response_store import open_store
 from segue.frontend.responses import Responses
+from segue.frontend.stores import open_store
 from segue.router import Router
 from segue.tokenizer import Tokenizer
 from segue.transport import RequestPlane

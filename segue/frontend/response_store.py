@@ -1,7 +1,7 @@
 """The response store of the Responses API: each stored response's request, input items,
 status, current object, output tokens and (for background responses) its streamed events,
-reachable from every frontend process that names the same store (`ResponseStore`, made by
-`open_store` from `--store`): an SQLite file on one host (here) or Redis for several
+reachable from every frontend process that names the same store (`ResponseStore`, made
+from `--store` by stores.py): an SQLite file on one host (here) or Redis for several
 (redis_store.py).
 
 The embedded store is an SQLite file (WAL mode): every frontend process of one host opens
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -141,19 +139,6 @@ class ResponseStore(Protocol):
 
 
 MAX_RESPONSES = 100_000
-
-
-def open_store(url: str, ttl: float) -> ResponseStore:
-    """`--store`: redis://HOST:PORT/DB, sqlite:PATH, or empty (an SQLite file in the
-    temp directory)."""
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from segue.frontend.redis_store import RedisStore
-
-        return RedisStore(url, ttl)
-    if url and not url.startswith("sqlite:"):
-        raise ValueError(f"--store {url!r}: give redis://HOST:PORT/DB or sqlite:PATH")
-    path = url.removeprefix("sqlite:").removeprefix("//")
-    return SqliteStore(path or os.path.join(tempfile.gettempdir(), "segue-responses.sqlite3"), ttl)
 
 
 class SqliteStore:
