@@ -4,12 +4,12 @@ followers, how a follower reads a response owned elsewhere, and the take-over of
 owner went silent.
 
 The owner writes a response's events to the store in batches (every BATCH_S at most, and at
-least every BEAT_S as a heartbeat), each write guarded by its ownership. A frontend asked
-about a running response whose owner has not written for STALE_S (it died, or let it go at
-shutdown) claims it in the store (one transaction: one frontend wins) and generates it again
-from its stored request: the events are a function of the request and its tokens, so the new
-owner's events equal the first owner's, number for number; it writes those after the last
-stored one.
+least every BEAT_S as a heartbeat) with its tokens, each write guarded by its ownership. A
+frontend asked about a running response whose owner is gone (a dead pid on this host), let
+it go at shutdown or has not written for STALE_S claims it in the store (one transaction:
+one frontend wins) and goes on from its stored tokens: the events are a function of the
+request and its tokens, so a builder replaying them makes the stored events again, number
+for number; the new owner writes those after the last stored one.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable
@@ -96,7 +98,9 @@ class Background:
         self.store = store
         self.metrics = metrics
         self.source = source
-        self.owner = uuid.uuid4().hex  # this process, as the store knows its responses
+        # this process, as the store knows its responses: its host and pid tell a frontend
+        # of the same host at once that it died
+        self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
         self.running: dict[str, Running] = {}
 
     def stop(self, rid: str) -> None:
@@ -228,9 +232,11 @@ class Background:
         from its stored tokens; True if this process owns it now."""
         if stored.id in self.running:
             return True
-        if time.time() - stored.heartbeat < STALE_S:
+        gone = owner_gone(stored.owner)
+        if not gone and time.time() - stored.heartbeat < STALE_S:
             return False
-        if not await self.source.store_op(self.store.claim(stored.id, self.owner, STALE_S)):
+        claim = self.store.claim(stored.id, self.owner, stored.owner, 0 if gone else STALE_S)
+        if not await self.source.store_op(claim):
             return False
         stored = await self.source.get(stored.id)  # as its last owner left it
         prep, builder = await self.source.restart(stored)
@@ -238,6 +244,21 @@ class Background:
         self.metrics.response_takeovers.inc()
         log.info("Took over Response ID: %s after event %d", stored.id, stored.last_seq)
         return True
+
+
+def owner_gone(owner: str) -> bool:
+    """Whether the frontend process `owner` is known dead: on this host, its pid is gone.
+    (On another host only its silence tells: STALE_S.)"""
+    host, pid, _ = (owner.split("/", 2) + ["", ""])[:3]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _kind(data: bytes) -> str:

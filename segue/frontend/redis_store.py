@@ -41,9 +41,10 @@ return 1
 """
 
 _CLAIM = """
-local st = redis.call('HMGET', KEYS[1], 'status', 'heartbeat')
+local st = redis.call('HMGET', KEYS[1], 'status', 'heartbeat', 'owner')
 if not st[1] or (st[1] ~= 'queued' and st[1] ~= 'in_progress') then return 0 end
-if tonumber(st[2]) >= tonumber(ARGV[2]) - tonumber(ARGV[3]) then return 0 end
+if st[3] ~= ARGV[4] then return 0 end
+if tonumber(st[2]) > tonumber(ARGV[2]) - tonumber(ARGV[3]) then return 0 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'heartbeat', ARGV[2])
 return 1
 """
@@ -161,9 +162,10 @@ class RedisStore:
         await self._run(self.r.hset(r, mapping={"status": status.value, "response": response}))
         self.writes += 1
 
-    async def claim(self, rid: str, owner: str, stale_after: float) -> bool:
+    async def claim(self, rid: str, owner: str, was: str, stale_after: float) -> bool:
         r, _ = self._keys(rid)
-        ok = await self._run(self._claim(keys=[r], args=[owner, time.time(), stale_after]))
+        args: list[Any] = [owner, time.time(), stale_after, was]
+        ok = await self._run(self._claim(keys=[r], args=args))
         return bool(ok)
 
     async def release(self, rid: str, owner: str) -> None:

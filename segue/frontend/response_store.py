@@ -123,7 +123,10 @@ class ResponseStore(Protocol):
 
     async def finish(self, rid: str, response: bytes, status: Status) -> None: ...
 
-    async def claim(self, rid: str, owner: str, stale_after: float) -> bool: ...
+    async def claim(self, rid: str, owner: str, was: str, stale_after: float) -> bool:
+        """Takes a running response over from `was`, if it still owns it and has not
+        written for `stale_after` s; True if `owner` now owns it."""
+        ...
 
     async def release(self, rid: str, owner: str) -> None: ...
 
@@ -281,17 +284,17 @@ class SqliteStore:
 
         await self._run(finish)
 
-    async def claim(self, rid: str, owner: str, stale_after: float) -> bool:
-        """Takes over a running response whose owner stopped beating `stale_after` s ago
-        (died, or let it go at shutdown); True if `owner` now owns it."""
+    async def claim(self, rid: str, owner: str, was: str, stale_after: float) -> bool:
+        """Takes over a running response from `was` if it still owns it and stopped beating
+        `stale_after` s ago (died, or let it go at shutdown); True if `owner` now owns it."""
         now = time.time()
 
         def claim(db: sqlite3.Connection) -> bool:
             with self._tx(db):
                 cur = db.execute(
-                    "UPDATE responses SET owner = ?, heartbeat = ? WHERE id = ? AND status IN"
-                    " ('queued', 'in_progress') AND heartbeat < ?",
-                    (owner, now, rid, now - stale_after),
+                    "UPDATE responses SET owner = ?, heartbeat = ? WHERE id = ? AND owner = ?"
+                    " AND status IN ('queued', 'in_progress') AND heartbeat <= ?",
+                    (owner, now, rid, was, now - stale_after),
                 )
                 return cur.rowcount == 1
 

@@ -172,9 +172,9 @@ def wait_resumable(fe, rid: str, n: int) -> None:
 def test_background_response_survives_its_frontend(two_frontends, how):
     """The frontend generating a background response is SIGKILLed (or drained with
     SIGTERM) mid-stream; the client resumes at the other frontend, which takes the response
-    over (at once after a drain, after STALE_S after a kill) and generates it again from its
-    stored request: the events after N go on exactly, and the text equals an uninterrupted
-    response's (greedy, same input)."""
+    over at once (the killed owner's pid is gone; the drained one let it go) and continues it
+    from its stored tokens: the events after N go on exactly, and the text equals an
+    uninterrupted response's (greedy, same input)."""
     d = two_frontends
     w = d.start_worker(*SLOW)
     a, b = d.frontends

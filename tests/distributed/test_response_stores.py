@@ -34,9 +34,10 @@ def test_only_the_owner_writes_and_one_claimer_takes_a_silent_response(store):
         events = [(0, b'{"type":"response.created"}')]
         assert await store.append("r1", "a", events, b"{}", Status.IN_PROGRESS, b"[1]") is Write.OK
         assert await store.append("r1", "b", [], b"{}", Status.IN_PROGRESS, b"[]") is Write.LOST
-        assert not await store.claim("r1", "b", stale_after=60)  # its owner beat just now
+        assert not await store.claim("r1", "b", "a", stale_after=60)  # a beat just now
+        assert not await store.claim("r1", "b", "z", stale_after=0)  # z does not own it
         await store.release("r1", "a")  # let go: claimable at once, by one claimer
-        claims = await asyncio.gather(*(store.claim("r1", o, 60) for o in "bc"))
+        claims = await asyncio.gather(*(store.claim("r1", o, "a", 60) for o in "bc"))
         assert sorted(claims) == [False, True]
         winner = "b" if claims[0] else "c"
         assert await store.append("r1", "a", [], b"{}", Status.IN_PROGRESS, b"[]") is Write.LOST
