@@ -110,11 +110,18 @@ class OutputProcessor:
         self.itl = itl
 
     async def text_deltas(
-        self, deltas: AsyncGenerator[TokenDelta, None], stops: list[str]
+        self,
+        deltas: AsyncGenerator[TokenDelta, None],
+        stops: list[str],
+        per_token: bool = False,
+        detok: IncrementalDetokenizer | None = None,
     ) -> AsyncGenerator[TextDelta, None]:
         """Yields text deltas (never empty unless they carry token ids or the finish);
-        the last one has the finish reason. Closing it closes `deltas`."""
-        detok = IncrementalDetokenizer(self.tok)
+        the last one has the finish reason. Closing it closes `deltas`. `per_token`: one
+        delta per token, so where text deltas end does not depend on how the worker
+        grouped tokens into frames (the Responses API numbers its events); `detok`: one
+        that has seen the request's earlier tokens (a response taken over)."""
+        detok = detok or IncrementalDetokenizer(self.tok)
         stopper = StopChecker(stops)
         start = last = time.perf_counter()
         first = True
@@ -131,6 +138,20 @@ class OutputProcessor:
                     else:
                         itl.observe(now - last)
                     last = now
+                if per_token and len(ids) > 1:
+                    lps = d.logprobs
+                    for i, t in enumerate(ids[:-1]):
+                        text, hit = stopper.feed(detok.add([t]))
+                        at, pos = pos, pos + 1
+                        one = lps[i : i + 1] if lps else None
+                        plps = d.prompt_logprobs if i == 0 else None
+                        if hit:
+                            yield TextDelta(text, [t], FinishReason.STOP, at, one, plps)
+                            return
+                        yield TextDelta(text, [t], None, at, one, plps)
+                    last_lps = lps[-1:] if lps else None
+                    d = TokenDelta(ids[-1:], finish, last_lps, None, d.cached_tokens)
+                    ids = d.token_ids
                 text, hit = stopper.feed(detok.add(ids))
                 at, pos = pos, pos + len(ids)
                 lps, plps = d.logprobs, d.prompt_logprobs

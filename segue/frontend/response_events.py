@@ -26,6 +26,9 @@ from segue.protocol import FinishReason
 from segue.tokenizer import Tokenizer
 
 _encode = msgspec.json.encode
+_DELTA = "response.output_text.delta"
+_DELTA_HEAD = b'{"type":"response.output_text.delta","sequence_number":'
+_DELTA_TAIL = b',"logprobs":[]}'
 
 
 def _tag(response_id: str, what: str) -> str:
@@ -50,7 +53,7 @@ class ResponseEvents:
     ) -> None:
         self.id = response_id
         self.tokens: list[int] = []  # the output so far
-        self._detok = IncrementalDetokenizer(tokenizer)
+        self.detok = IncrementalDetokenizer(tokenizer)  # of the output, one token at a time
         self._parser = parser
         self.header = header  # the request's fields that the response object echoes
         self.created_at = created_at
@@ -62,6 +65,7 @@ class ResponseEvents:
         self.error: dict[str, Any] | None = None
         self.incomplete: dict[str, Any] | None = None
         self._message: dict[str, Any] | None = None  # the open message item
+        self._delta_ids = b""  # its ids in a delta event's JSON
         self._text: list[str] = []
 
     # -- the response object -------------------------------------------------------------
@@ -95,11 +99,15 @@ class ResponseEvents:
         self.status = Status.IN_PROGRESS
         self._emit("response.in_progress", response=self.response())
 
-    def add(self, token_ids: list[int]) -> None:
-        """New output tokens, one at a time."""
+    def add(self, token_ids: list[int], text: str) -> None:
+        """New output tokens and their text (from `detok`, fed one token at a time)."""
+        self.tokens += token_ids
+        self._feed(text)
+
+    def replay(self, token_ids: list[int]) -> None:
+        """Output tokens already made (stored by an earlier owner), one at a time."""
         for t in token_ids:
-            self.tokens.append(t)
-            self._feed(self._detok.add([t]))
+            self.add([t], self.detok.add([t]))
 
     def _feed(self, text: str, last: bool = False) -> None:
         if self._parser is None:
@@ -126,6 +134,9 @@ class ResponseEvents:
             }
             self.output.append(item)
             self._message = item
+            self._delta_ids = b'%s,"content_index":0,"delta":' % _encode(
+                {"item_id": item["id"], "output_index": index}
+            )[:-1].replace(b"{", b",", 1)
             self._emit("response.output_item.added", output_index=index, item=item)
             part = {"type": "output_text", "text": "", "annotations": []}
             self._emit(
@@ -135,16 +146,14 @@ class ResponseEvents:
                 content_index=0,
                 part=part,
             )
-        item = self._message
         self._text.append(delta)
-        self._emit(
-            "response.output_text.delta",
-            item_id=item["id"],
-            output_index=len(self.output) - 1,
-            content_index=0,
-            delta=delta,
-            logprobs=[],
+        # the event of every token: its JSON from a prefix made once per item (the bytes
+        # _emit would make, in the same key order)
+        self.seq += 1
+        data = b"".join(
+            (_DELTA_HEAD, b"%d" % self.seq, self._delta_ids, _encode(delta), _DELTA_TAIL)
         )
+        self.emitted.append((self.seq, _DELTA, data))
 
     def _close_message(self) -> None:
         item = self._message
@@ -188,7 +197,7 @@ class ResponseEvents:
             self._emit("response.output_item.done", output_index=index, item=item)
 
     def finish(self, reason: FinishReason, input_tokens: int, cached: int) -> None:
-        self._feed(self._detok.flush(), last=True)
+        self._feed("", last=True)
         self._close_message()
         output_tokens = len(self.tokens)
         self.usage = {

@@ -10,7 +10,8 @@ outlives the process that made it. Every change is one transaction; the owner of
 background response (the frontend generating it) writes its events in batches, each batch
 guarded by its ownership, so a response is never half-written and a frontend that lost it
 (cancelled, or taken over after it stopped beating) writes nothing more. Responses expire
-after `ttl` seconds and at most `max_responses` are kept (oldest out): bounded on disk.
+after `ttl` seconds and at most `max_responses` are kept (oldest out; both swept every
+SWEEP_S at a create): bounded on disk.
 
 SQLite is blocking: every call runs on one thread of the store's own, off the event loop.
 """
@@ -144,12 +145,16 @@ class ResponseStore(Protocol):
 MAX_RESPONSES = 100_000
 
 
+SWEEP_S = 10.0  # expired and surplus responses are removed this often (at a create)
+
+
 class SqliteStore:
     def __init__(self, path: str | Path, ttl: float, max_responses: int = MAX_RESPONSES) -> None:
         self.path = str(path)
         self.ttl = ttl
         self.max_responses = max_responses
         self.writes = 0  # transactions that changed something, for tests and benchmarks
+        self._next_sweep = 0.0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="response-store")
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -210,7 +215,9 @@ class SqliteStore:
 
         def create(db: sqlite3.Connection) -> None:
             with self._tx(db):
-                self._expire(db, now)
+                if now >= self._next_sweep:  # a scan: not on every create
+                    self._next_sweep = now + SWEEP_S
+                    self._expire(db, now)
                 db.execute(
                     "INSERT INTO responses (id, created, expires, status, background, request,"
                     " input_items, response, owner, heartbeat) VALUES (?,?,?,?,?,?,?,?,?,?)",

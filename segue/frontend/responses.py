@@ -257,10 +257,12 @@ class Responses:
             builder.start()
             yield builder.take()
         output = self.models.require(prep.state.model).output
+        tokens = self.generations.client.generate(prep.state)
+        deltas = output.text_deltas(tokens, [], per_token=True, detok=builder.detok)
         try:
-            async with contextlib.aclosing(self.generations.choice_deltas(prep, output)) as ds:
-                async for _, d in ds:
-                    builder.add(d.token_ids)
+            async with contextlib.aclosing(deltas) as ds:
+                async for d in ds:
+                    builder.add(d.token_ids, d.text)
                     if d.finish_reason is not None:
                         reason = d.finish_reason
                         if reason is FinishReason.TOOL_CALLS:
@@ -284,7 +286,7 @@ class Responses:
         builder = self.builder(prep, _header(body), created)
         tokens = msgspec.json.decode(stored.tokens)
         builder.start()
-        builder.add(tokens)
+        builder.replay(tokens)
         if builder.seq != stored.last_seq:  # stored in one transaction: a bug if so
             log.error("Response ID: %s: its tokens do not make its events", stored.id)
             return prep, self.builder(prep, _header(body), created)  # from its start
