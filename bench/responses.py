@@ -3,8 +3,10 @@
 1. Resume gap: two frontends share discovery and the response store (the SQLite file, or
    Redis with --store-url); a background streamed response runs at frontend A; after 10
    events A is SIGKILLed and the client asks frontend B for the events after the last it
-   has. Timed: the GET's send -> its first event (B takes the response over and continues
-   it from its stored tokens on a worker). A is started again for the next trial.
+   has. Timed: the GET's send -> its first event (stored ones come at once), and the
+   longest wait between the next 60 events (B takes the response over and continues it
+   from its stored tokens on a worker: the prefill of prompt + tokens so far). A is
+   started again for the next trial.
 2. Frontend CPU per request: streamed /v1/responses against streamed /v1/chat/completions
    of the same tokens (greedy, --tokens each), alternated in rounds at --concurrency, the
    frontend's CPU time divided by the requests; stored and background responses too.
@@ -65,8 +67,14 @@ def gap_trial(d: Deployment, extra: tuple[str, ...]) -> float:
     t0 = time.perf_counter()
     url = f"{b.url}/v1/responses/{rid}?stream=true&starting_after={n}"
     with urllib.request.urlopen(url, timeout=60) as r:
-        first = next(sse_events(r))
+        events = sse_events(r)
+        first = next(events)
         gap = time.perf_counter() - t0
+        stall, last = 0.0, time.perf_counter()
+        for _ in range(60):  # the stored events, then the taker's: the longest wait
+            next(events)
+            now = time.perf_counter()
+            stall, last = max(stall, now - last), now
     assert first["sequence_number"] == n + 1, first
     urllib.request.urlopen(
         urllib.request.Request(f"{b.url}/v1/responses/{rid}/cancel", b"", method="POST"),
@@ -75,7 +83,7 @@ def gap_trial(d: Deployment, extra: tuple[str, ...]) -> float:
     d.procs.remove(a)
     d.frontends.remove(a)
     d.start_frontend(*extra)  # the next trial's A
-    return gap
+    return gap, stall
 
 
 def read_stream(url: str, path: str, body: dict) -> int:
@@ -134,13 +142,12 @@ def main() -> None:
             d.start_frontend(*extra)
             d.start_worker("--mocker-step-ms", "5")
             d.start_worker("--mocker-step-ms", "5")
-            gaps = []
-            for _ in range(a.trials):
-                gaps.append(gap_trial(d, extra))
-            gaps_ms = sorted(1000 * g for g in gaps)
-            print(f"resume gap after a frontend SIGKILL ({a.trials} trials, store "
-                  f"{a.store_url or 'sqlite'}): p50 {statistics.median(gaps_ms):.1f} ms, "
-                  f"max {gaps_ms[-1]:.1f} ms")  # fmt: skip
+            trials = [gap_trial(d, extra) for _ in range(a.trials)]
+            for i, what in enumerate(("first resumed event", "longest wait in the next 60")):
+                ms = sorted(1000 * t[i] for t in trials)
+                print(f"resume after a frontend SIGKILL ({a.trials} trials, store "
+                      f"{a.store_url or 'sqlite'}), {what}: p50 {statistics.median(ms):.1f} "
+                      f"ms, max {ms[-1]:.1f} ms")  # fmt: skip
             for name, ms in cpu_per_request(d, a).items():
                 print(f"frontend CPU per streamed request, {name}: {ms:.2f} ms")
         finally:

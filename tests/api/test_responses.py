@@ -126,6 +126,20 @@ def test_structured_tool_call_and_round_trip(agg2):
     assert [i.type for i in items] == ["function_call_output"]
 
 
+def background_head(fe, max_tokens: int, n: int):
+    """A background streamed response started at `fe`, and its first `n` events."""
+    s = client(fe.url).responses.create(
+        model=MODEL, input=PROMPT, max_output_tokens=max_tokens, temperature=0,
+        background=True, stream=True,
+    )  # fmt: skip
+    head = []
+    for e in s:
+        head.append(e)
+        if len(head) == n:
+            break
+    return s, head
+
+
 def test_background_stream_resumes_at_another_frontend(two_frontends):
     """A client reads part of a background stream at one frontend, leaves, and resumes at
     the other with starting_after: it gets every later event, numbered on, and the whole
@@ -133,15 +147,7 @@ def test_background_stream_resumes_at_another_frontend(two_frontends):
     d = two_frontends
     d.start_worker(*SLOW)
     a, b = d.frontends
-    s = client(a.url).responses.create(
-        model=MODEL, input=PROMPT, max_output_tokens=60, temperature=0, background=True,
-        stream=True,
-    )  # fmt: skip
-    head = []
-    for e in s:
-        head.append(e)
-        if len(head) == 8:
-            break
+    s, head = background_head(a, 60, 8)
     s.close()
     rid = head[0].response.id
     assert head[0].response.status == "queued" and head[0].response.background
@@ -181,15 +187,7 @@ def test_background_response_survives_its_frontend(two_frontends, how):
     want = client(b.url).responses.create(
         model=MODEL, input=PROMPT, max_output_tokens=200, temperature=0
     )
-    s = client(a.url).responses.create(
-        model=MODEL, input=PROMPT, max_output_tokens=200, temperature=0, background=True,
-        stream=True,
-    )  # fmt: skip
-    head = []
-    for e in s:
-        head.append(e)
-        if len(head) == 6:
-            break
+    s, head = background_head(a, 200, 6)
     rid = head[0].response.id
     wait_resumable(b, rid, 6)  # what the client has, the store has too
     w.signal(signal.SIGSTOP)  # no progress while the frontend goes: it is mid-answer
