@@ -113,12 +113,13 @@ class Outbox:
 class MuxSink:
     """One call on a worker's mux connection."""
 
-    __slots__ = ("sid", "out", "cancelled")
+    __slots__ = ("sid", "out", "cancelled", "lost")
 
     def __init__(self, sid: int, out: Outbox) -> None:
         self.sid = sid
         self.out = out
-        self.cancelled = False
+        self.cancelled = False  # the caller sent CANCEL
+        self.lost = False  # the connection went (the caller died, or the network)
 
     async def write(self, data: bytes) -> None:
         if data:
@@ -135,6 +136,10 @@ class MuxSink:
     @property
     def caller_gone(self) -> bool:
         return self.cancelled or self.out.closed
+
+    @property
+    def connection_lost(self) -> bool:
+        return self.lost and not self.cancelled
 
 
 Serve = Callable[[bytes, MuxSink], Awaitable[None]]
@@ -158,6 +163,8 @@ class MuxServer:
                     break
         finally:
             tasks = [t for t, _ in self.calls.values()]
+            for _, sink in self.calls.values():
+                sink.lost = True
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -120,6 +120,9 @@ class EngineRequest(msgspec.Struct, kw_only=True):
     phase: Phase = Phase.GENERATE
     kv: KvHandle | None = None  # for Phase.DECODE
     prompt_logprobs: int | None = None  # the context's logprobs (echo), until received
+    # The caller may vanish and another come back for it (a background response): when
+    # the caller's connection breaks, the worker keeps it running for --detach-grace.
+    detach: bool = False
 
 
 class Tokens(msgspec.Struct, tag="tok"):

@@ -22,6 +22,7 @@ class FaultKind(enum.StrEnum):
     DISCONNECT = "disconnect"  # clients walk away from a quarter of the streams in flight
     PARTITION = "partition"  # the worker's host cut off for --hang-s (needs --netns)
     SLOW = "slow"  # 200 ms delay and 5 % loss on the worker's link for --hang-s (--netns)
+    FRONTEND_KILL = "frontend-kill"  # SIGKILL a frontend (--frontends 2 or more)
 
 
 # Faults that take a worker away until a supervisor restarts it.
@@ -40,6 +41,11 @@ class ChaosConfig:
         "listed by the frontend's /health whose processes run on this machine get the faults",
     )
     workers: int = option(3, help="workers to start (not with --url)")
+    frontends: int = option(
+        1,
+        help="frontends to start, sharing discovery and the response store; clients spread "
+        "over them (not with --url)",
+    )
     requests: int = option(200, help="requests to send under faults")
     duration: float = option(
         0.0, help="seconds to keep sending under faults instead of --requests (a soak)"
@@ -57,7 +63,10 @@ class ChaosConfig:
     )
     mix: str = option(
         "completion,chat,completion-stream,chat-stream",
-        help="request kinds drawn with equal weight (repeat one to weigh it more)",
+        help="request kinds drawn with equal weight (repeat one to weigh it more): "
+        "completion, chat, completion-stream, chat-stream, response-stream (a background "
+        "streamed Responses API request, greedy, resumed at another frontend when its "
+        "stream breaks)",
     )
     prompt_words: str = option("8-200", help="prompt length range, in words")
     max_tokens: str = option("8-64", help="max_tokens range")
@@ -67,7 +76,7 @@ class ChaosConfig:
     faults: str = option(
         "kill,term,stop,disconnect",
         help="fault kinds, taken in turn: kill, term, stop, engine-kill, disconnect, "
-        "partition, slow",
+        "partition, slow, frontend-kill",
     )
     fault_every: float = option(2.0, help="seconds between faults (0: none)")
     fault_jitter: float = option(
@@ -102,7 +111,7 @@ class ChaosConfig:
         return [k.strip() for k in self.mix.split(",") if k.strip()]
 
 
-KINDS = ("completion", "chat", "completion-stream", "chat-stream")
+KINDS = ("completion", "chat", "completion-stream", "chat-stream", "response-stream")
 
 
 def parse_range(text: str, name: str) -> tuple[int, int]:
@@ -140,6 +149,12 @@ def validate(cfg: ChaosConfig) -> None:
         raise ValueError("--netns places workers this run starts: not with --url")
     if not cfg.netns and NEEDS_NETNS & set(kinds):
         raise ValueError("partition and slow faults need --netns (workers on hosts of their own)")
+    if cfg.frontends < 1:
+        raise ValueError("--frontends must be at least 1")
+    if cfg.url is not None and cfg.frontends != 1:
+        raise ValueError("--frontends starts frontends: not with --url")
+    if FaultKind.FRONTEND_KILL in kinds and cfg.frontends < 2:
+        raise ValueError("frontend-kill faults need --frontends 2 or more (one must serve)")
     if not 0.0 <= cfg.sampled <= 1.0:
         raise ValueError("--sampled is a share between 0 and 1")
 

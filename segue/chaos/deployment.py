@@ -95,13 +95,42 @@ class Slot:
         return self.popen.pid if self.popen else None
 
 
+@dataclass
+class FrontendSlot:
+    """One frontend place of a started deployment; its process changes on restart."""
+
+    index: int
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+    url: str = ""  # once its process is ready
+    restarts: int = 0
+    pids: list[int] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def poll_ready(self) -> bool:
+        """Reads its ready line (its log is appended to by each process in turn)."""
+        if not self.url and self.popen is not None:
+            found = _READY_RE.findall(self.log_path.read_bytes())
+            if len(found) > self.restarts:
+                self.url = found[-1].decode()
+        return bool(self.url)
+
+
 class Deployment:
     """What the run needs of a deployment, whoever started it."""
 
-    url: str = ""
+    url: str = ""  # a frontend that serves (the first one ready)
     frontend_pid: int | None = None
     slots: list[Slot]
+    frontends: list[FrontendSlot]
     expected_workers: int = 0
+
+    def urls(self) -> list[str]:
+        """Every frontend serving now, for the clients to spread over."""
+        return [self.url]
 
     def supervise(self) -> list[tuple[int, int]]:
         """Restarts exited workers; returns (slot, new pid) for each."""
@@ -130,6 +159,7 @@ class TargetDeployment(Deployment):
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
         self.slots = []
+        self.frontends = []
         self.expected_workers = 0  # as many as are routable when the run starts
 
 
@@ -142,6 +172,7 @@ class LocalDeployment(Deployment):
         log_dir: Path,
         netns: bool = False,
         restart: bool = True,
+        frontends: int = 1,
     ) -> None:
         self.expected_workers = workers
         self.restart = restart
@@ -150,17 +181,21 @@ class LocalDeployment(Deployment):
         self.net = Net() if netns else None
         self.slots = [Slot(i, self.net.host(f"w{i}") if self.net else None) for i in range(workers)]
         d = f"file:{self.disc}"
+        # every frontend shares the response store (a resumed stream reads it)
+        store = [] if frontend.store else ["--store", f"sqlite:{self.disc}/responses.db"]
         self.frontend_argv = [
             "frontend",
             "--discovery",
             d,
             "--port",
             "0",
+            *store,
             *to_argv(frontend, CHAOS_SKIP_FRONTEND),
         ]
         self.worker_argv = ["worker", "--discovery", d, *to_argv(worker, CHAOS_SKIP_WORKER)]
-        self.frontend: subprocess.Popen[bytes] | None = None
-        self._fe_log = open(log_dir / "frontend.log", "wb")  # noqa: SIM115 - closed in close()
+        names = ["frontend.log"] + [f"frontend{i}.log" for i in range(1, frontends)]
+        self.frontends = [FrontendSlot(i, log_dir / n) for i, n in enumerate(names)]
+        self._fe_logs: list[IO[bytes]] = []
         self.restart_times: list[float] = []
 
     def _spawn(self, argv: list[str], log: IO[bytes], host: Host | None) -> subprocess.Popen[bytes]:
@@ -180,22 +215,37 @@ class LocalDeployment(Deployment):
         slot.popen = self._spawn([*self.worker_argv, *host_args], slot.log, slot.host)
         slot.pids.append(slot.popen.pid)
 
+    def _start_frontend(self, f: FrontendSlot) -> None:
+        log = open(f.log_path, "ab")  # noqa: SIM115 - closed in close()
+        self._fe_logs.append(log)
+        f.url = ""
+        f.popen = self._spawn(self.frontend_argv, log, None)
+        f.pids.append(f.popen.pid)
+
+    def urls(self) -> list[str]:
+        return [f.url for f in self.frontends if f.url and f.popen and f.popen.poll() is None]
+
+    def _serving(self) -> None:
+        """`url` and `frontend_pid`: the first frontend that serves."""
+        for f in self.frontends:
+            if f.poll_ready() and f.popen is not None and f.popen.poll() is None:
+                self.url, self.frontend_pid = f.url, f.pid
+                return
+
     def start(self, timeout: float = 120.0) -> None:
         for s in self.slots:
             self._start_worker(s)
-        self.frontend = self._spawn(self.frontend_argv, self._fe_log, None)
-        self.frontend_pid = self.frontend.pid
+        for f in self.frontends:
+            self._start_frontend(f)
         deadline = time.monotonic() + timeout
-        log_path = self.log_dir / "frontend.log"
-        while not self.url:
-            if self.frontend.poll() is not None:
-                raise DeploymentError(f"the frontend exited early: see {log_path}")
-            if m := _READY_RE.search(log_path.read_bytes()):
-                self.url = m.group(1).decode()
-                break
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"the frontend was not ready in {timeout:g} s")
-            time.sleep(0.05)
+        for f in self.frontends:
+            while not f.poll_ready():
+                if f.popen is not None and f.popen.poll() is not None:
+                    raise DeploymentError(f"a frontend exited early: see {f.log_path}")
+                if time.monotonic() > deadline:
+                    raise DeploymentError(f"the frontend was not ready in {timeout:g} s")
+                time.sleep(0.05)
+        self._serving()
         for s in self.slots:
             if s.popen and s.popen.poll() is not None:
                 raise DeploymentError(f"worker {s.index} exited early: see {s.log and s.log.name}")
@@ -209,10 +259,18 @@ class LocalDeployment(Deployment):
             self._start_worker(s)
             s.restarts += 1
             started.append((s.index, s.popen.pid))
+        for f in self.frontends:
+            if f.popen is not None and f.popen.poll() is not None and self.restart:
+                _kill_group(f.popen)
+                f.restarts += 1
+                self._start_frontend(f)
+        self._serving()
         return started
 
     def close(self) -> None:
-        procs = [p for p in (self.frontend, *(s.popen for s in self.slots)) if p is not None]
+        procs = [
+            p for p in (*(f.popen for f in self.frontends), *(s.popen for s in self.slots)) if p
+        ]
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGCONT)  # a stopped worker cannot act on SIGTERM
@@ -225,7 +283,8 @@ class LocalDeployment(Deployment):
         for s in self.slots:
             if s.log:
                 s.log.close()
-        self._fe_log.close()
+        for log in self._fe_logs:
+            log.close()
         if self.net:
             self.net.close()
         shutil.rmtree(self.disc, ignore_errors=True)

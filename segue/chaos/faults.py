@@ -57,8 +57,10 @@ class Injector:
         min_routable: int,
         seed: int,
         disconnect: Callable[[random.Random], int],
+        frontend_killed: Callable[[str], None] = lambda url: None,
     ) -> None:
         self.dep = dep
+        self.frontend_killed = frontend_killed
         self.hang_s = hang_s
         self.min_routable = min_routable
         self.rng = random.Random(seed + 1)
@@ -83,6 +85,8 @@ class Injector:
             ev.target, ev.detail = "clients", f"{n} streams abandoned"
             ev.skipped = "" if n else "no stream in flight"
             return ev
+        if kind == FaultKind.FRONTEND_KILL:
+            return self._kill_frontend(ev)
         routable = sum(w.routable for w in workers)
         candidates = self.targets(workers)
         if kind == FaultKind.ENGINE_KILL:
@@ -130,6 +134,19 @@ class Injector:
             ev.ends = now + self.hang_s
         return ev
 
+    def _kill_frontend(self, ev: FaultEvent) -> FaultEvent:
+        """SIGKILLs one of the serving frontends, never the last."""
+        serving = [f for f in self.dep.frontends if f.url and f.popen and f.popen.poll() is None]
+        if len(serving) < 2:
+            ev.skipped = "fewer than two frontends serving"
+            return ev
+        f = self.rng.choice(serving)
+        assert f.pid is not None
+        ev.target, ev.pid, ev.detail = f"frontend{f.index}", f.pid, f.url
+        os.kill(f.pid, signal.SIGKILL)
+        self.frontend_killed(f.url)
+        return ev
+
     def _later(self, loop: asyncio.AbstractEventLoop, undo: Callable[[], None]) -> None:
         key = len(self.events) - 1  # the event being struck
 
@@ -166,7 +183,9 @@ class Injector:
                 continue
             if ev.ends is not None and now < ev.ends:
                 continue
-            if ev.kind in RESTARTING:
+            if ev.kind == FaultKind.FRONTEND_KILL:  # its place serves again, a new process
+                ok = any(f.pid != ev.pid and f.url and ev.pid in f.pids for f in self.dep.frontends)
+            elif ev.kind in RESTARTING:
                 if ev.slot is not None:
                     slot = self.dep.slots[ev.slot]
                     ok = slot.pid != ev.pid and slot.pid in routable

@@ -93,7 +93,13 @@ def run_chaos(
         (report_dir / "logs").mkdir(exist_ok=True)
         try:
             dep = LocalDeployment(
-                cfg.workers, fe_cfg, wk_cfg, report_dir / "logs", cfg.netns, cfg.restart
+                cfg.workers,
+                fe_cfg,
+                wk_cfg,
+                report_dir / "logs",
+                cfg.netns,
+                cfg.restart,
+                cfg.frontends,
             )
         except RuntimeError as e:  # network namespaces refused (not root)
             print(f"segue chaos: {e}", file=sys.stderr)

@@ -29,6 +29,7 @@ FAULT_COLORS = {
     FaultKind.DISCONNECT: "#e377c2",
     FaultKind.PARTITION: "#1f77b4",
     FaultKind.SLOW: "#7f7f7f",
+    FaultKind.FRONTEND_KILL: "#000080",
 }
 DATA_COLORS = ["#2ca02c", "#17becf", "#bcbd22", "#006d2c", "#5e3c99", "#b35806", "#01665e"]
 INK = "#222222"  # latency lines, failed requests

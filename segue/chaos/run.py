@@ -11,7 +11,7 @@ import random
 import secrets
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -73,21 +73,22 @@ class Load:
     def __init__(
         self,
         session: aiohttp.ClientSession,
-        base: str,
+        bases: Callable[[], list[str]],
         model: str,
         specs: list[RequestSpec],
         deadline: float,
         tag: str,
     ) -> None:
-        self.s, self.base, self.model, self.specs, self.deadline = (
+        self.s, self.bases, self.model, self.specs, self.deadline = (
             session,
-            base,
+            bases,
             model,
             specs,
             deadline,
         )
         self.tag = tag  # request ids are chaos-{tag}-{seq}
         self.inflight: dict[int, tuple[Outcome, asyncio.Task[None]]] = {}
+        self.killed: set[str] = set()  # frontends SIGKILLed during the run
         self.done: list[Outcome] = []
         self.failed = 0  # lost or hung so far, for the progress bar
         self.t0 = time.monotonic()
@@ -112,11 +113,13 @@ class Load:
                 )
                 spec = self.specs[spec_i]
                 task = asyncio.create_task(
-                    send(self.s, self.base, self.model, spec, out, t0, self.deadline)
+                    send(self.s, self.bases, self.model, spec, out, t0, self.deadline)
                 )
                 self.inflight[seq] = (out, task)
                 await asyncio.wait([task])
                 del self.inflight[seq]
+                if out.frontend in self.killed and spec.kind != "response":
+                    out.frontend_killed = True  # sent as (or just before) it was killed
                 if task.cancelled():
                     out.end = time.monotonic() - t0
                 self.failed += out.status in (Status.ERROR, Status.HUNG)
@@ -124,6 +127,11 @@ class Load:
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         return sorted(self.done, key=lambda o: o.seq)
+
+    def frontend_killed(self, url: str) -> None:
+        """A frontend was just SIGKILLed: a response in flight there resumes elsewhere;
+        anything else sent to it is lost with it (counted apart)."""
+        self.killed.add(url)
 
     def disconnect(self, rng: random.Random) -> int:
         """Walks away from a quarter (at least one) of the streams that have started."""
@@ -157,7 +165,7 @@ async def _reference(
     specs: list,
     run_id: str,
 ) -> list[Outcome]:
-    load = Load(session, dep.url, model, specs, cfg.request_deadline, f"{run_id}-ref")
+    load = Load(session, _bases(dep), model, specs, cfg.request_deadline, f"{run_id}-ref")
     bar = _progress(cfg, len(specs), "reference run")
     task = asyncio.create_task(load.run(list(range(len(specs))), cfg.concurrency, time.monotonic()))
     while not task.done():
@@ -188,6 +196,10 @@ async def _wait_ready(probe: Probe, dep: Deployment, timeout: float) -> list[Wor
         await asyncio.sleep(0.1)
 
 
+def _bases(dep: Deployment) -> Callable[[], list[str]]:
+    return lambda: dep.urls() or [dep.url]
+
+
 def _migrations(m: dict[str, float]) -> dict[str, float]:
     pre = 'segue_frontend_migrations_total{reason="'
     return {k[len(pre) : -2]: v for k, v in m.items() if k.startswith(pre)}
@@ -210,8 +222,10 @@ async def chaos(cfg: ChaosConfig, dep: Deployment, api_key: str | None = None) -
         m0 = await probe.metrics(dep.url)
         mig0 = _migrations(m0)
         t0 = time.monotonic()
-        load = Load(session, dep.url, model, specs, cfg.request_deadline, run_id)
-        injector = Injector(dep, cfg.hang_s, cfg.min_routable, cfg.seed, load.disconnect)
+        load = Load(session, _bases(dep), model, specs, cfg.request_deadline, run_id)
+        injector = Injector(
+            dep, cfg.hang_s, cfg.min_routable, cfg.seed, load.disconnect, load.frontend_killed
+        )
         if cfg.duration > 0:
             order: Iterable[int] = itertools.cycle(range(len(specs)))
             until: float | None = t0 + cfg.duration

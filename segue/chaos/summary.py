@@ -60,6 +60,9 @@ class Summary(msgspec.Struct):
     exact: int
     wrong: int
     cancelled_prefix_exact: int  # cancelled by the client, what they got exact
+    lost_with_frontend: int  # not responses: in flight at a frontend that was SIGKILLed
+    resumed: int  # responses whose stream broke and resumed at another frontend
+    resume_gap_ms: Percentiles  # stream broken -> next event, at the other frontend
     reference: ReferenceCount
     faults: dict[str, FaultCount]
     recovery: dict[str, Recovery]
@@ -115,9 +118,13 @@ def summarize(cfg: ChaosConfig, r: RunResult) -> Summary:
     problems = []
     if ref_failed:
         problems.append(f"{len(ref_failed)} requests failed in the fault-free reference run")
+    # chat and completions in flight at a killed frontend are lost with it (not a bug)
+    killed = Counter(o.status for o in outs if o.frontend_killed)
+    lost_with_frontend = killed[Status.ERROR] + killed[Status.HUNG]
+    gaps = [g for o in outs for g in o.resumes]
     for what, n in (
-        ("failed (lost)", status[Status.ERROR]),
-        ("hung", status[Status.HUNG]),
+        ("failed (lost)", status[Status.ERROR] - killed[Status.ERROR]),
+        ("hung", status[Status.HUNG] - killed[Status.HUNG]),
         ("answered wrong", verdicts["wrong"]),
         ("without a reference answer", verdicts["no-reference"]),
     ):
@@ -135,7 +142,8 @@ def summarize(cfg: ChaosConfig, r: RunResult) -> Summary:
     failures = [
         FailedRequest(o.seq, o.spec, o.status.value, o.verdict, o.error)
         for o in outs
-        if o.status in (Status.ERROR, Status.HUNG) or o.verdict == "wrong"
+        if (o.status in (Status.ERROR, Status.HUNG) and not o.frontend_killed)
+        or o.verdict == "wrong"
     ]
     ttfts = [o.first - o.start for o in ok if o.first is not None]
     lats = [o.end - o.start for o in ok if o.end is not None]
@@ -150,6 +158,9 @@ def summarize(cfg: ChaosConfig, r: RunResult) -> Summary:
         exact=verdicts["exact"],
         wrong=verdicts["wrong"],
         cancelled_prefix_exact=verdicts["prefix"],
+        lost_with_frontend=lost_with_frontend,
+        resumed=sum(bool(o.resumes) for o in outs),
+        resume_gap_ms=Percentiles(ms(pct(gaps, 0.5)), ms(pct(gaps, 0.99))),
         reference=ReferenceCount(len(r.reference), len(ref_failed)),
         faults={
             k: FaultCount(
@@ -191,6 +202,9 @@ def render_text(s: Summary, report_dir: Path) -> str:
         f"answers     exact {s.exact} · wrong {s.wrong} · failed {st.get('error', 0)} · "
         f"hung {st.get('hung', 0)} · cancelled by the client {st.get('cancelled', 0)} "
         f"(tokens so far exact: {s.cancelled_prefix_exact})",
+        f"frontends   responses resumed at another frontend {s.resumed} (gap p50 "
+        f"{s.resume_gap_ms.p50} ms p99 {s.resume_gap_ms.p99} ms); requests lost with a "
+        f"killed frontend {s.lost_with_frontend} (not resumable: chat and completions)",
         "faults      "
         + (
             " · ".join(

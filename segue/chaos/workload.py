@@ -1,6 +1,8 @@
 """The requests of a chaos run and what became of each: a reproducible mix of completions and
-chat, streamed or whole, greedy or sampled with a seed, sent by closed-loop clients; and the
-oracle that compares every answer with the same request's answer in a fault-free run."""
+chat, streamed or whole, greedy or sampled with a seed, and background streamed responses
+(the Responses API) that resume at another frontend when their stream breaks, sent by
+closed-loop clients; and the oracle that compares every answer with the same request's
+answer in a fault-free run."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import enum
 import json
 import random
 import time
+from collections.abc import Callable
 
 import aiohttp
 import msgspec
@@ -23,7 +26,7 @@ _WORDS = (
 
 class RequestSpec(msgspec.Struct, frozen=True):
     index: int
-    kind: str  # completion | chat
+    kind: str  # completion | chat | response
     stream: bool
     prompt: str
     max_tokens: int
@@ -31,9 +34,20 @@ class RequestSpec(msgspec.Struct, frozen=True):
     seed: int | None
 
     def path(self) -> str:
+        if self.kind == "response":
+            return "/v1/responses"
         return "/v1/chat/completions" if self.kind == "chat" else "/v1/completions"
 
     def body(self, model: str) -> dict:
+        if self.kind == "response":  # greedy: a response's seed is its id's, new each run
+            return {
+                "model": model,
+                "input": self.prompt,
+                "max_output_tokens": self.max_tokens,
+                "temperature": 0.0,
+                "background": True,
+                "stream": True,
+            }
         b: dict = {
             "model": model,
             "max_tokens": self.max_tokens,
@@ -62,11 +76,11 @@ def make_specs(cfg: ChaosConfig) -> list[RequestSpec]:
     for i in range(cfg.n_distinct()):
         kind = rng.choice(kinds)
         words = [rng.choice(_WORDS) for _ in range(rng.randint(lo_p, hi_p))]
-        sampled = rng.random() < cfg.sampled
+        sampled = rng.random() < cfg.sampled and kind != "response-stream"
         specs.append(
             RequestSpec(
                 index=i,
-                kind=kind.removesuffix("-stream"),
+                kind=kind.removesuffix("-stream"),  # response-stream: "response"
                 stream=kind.endswith("-stream"),
                 prompt=" ".join(words),
                 max_tokens=rng.randint(lo_t, hi_t),
@@ -100,6 +114,9 @@ class Outcome(msgspec.Struct):
     text: str = ""
     finish_reason: str | None = None
     verdict: str = ""  # the oracle's: exact | wrong | prefix (a cancelled stream's tokens so far)
+    frontend: str = ""  # the frontend it was sent to
+    frontend_killed: bool = False  # that frontend was SIGKILLed while it was in flight
+    resumes: list[float] = msgspec.field(default_factory=list)  # a response: each gap (s)
 
 
 async def _read(r: aiohttp.ClientResponse, spec: RequestSpec, out: Outcome, t0: float) -> None:
@@ -143,21 +160,27 @@ async def _read(r: aiohttp.ClientResponse, spec: RequestSpec, out: Outcome, t0: 
 
 async def send(
     session: aiohttp.ClientSession,
-    base: str,
+    bases: Callable[[], list[str]],
     model: str,
     spec: RequestSpec,
     out: Outcome,
     t0: float,
     deadline: float,
 ) -> None:
-    """Sends `spec` and records what became of it in `out`, failures included."""
+    """Sends `spec` to one of the frontends `bases` names and records what became of it in
+    `out`, failures included."""
     headers = {"X-Request-Id": out.request_id} if out.request_id else None
+    urls = bases()
+    out.frontend = urls[out.seq % len(urls)]
     try:
-        async with (
-            asyncio.timeout(deadline),
-            session.post(base + spec.path(), json=spec.body(model), headers=headers) as r,
-        ):
-            await _read(r, spec, out, t0)
+        async with asyncio.timeout(deadline):
+            if spec.kind == "response":
+                await _respond(session, bases, model, spec, out, t0)
+                return
+            async with session.post(
+                out.frontend + spec.path(), json=spec.body(model), headers=headers
+            ) as r:
+                await _read(r, spec, out, t0)
     except TimeoutError:
         out.status = Status.HUNG
         out.error = f"no end within {deadline:g} s"
@@ -166,6 +189,82 @@ async def send(
         out.error = f"{type(e).__name__}: {e}"[:300]
     finally:
         out.end = time.monotonic() - t0
+
+
+_RESPONSE_ENDS = {"response.completed": "stop", "response.incomplete": "length"}
+
+
+async def _respond(
+    session: aiohttp.ClientSession,
+    bases: Callable[[], list[str]],
+    model: str,
+    spec: RequestSpec,
+    out: Outcome,
+    t0: float,
+) -> None:
+    """A background streamed response, read to its end: when its stream breaks (its
+    frontend died), the events after the last one read are asked of another frontend."""
+    rid, last, broke = "", -1, 0.0
+    url, body = out.frontend + spec.path(), spec.body(model)
+    while True:
+        try:
+            if rid:
+                async with session.get(
+                    url, params={"stream": "true", "starting_after": str(last)}
+                ) as r:
+                    rid, last = await _read_events(r, out, t0, rid, last, broke)
+            else:
+                async with session.post(url, json=body) as r:
+                    rid, last = await _read_events(r, out, t0, rid, last, broke)
+        except (aiohttp.ClientError, ConnectionError) as e:
+            if not rid:  # not created: nothing to resume
+                raise
+            out.error = f"{type(e).__name__}: {e}"[:300]
+        if out.finish_reason is not None or out.status != Status.OK:
+            return
+        broke = time.monotonic()  # the stream ended before its end: resume elsewhere
+        others = [b for b in bases() if b != out.frontend] or bases()
+        out.frontend = others[len(out.resumes) % len(others)]
+        url = f"{out.frontend}/v1/responses/{rid}"
+        await asyncio.sleep(0.05)  # the supervisor's view of the frontends catches up
+
+
+async def _read_events(
+    r: aiohttp.ClientResponse, out: Outcome, t0: float, rid: str, last: int, broke: float
+) -> tuple[str, int]:
+    """Reads a response's events into `out`; returns its id and the last sequence number
+    read. A gap in the numbers is an error."""
+    out.http_status = r.status
+    if r.status != 200:
+        out.status = Status.ERROR
+        out.error = f"HTTP {r.status}: {(await r.text())[:300]}"
+        return rid, last
+    async for line in r.content:
+        if not line.startswith(b"data: "):
+            continue
+        ev = json.loads(line[6:])
+        seq = ev["sequence_number"]
+        if seq != last + 1:
+            out.status = Status.ERROR
+            out.error = f"event {seq} after event {last}"
+            return rid, last
+        if broke:
+            out.resumes.append(time.monotonic() - broke)
+            broke = 0.0
+        last = seq
+        kind = ev["type"]
+        if kind == "response.created":
+            rid = ev["response"]["id"]
+        elif kind == "response.output_text.delta":
+            if out.first is None:
+                out.first = time.monotonic() - t0
+            out.text += ev["delta"]
+        elif kind in _RESPONSE_ENDS:
+            out.finish_reason = _RESPONSE_ENDS[kind]
+        elif kind == "response.failed":
+            out.status = Status.ERROR
+            out.error = f"response failed: {ev['response'].get('error')}"[:300]
+    return rid, last
 
 
 def judge(out: Outcome, golden: Outcome | None) -> str:

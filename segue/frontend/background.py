@@ -133,7 +133,7 @@ class Background:
         self, rid: str, prep: PreparedRequest, running: Running, stored_last: int
     ) -> None:
         request_id_var.set(rid)
-        writer = asyncio.create_task(self._writer(rid, running, stored_last))
+        writer = asyncio.create_task(self._writer(rid, running, prep, stored_last))
         try:
             async with contextlib.aclosing(self.source.events(prep, running.builder)) as gen:
                 async for batch in gen:
@@ -147,7 +147,9 @@ class Background:
             if self.running.get(rid) is running:
                 del self.running[rid]
 
-    async def _writer(self, rid: str, running: Running, stored_last: int) -> None:
+    async def _writer(
+        self, rid: str, running: Running, prep: PreparedRequest, stored_last: int
+    ) -> None:
         """Writes the owner's events in batches (every BATCH_S at most, at least every
         BEAT_S) until the response ends; stops the generation if the store says the
         response is no longer ours (cancelled, deleted, taken over). A failed write is
@@ -161,7 +163,7 @@ class Background:
             try:
                 result = await self.store.append(
                     rid, self.owner, [(s, d) for s, _, d in new], builder.encoded(),
-                    builder.status, msgspec.json.encode(builder.tokens),
+                    builder.status, msgspec.json.encode(builder.tokens), prep.state.worker,
                 )  # fmt: skip
             except StoreError as e:
                 self.metrics.store_errors.inc()

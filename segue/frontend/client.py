@@ -132,8 +132,10 @@ class ResilientClient:
         )
 
     def pick(self, role: Role, exclude: set[str], state: RequestState) -> Instance:
-        tokens = state.context if self.router.wants_tokens else None
-        inst = self.router.pick((role,), exclude, state.model, tokens)
+        inst = self._preferred(role, exclude, state)
+        if inst is None:
+            tokens = state.context if self.router.wants_tokens else None
+            inst = self.router.pick((role,), exclude, state.model, tokens)
         if inst is None:
             if state.refused:
                 raise OverloadedError(f"every worker is at its admission limit (role {role})")
@@ -145,6 +147,17 @@ class ResilientClient:
                 )
                 raise MigrationError(f"no worker available (role {role}) to continue the request")
             raise NoWorkerError(f"no worker available (role {role})")
+        state.worker = inst.id
+        return inst
+
+    def _preferred(self, role: Role, exclude: set[str], state: RequestState) -> Instance | None:
+        """The worker a taken-over request runs on (once): it attaches to it there."""
+        want, state.prefer = state.prefer, ""
+        inst = self.router.instances.get(want) if want else None
+        if inst is None or inst.role != role or inst.card.name != state.model:
+            return None
+        if inst.id in self.router.down or inst.id in exclude:
+            return None
         return inst
 
     def _resume(

@@ -28,13 +28,13 @@ if not st[1] or st[2] ~= ARGV[1] or (st[1] ~= 'queued' and st[1] ~= 'in_progress
 end
 local n = redis.call('LLEN', KEYS[2])
 local first = tonumber(ARGV[6])
-for i = 7, #ARGV do
-  if first + i - 7 >= n then redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 8, #ARGV do
+  if first + i - 8 >= n then redis.call('RPUSH', KEYS[2], ARGV[i]) end
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'response', ARGV[3], 'tokens', ARGV[4],
-           'heartbeat', ARGV[5])
-if #ARGV >= 7 then
-  redis.call('HSET', KEYS[1], 'last_seq', first + #ARGV - 7)
+           'heartbeat', ARGV[5], 'worker', ARGV[7])
+if #ARGV >= 8 then
+  redis.call('HSET', KEYS[1], 'last_seq', first + #ARGV - 8)
   redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[1]))
 end
 return 1
@@ -63,6 +63,7 @@ _FIELDS = (
     "input_items",
     "response",
     "tokens",
+    "worker",
     "last_seq",
     "owner",
     "heartbeat",
@@ -119,6 +120,7 @@ class RedisStore:
             "input_items": input_items,
             "response": response,
             "tokens": b"[]",
+            "worker": "",
             "last_seq": -1,
             "owner": owner,
             "heartbeat": now,
@@ -149,9 +151,10 @@ class RedisStore:
         response: bytes,
         status: Status,
         tokens: bytes,
+        worker: str = "",
     ) -> Write:
         first = events[0][0] if events else 0
-        args: list[Any] = [owner, status.value, response, tokens, time.time(), first]
+        args: list[Any] = [owner, status.value, response, tokens, time.time(), first, worker]
         args += [d for _, d in events]
         ok = await self._run(self._append(keys=list(self._keys(rid)), args=args))
         self.writes += 1
@@ -218,6 +221,7 @@ class RedisStore:
             v["input_items"],
             v["response"],
             v["tokens"],
+            v["worker"].decode(),
             int(v["last_seq"]),
             v["owner"].decode(),
             float(v["heartbeat"]),

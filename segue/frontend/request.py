@@ -50,6 +50,11 @@ class RequestState:
     migrations: int = 0
     refused: int = 0  # workers that answered `overloaded` to it
     has_prompt_logprobs: bool = False  # received once: a re-sent request does not ask again
+    # A background response: its worker keeps it running if this frontend dies, and the
+    # frontend that takes it over attaches to it there (`prefer`: that worker, tried first).
+    detach: bool = False
+    worker: str = ""  # the worker of the latest attempt
+    prefer: str = ""
 
     @property
     def context(self) -> list[int]:
@@ -70,6 +75,7 @@ class RequestState:
             phase=phase,
             kv=kv,
             prompt_logprobs=self.sampling.logprobs if asked else None,
+            detach=self.detach,
         )
 
     def accept(self, frame: Tokens) -> TokenDelta | None:

@@ -32,6 +32,7 @@ from typing import Protocol, TypeVar
 
 T = TypeVar("T")
 
+SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY,
@@ -43,6 +44,7 @@ CREATE TABLE IF NOT EXISTS responses (
     input_items BLOB NOT NULL,
     response BLOB NOT NULL,
     tokens BLOB NOT NULL DEFAULT '[]',
+    worker TEXT NOT NULL DEFAULT '',
     last_seq INTEGER NOT NULL DEFAULT -1,
     owner TEXT NOT NULL DEFAULT '',
     heartbeat REAL NOT NULL DEFAULT 0
@@ -90,6 +92,7 @@ class Stored:
     input_items: bytes  # JSON list
     response: bytes  # the response object, as of the last write (JSON)
     tokens: bytes  # its output tokens as of the last write (a JSON list)
+    worker: str  # the worker generating it, as of the last write (a taker attaches there)
     last_seq: int
     owner: str
     heartbeat: float
@@ -120,6 +123,7 @@ class ResponseStore(Protocol):
         response: bytes,
         status: Status,
         tokens: bytes,
+        worker: str = "",
     ) -> Write: ...
 
     async def finish(self, rid: str, response: bytes, status: Status) -> None: ...
@@ -149,8 +153,15 @@ SWEEP_S = 10.0  # expired and surplus responses are removed this often (at a cre
 
 
 class SqliteStore:
-    def __init__(self, path: str | Path, ttl: float, max_responses: int = MAX_RESPONSES) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        ttl: float,
+        max_responses: int = MAX_RESPONSES,
+        sweep_every: float = SWEEP_S,
+    ) -> None:
         self.path = str(path)
+        self.sweep_every = sweep_every
         self.ttl = ttl
         self.max_responses = max_responses
         self.writes = 0  # transactions that changed something, for tests and benchmarks
@@ -162,9 +173,16 @@ class SqliteStore:
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version not in (0, SCHEMA_VERSION):
+                db.close()
+                raise sqlite3.DatabaseError(
+                    f"it holds schema {version}, this segue writes {SCHEMA_VERSION}: remove it"
+                )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._db = db
         return self._db
 
@@ -216,7 +234,7 @@ class SqliteStore:
         def create(db: sqlite3.Connection) -> None:
             with self._tx(db):
                 if now >= self._next_sweep:  # a scan: not on every create
-                    self._next_sweep = now + SWEEP_S
+                    self._next_sweep = now + self.sweep_every
                     self._expire(db, now)
                 db.execute(
                     "INSERT INTO responses (id, created, expires, status, background, request,"
@@ -253,9 +271,10 @@ class SqliteStore:
         response: bytes,
         status: Status,
         tokens: bytes,
+        worker: str = "",
     ) -> Write:
         """An owner's batch: its events, the response and its tokens as of them, its
-        status; written only while `owner` still owns the running response."""
+        status, its worker; written only while `owner` still owns the running response."""
         now = time.time()
 
         def append(db: sqlite3.Connection) -> Write:
@@ -271,9 +290,9 @@ class SqliteStore:
                 )
                 last = events[-1][0] if events else None
                 db.execute(
-                    "UPDATE responses SET status = ?, response = ?, tokens = ?, heartbeat = ?,"
-                    " last_seq = COALESCE(?, last_seq) WHERE id = ?",
-                    (status, response, tokens, now, last, rid),
+                    "UPDATE responses SET status = ?, response = ?, tokens = ?, worker = ?,"
+                    " heartbeat = ?, last_seq = COALESCE(?, last_seq) WHERE id = ?",
+                    (status, response, tokens, worker, now, last, rid),
                 )
                 return Write.OK
 
@@ -361,13 +380,13 @@ class SqliteStore:
 
 def _get(db: sqlite3.Connection, rid: str) -> Stored | None:
     row = db.execute(
-        "SELECT id, status, background, request, input_items, response, tokens, last_seq,"
-        " owner, heartbeat FROM responses WHERE id = ? AND expires >= ?",
+        "SELECT id, status, background, request, input_items, response, tokens, worker,"
+        " last_seq, owner, heartbeat FROM responses WHERE id = ? AND expires >= ?",
         (rid, time.time()),
     ).fetchone()
     if row is None:
         return None
     return Stored(
         row[0], Status(row[1]), bool(row[2]), row[3], row[4], row[5], row[6], row[7], row[8],
-        row[9],
+        row[9], row[10],
     )  # fmt: skip

@@ -109,6 +109,7 @@ class Responses:
                     )
                 )
             if body.background:
+                prep.state.detach = True  # its worker keeps it if this frontend dies
                 running = self.background.own(rid, prep, builder, stored_last=-1)
                 if body.stream:
                     events = self.background.follow_local(running, -1)
@@ -291,6 +292,8 @@ class Responses:
             log.error("Response ID: %s: its tokens do not make its events", stored.id)
             return prep, self.builder(prep, _header(body), created)  # from its start
         prep.state.generated = list(tokens)
+        prep.state.detach = True
+        prep.state.prefer = stored.worker  # it may still run there: attach to it
         return prep, builder
 
     async def _stream(

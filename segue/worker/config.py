@@ -36,6 +36,12 @@ class WorkerConfig:
     drain_timeout: float = option(
         30.0, help="seconds in-flight requests may finish on SIGTERM before they are handed back"
     )
+    detach_grace: float = option(
+        10.0,
+        help="seconds a request that may be re-attached (a background response) keeps "
+        "running after its caller's connection broke (its frontend died), for the frontend "
+        "that takes it over to attach to it (0: abort at once, as any other)",
+    )
     keepalive: float = option(
         0.5, help="seconds between keep-alive frames while a request makes no tokens"
     )

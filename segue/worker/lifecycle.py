@@ -51,7 +51,12 @@ class Worker:
         self.metrics = WorkerMetrics(engine)
         self.kv = KvStore(engine, cfg.kv_ttl, self.metrics.registry)
         self.sessions = EngineSessions(
-            engine, self.metrics, self.kv, cfg.keepalive, cfg.fault_exit_after_tokens
+            engine,
+            self.metrics,
+            self.kv,
+            cfg.keepalive,
+            cfg.fault_exit_after_tokens,
+            cfg.detach_grace,
         )
         self.token = load_cluster_token(cfg.cluster_token_file)
         self.session = aiohttp.ClientSession(

@@ -43,6 +43,16 @@ class WorkerMetrics:
             "Engine requests aborted because the caller went away",
             registry=r,
         )
+        self.detached = Counter(
+            "segue_worker_detached",
+            "Requests kept running after their caller's connection broke (--detach-grace)",
+            registry=r,
+        )
+        self.attached = Counter(
+            "segue_worker_attached",
+            "Detached requests a new caller attached to",
+            registry=r,
+        )
         self.remote_aborts = Counter(
             "segue_worker_remote_aborts",
             "Remote stages cancelled because the caller went away",

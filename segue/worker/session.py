@@ -1,6 +1,12 @@
 """Engine sessions: one engine request per call, its output streamed to the caller as
 frames, with keep-alives while the engine is busy, and the abort when the caller leaves.
 
+A call that may be re-attached (`EngineRequest.detach`: a background response) whose
+caller's connection broke is detached instead of aborted: the engine goes on, for
+`detach_grace` seconds, and a call for the same request id whose context is the request's
+prompt and a prefix of its output attaches to it (it gets the tokens it lacks, then the
+rest as they come) instead of starting it again.
+
 A session ends with a final frame (Final, HandBack when the worker hands it back, Error when
 the engine failed it), or, for a PREFILL, with the key of the KV the engine now holds.
 """
@@ -12,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from enum import Enum
 from typing import TypeVar
 
@@ -65,6 +72,17 @@ class EngineFailure(Enum):
     HUNG = "engine_hung"
 
 
+@dataclass
+class Detached:
+    """A request whose caller's connection broke, running on for someone to attach."""
+
+    stream: RequestStream
+    known: list[int]  # its context and every token its stream gave (sent or not)
+    shift: int  # the client's offset of known[i] is i + shift
+    timer: asyncio.TimerHandle
+    since: float
+
+
 class EngineSessions:
     """The engine requests this worker is running, by request id."""
 
@@ -75,8 +93,11 @@ class EngineSessions:
         kv: KvStore,
         keepalive: float,
         exit_after_tokens: int | None = None,
+        detach_grace: float = 0.0,
     ) -> None:
         self.engine = engine
+        self.detach_grace = detach_grace
+        self.detached: dict[str, Detached] = {}
         self.metrics = metrics
         self.kv = kv
         self.keepalive = keepalive
@@ -88,7 +109,9 @@ class EngineSessions:
 
     def hand_back_all(self) -> int:
         """Drain deadline: give every request back, live (with its KV) where the engine can
-        export it; each caller gets a HandBack frame."""
+        export it; each caller gets a HandBack frame. Detached ones have nobody to tell."""
+        for rid in list(self.detached):
+            self._expire(rid, "the worker is draining")
         return len(self.move(list(self.active)))
 
     def move(self, request_ids: list[str], live: bool = True) -> list[str]:
@@ -121,29 +144,42 @@ class EngineSessions:
     ) -> str | None:
         """Runs the request in the engine, streaming Tokens/KeepAlive frames to the caller.
         Returns the KV key of a finished PREFILL; writes the final frame of anything else."""
-        try:
-            inp = EngineInput.from_request(req, task, kv_payload)
-            # the first constrained request imports xgrammar and compiles: seconds, live
-            await with_keepalive(self.keepalive, resp, self.engine.prepare(inp))
-            stream = self.engine.add_request(inp)
-        except EngineRequestError as e:
-            if task is EngineTask.DECODE and not isinstance(e, ConstraintRejected):
-                raise StageError(ErrorCode.KV_MISMATCH, str(e), retryable=True) from None
-            raise StageError(ErrorCode.BAD_REQUEST, str(e), retryable=False) from None
+        rid = req.request_id
+        attached = self._attach(req, task)
+        if attached is not None:
+            stream, backlog = attached
+            offset = req.start_offset + len(backlog)
+            if backlog:
+                await resp.write(encode_frame(Tokens(req.start_offset, backlog)))
+        else:
+            try:
+                inp = EngineInput.from_request(req, task, kv_payload)
+                # the first constrained request imports xgrammar and compiles: seconds, live
+                await with_keepalive(self.keepalive, resp, self.engine.prepare(inp))
+                stream = self.engine.add_request(inp)
+            except EngineRequestError as e:
+                if task is EngineTask.DECODE and not isinstance(e, ConstraintRejected):
+                    raise StageError(ErrorCode.KV_MISMATCH, str(e), retryable=True) from None
+                raise StageError(ErrorCode.BAD_REQUEST, str(e), retryable=False) from None
+            offset, backlog = req.start_offset, []
         if not self.active:  # the engine's idle time is not a stall
             self.progress = time.monotonic()
-        self.active[req.request_id] = stream
+        self.active[rid] = stream
+        # what a detachable call's stream gave, for whoever attaches if its caller dies
+        sent: list[int] | None = req.token_ids + backlog if req.detach else None
         returned = False
         try:
-            key = await self._stream_frames(req.start_offset, stream, resp)
+            key = await self._stream_frames(offset, stream, resp, sent)
             returned = True
             return key
         finally:
-            self.active.pop(req.request_id, None)
+            self.active.pop(rid, None)
+            if sent is not None and not returned and self._detachable(stream, resp):
+                self._detach(rid, stream, sent, req.start_offset - len(req.token_ids))
             # Still live in the engine means the caller went away (or the write failed).
-            if self.engine.abort(req.request_id) and self.failure is None:
+            elif self.engine.abort(rid) and self.failure is None:
                 self.metrics.aborts.inc()
-                log.info("Aborted Request ID: %s (t=%.6f)", req.request_id, time.time())
+                log.info("Aborted Request ID: %s (t=%.6f)", rid, time.time())
             elif not returned and stream.kv_key is not None:
                 # The prefill finished (or the request was exported) in the same moment its
                 # caller left: nobody will ever hear of this KV, so free it now.
@@ -152,12 +188,73 @@ class EngineSessions:
                 self.metrics.aborts.inc()
                 log.info(
                     "Aborted Request ID: %s (t=%.6f, its KV had just been kept)",
-                    req.request_id,
+                    rid,
                     time.time(),
                 )
 
+    # -- detached requests -----------------------------------------------------------------
+
+    def _detachable(self, stream: RequestStream, resp: FrameSink) -> bool:
+        """The caller's connection broke while the engine still has the request (or its
+        unread end) and nothing else is taking it away."""
+        return (
+            self.detach_grace > 0
+            and resp.connection_lost
+            and self.failure is None
+            and stream.request_id not in self.giving_back
+            and stream.finish_reason
+            not in (EngineFinish.ABORT, EngineFinish.ERROR, EngineFinish.EXPORTED)
+        )
+
+    def _detach(self, rid: str, stream: RequestStream, known: list[int], shift: int) -> None:
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.detach_grace, self._expire, rid, "nobody attached")
+        self.detached[rid] = Detached(stream, known, shift, timer, time.monotonic())
+        self.metrics.detached.inc()
+        log.info("Detached Request ID: %s (its caller's connection broke)", rid)
+
+    def _expire(self, rid: str, why: str) -> None:
+        d = self.detached.pop(rid, None)
+        if d is None:
+            return
+        d.timer.cancel()
+        if self.engine.abort(rid):
+            self.metrics.aborts.inc()
+        log.info("Aborted Request ID: %s (detached: %s)", rid, why)
+
+    def _attach(
+        self, req: EngineRequest, task: EngineTask
+    ) -> tuple[RequestStream, list[int]] | None:
+        """The detached request `req` continues, and the tokens its caller lacks; None if
+        there is none, or it is not this request (its context is not a prefix of it)."""
+        d = self.detached.get(req.request_id) if req.detach else None
+        if d is None:
+            return None
+        n = len(req.token_ids)
+        exact = (
+            task is EngineTask.GENERATE
+            and n <= len(d.known)
+            and d.known[:n] == req.token_ids
+            and req.start_offset == n + d.shift
+            and req.sampling.logprobs is None
+            and req.prompt_logprobs is None
+        )
+        if not exact:
+            self._expire(req.request_id, "a call for it does not continue it")
+            return None
+        del self.detached[req.request_id]
+        d.timer.cancel()
+        self.metrics.attached.inc()
+        log.info(
+            "Attached Request ID: %s at token %d (detached %.0f ms)",
+            req.request_id,
+            req.start_offset,
+            1000 * (time.monotonic() - d.since),
+        )
+        return d.stream, d.known[n:]
+
     async def _stream_frames(
-        self, offset: int, stream: RequestStream, resp: FrameSink
+        self, offset: int, stream: RequestStream, resp: FrameSink, sent: list[int] | None = None
     ) -> str | None:
         while True:
             out = await stream.get(self.keepalive)
@@ -179,6 +276,8 @@ class EngineSessions:
                     os._exit(9)
                 data = encode_frame(Tokens(offset, ids, out.logprobs, out.prompt_logprobs))
                 offset += len(ids)
+                if sent is not None:
+                    sent += ids
                 self.metrics.output_tokens.inc(len(ids))
             reason = out.finish_reason
             if reason == EngineFinish.PREFILLED:

@@ -32,6 +32,11 @@ class FrameSink(Protocol):
     @property
     def caller_gone(self) -> bool: ...
 
+    @property
+    def connection_lost(self) -> bool:
+        """The caller's connection broke (it may have died), as opposed to a cancel."""
+        ...
+
 
 class HttpSink:
     """A call made as one HTTP POST /generate (the request plane without mux)."""
@@ -55,3 +60,7 @@ class HttpSink:
     def caller_gone(self) -> bool:
         transport = self.request.transport
         return transport is None or transport.is_closing()
+
+    @property
+    def connection_lost(self) -> bool:
+        return False  # a closed HTTP call is a cancel or a death alike: never detached

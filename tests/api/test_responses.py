@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 from etcd import Etcd
-from faults import metric
+from faults import metric, worker_of
 from harness import Deployment, wait_until
 from redis_server import Redis
 
@@ -290,3 +290,59 @@ def test_with_redis_down_only_what_needs_it_fails_and_at_once(deploy, tmp_path):
     finally:
         deploy.stop()
         server.stop()
+
+
+COMPUTED = 'segue_engine_prompt_tokens_total{source="computed"}'
+
+
+def test_a_taken_over_response_attaches_to_its_running_request(deploy):
+    """Its frontend SIGKILLed, the worker keeps the background response running
+    (--detach-grace); the frontend that takes it over attaches to it there: the client's
+    events go on exactly, and no worker computed its context again."""
+    deploy.start_frontend()
+    deploy.start_frontend()
+    a, b = deploy.frontends
+    deploy.start_worker(*SLOW)
+    deploy.start_worker(*SLOW)
+    want = client(b.url).responses.create(
+        model=MODEL, input=PROMPT, max_output_tokens=200, temperature=0
+    )
+    s, head = background_head(a, 200, 6)
+    rid = head[0].response.id
+    holder = worker_of(deploy, rid)
+    other = next(w for w in deploy.workers if w is not holder)
+    wait_resumable(b, rid, 6)
+    computed = {w.name: metric(w, COMPUTED) for w in deploy.workers}
+    a.signal(signal.SIGKILL)
+    a.popen.wait(10)
+    s.close()
+    holder.wait_log(f"Detached Request ID: {rid}")
+    n = head[-1].sequence_number
+    tail = list(client(b.url).responses.retrieve(rid, stream=True, starting_after=n))
+    events = head + tail
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert text_of(events) == want.output_text and events[-1].type == "response.incomplete"
+    assert f"Attached Request ID: {rid}" in holder.log()
+    assert f"New Request ID: {rid}" not in other.log()
+    assert metric(holder, "segue_worker_attached_total") == 1
+    assert {w.name: metric(w, COMPUTED) for w in deploy.workers} == computed  # nothing again
+    wait_until(lambda: all(idle(w) for w in deploy.workers), what="both workers idle")
+
+
+def test_a_detached_request_nobody_attaches_to_is_aborted_after_the_grace(deploy):
+    deploy.start_frontend()
+    w = deploy.start_worker(*SLOW, "--detach-grace", "0.5")
+    s, head = background_head(deploy.frontend, 2000, 3)
+    rid = head[0].response.id
+    deploy.frontend.signal(signal.SIGKILL)
+    deploy.frontend.popen.wait(10)
+    s.close()
+    w.wait_log(f"Detached Request ID: {rid}")
+    w.wait_log(f"Aborted Request ID: {rid}")  # after 0.5 s, nobody having come for it
+    assert "(detached: nobody attached)" in w.log()
+    wait_until(lambda: idle(w), what="the worker freed it")
+
+
+def idle(w) -> bool:
+    m = w.metrics()
+    return m["segue_engine_running_requests"] == 0 and m["segue_engine_kv_blocks_used"] == 0

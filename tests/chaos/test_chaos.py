@@ -163,3 +163,30 @@ def test_chaos_targets_a_running_deployment_from_a_toml_file(tmp_path, deploy):
     assert stopped <= {w.pid for w in workers}
     assert all(w.alive() for w in workers)  # stopped and continued, not restarted
     assert "stall" in s["migrations"]
+
+
+def test_chaos_kills_frontends_and_background_responses_resume(tmp_path):
+    """`--frontends 2` with frontend-kill and worker kill faults: background streamed
+    responses resume at the other frontend and every one equals the fault-free run's;
+    chat streams in flight at a killed frontend are counted as lost with it, apart from
+    failures; the killed frontends come back, and nothing is left running."""
+    out = tmp_path / "report"
+    r = chaos(
+        "--workers", "2", "--frontends", "2", "--requests", "120", "--concurrency", "12",
+        "--faults", "frontend-kill,kill", "--fault-every", "1", "--first-fault-after", "0.5",
+        "--mix", "response-stream,response-stream,chat-stream", "--mocker-step-ms", "10",
+        "--prompt-words", "4-40", "--max-tokens", "20-60", "--report-dir", str(out), *FAST,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = summary(out)
+    assert s["faults"]["frontend-kill"]["struck"] >= 2 and s["faults"]["kill"]["struck"] >= 1
+    assert s["resumed"] >= 1, s
+    assert s["exact"] + s["lost_with_frontend"] == 120
+    assert s["recovery"]["frontend-kill"]["unrecovered"] == 0
+    assert s["leaks"] == [] and s["routable_after"] == 2
+    doc = json.loads((out / "report.json").read_text())
+    resumed = [o for o in doc["outcomes"] if o["resumes"]]
+    assert all(o["verdict"] == "exact" for o in resumed)
+    for f in doc["faults"]:  # every process the run started is gone with it
+        if not f["skipped"] and f["pid"]:
+            assert not os.path.exists(f"/proc/{f['pid']}"), f

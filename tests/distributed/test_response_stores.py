@@ -17,7 +17,7 @@ from segue.frontend.response_store import SqliteStore, Status, Write
 @pytest.fixture(params=["sqlite", "redis"])
 def store(request, tmp_path):
     if request.param == "sqlite":
-        s = SqliteStore(tmp_path / "r.db", ttl=60, max_responses=3)
+        s = SqliteStore(tmp_path / "r.db", ttl=60, max_responses=3, sweep_every=0)
         yield s
         asyncio.run(s.close())
         return

@@ -71,6 +71,9 @@ def test_bad_toml_is_a_usage_error_naming_the_key(tmp_path, capsys, text, messag
         ({"sampled": 1.5}, "--sampled"),
         ({"duration": -1.0}, "--duration"),
         ({"distinct": 0}, "--distinct"),
+        ({"faults": "frontend-kill"}, "--frontends 2 or more"),
+        ({"url": "http://127.0.0.1:1", "frontends": 2}, "not with --url"),
+        ({"frontends": 0}, "--frontends"),
     ],
 )
 def test_validate_names_the_bad_option(changes, message):
@@ -95,6 +98,12 @@ def test_request_mix_is_reproducible_and_covers_every_kind():
     assert all(s.temperature == 0 for s in a if s.seed is None)
     body = a[0].body("m")
     assert body["return_token_ids"] is True and ("messages" in body) == (a[0].kind == "chat")
+    # background streamed responses: always greedy (a response's seed is its id's)
+    responses = make_specs(ChaosConfig(requests=50, mix="response-stream", sampled=1.0))
+    assert all(r.kind == "response" and r.stream and r.seed is None for r in responses)
+    body = responses[0].body("m")
+    assert body["background"] and body["stream"] and body["temperature"] == 0.0
+    assert responses[0].path() == "/v1/responses"
 
 
 def ok(seq: int, spec: int, tokens: list[int], **kw) -> Outcome:
