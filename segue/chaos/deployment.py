@@ -132,6 +132,9 @@ class Deployment:
         """Every frontend serving now, for the clients to spread over."""
         return [self.url]
 
+    def whole(self) -> bool:
+        return True
+
     def supervise(self) -> list[tuple[int, int]]:
         """Restarts exited workers; returns (slot, new pid) for each."""
         return []
@@ -227,10 +230,15 @@ class LocalDeployment(Deployment):
 
     def _serving(self) -> None:
         """`url` and `frontend_pid`: the first frontend that serves."""
-        for f in self.frontends:
-            if f.poll_ready() and f.popen is not None and f.popen.poll() is None:
-                self.url, self.frontend_pid = f.url, f.pid
-                return
+        serving = [
+            f for f in self.frontends if f.poll_ready() and f.popen and f.popen.poll() is None
+        ]
+        if serving:
+            self.url, self.frontend_pid = serving[0].url, serving[0].pid
+
+    def whole(self) -> bool:
+        """Every frontend place serves (a killed one's replacement is ready)."""
+        return len(self.urls()) == len(self.frontends)
 
     def start(self, timeout: float = 120.0) -> None:
         for s in self.slots:

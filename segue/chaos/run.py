@@ -296,7 +296,9 @@ async def chaos(cfg: ChaosConfig, dep: Deployment, api_key: str | None = None) -
             inflight = fe.get("segue_frontend_inflight_requests", 0.0)
             routable = sum(w.routable for w in workers)
             samples.append(await _sample(probe, dep, workers, now, mig0))
-            whole = routable >= dep.expected_workers or not isinstance(dep, LocalDeployment)
+            whole = dep.whole() and (
+                routable >= dep.expected_workers or not isinstance(dep, LocalDeployment)
+            )
             answered = len(states) == routable  # a worker too slow to answer is not idle yet
             if (whole and answered and all(s.idle() for s in states) and not inflight) or (
                 time.monotonic() > deadline

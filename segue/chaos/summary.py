@@ -62,6 +62,7 @@ class Summary(msgspec.Struct):
     cancelled_prefix_exact: int  # cancelled by the client, what they got exact
     lost_with_frontend: int  # not responses: in flight at a frontend that was SIGKILLed
     resumed: int  # responses whose stream broke and resumed at another frontend
+    resent: int  # responses whose frontend died before it said their id: created again
     resume_gap_ms: Percentiles  # stream broken -> next event, at the other frontend
     reference: ReferenceCount
     faults: dict[str, FaultCount]
@@ -160,6 +161,7 @@ def summarize(cfg: ChaosConfig, r: RunResult) -> Summary:
         cancelled_prefix_exact=verdicts["prefix"],
         lost_with_frontend=lost_with_frontend,
         resumed=sum(bool(o.resumes) for o in outs),
+        resent=sum(o.resent for o in outs),
         resume_gap_ms=Percentiles(ms(pct(gaps, 0.5)), ms(pct(gaps, 0.99))),
         reference=ReferenceCount(len(r.reference), len(ref_failed)),
         faults={
@@ -203,7 +205,8 @@ def render_text(s: Summary, report_dir: Path) -> str:
         f"hung {st.get('hung', 0)} · cancelled by the client {st.get('cancelled', 0)} "
         f"(tokens so far exact: {s.cancelled_prefix_exact})",
         f"frontends   responses resumed at another frontend {s.resumed} (gap p50 "
-        f"{s.resume_gap_ms.p50} ms p99 {s.resume_gap_ms.p99} ms); requests lost with a "
+        f"{s.resume_gap_ms.p50} ms p99 {s.resume_gap_ms.p99} ms), created again (their "
+        f"frontend died before their id came) {s.resent}; requests lost with a "
         f"killed frontend {s.lost_with_frontend} (not resumable: chat and completions)",
         "faults      "
         + (

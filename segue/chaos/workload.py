@@ -117,6 +117,7 @@ class Outcome(msgspec.Struct):
     frontend: str = ""  # the frontend it was sent to
     frontend_killed: bool = False  # that frontend was SIGKILLed while it was in flight
     resumes: list[float] = msgspec.field(default_factory=list)  # a response: each gap (s)
+    resent: int = 0  # a response whose frontend died before it said its id: created again
 
 
 async def _read(r: aiohttp.ClientResponse, spec: RequestSpec, out: Outcome, t0: float) -> None:
@@ -194,6 +195,14 @@ async def send(
 _RESPONSE_ENDS = {"response.completed": "stop", "response.incomplete": "length"}
 
 
+class _Place(msgspec.Struct):
+    """Where a response's reader is: its id, the last event read, when its stream broke."""
+
+    rid: str = ""
+    last: int = -1
+    broke: float = 0.0
+
+
 async def _respond(
     session: aiohttp.ClientSession,
     bases: Callable[[], list[str]],
@@ -203,58 +212,58 @@ async def _respond(
     t0: float,
 ) -> None:
     """A background streamed response, read to its end: when its stream breaks (its
-    frontend died), the events after the last one read are asked of another frontend."""
-    rid, last, broke = "", -1, 0.0
+    frontend died), the events after the last one read are asked of another frontend (or,
+    if it broke before the response's id came, the response is created again there)."""
+    at = _Place()
     url, body = out.frontend + spec.path(), spec.body(model)
     while True:
         try:
-            if rid:
-                async with session.get(
-                    url, params={"stream": "true", "starting_after": str(last)}
-                ) as r:
-                    rid, last = await _read_events(r, out, t0, rid, last, broke)
+            if at.rid:
+                params = {"stream": "true", "starting_after": str(at.last)}
+                async with session.get(url, params=params) as r:
+                    await _read_events(r, out, t0, at)
             else:
                 async with session.post(url, json=body) as r:
-                    rid, last = await _read_events(r, out, t0, rid, last, broke)
+                    await _read_events(r, out, t0, at)
         except (aiohttp.ClientError, ConnectionError) as e:
-            if not rid:  # not created: nothing to resume
-                raise
             out.error = f"{type(e).__name__}: {e}"[:300]
         if out.finish_reason is not None or out.status != Status.OK:
             return
-        broke = time.monotonic()  # the stream ended before its end: resume elsewhere
+        at.broke = time.monotonic()  # the stream ended before its end: resume elsewhere
         others = [b for b in bases() if b != out.frontend] or bases()
-        out.frontend = others[len(out.resumes) % len(others)]
-        url = f"{out.frontend}/v1/responses/{rid}"
+        out.frontend = others[(len(out.resumes) + out.resent) % len(others)]
+        if at.rid:
+            url = f"{out.frontend}/v1/responses/{at.rid}"
+        else:  # its frontend died before it said the id: create it again there
+            out.resent += 1
+            url = out.frontend + spec.path()
         await asyncio.sleep(0.05)  # the supervisor's view of the frontends catches up
 
 
-async def _read_events(
-    r: aiohttp.ClientResponse, out: Outcome, t0: float, rid: str, last: int, broke: float
-) -> tuple[str, int]:
-    """Reads a response's events into `out`; returns its id and the last sequence number
-    read. A gap in the numbers is an error."""
+async def _read_events(r: aiohttp.ClientResponse, out: Outcome, t0: float, at: _Place) -> None:
+    """Reads a response's events into `out`, keeping `at` current as it goes. A gap in
+    the sequence numbers is an error."""
     out.http_status = r.status
     if r.status != 200:
         out.status = Status.ERROR
         out.error = f"HTTP {r.status}: {(await r.text())[:300]}"
-        return rid, last
+        return
     async for line in r.content:
         if not line.startswith(b"data: "):
             continue
         ev = json.loads(line[6:])
         seq = ev["sequence_number"]
-        if seq != last + 1:
+        if seq != at.last + 1:
             out.status = Status.ERROR
-            out.error = f"event {seq} after event {last}"
-            return rid, last
-        if broke:
-            out.resumes.append(time.monotonic() - broke)
-            broke = 0.0
-        last = seq
+            out.error = f"event {seq} after event {at.last}"
+            return
+        if at.broke:
+            out.resumes.append(time.monotonic() - at.broke)
+            at.broke = 0.0
+        at.last = seq
         kind = ev["type"]
         if kind == "response.created":
-            rid = ev["response"]["id"]
+            at.rid = ev["response"]["id"]
         elif kind == "response.output_text.delta":
             if out.first is None:
                 out.first = time.monotonic() - t0
@@ -264,7 +273,6 @@ async def _read_events(
         elif kind == "response.failed":
             out.status = Status.ERROR
             out.error = f"response failed: {ev['response'].get('error')}"[:300]
-    return rid, last
 
 
 def judge(out: Outcome, golden: Outcome | None) -> str:
