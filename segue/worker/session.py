@@ -48,6 +48,7 @@ from segue.worker.sink import FrameSink, StageError
 
 log = logging.getLogger("segue.worker")
 KEEPALIVE_FRAME = encode_frame(KeepAlive())
+RELEASE_S = 2.0  # how long a call waits for an older call of its request to let go
 T = TypeVar("T")
 
 
@@ -145,6 +146,8 @@ class EngineSessions:
         """Runs the request in the engine, streaming Tokens/KeepAlive frames to the caller.
         Returns the KV key of a finished PREFILL; writes the final frame of anything else."""
         rid = req.request_id
+        if req.detach and rid in self.active:
+            await self._released(rid)
         attached = self._attach(req, task)
         if attached is not None:
             stream, backlog = attached
@@ -221,6 +224,19 @@ class EngineSessions:
         if self.engine.abort(rid):
             self.metrics.aborts.inc()
         log.info("Aborted Request ID: %s (detached: %s)", rid, why)
+
+    async def _released(self, rid: str) -> None:
+        """A call for a request another call still runs: the frontend that took it over
+        came before this worker noticed the old caller's connection break. Waits for that
+        (it detaches), or, past RELEASE_S (the old caller lives), refuses: retryable, the
+        new caller goes on from its tokens elsewhere."""
+        deadline = time.monotonic() + RELEASE_S
+        while rid in self.active:
+            if time.monotonic() > deadline:
+                raise StageError(
+                    ErrorCode.ENGINE_ERROR, f"request {rid} is still running here", True
+                )
+            await asyncio.sleep(0.01)
 
     def _attach(
         self, req: EngineRequest, task: EngineTask

@@ -346,3 +346,55 @@ def test_a_detached_request_nobody_attaches_to_is_aborted_after_the_grace(deploy
 def idle(w) -> bool:
     m = w.metrics()
     return m["segue_engine_running_requests"] == 0 and m["segue_engine_kv_blocks_used"] == 0
+
+
+def test_frontend_and_worker_both_killed_resumes_from_the_store(deploy):
+    """The frontend and the worker holding its background response both SIGKILLed: the
+    frontend that takes it over continues it on the other worker from its stored tokens
+    (a migration): the client's events go on exactly."""
+    deploy.start_frontend()
+    deploy.start_frontend()
+    a, b = deploy.frontends
+    deploy.start_worker(*SLOW)
+    deploy.start_worker(*SLOW)
+    want = client(b.url).responses.create(
+        model=MODEL, input=PROMPT, max_output_tokens=200, temperature=0
+    )
+    s, head = background_head(a, 200, 6)
+    rid = head[0].response.id
+    holder = worker_of(deploy, rid)
+    wait_resumable(b, rid, 6)
+    holder.signal(signal.SIGKILL)
+    a.signal(signal.SIGKILL)
+    s.close()
+    n = head[-1].sequence_number
+    tail = list(client(b.url).responses.retrieve(rid, stream=True, starting_after=n))
+    events = head + tail
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert text_of(events) == want.output_text and events[-1].type == "response.incomplete"
+    other = next(w for w in deploy.workers if w is not holder)
+    assert f"New Request ID: {rid}" in other.log()
+
+
+def test_a_polled_background_response_outlives_the_frontend_that_made_it(deploy):
+    """`background: true` without a stream, its frontend SIGKILLed right after answering:
+    polling GET /v1/responses/{id} at another frontend sees it taken over and completed,
+    with the output an uninterrupted response has."""
+    deploy.start_frontend()
+    deploy.start_frontend()
+    a, b = deploy.frontends
+    deploy.start_worker(*SLOW)
+    want = client(b.url).responses.create(
+        model=MODEL, input=PROMPT, max_output_tokens=100, temperature=0
+    )
+    r = client(a.url).responses.create(
+        model=MODEL, input=PROMPT, max_output_tokens=100, temperature=0, background=True
+    )
+    assert r.status == "queued"
+    a.signal(signal.SIGKILL)
+    wait_until(
+        lambda: client(b.url).responses.retrieve(r.id).status == "incomplete",
+        timeout=30,
+        what="the response finished elsewhere",
+    )
+    assert client(b.url).responses.retrieve(r.id).output_text == want.output_text
