@@ -295,10 +295,9 @@ def test_with_redis_down_only_what_needs_it_fails_and_at_once(deploy, tmp_path):
 COMPUTED = 'segue_engine_prompt_tokens_total{source="computed"}'
 
 
-def test_a_taken_over_response_attaches_to_its_running_request(deploy):
-    """Its frontend SIGKILLed, the worker keeps the background response running
-    (--detach-grace); the frontend that takes it over attaches to it there: the client's
-    events go on exactly, and no worker computed its context again."""
+def under_way(deploy):
+    """Two frontends, two slow workers, an uninterrupted response (`want`) and the same
+    one in the background at frontend A, its first 6 events read."""
     deploy.start_frontend()
     deploy.start_frontend()
     a, b = deploy.frontends
@@ -308,6 +307,24 @@ def test_a_taken_over_response_attaches_to_its_running_request(deploy):
         model=MODEL, input=PROMPT, max_output_tokens=200, temperature=0
     )
     s, head = background_head(a, 200, 6)
+    return a, b, want, s, head
+
+
+def resume_exactly(fe, head, want) -> None:
+    """The events after `head`, read at frontend `fe`: numbered on without a gap, the
+    whole text that of the uninterrupted response."""
+    rid, n = head[0].response.id, head[-1].sequence_number
+    tail = list(client(fe.url).responses.retrieve(rid, stream=True, starting_after=n))
+    events = head + tail
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert text_of(events) == want.output_text and events[-1].type == "response.incomplete"
+
+
+def test_a_taken_over_response_attaches_to_its_running_request(deploy):
+    """Its frontend SIGKILLed, the worker keeps the background response running
+    (--detach-grace); the frontend that takes it over attaches to it there: the client's
+    events go on exactly, and no worker computed its context again."""
+    a, b, want, s, head = under_way(deploy)
     rid = head[0].response.id
     holder = worker_of(deploy, rid)
     other = next(w for w in deploy.workers if w is not holder)
@@ -317,11 +334,7 @@ def test_a_taken_over_response_attaches_to_its_running_request(deploy):
     a.popen.wait(10)
     s.close()
     holder.wait_log(f"Detached Request ID: {rid}")
-    n = head[-1].sequence_number
-    tail = list(client(b.url).responses.retrieve(rid, stream=True, starting_after=n))
-    events = head + tail
-    assert [e.sequence_number for e in events] == list(range(len(events)))
-    assert text_of(events) == want.output_text and events[-1].type == "response.incomplete"
+    resume_exactly(b, head, want)
     assert f"Attached Request ID: {rid}" in holder.log()
     assert f"New Request ID: {rid}" not in other.log()
     assert metric(holder, "segue_worker_attached_total") == 1
@@ -352,26 +365,14 @@ def test_frontend_and_worker_both_killed_resumes_from_the_store(deploy):
     """The frontend and the worker holding its background response both SIGKILLed: the
     frontend that takes it over continues it on the other worker from its stored tokens
     (a migration): the client's events go on exactly."""
-    deploy.start_frontend()
-    deploy.start_frontend()
-    a, b = deploy.frontends
-    deploy.start_worker(*SLOW)
-    deploy.start_worker(*SLOW)
-    want = client(b.url).responses.create(
-        model=MODEL, input=PROMPT, max_output_tokens=200, temperature=0
-    )
-    s, head = background_head(a, 200, 6)
+    a, b, want, s, head = under_way(deploy)
     rid = head[0].response.id
     holder = worker_of(deploy, rid)
     wait_resumable(b, rid, 6)
     holder.signal(signal.SIGKILL)
     a.signal(signal.SIGKILL)
     s.close()
-    n = head[-1].sequence_number
-    tail = list(client(b.url).responses.retrieve(rid, stream=True, starting_after=n))
-    events = head + tail
-    assert [e.sequence_number for e in events] == list(range(len(events)))
-    assert text_of(events) == want.output_text and events[-1].type == "response.incomplete"
+    resume_exactly(b, head, want)
     other = next(w for w in deploy.workers if w is not holder)
     assert f"New Request ID: {rid}" in other.log()
 
