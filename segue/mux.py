@@ -5,11 +5,12 @@ Why: with one HTTP response per call, every token of every stream is its own wri
 worker and its own read on the caller. Here, what all streams produced in one engine step
 goes out as one WebSocket message and is read once. Calls are cancelled by an explicit
 CANCEL record; a broken connection fails every call on it, which is what a dead worker
-means anyway.
+means anyway. A DETACH record ends a call as its caller's death would (a caller shutting
+down lets a detachable call go on without it, for another caller to attach to).
 
 Wire (binary messages; each holds one or more records, big-endian):
   caller -> worker   [op u8][call id u32][length u32][payload]   OPEN: msgpack EngineRequest
-                                                                  CANCEL: no payload
+                                                                  CANCEL, DETACH: none
   worker -> caller   [call id u32][length u32][frames]            whole length-prefixed
                                                                   frames (segue.protocol);
                                                                   length 0: the call ended
@@ -38,6 +39,7 @@ MAX_MESSAGE = 64 * 1024 * 1024
 class Op(IntEnum):
     OPEN = 1
     CANCEL = 2
+    DETACH = 3
 
 
 class Outbox:
@@ -119,7 +121,7 @@ class MuxSink:
         self.sid = sid
         self.out = out
         self.cancelled = False  # the caller sent CANCEL
-        self.lost = False  # the connection went (the caller died, or the network)
+        self.lost = False  # the connection went (the caller died, or the network), or DETACH
 
     async def write(self, data: bytes) -> None:
         if data:
@@ -183,10 +185,13 @@ class MuxServer:
                 sink = MuxSink(sid, self.out)
                 task = asyncio.create_task(self._call(data[pos : pos + size], sink))
                 self.calls[sid] = (task, sink)
-            elif op == Op.CANCEL:
+            elif op == Op.CANCEL or op == Op.DETACH:
                 call = self.calls.get(sid)
                 if call is not None:
-                    call[1].cancelled = True
+                    if op == Op.CANCEL:
+                        call[1].cancelled = True
+                    else:
+                        call[1].lost = True
                     call[0].cancel()
             else:
                 return False

@@ -90,6 +90,11 @@ class MuxConnection:
         if self.calls.pop(call.sid, None) is not None and not self.out.closed:
             self.out.put(OP_RECORD.pack(Op.CANCEL, call.sid, 0))
 
+    def detach(self, call: MuxCall) -> None:
+        """The caller lets a detachable call go on without it (it is shutting down)."""
+        if self.calls.pop(call.sid, None) is not None and not self.out.closed:
+            self.out.put(OP_RECORD.pack(Op.DETACH, call.sid, 0))
+
     def forget(self, call: MuxCall) -> None:
         self.calls.pop(call.sid, None)
 

@@ -104,6 +104,9 @@ class RequestPlane:
         self.session = session
         self.kind = kind
         self.mux = MuxPool(session, Route.MUX, stall_timeout)
+        # requests whose calls this process lets go on without it when it closes them
+        # (background responses at shutdown): DETACH, not CANCEL
+        self.letting_go: set[str] = set()
 
     def frames(
         self, inst: Instance, req: EngineRequest, stall_timeout: float
@@ -161,6 +164,8 @@ class RequestPlane:
             if call is not None and conn is not None:
                 if done:
                     conn.forget(call)
+                elif req.detach and req.request_id in self.letting_go:
+                    conn.detach(call)
                 else:
                     conn.cancel(call)
         raise Failure(FailureReason.STREAM_ENDED, inst)

@@ -109,15 +109,23 @@ class Background:
         if running is not None and running.task is not None:
             running.task.cancel()
 
-    async def detach_all(self) -> None:
-        """At shutdown: let every background response this process owns go, so that a
-        client resuming at another frontend has it taken over at once."""
+    async def detach_all(self, letting_go: set[str]) -> None:
+        """At the drain deadline: let every background response this process owns go. Its
+        worker keeps generating (the request plane says DETACH, not CANCEL, for the ids in
+        `letting_go`), and a client resuming at another frontend has it taken over at once,
+        attached there."""
+        tasks = []
         for rid, running in list(self.running.items()):
+            letting_go.add(rid)
             if running.task is not None:
                 running.task.cancel()
+                tasks.append(running.task)
             running.end()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for rid in letting_go:
             with contextlib.suppress(StoreError):
                 await self.store.release(rid, self.owner)
+            self.metrics.response_detaches.inc()
             log.info("Detached Response ID: %s (frontend stopping)", rid)
 
     def own(

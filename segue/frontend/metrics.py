@@ -58,6 +58,12 @@ class FrontendMetrics:
             "writing them (died, or let them go at shutdown)",
             registry=r,
         )
+        self.response_detaches = Counter(
+            "segue_frontend_response_detaches",
+            "Background responses this process let go at its drain deadline, their "
+            "generation left running on its worker for another frontend to attach to",
+            registry=r,
+        )
         self.store_errors = Counter(
             "segue_frontend_store_errors",
             "Response store operations that failed",

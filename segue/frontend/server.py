@@ -20,6 +20,8 @@ from segue.frontend.connections import GuardedRunner
 from segue.frontend.system import PUBLISH_S, SystemServer
 from segue.tokenizer import Tokenizer
 
+DETACH_BEFORE_S = 1.0  # background responses are let go this long before the drain deadline
+
 log = logging.getLogger("segue.frontend")
 
 
@@ -58,8 +60,13 @@ async def run_frontend(
     await stop.wait()
     log.info("frontend stopping: no new connections, finishing streams")
     fe.shutting_down = True
-    await fe.responses.background.detach_all()  # their clients resume at another frontend
-    await runner.cleanup()
+    # Open streams finish until the drain deadline; then background responses are let go
+    # (their clients resume at another frontend, which attaches to their running worker)
+    # before what is left is cut.
+    drained = asyncio.create_task(runner.cleanup())
+    await asyncio.wait({drained}, timeout=max(0.0, cfg.shutdown_grace - DETACH_BEFORE_S))
+    await fe.responses.background.detach_all(fe.plane.letting_go)
+    await drained
     if system is not None and publisher is not None:
         publisher.cancel()
         await asyncio.to_thread(system.stop)

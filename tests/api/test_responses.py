@@ -174,13 +174,11 @@ def wait_resumable(fe, rid: str, n: int) -> None:
     wait_until(written, timeout=10, what=f"event {n} stored")
 
 
-@pytest.mark.parametrize("how", ["kill", "term"])
-def test_background_response_survives_its_frontend(two_frontends, how):
-    """The frontend generating a background response is SIGKILLed (or drained with
-    SIGTERM) mid-stream; the client resumes at the other frontend, which takes the response
-    over at once (the killed owner's pid is gone; the drained one let it go) and continues it
-    from its stored tokens: the events after N go on exactly, and the text equals an
-    uninterrupted response's (greedy, same input)."""
+def test_background_response_survives_its_frontend(two_frontends):
+    """The frontend generating a background response is SIGKILLed mid-stream; the client
+    resumes at the other frontend, which takes the response over at once (the killed
+    owner's pid is gone) and continues it from its stored tokens: the events after N go on
+    exactly, and the text equals an uninterrupted response's (greedy, same input)."""
     d = two_frontends
     w = d.start_worker(*SLOW)
     a, b = d.frontends
@@ -192,7 +190,7 @@ def test_background_response_survives_its_frontend(two_frontends, how):
     wait_resumable(b, rid, 6)  # what the client has, the store has too
     w.signal(signal.SIGSTOP)  # no progress while the frontend goes: it is mid-answer
     try:
-        a.signal(signal.SIGKILL if how == "kill" else signal.SIGTERM)
+        a.signal(signal.SIGKILL)
         a.popen.wait(10)
     finally:
         w.signal(signal.SIGCONT)
@@ -295,18 +293,18 @@ def test_with_redis_down_only_what_needs_it_fails_and_at_once(deploy, tmp_path):
 COMPUTED = 'segue_engine_prompt_tokens_total{source="computed"}'
 
 
-def under_way(deploy):
+def under_way(deploy, *a_args: str, max_tokens: int = 200):
     """Two frontends, two slow workers, an uninterrupted response (`want`) and the same
-    one in the background at frontend A, its first 6 events read."""
-    deploy.start_frontend()
+    one in the background at frontend A (started with `a_args`), its first 6 events read."""
+    deploy.start_frontend(*a_args)
     deploy.start_frontend()
     a, b = deploy.frontends
     deploy.start_worker(*SLOW)
     deploy.start_worker(*SLOW)
     want = client(b.url).responses.create(
-        model=MODEL, input=PROMPT, max_output_tokens=200, temperature=0
+        model=MODEL, input=PROMPT, max_output_tokens=max_tokens, temperature=0
     )
-    s, head = background_head(a, 200, 6)
+    s, head = background_head(a, max_tokens, 6)
     return a, b, want, s, head
 
 
@@ -339,6 +337,27 @@ def test_a_taken_over_response_attaches_to_its_running_request(deploy):
     assert f"New Request ID: {rid}" not in other.log()
     assert metric(holder, "segue_worker_attached_total") == 1
     assert {w.name: metric(w, COMPUTED) for w in deploy.workers} == computed  # nothing again
+    wait_until(lambda: all(idle(w) for w in deploy.workers), what="both workers idle")
+
+
+def test_a_drained_frontend_lets_its_background_streams_go_at_the_deadline(deploy):
+    """A frontend SIGTERMed (a rolling update) goes on streaming its background response
+    until its drain deadline, then lets it go: the client's stream ends without a terminal
+    event, the worker keeps the request (a DETACH record, not a cancel), and the client
+    resumes at the other frontend, which attaches there: exact, nothing computed again."""
+    a, b, want, s, head = under_way(deploy, "--shutdown-grace", "3", max_tokens=1000)
+    rid = head[0].response.id
+    holder = worker_of(deploy, rid)
+    computed = {w.name: metric(w, COMPUTED) for w in deploy.workers}
+    a.signal(signal.SIGTERM)
+    rest = list(s)  # A streams on through its drain, then ends the stream
+    assert rest and not any(e.type in ("response.completed", "response.incomplete") for e in rest)
+    a.popen.wait(10)
+    assert f"Detached Response ID: {rid} (frontend stopping)" in a.log()
+    holder.wait_log(f"Detached Request ID: {rid}")
+    resume_exactly(b, head + rest, want)
+    assert f"Attached Request ID: {rid}" in holder.log()
+    assert {w.name: metric(w, COMPUTED) for w in deploy.workers} == computed
     wait_until(lambda: all(idle(w) for w in deploy.workers), what="both workers idle")
 
 
