@@ -10,6 +10,8 @@
 2. Frontend CPU per request: streamed /v1/responses against streamed /v1/chat/completions
    of the same tokens (greedy, --tokens each), alternated in rounds at --concurrency, the
    frontend's CPU time divided by the requests; stored and background responses too.
+   With Redis as the store, also the store operations per response (Redis's own count of
+   the commands it ran, INFO commandstats).
 
     python bench/responses.py [--trials 20] [--requests 200] [--store-url redis://...]
 
@@ -91,7 +93,19 @@ def read_stream(url: str, path: str, body: dict) -> int:
         return sum(1 for _ in sse_events(r))
 
 
-def cpu_per_request(d: Deployment, a: argparse.Namespace) -> dict[str, float]:
+def redis_commands(url: str) -> int:
+    """The commands Redis has run so far (0 without Redis), not counting INFO itself."""
+    if not url:
+        return 0
+    import redis
+
+    stats = redis.Redis.from_url(url).info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
+
+
+def cpu_per_request(
+    d: Deployment, a: argparse.Namespace
+) -> tuple[dict[str, float], dict[str, float]]:
     fe = d.frontends[0]
     common = {"model": MODEL, "temperature": 0, "stream": True}
     kinds = {
@@ -105,11 +119,12 @@ def cpu_per_request(d: Deployment, a: argparse.Namespace) -> dict[str, float]:
                  "max_output_tokens": a.tokens, "background": True}),
     }  # fmt: skip
     cpu = dict.fromkeys(kinds, 0.0)
+    ops = dict.fromkeys(kinds, 0)
     count = dict.fromkeys(kinds, 0)
     per_round = max(a.concurrency, a.requests // a.rounds)
     for _ in range(a.rounds):
         for name, (path, body) in kinds.items():
-            before = cpu_seconds(fe.pid)
+            before, ops_before = cpu_seconds(fe.pid), redis_commands(a.store_url)
             threads = [
                 threading.Thread(target=read_stream, args=(fe.url, path, body))
                 for _ in range(per_round)
@@ -121,8 +136,9 @@ def cpu_per_request(d: Deployment, a: argparse.Namespace) -> dict[str, float]:
                 for t in batch:
                     t.join()
             cpu[name] += cpu_seconds(fe.pid) - before
+            ops[name] += redis_commands(a.store_url) - ops_before
             count[name] += per_round
-    return {k: 1000 * cpu[k] / count[k] for k in kinds}
+    return {k: 1000 * cpu[k] / count[k] for k in kinds}, {k: ops[k] / count[k] for k in kinds}
 
 
 def main() -> None:
@@ -148,8 +164,10 @@ def main() -> None:
                 print(f"resume after a frontend SIGKILL ({a.trials} trials, store "
                       f"{a.store_url or 'sqlite'}), {what}: p50 {statistics.median(ms):.1f} "
                       f"ms, max {ms[-1]:.1f} ms")  # fmt: skip
-            for name, ms in cpu_per_request(d, a).items():
-                print(f"frontend CPU per streamed request, {name}: {ms:.2f} ms")
+            cpu, ops = cpu_per_request(d, a)
+            for name, ms in cpu.items():
+                print(f"frontend CPU per streamed request, {name}: {ms:.2f} ms", end="")
+                print(f", {ops[name]:.1f} store operations" if a.store_url else "")
         finally:
             d.stop()
 

@@ -26,16 +26,23 @@ local st = redis.call('HMGET', KEYS[1], 'status', 'owner')
 if not st[1] or st[2] ~= ARGV[1] or (st[1] ~= 'queued' and st[1] ~= 'in_progress') then
   return 0
 end
-local n = redis.call('LLEN', KEYS[2])
 local first = tonumber(ARGV[6])
-for i = 8, #ARGV do
-  if first + i - 8 >= n then redis.call('RPUSH', KEYS[2], ARGV[i]) end
-end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'response', ARGV[3], 'tokens', ARGV[4],
-           'heartbeat', ARGV[5], 'worker', ARGV[7])
+local i = 8
 if #ARGV >= 8 then
-  redis.call('HSET', KEYS[1], 'last_seq', first + #ARGV - 8)
+  i = math.max(8, 8 + redis.call('LLEN', KEYS[2]) - first)  -- skip what is stored
+end
+while i <= #ARGV do  -- one RPUSH per 1000 events (unpack's stack is bounded)
+  local j = math.min(#ARGV, i + 999)
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, i, j))
+  i = j + 1
+end
+if #ARGV >= 8 then
+  redis.call('HSET', KEYS[1], 'status', ARGV[2], 'response', ARGV[3], 'tokens', ARGV[4],
+             'heartbeat', ARGV[5], 'worker', ARGV[7], 'last_seq', first + #ARGV - 8)
   redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[1]))
+else
+  redis.call('HSET', KEYS[1], 'status', ARGV[2], 'response', ARGV[3], 'tokens', ARGV[4],
+             'heartbeat', ARGV[5], 'worker', ARGV[7])
 end
 return 1
 """

@@ -48,6 +48,24 @@ def test_only_the_owner_writes_and_one_claimer_takes_a_silent_response(store):
     run(store, go)
 
 
+def test_a_batch_written_again_stores_each_event_once(store):
+    """A batch whose write failed on the way back (it was stored) is sent again with the
+    next one; a long batch (after the store was away a while) goes whole."""
+
+    async def go():
+        await store.create("r1", b"{}", b"[]", b"{}", Status.IN_PROGRESS, True, "a")
+        ev = [(i, b'{"n":%d}' % i) for i in range(2500)]
+        st = Status.IN_PROGRESS
+        assert await store.append("r1", "a", ev[:3], b"{}", st, b"[]") is Write.OK
+        assert await store.append("r1", "a", ev[1:5], b"{}", st, b"[]") is Write.OK
+        assert await store.append("r1", "a", ev[5:], b"{}", st, b"[]") is Write.OK
+        assert await store.events("r1", -1) == ev
+        assert (await store.get("r1")).last_seq == 2499
+        assert await store.events("r1", 2497) == ev[2498:]
+
+    run(store, go)
+
+
 def test_cancel_sticks_and_a_finished_response_is_left_as_it_is(store):
     async def go():
         await store.create("r1", b"{}", b"[]", b'{"status":"queued"}', Status.QUEUED, True, "a")
