@@ -19,7 +19,7 @@ class Sample(msgspec.Struct):
     migrations: dict[str, float]  # reason -> count since the faulted phase began
     cancellations: float
     inflight: float
-    rss_mib: float | None
+    rss_mib: dict[str, float]  # each frontend process (`frontend0 pid 123`) -> its RSS
 
 
 class WorkerState(msgspec.Struct):

@@ -349,5 +349,19 @@ async def _sample(
         migrations={k: v for k, v in mig.items() if v},
         cancellations=fe.get("segue_frontend_cancellations_total", 0.0),
         inflight=fe.get("segue_frontend_inflight_requests", 0.0),
-        rss_mib=rss_mib(dep.frontend_pid) if dep.frontend_pid else None,
+        rss_mib=_frontend_rss(dep),
     )
+
+
+def _frontend_rss(dep: Deployment) -> dict[str, float]:
+    """The RSS of each frontend process alive now (one the run started, by place and pid;
+    else the one a targeted deployment serves from)."""
+    procs = [(f"frontend{f.index} pid {f.pid}", f.pid) for f in dep.frontends if f.pid]
+    if not procs and dep.frontend_pid:
+        procs = [(f"frontend pid {dep.frontend_pid}", dep.frontend_pid)]
+    out = {}
+    for name, pid in procs:
+        rss = rss_mib(pid)
+        if rss is not None:
+            out[name] = rss
+    return out

@@ -76,7 +76,7 @@ class Summary(msgspec.Struct):
     leaks: list[WorkerState]  # workers not idle after the run
     frontend_inflight_after: float
     routable_after: int
-    frontend_rss_mib: RssMib | None
+    frontend_rss_mib: dict[str, RssMib]  # each frontend process sampled twice or more
     failures: list[FailedRequest]  # the first 50
 
 
@@ -114,7 +114,10 @@ def summarize(cfg: ChaosConfig, r: RunResult) -> Summary:
         if k.startswith(mig_prefix)
     }
     leaks = [w for w in r.workers_after if not w.idle()]
-    rss = [s.rss_mib for s in r.samples if s.rss_mib is not None]
+    rss: dict[str, list[float]] = {}
+    for sample in r.samples:
+        for proc, mib in sample.rss_mib.items():
+            rss.setdefault(proc, []).append(mib)
     tokens = sum(len(o.token_ids) for o in ok)
     problems = []
     if ref_failed:
@@ -181,9 +184,11 @@ def summarize(cfg: ChaosConfig, r: RunResult) -> Summary:
         leaks=leaks,
         frontend_inflight_after=r.frontend_inflight_after,
         routable_after=r.routable_after,
-        frontend_rss_mib=None
-        if not rss
-        else RssMib(round(rss[0], 1), round(rss[-1], 1), round(max(rss), 1)),
+        frontend_rss_mib={
+            proc: RssMib(round(v[0], 1), round(v[-1], 1), round(max(v), 1))
+            for proc, v in rss.items()
+            if len(v) >= 2
+        },
         failures=failures[:50],
     )
 
@@ -245,9 +250,8 @@ def render_text(s: Summary, report_dir: Path) -> str:
         )
         + f"; frontend in flight {s.frontend_inflight_after:g}",
     ]
-    if s.frontend_rss_mib:
-        r = s.frontend_rss_mib
-        lines.append(f"frontend    RSS {r.first} MiB at start, {r.last} at end, max {r.max}")
+    for proc, r in s.frontend_rss_mib.items():
+        lines.append(f"{proc}: RSS {r.first} MiB first, {r.last} last, max {r.max}")
     for p in s.problems:
         lines.append(f"PROBLEM     {p}")
     for f in s.failures[:5]:

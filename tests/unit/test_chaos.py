@@ -149,7 +149,7 @@ def run_result(**changes) -> RunResult:
             migrations={"stream_broken": float(i // 2)},
             cancellations=0.0,
             inflight=4.0,
-            rss_mib=50.0,
+            rss_mib={"frontend0 pid 7": 50.0 + i},
         )
         for i in range(10)
     ]
@@ -180,6 +180,8 @@ def test_verdict_passes_only_a_clean_run():
     assert s.recovery["kill"] == summary.Recovery(p50_s=0.7, max_s=0.7, unrecovered=0)
     assert s.recovery["stop"].unrecovered == 1
     assert "disconnect" not in s.recovery
+    assert s.frontend_rss_mib == {"frontend0 pid 7": summary.RssMib(50.0, 59.0, 59.0)}
+    assert "frontend0 pid 7: RSS 50.0 MiB first, 59.0 last" in summary.render_text(s, Path("x"))
 
     r = run_result()
     r.outcomes[3].token_ids = [9, 9, 9]
