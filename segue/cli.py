@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="attention heads (vLLM on CPU wants hidden/heads = 64: e.g. 128 and 2)",
     )
+    m.add_argument(
+        "--kv-heads", type=int, default=None, help="key/value heads (GQA); default --heads"
+    )
+    m.add_argument(
+        "--intermediate-size", type=int, default=None, help="MLP width; default 2x --hidden-size"
+    )
 
     a = sub.add_parser("worker-admin", help="operator calls to one worker (move requests)")
     from segue.admin import add_admin_args
@@ -122,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
             hidden_size=args.hidden_size,
             layers=args.layers,
             heads=args.heads,
+            kv_heads=args.kv_heads,
+            intermediate_size=args.intermediate_size,
         )
         print(f"tiny model written to {path}")
         return

@@ -39,6 +39,7 @@ class RssMib(msgspec.Struct):
     first: float
     last: float
     max: float
+    samples: int = 0  # one per sampling interval: how long the process was seen
 
 
 class FailedRequest(msgspec.Struct):
@@ -185,7 +186,7 @@ def summarize(cfg: ChaosConfig, r: RunResult) -> Summary:
         frontend_inflight_after=r.frontend_inflight_after,
         routable_after=r.routable_after,
         frontend_rss_mib={
-            proc: RssMib(round(v[0], 1), round(v[-1], 1), round(max(v), 1))
+            proc: RssMib(round(v[0], 1), round(v[-1], 1), round(max(v), 1), len(v))
             for proc, v in rss.items()
             if len(v) >= 2
         },
@@ -250,8 +251,16 @@ def render_text(s: Summary, report_dir: Path) -> str:
         )
         + f"; frontend in flight {s.frontend_inflight_after:g}",
     ]
-    for proc, r in s.frontend_rss_mib.items():
-        lines.append(f"{proc}: RSS {r.first} MiB first, {r.last} last, max {r.max}")
+    if s.frontend_rss_mib:
+        rss = s.frontend_rss_mib
+        oldest = max(rss, key=lambda k: rss[k].samples)
+        r = rss[oldest]
+        lasts = [x.last for x in rss.values()]
+        lines.append(
+            f"frontend    RSS of {len(rss)} processes at their last sample {min(lasts)}-"
+            f"{max(lasts)} MiB; the longest seen, {oldest} ({r.samples} samples): {r.first} "
+            f"MiB first, {r.last} last, max {r.max}"
+        )
     for p in s.problems:
         lines.append(f"PROBLEM     {p}")
     for f in s.failures[:5]:

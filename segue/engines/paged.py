@@ -8,7 +8,9 @@ into their slots, gathers every sequence's context from its blocks and runs PyTo
 with a mask that lets query i of a sequence see its positions up to its own. Batches are
 padded to rectangles (queries to the longest chunk, contexts to the longest table), so shapes
 depend only on (batch, query length, blocks): on a GPU, decode steps (one query each) replay
-a CUDA graph captured once per (batch bucket, block bucket).
+a CUDA graph captured once per (batch bucket, block bucket). On a GPU (or when asked), decode
+steps attend through `paged_attention`'s kernel instead, which reads each sequence's blocks
+in place: no gather, no mask.
 
 The model's own weights, rotary embedding and activation do the arithmetic, with fewer kernels
 than transformers launches (q/k/v and gate/up fused into one matrix product each, one-kernel
@@ -27,6 +29,10 @@ log = logging.getLogger("segue.paged")
 SUPPORTED = {"llama", "mistral", "qwen2"}
 
 
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def _bucket(n: int, buckets: list[int]) -> int:
     for b in buckets:
         if b >= n:
@@ -43,6 +49,7 @@ class PagedModel:
         max_blocks_per_seq: int,
         max_batch: int,
         cuda_graphs: bool,
+        attention: str = "auto",
     ) -> None:
         import torch
 
@@ -61,6 +68,19 @@ class PagedModel:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.layers = len(self.inner.layers)
         self._fuse()
+        # decode attention: the paged kernel ("triton"; "auto": on a GPU, for the shapes it
+        # takes) or SDPA over the gathered blocks ("sdpa")
+        fits = _pow2(block_size) and _pow2(self.head_dim) and self.head_dim >= 16
+        if attention == "triton" and not fits:
+            raise ValueError("the paged kernel takes power-of-two block and head sizes")
+        self.kernel = attention == "triton" or (
+            attention == "auto" and fits and self.device.type == "cuda"
+        )
+        self._decode_attention: Any = None
+        if self.kernel:
+            from segue.engines.paged_attention import decode_attention
+
+            self._decode_attention = decode_attention
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
         self.scratch = num_blocks  # the extra block padding writes into
@@ -98,8 +118,12 @@ class PagedModel:
         bs = self.block_size
         nb = table.shape[1]
         blocks = table.reshape(-1)
-        keys = torch.arange(nb * bs, device=self.device)
-        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, Q, L]
+        in_place = self.kernel and q == 1
+        if in_place:
+            lens = pos[:, 0] + 1
+        else:
+            keys = torch.arange(nb * bs, device=self.device)
+            mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, Q, L]
         flat = slot.reshape(-1)
         h = self.inner.embed_tokens(tok)
         cos, sin = self.inner.rotary_emb(h, pos)
@@ -119,11 +143,15 @@ class PagedModel:
             kpool, vpool = self.k[i], self.v[i]  # [blocks, bs, KVH, D]
             kpool.view(kv_shape).index_copy_(0, flat, ks.reshape(kv_shape))
             vpool.view(kv_shape).index_copy_(0, flat, vs.reshape(kv_shape))
-            # whole blocks: one contiguous copy each, [B, KVH, L, D] after
-            kc = kpool.index_select(0, blocks).view(ctx_shape).transpose(1, 2)
-            vc = vpool.index_select(0, blocks).view(ctx_shape).transpose(1, 2)
-            o = sdpa(qs.transpose(1, 2), kc, vc, attn_mask=mask, enable_gqa=gqa)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, q, -1))
+            if in_place:
+                o = self._decode_attention(qs[:, 0], kpool, vpool, table, lens)
+                h = h + attn.o_proj(o.reshape(b, q, -1))
+            else:
+                # whole blocks: one contiguous copy each, [B, KVH, L, D] after
+                kc = kpool.index_select(0, blocks).view(ctx_shape).transpose(1, 2)
+                vc = vpool.index_select(0, blocks).view(ctx_shape).transpose(1, 2)
+                o = sdpa(qs.transpose(1, 2), kc, vc, attn_mask=mask, enable_gqa=gqa)
+                h = h + attn.o_proj(o.transpose(1, 2).reshape(b, q, -1))
             gu = self._linear(self._norm(layer.post_attention_layernorm, h), self._gu[i])
             gate, up = gu.view(b, q, 2, -1).unbind(2)
             h = h + mlp.down_proj(mlp.act_fn(gate) * up)

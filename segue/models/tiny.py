@@ -49,6 +49,16 @@ def build_tokenizer(out: Path, vocab_size: int) -> int:
     corpus = [" ".join(_WORDS[i : i + 12]) for i in range(0, len(_WORDS), 3)]
     tok.train_from_iterator(corpus * 4, trainer)
     tok.save(str(out / "tokenizer.json"))
+    trained = tok.get_vocab_size()
+    if vocab_size > trained:
+        # The corpus yields about a thousand tokens; a bigger vocabulary (a real model's
+        # output layer and sampling cost) gets entries no merge produces: never in a
+        # prompt, but each decodes to text of its own when the model picks it.
+        spec = json.loads((out / "tokenizer.json").read_text())
+        vocab = spec["model"]["vocab"]
+        for i in range(trained, vocab_size):
+            vocab[f"<x{i}>"] = i
+        (out / "tokenizer.json").write_text(json.dumps(spec))
     (out / "tokenizer_config.json").write_text(
         json.dumps(
             {
@@ -62,7 +72,7 @@ def build_tokenizer(out: Path, vocab_size: int) -> int:
             indent=2,
         )
     )
-    return tok.get_vocab_size()
+    return max(trained, vocab_size)
 
 
 def build_tiny_llama(
@@ -73,6 +83,8 @@ def build_tiny_llama(
     layers: int = 2,
     heads: int = 4,
     max_positions: int = 2048,
+    kv_heads: int | None = None,
+    intermediate_size: int | None = None,
 ) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -83,10 +95,10 @@ def build_tiny_llama(
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
+        intermediate_size=intermediate_size or hidden_size * 2,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         max_position_embeddings=max_positions,
         bos_token_id=1,
         eos_token_id=2,

@@ -180,8 +180,9 @@ def test_verdict_passes_only_a_clean_run():
     assert s.recovery["kill"] == summary.Recovery(p50_s=0.7, max_s=0.7, unrecovered=0)
     assert s.recovery["stop"].unrecovered == 1
     assert "disconnect" not in s.recovery
-    assert s.frontend_rss_mib == {"frontend0 pid 7": summary.RssMib(50.0, 59.0, 59.0)}
-    assert "frontend0 pid 7: RSS 50.0 MiB first, 59.0 last" in summary.render_text(s, Path("x"))
+    assert s.frontend_rss_mib == {"frontend0 pid 7": summary.RssMib(50.0, 59.0, 59.0, 10)}
+    text = summary.render_text(s, Path("x"))
+    assert "the longest seen, frontend0 pid 7 (10 samples): 50.0 MiB first, 59.0 last" in text
 
     r = run_result()
     r.outcomes[3].token_ids = [9, 9, 9]
