@@ -29,7 +29,7 @@ from _common import free_port, spawn, stop, wait_workers  # noqa: E402
 
 def serve_and_bench(args, model: str, dtype: str, tree: str | None, tmp: Path) -> list[dict]:
     port = free_port()
-    extra = [] if tree else ["--dtype", dtype]
+    extra = [] if tree else ["--dtype", dtype, "--hf-kernels", args.kernels]
     log = open(tmp / f"serve-{dtype}-{'base' if tree else 'new'}.log", "w")
     argv = [
         "serve", "--engine", "hf", "--model", model, "--workers", "1",
@@ -89,6 +89,10 @@ def main() -> int:
     p.add_argument("--hidden-size", type=int, default=1024)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--intermediate-size", type=int, default=None)
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--kernels", default="auto", help="the hf engine's --hf-kernels")
     p.add_argument("--concurrency", default="1,16,64,256")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--device", default="auto")
@@ -114,7 +118,10 @@ def main() -> int:
                 [
                     sys.executable, "-m", "segue", "make-model", model,
                     "--hidden-size", str(args.hidden_size), "--layers", str(args.layers),
-                    "--heads", str(args.heads),
+                    "--heads", str(args.heads), "--vocab-size", str(args.vocab_size),
+                    *(["--kv-heads", str(args.kv_heads)] if args.kv_heads else []),
+                    *(["--intermediate-size", str(args.intermediate_size)]
+                      if args.intermediate_size else []),
                 ],
                 check=True,
             )  # fmt: skip

@@ -1,8 +1,15 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+
+# Without a GPU, segue's Triton kernels run in Triton's interpreter (tests/engines/
+# test_kernels.py). Triton reads this when it is first imported, which some test module may
+# do at collection, so it is set here, first; the harness keeps it from child processes.
+if not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -68,6 +68,11 @@ def wait_until(
         time.sleep(interval)
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """What a started process inherits: not the Triton interpreter the tests may run in."""
+    return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **(extra or {})}
+
+
 class Proc:
     def __init__(
         self,
@@ -89,7 +94,7 @@ class Proc:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, **(env or {})},
+            env=child_env(env),
         )
         self.pid = self.popen.pid
         _started.append(self.popen)

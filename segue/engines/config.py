@@ -46,6 +46,12 @@ class HFOptions:
     cuda_graphs: bool = option(
         True, help="replay decode steps as CUDA graphs on a GPU", aliases=("--cuda-graphs",)
     )
+    kernels: str = option(
+        "auto",
+        choices=("auto", "torch", "triton"),
+        help="segue's Triton kernels (decode attention reading the paged KV pool in place, "
+        "fused norms, rotary and activation), PyTorch's ops, or auto (Triton on a GPU)",
+    )
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class HFConfig:
     max_model_len: int = 2048
     max_batched_tokens: int = 2048  # prompt tokens one step computes
     cuda_graphs: bool = True
+    kernels: str = "auto"  # auto, torch or triton (PagedModel)
 
 
 class _Seq:
@@ -147,6 +148,7 @@ class HFEngine(Engine):
             self.max_blocks,
             self.cfg.max_num_seqs,
             self.cfg.cuda_graphs,
+            self.cfg.kernels,
         )
         log.info(
             "loaded %s on %s (%s, %d KV blocks, CUDA graphs %s)",

@@ -8,9 +8,10 @@ into their slots, gathers every sequence's context from its blocks and runs PyTo
 with a mask that lets query i of a sequence see its positions up to its own. Batches are
 padded to rectangles (queries to the longest chunk, contexts to the longest table), so shapes
 depend only on (batch, query length, blocks): on a GPU, decode steps (one query each) replay
-a CUDA graph captured once per (batch bucket, block bucket). On a GPU (or when asked), decode
-steps attend through `paged_attention`'s kernel instead, which reads each sequence's blocks
-in place: no gather, no mask.
+a CUDA graph captured once per (batch bucket, block bucket). On a GPU (or when asked), the
+layers run through segue's Triton kernels instead (`_forward_triton`): decode attention that
+reads each sequence's blocks in place (`paged_attention`: no gather, no mask) and the
+element-wise work fused (`fused_ops`).
 
 The model's own weights, rotary embedding and activation do the arithmetic, with fewer kernels
 than transformers launches (q/k/v and gate/up fused into one matrix product each, one-kernel
@@ -49,7 +50,7 @@ class PagedModel:
         max_blocks_per_seq: int,
         max_batch: int,
         cuda_graphs: bool,
-        attention: str = "auto",
+        kernels: str = "auto",
     ) -> None:
         import torch
 
@@ -68,19 +69,23 @@ class PagedModel:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.layers = len(self.inner.layers)
         self._fuse()
-        # decode attention: the paged kernel ("triton"; "auto": on a GPU, for the shapes it
-        # takes) or SDPA over the gathered blocks ("sdpa")
+        # segue's Triton kernels ("triton"; "auto": on a GPU, for the shapes they take) or
+        # PyTorch's ops with SDPA over gathered blocks ("torch")
         fits = _pow2(block_size) and _pow2(self.head_dim) and self.head_dim >= 16
-        if attention == "triton" and not fits:
-            raise ValueError("the paged kernel takes power-of-two block and head sizes")
-        self.kernel = attention == "triton" or (
-            attention == "auto" and fits and self.device.type == "cuda"
+        if kernels == "triton" and not fits:
+            raise ValueError("segue's kernels take power-of-two block and head sizes")
+        self.kernel = kernels == "triton" or (
+            kernels == "auto" and fits and self.device.type == "cuda"
         )
-        self._decode_attention: Any = None
+        self._attn: Any = None
+        self._ops: Any = None
+        self.sms = 1
         if self.kernel:
-            from segue.engines.paged_attention import decode_attention
+            from segue.engines import fused_ops, paged_attention
 
-            self._decode_attention = decode_attention
+            self._attn, self._ops = paged_attention, fused_ops
+            if self.device.type == "cuda":
+                self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
         self.scratch = num_blocks  # the extra block padding writes into
@@ -118,12 +123,10 @@ class PagedModel:
         bs = self.block_size
         nb = table.shape[1]
         blocks = table.reshape(-1)
-        in_place = self.kernel and q == 1
-        if in_place:
-            lens = pos[:, 0] + 1
-        else:
-            keys = torch.arange(nb * bs, device=self.device)
-            mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, Q, L]
+        if self.kernel:
+            return self._forward_triton(tok, pos, slot, table)
+        keys = torch.arange(nb * bs, device=self.device)
+        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, Q, L]
         flat = slot.reshape(-1)
         h = self.inner.embed_tokens(tok)
         cos, sin = self.inner.rotary_emb(h, pos)
@@ -143,19 +146,66 @@ class PagedModel:
             kpool, vpool = self.k[i], self.v[i]  # [blocks, bs, KVH, D]
             kpool.view(kv_shape).index_copy_(0, flat, ks.reshape(kv_shape))
             vpool.view(kv_shape).index_copy_(0, flat, vs.reshape(kv_shape))
-            if in_place:
-                o = self._decode_attention(qs[:, 0], kpool, vpool, table, lens)
-                h = h + attn.o_proj(o.reshape(b, q, -1))
-            else:
-                # whole blocks: one contiguous copy each, [B, KVH, L, D] after
-                kc = kpool.index_select(0, blocks).view(ctx_shape).transpose(1, 2)
-                vc = vpool.index_select(0, blocks).view(ctx_shape).transpose(1, 2)
-                o = sdpa(qs.transpose(1, 2), kc, vc, attn_mask=mask, enable_gqa=gqa)
-                h = h + attn.o_proj(o.transpose(1, 2).reshape(b, q, -1))
+            # whole blocks: one contiguous copy each, [B, KVH, L, D] after
+            kc = kpool.index_select(0, blocks).view(ctx_shape).transpose(1, 2)
+            vc = vpool.index_select(0, blocks).view(ctx_shape).transpose(1, 2)
+            o = sdpa(qs.transpose(1, 2), kc, vc, attn_mask=mask, enable_gqa=gqa)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, q, -1))
             gu = self._linear(self._norm(layer.post_attention_layernorm, h), self._gu[i])
             gate, up = gu.view(b, q, 2, -1).unbind(2)
             h = h + mlp.down_proj(mlp.act_fn(gate) * up)
         return self._norm(self.inner.norm, h)
+
+    def _forward_triton(self, tok: Any, pos: Any, slot: Any, table: Any) -> Any:
+        """`_forward` through segue's Triton kernels: each residual add fused with the norm
+        after it, rotary fused with the K/V write, SiLU(gate) * up in one kernel, and a
+        decode step's attention reading the pool in place (a prefill chunk's still runs SDPA
+        over its gathered blocks)."""
+        from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+        torch, ops, attn_ops = self.torch, self._ops, self._attn
+        b, q = tok.shape
+        bs, nb = self.block_size, table.shape[1]
+        nh, kvh, hd = self.heads, self.kv_heads, self.head_dim
+        flat = slot.reshape(-1)
+        h = self.inner.embed_tokens(tok)
+        cos, sin = self.inner.rotary_emb(h, pos)
+        cos, sin = cos.reshape(b * q, hd), sin.reshape(b * q, hd)
+        if q == 1:
+            lens = pos[:, 0] + 1
+            splits = attn_ops.splits_for(b, kvh, nb * bs, self.sms)
+        else:
+            keys = torch.arange(nb * bs, device=self.device)
+            mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, Q, L]
+            blocks = table.reshape(-1)
+        pending = None  # the last MLP's output, added to h by the next norm
+        for i, layer in enumerate(self.inner.layers):
+            ln = layer.input_layernorm
+            if pending is None:
+                x = self._norm(ln, h)
+            else:
+                x = ops.add_norm(h, pending, ln.weight, ln.variance_epsilon)
+            qkv = self._linear(x, self._qkv[i]).view(b * q, nh + 2 * kvh, hd)
+            kpool, vpool = self.k[i], self.v[i]  # [blocks, bs, KVH, D]
+            flat_k, flat_v = kpool.view(-1, kvh, hd), vpool.view(-1, kvh, hd)
+            qs = ops.rotary_kv(qkv, cos, sin, flat, flat_k, flat_v, nh)  # [B*Q, NH, D]
+            if q == 1:
+                o = attn_ops.decode_attention(qs, kpool, vpool, table, lens, splits)
+            else:
+                ctx = (b, nb * bs, kvh, hd)
+                kc = kpool.index_select(0, blocks).view(ctx).transpose(1, 2)
+                vc = vpool.index_select(0, blocks).view(ctx).transpose(1, 2)
+                qt = qs.view(b, q, nh, hd).transpose(1, 2)
+                o = sdpa(qt, kc, vc, attn_mask=mask, enable_gqa=kvh != nh).transpose(1, 2)
+            out = layer.self_attn.o_proj(o.reshape(b, q, nh * hd))
+            ln = layer.post_attention_layernorm
+            y = ops.add_norm(h, out, ln.weight, ln.variance_epsilon)
+            gu = self._linear(y, self._gu[i])
+            pending = layer.mlp.down_proj(ops.silu_mul(gu))
+        final = self.inner.norm
+        if pending is None:
+            return self._norm(final, h)
+        return ops.add_norm(h, pending, final.weight, final.variance_epsilon)
 
     def _norm(self, norm: Any, x: Any) -> Any:
         """RMSNorm in one kernel (the model's module takes several)."""

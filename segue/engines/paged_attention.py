@@ -1,14 +1,17 @@
-"""Decode attention that reads the paged KV pool in place (a Triton kernel).
+"""Decode attention that reads the paged KV pool in place (Triton kernels).
 
 One query token per sequence attends to its positions [0, length) through its block table:
 no sequence's KV is copied into a padded rectangle first (what the SDPA path of `paged.py`
-does), so a step reads each live block once. One program per (sequence, KV head) serves
-the query heads of that group (grouped-query attention), walking the sequence's blocks with
-an online softmax in fp32. The loop bound is read from the lengths tensor on the GPU, so a
-captured CUDA graph replays it for any lengths within its bucket.
+does), so a step reads each live block once. A program serves one (sequence, KV head,
+split): the query heads of that group (grouped-query attention) as the rows of a tensor-core
+matrix product, over tiles of TILE positions gathered through the block table, with an
+online softmax in fp32. The context is split over SPLITS programs (flash-decoding: a batch
+of one still fills the GPU); a second kernel merges their partial results by their
+log-sum-exp. Loop bounds are read from the lengths tensor on the GPU, so a captured CUDA
+graph replays the step for any lengths within its bucket.
 
-On CPU the tests run the same kernel through Triton's interpreter (TRITON_INTERPRET=1,
-set before this module is imported) and compare it with SDPA over the gathered blocks.
+On CPU the tests run the same kernels through Triton's interpreter (TRITON_INTERPRET=1,
+set before this module is imported) and compare them with SDPA over the gathered blocks.
 """
 
 from __future__ import annotations
@@ -19,86 +22,145 @@ import torch
 import triton
 import triton.language as tl
 
+TILE = 64  # positions per inner step (a multiple of the block size, or gathered across blocks)
+
 
 @triton.jit
-def _decode_kernel(
+def _partial_kernel(
     q_ptr,  # [B, NH, D]
     k_ptr,  # [blocks, BS, KVH, D]
     v_ptr,
     table_ptr,  # [B, NB] block ids
     lens_ptr,  # [B] positions each query sees
-    out_ptr,  # [B, NH, D]
+    acc_ptr,  # [B, NH, SPLITS, D] fp32: unnormalised partial outputs
+    lse_ptr,  # [B, NH, SPLITS, 2] fp32: running max and sum of each split
     scale,
+    splits,
     stride_qb,
     stride_qh,
     stride_kb,
     stride_ks,
     stride_kh,
     stride_tb,
-    stride_ob,
-    stride_oh,
     GROUP: tl.constexpr,  # query heads per KV head
-    GROUP_P: tl.constexpr,  # GROUP rounded up to a power of two
+    GROUP_P: tl.constexpr,  # rows of the product: GROUP padded to a power of two, >= 16
     BS: tl.constexpr,
     D: tl.constexpr,
+    TILE_N: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 weights: exact products, not tf32
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     g = tl.arange(0, GROUP_P)
     d = tl.arange(0, D)
-    s = tl.arange(0, BS)
+    t = tl.arange(0, TILE_N)
     heads = kvh * GROUP + g
     gmask = g < GROUP
     q = tl.load(
         q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
         mask=gmask[:, None],
         other=0.0,
-    ).to(tl.float32)
-    q = q * scale
+    )
+    q = (q.to(tl.float32) * scale).to(k_ptr.dtype.element_ty)
     n = tl.load(lens_ptr + b)
+    tiles = tl.cdiv(n, TILE_N)
+    per = tl.cdiv(tiles, splits)
+    first = split * per
+    last = tl.minimum(first + per, tiles)
     m = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_sum = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, D], tl.float32)
-    for j in range(0, tl.cdiv(n, BS)):
-        block = tl.load(table_ptr + b * stride_tb + j).to(tl.int64)
-        offs = block * stride_kb + s[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-        k = tl.load(k_ptr + offs).to(tl.float32)  # [BS, D]
-        v = tl.load(v_ptr + offs).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_P, BS]
-        scores = tl.where((j * BS + s)[None, :] < n, scores, float("-inf"))
+    for j in range(first, last):
+        pos = j * TILE_N + t
+        live = pos < n
+        block = tl.load(table_ptr + b * stride_tb + pos // BS, mask=live, other=0).to(tl.int64)
+        offs = block[:, None] * stride_kb + (pos % BS)[:, None] * stride_ks + kvh * stride_kh
+        offs = offs + d[None, :]
+        k = tl.load(k_ptr + offs, mask=live[:, None], other=0.0)  # [TILE_N, D]
+        v = tl.load(v_ptr + offs, mask=live[:, None], other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))  # [GROUP_P, TILE_N]
+        scores = tl.where(live[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m - m_new)
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
         m = m_new
-    out = acc / l_sum[:, None]
-    tl.store(
-        out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=gmask[:, None],
+    row = (b * tl.num_programs(1) * GROUP + heads) * splits + split
+    tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+    tl.store(lse_ptr + row * 2, m, mask=gmask)
+    tl.store(lse_ptr + row * 2 + 1, l_sum, mask=gmask)
+
+
+@triton.jit
+def _merge_kernel(
+    acc_ptr,  # [B * NH, SPLITS, D]
+    lse_ptr,  # [B * NH, SPLITS, 2]
+    out_ptr,  # [B, NH, D]
+    splits,
+    stride_ob,
+    stride_oh,
+    NH: tl.constexpr,
+    SPLITS_P: tl.constexpr,
+    D: tl.constexpr,
+):
+    row = tl.program_id(0)  # b * NH + head
+    s = tl.arange(0, SPLITS_P)
+    d = tl.arange(0, D)
+    live = s < splits
+    m = tl.load(lse_ptr + (row * splits + s) * 2, mask=live, other=float("-inf"))
+    l_sum = tl.load(lse_ptr + (row * splits + s) * 2 + 1, mask=live, other=0.0)
+    top = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)  # a split with no positions: 0
+    acc = tl.load(
+        acc_ptr + (row * splits + s)[:, None] * D + d[None, :], mask=live[:, None], other=0.0
     )
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
+    b = row // NH
+    h = row % NH
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def splits_for(batch: int, kv_heads: int, max_len: int, sms: int) -> int:
+    """Programs per (sequence, KV head): enough to give every SM two programs, no more
+    than the context has tiles. Fixed per captured graph (its batch and block bucket)."""
+    tiles = max(1, -(-max_len // TILE))
+    return max(1, min(tiles, -(-2 * sms // (batch * kv_heads))))
 
 
 def decode_attention(
-    q: Any, k_pool: Any, v_pool: Any, table: Any, lens: Any, scale: float | None = None
+    q: Any, k_pool: Any, v_pool: Any, table: Any, lens: Any, splits: int = 1
 ) -> Any:
     """q [B, NH, D]; k_pool, v_pool [blocks, BS, KVH, D]; table [B, NB] (int); lens [B]:
-    the positions each query attends to. Returns [B, NH, D] in q's dtype. Block and head
-    sizes are powers of two (Triton's ranges)."""
+    the positions each query attends to (at least one each); `splits`: programs per
+    (sequence, KV head). Returns [B, NH, D] in q's dtype. Block and head sizes are powers
+    of two (Triton's ranges), the head size at least 16."""
     b, nh, d = q.shape
     bs, kvh = k_pool.shape[1], k_pool.shape[2]
     group = nh // kvh
     assert v_pool.stride() == k_pool.stride()  # one set of strides for both pools
     q = q.contiguous()
-    out = torch.empty_like(q)
-    _decode_kernel[(b, kvh)](
-        q, k_pool, v_pool, table, lens, out,
-        scale if scale is not None else d**-0.5,
+    acc = torch.empty(b * nh, splits, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b * nh, splits, 2, dtype=torch.float32, device=q.device)
+    _partial_kernel[(b, kvh, splits)](
+        q, k_pool, v_pool, table, lens, acc, lse, d**-0.5, splits,
         q.stride(0), q.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         table.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=group, GROUP_P=triton.next_power_of_2(group), BS=bs, D=d,
+        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), BS=bs, D=d,
+        TILE_N=max(TILE, bs), IEEE=k_pool.dtype == torch.float32,
+    )  # fmt: skip
+    out = torch.empty_like(q)
+    _merge_kernel[(b * nh,)](
+        acc, lse, out, splits, out.stride(0), out.stride(1),
+        NH=nh, SPLITS_P=triton.next_power_of_2(splits), D=d,
     )  # fmt: skip
     return out

@@ -34,6 +34,7 @@ def _hf(cfg: WorkerConfig, tok: Tokenizer) -> Engine:
             max_model_len=tok.context_length,
             max_batched_tokens=opts.max_num_batched_tokens or 2048,
             cuda_graphs=hf.cuda_graphs,
+            kernels=hf.kernels,
         ),
         tok,
     )

@@ -1,0 +1,123 @@
+"""segue's Triton kernels, run on CPU through Triton's interpreter: paged decode attention
+equals SDPA over each sequence's gathered blocks (multi-head and grouped-query, a group that
+is not a power of two, lengths inside one block and across many, blocks in any order, the
+context split over several programs); the fused norm, rotary and activation equal PyTorch's
+ops in fp32 and bf16; and a model's prefill and decode steps through them equal the
+PyTorch path's, greedy tokens included."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU, and Triton's interpreter is off", allow_module_level=True)
+
+
+def reference(q, k_pool, v_pool, tables, lens):
+    """SDPA over the gathered blocks of each sequence, one at a time."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    out = []
+    for i, n in enumerate(lens):
+        k = k_pool[tables[i]].flatten(0, 1)[:n]  # [n, KVH, D]
+        v = v_pool[tables[i]].flatten(0, 1)[:n]
+        o = sdpa(q[i][:, None], k.transpose(0, 1), v.transpose(0, 1), enable_gqa=True)
+        out.append(o[:, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "splits"), [(4, 4, 1), (8, 2, 1), (6, 2, 1), (8, 2, 3), (4, 4, 8)]
+)
+def test_the_kernel_equals_sdpa_over_gathered_blocks(heads, kv_heads, splits):
+    from segue.engines.paged_attention import decode_attention
+
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    bs, d, blocks = 8, 16, 60
+    lens = [1, 7, 8, 9, 64, 65, 200]  # one position; inside a block; tiles of 64 and more
+    k_pool = torch.randn(blocks, bs, kv_heads, d, generator=g)
+    v_pool = torch.randn(blocks, bs, kv_heads, d, generator=g)
+    order = torch.randperm(blocks, generator=g).tolist()
+    nb = max(-(-n // bs) for n in lens)
+    tables, at = [], 0
+    for n in lens:
+        own = order[at : at + -(-n // bs)]
+        at += len(own)
+        tables.append(own + [blocks - 1] * (nb - len(own)))  # padded with any block
+    q = torch.randn(len(lens), heads, d, generator=g)
+    table = torch.tensor(tables)
+    got = decode_attention(q, k_pool, v_pool, table, torch.tensor(lens), splits)
+    want = reference(q, k_pool, v_pool, tables, lens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_ops_equal_pytorchs(dtype):
+    from segue.engines import fused_ops
+
+    dt = getattr(torch, dtype)
+    # bf16: within two of its ulps (the interpreter truncates where a GPU rounds)
+    tol = dict(rtol=1e-6, atol=1e-6) if dt == torch.float32 else dict(rtol=2.5e-2, atol=1e-2)
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(5, 96, generator=g).to(dt)
+    x = torch.randn(5, 96, generator=g).to(dt)
+    w = torch.randn(96, generator=g).to(dt)
+    want_h = h + x
+    s = want_h.float()
+    want = w * (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dt)
+    got = fused_ops.add_norm(h, x, w, 1e-5)
+    # the residual stream, in place (bf16 within an ulp: the interpreter may truncate)
+    torch.testing.assert_close(h, want_h, **tol)
+    torch.testing.assert_close(got, want, **tol)
+
+    nh, kvh, d = 6, 2, 16
+    qkv = torch.randn(3, nh + 2 * kvh, d, generator=g).to(dt)
+    ang = torch.randn(3, d // 2, generator=g)
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)
+    slots = torch.tensor([4, 0, 9])
+    k_pool, v_pool = torch.zeros(10, kvh, d, dtype=dt), torch.zeros(10, kvh, d, dtype=dt)
+    qk = qkv[:, : nh + kvh]
+    rot = qk * cos[:, None] + torch.cat((-qk[..., d // 2 :], qk[..., : d // 2]), -1) * sin[:, None]
+    q = fused_ops.rotary_kv(qkv, cos, sin, slots, k_pool, v_pool, nh)
+    torch.testing.assert_close(q, rot[:, :nh], **tol)
+    torch.testing.assert_close(k_pool[slots], rot[:, nh:], **tol)
+    assert torch.equal(v_pool[slots], qkv[:, nh + kvh :])
+    assert not k_pool[[1, 2, 3, 5, 6, 7, 8]].any()  # nothing else written
+
+    gu = torch.randn(2, 3, 2 * 40, generator=g).to(dt)
+    want = torch.nn.functional.silu(gu[..., :40]) * gu[..., 40:]
+    torch.testing.assert_close(fused_ops.silu_mul(gu), want, **tol)
+
+
+def test_a_model_through_the_kernels_equals_the_pytorch_path(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from segue.engines.paged import PagedModel
+    from segue.models.tiny import build_tiny_llama
+
+    path = build_tiny_llama(tmp_path / "m", hidden_size=64, layers=2, heads=4, kv_heads=2)
+    logits, tokens = {}, {}
+    for kernels in ("torch", "triton"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        paged = PagedModel(model, 16, 16, 8, 4, False, kernels=kernels)
+        assert paged.kernel == (kernels == "triton")
+        prompts = [list(range(3, 40)), list(range(50, 55))]
+        tables = [[0, 1, 2], [5]]
+        with torch.no_grad():
+            first, _ = paged.prefill([(p, 0, t) for p, t in zip(prompts, tables, strict=True)])
+            out = [first]
+            ids = first.argmax(-1).tolist()
+            seqs = [[i] for i in ids]
+            for n in range(6):  # greedy decode steps, across a block boundary for row 1
+                step = [(ids[r], len(prompts[r]) + n, tables[r]) for r in range(2)]
+                out.append(paged.decode(step))
+                ids = out[-1].argmax(-1).tolist()
+                for r in range(2):
+                    seqs[r].append(ids[r])
+        logits[kernels], tokens[kernels] = torch.stack(out), seqs
+    torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-4, atol=1e-4)
+    assert tokens["triton"] == tokens["torch"]
