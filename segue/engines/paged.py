@@ -167,7 +167,7 @@ class PagedModel:
         b, q = tok.shape
         bs, nb = self.block_size, table.shape[1]
         nh, kvh, hd = self.heads, self.kv_heads, self.head_dim
-        flat = slot.reshape(-1)
+        flat = slot.reshape(-1).contiguous()  # a graph's slots are a strided column
         h = self.inner.embed_tokens(tok)
         cos, sin = self.inner.rotary_emb(h, pos)
         cos, sin = cos.reshape(b * q, hd), sin.reshape(b * q, hd)

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU, and Triton's interpreter is off", allow_module_level=True)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def reference(q, k_pool, v_pool, tables, lens):
@@ -39,8 +40,8 @@ def test_the_kernel_equals_sdpa_over_gathered_blocks(heads, kv_heads, splits):
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)
     bs, d, blocks = 8, 16, 60
     lens = [1, 7, 8, 9, 64, 65, 200]  # one position; inside a block; tiles of 64 and more
-    k_pool = torch.randn(blocks, bs, kv_heads, d, generator=g)
-    v_pool = torch.randn(blocks, bs, kv_heads, d, generator=g)
+    k_pool = torch.randn(blocks, bs, kv_heads, d, generator=g).to(DEV)
+    v_pool = torch.randn(blocks, bs, kv_heads, d, generator=g).to(DEV)
     order = torch.randperm(blocks, generator=g).tolist()
     nb = max(-(-n // bs) for n in lens)
     tables, at = [], 0
@@ -48,9 +49,9 @@ def test_the_kernel_equals_sdpa_over_gathered_blocks(heads, kv_heads, splits):
         own = order[at : at + -(-n // bs)]
         at += len(own)
         tables.append(own + [blocks - 1] * (nb - len(own)))  # padded with any block
-    q = torch.randn(len(lens), heads, d, generator=g)
-    table = torch.tensor(tables)
-    got = decode_attention(q, k_pool, v_pool, table, torch.tensor(lens), splits)
+    q = torch.randn(len(lens), heads, d, generator=g).to(DEV)
+    table = torch.tensor(tables, device=DEV)
+    got = decode_attention(q, k_pool, v_pool, table, torch.tensor(lens, device=DEV), splits)
     want = reference(q, k_pool, v_pool, tables, lens)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -63,9 +64,9 @@ def test_fused_ops_equal_pytorchs(dtype):
     # bf16: within two of its ulps (the interpreter truncates where a GPU rounds)
     tol = dict(rtol=1e-6, atol=1e-6) if dt == torch.float32 else dict(rtol=2.5e-2, atol=1e-2)
     g = torch.Generator().manual_seed(1)
-    h = torch.randn(5, 96, generator=g).to(dt)
-    x = torch.randn(5, 96, generator=g).to(dt)
-    w = torch.randn(96, generator=g).to(dt)
+    h = torch.randn(5, 96, generator=g).to(DEV, dt)
+    x = torch.randn(5, 96, generator=g).to(DEV, dt)
+    w = torch.randn(96, generator=g).to(DEV, dt)
     want_h = h + x
     s = want_h.float()
     want = w * (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dt)
@@ -75,11 +76,12 @@ def test_fused_ops_equal_pytorchs(dtype):
     torch.testing.assert_close(got, want, **tol)
 
     nh, kvh, d = 6, 2, 16
-    qkv = torch.randn(3, nh + 2 * kvh, d, generator=g).to(dt)
-    ang = torch.randn(3, d // 2, generator=g)
+    qkv = torch.randn(3, nh + 2 * kvh, d, generator=g).to(DEV, dt)
+    ang = torch.randn(3, d // 2, generator=g).to(DEV)
     cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)
-    slots = torch.tensor([4, 0, 9])
-    k_pool, v_pool = torch.zeros(10, kvh, d, dtype=dt), torch.zeros(10, kvh, d, dtype=dt)
+    slots = torch.tensor([4, 0, 9], device=DEV)
+    k_pool = torch.zeros(10, kvh, d, dtype=dt, device=DEV)
+    v_pool = torch.zeros(10, kvh, d, dtype=dt, device=DEV)
     qk = qkv[:, : nh + kvh]
     rot = qk * cos[:, None] + torch.cat((-qk[..., d // 2 :], qk[..., : d // 2]), -1) * sin[:, None]
     q = fused_ops.rotary_kv(qkv, cos, sin, slots, k_pool, v_pool, nh)
@@ -88,12 +90,15 @@ def test_fused_ops_equal_pytorchs(dtype):
     assert torch.equal(v_pool[slots], qkv[:, nh + kvh :])
     assert not k_pool[[1, 2, 3, 5, 6, 7, 8]].any()  # nothing else written
 
-    gu = torch.randn(2, 3, 2 * 40, generator=g).to(dt)
+    gu = torch.randn(2, 3, 2 * 40, generator=g).to(DEV, dt)
     want = torch.nn.functional.silu(gu[..., :40]) * gu[..., 40:]
     torch.testing.assert_close(fused_ops.silu_mul(gu), want, **tol)
 
 
-def test_a_model_through_the_kernels_equals_the_pytorch_path(tmp_path):
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_model_through_the_kernels_equals_the_pytorch_path(tmp_path, graphs):
+    if graphs and DEV != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
     from transformers import AutoModelForCausalLM
 
     from segue.engines.paged import PagedModel
@@ -102,11 +107,11 @@ def test_a_model_through_the_kernels_equals_the_pytorch_path(tmp_path):
     path = build_tiny_llama(tmp_path / "m", hidden_size=64, layers=2, heads=4, kv_heads=2)
     logits, tokens = {}, {}
     for kernels in ("torch", "triton"):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        paged = PagedModel(model, 16, 16, 8, 4, False, kernels=kernels)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEV)
+        paged = PagedModel(model, 16, 16, 8, 4, graphs, kernels=kernels)
         assert paged.kernel == (kernels == "triton")
-        prompts = [list(range(3, 40)), list(range(50, 55))]
-        tables = [[0, 1, 2], [5]]
+        prompts = [list(range(3, 40)), list(range(50, 64))]
+        tables = [[0, 1, 2], [5, 6]]
         with torch.no_grad():
             first, _ = paged.prefill([(p, 0, t) for p, t in zip(prompts, tables, strict=True)])
             out = [first]
