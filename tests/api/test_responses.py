@@ -345,7 +345,7 @@ def test_a_drained_frontend_lets_its_background_streams_go_at_the_deadline(deplo
     until its drain deadline, then lets it go: the client's stream ends without a terminal
     event, the worker keeps the request (a DETACH record, not a cancel), and the client
     resumes at the other frontend, which attaches there: exact, nothing computed again."""
-    a, b, want, s, head = under_way(deploy, "--shutdown-grace", "3", max_tokens=1000)
+    a, b, want, s, head = under_way(deploy, "--shutdown-grace", "3", max_tokens=600)
     rid = head[0].response.id
     holder = worker_of(deploy, rid)
     computed = {w.name: metric(w, COMPUTED) for w in deploy.workers}
