@@ -46,6 +46,9 @@ class HFOptions:
     cuda_graphs: bool = option(
         True, help="replay decode steps as CUDA graphs on a GPU", aliases=("--cuda-graphs",)
     )
+    prefix_caching: bool = option(
+        True, help="keep full KV blocks cached after their request and reuse them (true/false)"
+    )
     kernels: str = option(
         "auto",
         choices=("auto", "torch", "triton"),

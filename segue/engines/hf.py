@@ -31,6 +31,7 @@ from segue.engines.base import (
     EngineRequestError,
     EngineStats,
     EngineTask,
+    KvEvents,
     RequestStream,
 )
 from segue.engines.constrained import EngineGrammars, mask_logits
@@ -53,6 +54,7 @@ class HFConfig:
     max_model_len: int = 2048
     max_batched_tokens: int = 2048  # prompt tokens one step computes
     cuda_graphs: bool = True
+    prefix_caching: bool = True
     kernels: str = "auto"  # auto, torch or triton (PagedModel)
 
 
@@ -94,6 +96,22 @@ class _Seq:
         return len(self.ctx) - self.computed
 
 
+class _LoopEvents:
+    """A KV-event sink on the event loop, fed from the engine thread (in order)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, events: KvEvents) -> None:
+        self.loop, self.events = loop, events
+
+    def start(self, block_size: int, capacity: int, blocks: list[int]) -> None:
+        self.loop.call_soon_threadsafe(self.events.start, block_size, capacity, blocks)
+
+    def stored(self, hashes: list[int]) -> None:
+        self.loop.call_soon_threadsafe(self.events.stored, hashes)
+
+    def removed(self, hashes: list[int]) -> None:
+        self.loop.call_soon_threadsafe(self.events.removed, hashes)
+
+
 def _deliver(pushed: list[tuple[RequestStream, int, Logprob | None]]) -> None:
     for stream, tok, lp in pushed:
         stream.push(tok, lp)
@@ -112,13 +130,17 @@ class HFEngine(Engine):
         self._work = threading.Event()
         self._stop = False
         # Shared with the scheduler thread: touched only under self._lock.
-        self.table = SeqTable(cfg.kv_blocks, cfg.block_size, cfg.max_num_seqs)
-        self._free = list(range(cfg.kv_blocks - 1, -1, -1))  # block ids nobody owns
+        # the pool's blocks; with prefix caching, full blocks stay cached after their
+        # sequence (named as the mocker names them) for later prompts with that prefix
+        self.table = SeqTable(cfg.kv_blocks, cfg.block_size, cfg.max_num_seqs, cfg.prefix_caching)
         self._exports: set[str] = set()  # requests to export at the next step
         self.max_blocks = min(cfg.kv_blocks, -(-cfg.max_model_len // cfg.block_size) + 1)
         self._thread: threading.Thread | None = None
         self._loop: Any = None  # the worker's event loop, from start()
         self._failed: str | None = None
+        self._prompt_tokens = dict.fromkeys(
+            ("computed", "local_cache_hit", "external_kv_transfer"), 0
+        )  # by where their KV came from, as vLLM counts them
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -171,7 +193,20 @@ class HFEngine(Engine):
 
     def stats(self) -> EngineStats:
         with self._lock:
-            return self.table.stats()
+            stats = self.table.stats()
+            stats.prompt_tokens = dict(self._prompt_tokens)
+        return stats
+
+    def publish_kv_events(self, events: KvEvents) -> bool:
+        """The cache's blocks as they are, then what becomes cached or is evicted. The
+        table changes on the engine thread; `events` lives on the event loop."""
+        if not self.cfg.prefix_caching:
+            return False
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            events.start(self.cfg.block_size, self.cfg.kv_blocks, self.table.cached_hashes())
+            self.table.events = _LoopEvents(loop, events)
+        return True
 
     # -- event-loop side: requests -------------------------------------------------------
     async def prepare(self, inp: EngineInput) -> None:
@@ -192,8 +227,11 @@ class HFEngine(Engine):
             seq.imported = kv_codec.decode(
                 self.torch, self.paged, self.cfg.dtype, req.token_ids, req.kv_payload
             )
+        # cached blocks serve a prompt unless its KV comes with it or each prompt
+        # position's logits are wanted (prompt logprobs)
+        reuse = seq.imported is None and req.prompt_logprobs is None
         with self._lock:
-            self.table.add(seq)
+            self.table.add(seq, reuse)
         self._work.set()
         return stream
 
@@ -243,7 +281,6 @@ class HFEngine(Engine):
             entry = self.table.held.get(key)
             if entry is None or not self.table.release(key):
                 return False
-            self._free.extend(entry[0].table)
             entry[0].table = []
         self._work.set()
         return True
@@ -255,7 +292,6 @@ class HFEngine(Engine):
             return
         seq.done = True
         self.table.remove(seq)
-        self._free.extend(seq.table)
         seq.table = []
         seq.imported = None
         self._call(seq.stream.finish, reason, error)
@@ -283,11 +319,16 @@ class HFEngine(Engine):
             if self._exports:
                 self._take_exports()
             for seq in self.table.admit():
-                seq.table = [self._free.pop() for _ in range(seq.blocks)]
+                seq.table = seq.kv.ids  # one list: a block swapped for a shared one shows
+                seq.computed = seq.kv.cached_tokens
+                seq.stream.cached_tokens = seq.kv.cached_tokens
+                self._prompt_tokens["local_cache_hit"] += seq.kv.cached_tokens
                 if seq.imported is not None:  # a DECODE: its context's KV is pulled
                     if seq.imported:
                         self.paged.write(seq.table, seq.imported)
-                    seq.computed, seq.imported = len(seq.ctx) - 1, None
+                    n = len(seq.ctx) - 1
+                    self._prompt_tokens["external_kv_transfer"] += n
+                    seq.computed, seq.imported = n, None
             running: list[_Seq] = list(self.table.running.values())
         chunks: list[tuple[_Seq, int]] = []  # (sequence, prompt tokens this step)
         decodes: list[_Seq] = []
@@ -315,6 +356,7 @@ class HFEngine(Engine):
         logits = None
         if work:
             batch = [(s.ctx[s.computed : s.computed + n], s.computed, s.table) for s, n in work]
+            self._prompt_tokens["computed"] += sum(n for _, n in work)
             every = frozenset(i for i, (s, _) in enumerate(work) if s.prompt_lps is not None)
             logits, rows = self.paged.prefill(batch, every)
             for i, all_logits in rows.items():
@@ -345,11 +387,14 @@ class HFEngine(Engine):
         greedy = self.torch.argmax(logits, dim=-1).tolist()
         pushed: list[tuple[RequestStream, int, Logprob | None]] = []
         finished: list[tuple[_Seq, EngineFinish]] = []
+        caching, bs = self.table.prefix_caching, self.cfg.block_size
         with self._lock:
             for row, (seq, n) in enumerate(work):
                 if seq.done:  # aborted during the forward pass
                     continue
                 seq.computed += n
+                if caching and seq.computed // bs != (seq.computed - n) // bs:
+                    self.table.computed(seq, seq.ctx[: seq.computed])  # new full blocks
                 if not seq.gen or seq.pending:
                     continue
                 req = seq.req

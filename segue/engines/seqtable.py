@@ -5,11 +5,12 @@ its prompt + max_tokens when it is admitted (its prompt only, for a prefill) and
 back when it finishes or is aborted. A finished prefill's blocks stay reserved under a key,
 with whatever the engine needs to export its KV, until the KV is pulled or dropped.
 
-With prefix caching (the mocker), full blocks keep their content after their sequence ends,
-named by chained hashes (segue.blocks), in an LRU of free-but-cached blocks that are reused
-by a later prompt with the same prefix and evicted only when their space is needed, as vLLM
-does. What becomes cached and what is evicted is reported to `events` (the worker publishes
-it to the frontends' KV indexes).
+With prefix caching, full blocks keep their content after their sequence ends, named by
+chained hashes (segue.blocks), in an LRU of free-but-cached blocks that are reused by a later
+prompt with the same prefix and evicted only when their space is needed, as vLLM does. What
+becomes cached and what is evicted is reported to `events` (the worker publishes it to the
+frontends' KV indexes). Blocks are physical: a sequence's `kv.ids` are the pool's block ids
+of its positions in order (the hf engine's block table; the mocker only counts them).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class SeqTable:
         self.max_num_seqs = max_num_seqs
         self.prefix_caching = prefix_caching
         self.events = events
-        self.unused = kv_blocks  # no content, no owner
+        self.free_ids = list(range(kv_blocks - 1, -1, -1))  # no content, no owner
         self.cache: dict[int, int] = {}  # block hash -> sequences using it
+        self.block_of: dict[int, int] = {}  # block hash -> the block holding it
         self.lru: OrderedDict[int, None] = OrderedDict()  # cached and unused, oldest first
         self.seqs: dict[str, Any] = {}
         self.waiting: deque[Any] = deque()
@@ -54,9 +56,13 @@ class SeqTable:
         self.held: dict[str, tuple[Any, Any]] = {}
 
     @property
+    def unused(self) -> int:
+        return len(self.free_ids)
+
+    @property
     def free(self) -> int:
         """Blocks a new sequence can have (cached-but-unused ones are evicted for it)."""
-        return self.unused + len(self.lru)
+        return len(self.free_ids) + len(self.lru)
 
     def blocks_for(self, req: EngineInput) -> int:
         """Blocks the request will reserve; refuses what can never run."""
@@ -70,9 +76,12 @@ class SeqTable:
             )
         return blocks
 
-    def add(self, seq: Any) -> None:
+    def add(self, seq: Any, reuse: bool = True) -> None:
+        """Queues a sequence; `reuse`: its prompt may start from cached blocks (not when
+        its KV comes from elsewhere, or every prompt position's logits are wanted)."""
         hashes = block_hashes(seq.req.token_ids, self.block_size) if self.prefix_caching else []
         seq.kv = SeqBlocks(hashes)
+        seq.kv.reuse = reuse
         self.seqs[seq.req.request_id] = seq
         self.waiting.append(seq)
 
@@ -92,7 +101,7 @@ class SeqTable:
         admitted = []
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hits = self._hits(seq) if self.prefix_caching else []
+            hits = self._hits(seq) if self.prefix_caching and seq.kv.reuse else []
             reusable = sum(1 for h in hits if self.cache[h] == 0)  # in the LRU: not free
             need = seq.blocks - len(hits)
             if need > self.free - reusable:
@@ -100,7 +109,7 @@ class SeqTable:
             self.waiting.popleft()
             for h in hits:
                 self._ref(h)
-            self._take(need)
+            seq.kv.ids = [self.block_of[h] for h in hits] + self._take(need)
             seq.kv.refs = hits
             seq.kv.own = need
             seq.kv.cached_tokens = len(hits) * self.block_size
@@ -113,16 +122,18 @@ class SeqTable:
             del self.lru[h]
         self.cache[h] += 1
 
-    def _take(self, n: int) -> None:
+    def _take(self, n: int) -> list[int]:
         """`n` blocks for new content: unused ones first, then the least recently used
         cached ones, evicted."""
-        from_unused = min(n, self.unused)
-        self.unused -= from_unused
+        from_unused = min(n, len(self.free_ids))
+        ids = [self.free_ids.pop() for _ in range(from_unused)]
         evicted = [self.lru.popitem(last=False)[0] for _ in range(n - from_unused)]
         for h in evicted:
             del self.cache[h]
+            ids.append(self.block_of.pop(h))
         if evicted and self.events is not None:
             self.events.removed(evicted)
+        return ids
 
     def computed(self, seq: Any, token_ids: list[int]) -> None:
         """The KV of `token_ids` (the sequence's context so far) is in the sequence's
@@ -131,20 +142,26 @@ class SeqTable:
             return
         kv: SeqBlocks = seq.kv
         bs = self.block_size
-        known = kv.prompt if len(token_ids) >= len(kv.prompt) * bs else []
+        full = len(token_ids) // bs
         start = len(kv.refs)
-        if len(known) < len(token_ids) // bs:  # generated tokens filled more blocks
+        if full <= start:
+            return
+        known = kv.prompt
+        if len(known) < full:  # generated tokens filled more blocks: hashed once each
             parent = known[-1] if known else ROOT
-            known = known + block_hashes(token_ids[len(known) * bs :], bs, parent)
+            known += block_hashes(token_ids[len(known) * bs : full * bs], bs, parent)
         stored = []
-        for h in known[start:]:
+        for i in range(start, full):
             if kv.own == 0:
                 break
+            h = known[i]
             if h in self.cache:  # computed meanwhile by another sequence: share theirs
                 self._ref(h)
-                self.unused += 1
+                self.free_ids.append(kv.ids[i])
+                kv.ids[i] = self.block_of[h]  # same content: the next step reads theirs
             else:
                 self.cache[h] = 1
+                self.block_of[h] = kv.ids[i]
                 stored.append(h)
             kv.refs.append(h)
             kv.own -= 1
@@ -157,8 +174,8 @@ class SeqTable:
             self.cache[h] -= 1
             if self.cache[h] == 0:
                 self.lru[h] = None
-        self.unused += kv.own
-        kv.refs, kv.own = [], 0
+        self.free_ids.extend(kv.ids[len(kv.refs) :])
+        kv.refs, kv.own, kv.ids = [], 0, []
 
     def remove(self, seq: Any) -> None:
         """A sequence is over (finished or aborted): its blocks go back to the pool."""
@@ -206,10 +223,14 @@ class SeqTable:
 class SeqBlocks:
     """One sequence's blocks: cached ones it uses (by hash) and its own others."""
 
-    __slots__ = ("prompt", "refs", "own", "cached_tokens")
+    __slots__ = ("prompt", "refs", "own", "ids", "cached_tokens", "reuse")
 
     def __init__(self, prompt: list[int]) -> None:
-        self.prompt = prompt  # hashes of the prompt's full blocks (prefix caching only)
-        self.refs: list[int] = []
-        self.own = 0
+        # hashes of the prompt's full blocks (prefix caching only), then of the blocks its
+        # generated tokens fill, as they fill
+        self.prompt = prompt
+        self.refs: list[int] = []  # cached blocks it uses: its first len(refs) blocks
+        self.own = 0  # blocks of its own after those
+        self.ids: list[int] = []  # the pool's block ids of all its blocks, in order
         self.cached_tokens = 0
+        self.reuse = True

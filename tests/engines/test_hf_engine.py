@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 
+import httpx
 import pytest
 from client import RawRequest, StreamReader, body, complete
 from faults import metric, total_migrations, worker_of
@@ -61,6 +62,44 @@ def test_greedy_output_equals_transformers_generate(deploy, tiny_model):
     want = m.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :]
     assert r.token_ids == want.tolist()
     assert r.usage["prompt_tokens"] == len(ids)
+
+
+def test_kv_router_sends_a_shared_prefix_to_the_hf_worker_caching_it(deploy, tiny_model):
+    """The hf engine's prefix cache publishes KV events like the mocker's: with `--router
+    kv` a prompt sharing a long prefix goes to the worker that cached it, which reports
+    and counts the cached tokens, and answers as `generate()` does (greedy)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from segue.tokenizer import HFTokenizer
+
+    start(deploy, tiny_model, 2, "--router", "kv")
+    doc = " ".join(f"section {i} of the long shared document" for i in range(12))
+
+    def ask(prompt: str, n: int, rid: str):
+        return complete(
+            deploy.url, "completions", hf_body(tiny_model, "completions", prompt, n, False), rid
+        )
+
+    first = ask(doc, 4, "kv-0")
+    assert first.usage["prompt_tokens_details"]["cached_tokens"] == 0
+    holder = worker_of(deploy, "kv-0")
+
+    def indexed() -> int:
+        workers = httpx.get(deploy.url + "/health").json()["workers"]
+        return next(w["kv_blocks"] or 0 for w in workers if w["url"] == holder.url)
+
+    wait_until(lambda: indexed() > 0, what="the holder's blocks indexed")
+    prompt = f"{doc} and a question"
+    r = ask(prompt, 8, "kv-1")
+    assert worker_of(deploy, "kv-1") is holder
+    hit = r.usage["prompt_tokens_details"]["cached_tokens"]
+    assert hit >= first.usage["prompt_tokens"] - 16  # all but a partial block
+    assert metric(holder, 'segue_engine_prompt_tokens_total{source="local_cache_hit"}') == hit
+    ids = HFTokenizer(tiny_model).encode(prompt)
+    m = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    want = m.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :]
+    assert r.token_ids == want.tolist()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])

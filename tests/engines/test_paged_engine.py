@@ -111,6 +111,70 @@ def test_batched_greedy_equals_generate_and_frees_blocks(model_dir, reference):
     assert (stats.running, stats.waiting, stats.kv_blocks_used) == (0, 0, 0)
 
 
+@pytest.mark.parametrize("caching", [True, False])
+def test_prefix_cache_reuses_blocks_and_the_output_is_unchanged(model_dir, reference, caching):
+    """A second prompt that starts with the first one's context is served from its cached
+    blocks (all but the block of its last token): its tokens still equal `generate()`, the
+    engine counts the cache hits, and it reports the blocks it caches as KV events (named
+    as the mocker and the frontend's KV index name them)."""
+    from segue.blocks import block_hashes
+    from segue.engines.hf import HFConfig, HFEngine
+    from segue.tokenizer import HFTokenizer
+
+    class Sink:
+        def __init__(self) -> None:
+            self.stored_: list[int] = []
+            self.removed_: list[int] = []
+
+        def start(self, block_size, capacity, blocks) -> None:
+            assert (block_size, blocks) == (16, [])
+
+        def stored(self, hashes: list[int]) -> None:
+            self.stored_ += hashes
+
+        def removed(self, hashes: list[int]) -> None:
+            self.removed_ += hashes
+
+    sink = Sink()
+    first = [(5 + 13 * j) % 1000 + 3 for j in range(40)]
+
+    async def one(engine, rid: str, ids: list[int]) -> tuple[list[int], int]:
+        s = engine.add_request(EngineInput(rid, ids, 10, NO_EOS))
+        toks: list[int] = []
+        while (o := await s.get(30)) is not None:
+            toks += o.token_ids
+            if o.finish_reason is not None:
+                return toks, s.cached_tokens
+        raise AssertionError("no finish")
+
+    async def go():
+        cfg = HFConfig(model_dir=model_dir, device=DEVICE, prefix_caching=caching)
+        engine = HFEngine(cfg, HFTokenizer(model_dir))
+        await engine.start()
+        try:
+            assert engine.publish_kv_events(sink) is caching
+            out_a, hit_a = await one(engine, "a", first)
+            second = first + out_a + list(range(7, 20))
+            out_b, hit_b = await one(engine, "b", second)
+            await asyncio.sleep(0)  # events come through the loop
+            return out_a, hit_a, out_b, hit_b, engine.stats()
+        finally:
+            await engine.stop()
+
+    out_a, hit_a, out_b, hit_b, stats = asyncio.run(go())
+    assert out_a == generate(reference, first, 10)
+    second = first + out_a + list(range(7, 20))  # 63 tokens
+    assert out_b == generate(reference, second, 10)
+    # a computed 49 tokens (not its last): 3 full blocks; b reuses them
+    assert hit_a == 0 and hit_b == (48 if caching else 0)
+    assert stats.prompt_tokens["local_cache_hit"] == hit_b
+    assert stats.prompt_tokens["computed"] == 40 + len(second) - hit_b
+    assert (stats.running, stats.kv_blocks_used) == (0, 0)
+    if caching:  # and b's 72 computed fill a 4th, chained on from them
+        assert sink.stored_ == block_hashes((second + out_b)[:64], 16)
+        assert sink.removed_ == []
+
+
 def test_abort_frees_blocks_at_once(model_dir):
     from segue.engines.hf import HFConfig, HFEngine
     from segue.tokenizer import HFTokenizer
@@ -131,7 +195,7 @@ def test_abort_frees_blocks_at_once(model_dir):
             assert o is not None and o.finish_reason is EngineFinish.LENGTH
             s = engine.stats()
             assert (s.running, s.kv_blocks_used) == (0, 0)
-            assert engine._free and len(engine._free) == engine.cfg.kv_blocks
+            assert engine.table.free == engine.cfg.kv_blocks  # cached blocks count as free
         finally:
             await engine.stop()
 
@@ -331,3 +395,26 @@ def test_constrained_decoding_is_valid_and_resumes_exactly(model_dir):
             run_engine(model_dir, [EngineInput("m", ids + toks[:k], 60 - k, sp, generated=k)])
         )[0]["m"][0]
         assert toks[:k] + rest == toks, k
+
+
+def test_make_model_builds_the_shape_asked_for(tmp_path):
+    """--kv-heads, --intermediate-size, and a --vocab-size beyond what the tokenizer's
+    corpus yields: the model has that many rows, and each extra id decodes to text."""
+    import json
+
+    from segue.models.tiny import build_tiny_llama
+    from segue.tokenizer import HFTokenizer
+
+    path = build_tiny_llama(
+        tmp_path / "m", vocab_size=3000, heads=4, kv_heads=2, intermediate_size=96
+    )
+    cfg = json.loads((path / "config.json").read_text())
+    assert (cfg["vocab_size"], cfg["num_key_value_heads"], cfg["intermediate_size"]) == (
+        3000,
+        2,
+        96,
+    )
+    tok = HFTokenizer(str(path))
+    assert tok.vocab_size == 3000
+    assert tok.decode([2999]) == "<x2999>"
+    assert max(tok.encode("the river and the sea")) < 1100  # no merge makes an extra id
