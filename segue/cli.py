@@ -16,7 +16,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from segue.frontend.config import FrontendConfig
-from segue.log import setup_logging
+from segue.log import LogFormat, setup_logging
 from segue.options import add_flags, from_args
 from segue.serve import SERVE_SKIP_FRONTEND, SERVE_SKIP_WORKER, ServeConfig
 from segue.worker.config import WorkerConfig
@@ -25,15 +25,25 @@ from segue.worker.config import WorkerConfig
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="segue", description=__doc__)
     ap.add_argument("--log-level", default=os.environ.get("SEGUE_LOG_LEVEL", "INFO"))
+    # also after a process's subcommand (`segue frontend --log-format json`)
+    logs = argparse.ArgumentParser(add_help=False)
+    logs.add_argument(
+        "--log-format",
+        choices=[f.value for f in LogFormat],
+        default=argparse.SUPPRESS,
+        help="text lines, or one JSON object per line (default: $SEGUE_LOG_FORMAT or text)",
+    )
+    ap.add_argument("--log-format", choices=[f.value for f in LogFormat], default=None)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("serve", help="frontend + N workers as child processes")
+    s = sub.add_parser("serve", help="frontend + N workers as child processes", parents=[logs])
     add_flags(s, ServeConfig)
     add_flags(s, FrontendConfig, skip=SERVE_SKIP_FRONTEND)
     add_flags(s, WorkerConfig, skip=SERVE_SKIP_WORKER)
 
-    add_flags(sub.add_parser("frontend", help="the OpenAI HTTP frontend"), FrontendConfig)
-    add_flags(sub.add_parser("worker", help="one engine worker"), WorkerConfig)
+    fe = sub.add_parser("frontend", help="the OpenAI HTTP frontend", parents=[logs])
+    add_flags(fe, FrontendConfig)
+    add_flags(sub.add_parser("worker", help="one engine worker", parents=[logs]), WorkerConfig)
 
     m = sub.add_parser("make-model", help="build a tiny random-weight Llama model directory")
     m.add_argument("dir")
@@ -145,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         from segue.admin import run_admin
 
         sys.exit(run_admin(args))
-    setup_logging(args.cmd, args.log_level.upper())
+    fmt = args.log_format
+    setup_logging(args.cmd, args.log_level.upper(), LogFormat(fmt) if fmt else None)
     if args.cmd == "serve":
         from segue.serve import serve
 

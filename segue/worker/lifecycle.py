@@ -19,6 +19,7 @@ from aiohttp import web
 from segue.auth import client_headers, load_cluster_token
 from segue.discovery import Discovery, Instance, ModelCard
 from segue.engines.base import Engine
+from segue.log import fields as log_fields
 from segue.protocol import Role
 from segue.router import Router
 from segue.transport import RequestPlane
@@ -48,6 +49,7 @@ class Worker:
         self.discovery = discovery
         self.cfg = cfg
         self.id = f"{cfg.role[0]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        log_fields.worker_id = self.id  # on every JSON log line of this process
         self.metrics = WorkerMetrics(engine)
         self.kv = KvStore(engine, cfg.kv_ttl, self.metrics.registry)
         self.sessions = EngineSessions(
