@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 
 import aiohttp
 from aiohttp import web
@@ -60,6 +61,8 @@ class Frontend:
             headers=client_headers(load_cluster_token(cfg.cluster_token_file)),
         )
         self.router = Router(cfg.router, self.session, cfg.kv_overlap_weight, cfg.kv_load_weight)
+        self.router.on_change = self._count_routable
+        self._routable_seen: set[tuple[str, str]] = set()
         self.plane = RequestPlane(self.session, cfg.request_plane, cfg.stall_timeout)
         self.client = ResilientClient(
             self.router,
@@ -141,6 +144,16 @@ class Frontend:
         return web.Response(
             body=health.encode(body), status=200 if ok else 503, content_type="application/json"
         )
+
+    def _count_routable(self) -> None:
+        """segue_frontend_routable_workers{model, role}; a pair that had workers and has
+        none left reads 0 (what the alert on it watches)."""
+        counts = Counter((i.card.name, i.role.value) for i in self.router.routable())
+        for key in self._routable_seen - counts.keys():
+            self.metrics.routable_workers.labels(*key).set(0)
+        for key, n in counts.items():
+            self.metrics.routable_workers.labels(*key).set(n)
+        self._routable_seen |= counts.keys()
 
     def health(self) -> tuple[health.FrontendHealth, bool]:
         """/health's body, and whether a request could be routed now."""

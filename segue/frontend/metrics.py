@@ -12,6 +12,8 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from segue.failures import ACTIONS, Verdict
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -69,6 +71,13 @@ class FrontendMetrics:
             "Response store operations that failed",
             registry=r,
         )
+        self.routable_workers = Gauge(
+            "segue_frontend_routable_workers",
+            "Workers this frontend can route to (in discovery and in rotation), by model and role",
+            ["model", "role"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.inflight = Gauge(
             "segue_frontend_inflight_requests",
             "Requests in flight",
@@ -87,6 +96,13 @@ class FrontendMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=r,
         )
+        # every reason at 0 from the start: a rate() over them, and the alerts on them,
+        # see a series before the first migration or rejection
+        for reason, action in ACTIONS.items():
+            if action.verdict is Verdict.RETRY:
+                self.migrations.labels(reason=reason.value)
+        for refusal in ("overloaded", "max_inflight"):
+            self.rejections.labels(reason=refusal)
 
     def exposition(self) -> bytes:
         if os.environ.get(MULTIPROC_ENV):

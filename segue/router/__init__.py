@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import aiohttp
 
@@ -52,6 +52,7 @@ class Router:
         )
         self._session = session
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self.on_change: Callable[[], None] = lambda: None  # the routable set changed
 
     def update(self, instances: dict[str, Instance]) -> None:
         for gone in self.instances.keys() - instances.keys():
@@ -68,6 +69,7 @@ class Router:
         self.instances = instances
         if self._follower is not None:
             self._follower.sync(instances)
+        self.on_change()
 
     @property
     def wants_tokens(self) -> bool:
@@ -125,6 +127,7 @@ class Router:
             return
         log.warning("worker %s out of rotation: %s", instance.id, reason)
         self.down.add(instance.id)
+        self.on_change()
         if self._session is not None:
             self._probes[instance.id] = asyncio.create_task(self._probe(instance))
 
@@ -142,6 +145,7 @@ class Router:
             if ok and instance.id in self.instances:
                 log.info("worker %s back in rotation", instance.id)
                 self.down.discard(instance.id)
+                self.on_change()
         self._probes.pop(instance.id, None)
 
     async def close(self) -> None:

@@ -79,3 +79,6 @@ class WorkerMetrics:
         ):
             Gauge(name, doc, registry=r).set_function(_stat_reader(engine, attr))
         r.register(_PromptTokensCollector(engine))
+        Gauge(
+            "segue_engine_healthy", "1 while the engine is healthy, 0 once it failed", registry=r
+        ).set_function(lambda: float(engine.healthy))
