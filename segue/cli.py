@@ -15,6 +15,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from segue import tracing
 from segue.frontend.config import FrontendConfig
 from segue.log import LogFormat, setup_logging
 from segue.options import add_flags, from_args
@@ -93,7 +94,11 @@ async def _frontend(cfg: FrontendConfig) -> int:
     stop = asyncio.Event()
     install_signal_handlers(stop)
     tok = load_tokenizer(cfg.model)
-    await run_frontend(cfg, tok, open_discovery(cfg.discovery, cfg.namespace), stop)
+    tracing.setup(cfg.otlp_traces_endpoint, "segue-frontend")
+    try:
+        await run_frontend(cfg, tok, open_discovery(cfg.discovery, cfg.namespace), stop)
+    finally:
+        await asyncio.to_thread(tracing.shutdown)
     return 0
 
 
@@ -111,7 +116,11 @@ async def _worker(cfg: WorkerConfig) -> int:
     engine = create_engine(cfg, tok)
     card = card_for(tok, cfg.served_model_name, cfg.model)
     disc = open_discovery(cfg.discovery, cfg.namespace)
-    return await Worker(engine, disc, cfg, card).run(stop)
+    tracing.setup(cfg.otlp_traces_endpoint, "segue-worker")
+    try:
+        return await Worker(engine, disc, cfg, card).run(stop)
+    finally:
+        await asyncio.to_thread(tracing.shutdown)
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> None:

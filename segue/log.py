@@ -12,6 +12,8 @@ from enum import StrEnum
 
 import msgspec
 
+from segue import tracing
+
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 FORMAT_ENV = "SEGUE_LOG_FORMAT"  # children of `segue serve` and of a frontend inherit it
 
@@ -39,7 +41,8 @@ class _RequestIdFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     """One object per line: time (UTC, ISO 8601), level, logger, process, pid, message (the
     text a text line has, so grep finds it either way), request id, worker id where there
-    is one, and the exception's traceback when there is one."""
+    is one, the trace and span ids of a traced request, and the exception's traceback when
+    there is one."""
 
     def __init__(self, process: str) -> None:
         super().__init__()
@@ -59,6 +62,9 @@ class JsonFormatter(logging.Formatter):
         }
         if fields.worker_id:
             line["worker_id"] = fields.worker_id
+        span = tracing.current.get()
+        if span is not None:
+            line["trace_id"], line["span_id"] = tracing.ids(span)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return self._encode(line).decode()

@@ -123,6 +123,8 @@ class EngineRequest(msgspec.Struct, kw_only=True):
     # The caller may vanish and another come back for it (a background response): when
     # the caller's connection breaks, the worker keeps it running for --detach-grace.
     detach: bool = False
+    # W3C trace context of the caller's span (--otlp-traces-endpoint); empty: untraced
+    traceparent: str = ""
 
 
 class Tokens(msgspec.Struct, tag="tok"):

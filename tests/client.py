@@ -73,13 +73,15 @@ def complete(url: str, kind: str, b: dict, rid: str | None = None, timeout: floa
 class StreamReader:
     """A streaming request read event by event, so a test can act between tokens."""
 
-    def __init__(self, url: str, kind: str, b: dict, rid: str, timeout: float = 120) -> None:
+    def __init__(
+        self, url: str, kind: str, b: dict, rid: str, timeout: float = 120, headers=None
+    ) -> None:
         self.kind = kind
         import httpx
 
         self._client = httpx.Client(timeout=timeout)
         self._cm = self._client.stream(
-            "POST", url + path(kind), json=b, headers={"X-Request-Id": rid}
+            "POST", url + path(kind), json=b, headers={"X-Request-Id": rid, **(headers or {})}
         )
         self.resp = self._cm.__enter__()
         self.result = Result(self.resp.status_code)

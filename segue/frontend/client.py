@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator
 
 from prometheus_client import Counter
 
+from segue import tracing
 from segue.disagg import PrefillFallback, Strategy
 from segue.discovery import Instance
 from segue.failures import Failure, FailureReason, Verdict, failure_of_frame
@@ -107,6 +108,11 @@ class ResilientClient:
                 exclude.add(f.instance.id)
             if action.down:
                 self.router.mark_down(f.instance, f.label)
+        if state.trace is not None:
+            state.trace.span.add_event(
+                "migration" if action.counted else "retry",
+                {"reason": f.label, "segue.worker.id": f.instance.id if f.instance else "-"},
+            )
         if not action.counted:
             return
         if not state.count_migration(self.migration_limit):
@@ -180,20 +186,37 @@ class ResilientClient:
     async def relay_tokens(
         self, inst: Instance, state: RequestState, req: EngineRequest
     ) -> AsyncGenerator[TokenDelta, None]:
-        """One call: yields the tokens the client does not have yet, then the finish."""
-        with self.router.track(inst, len(req.token_ids)):
-            frames = self.plane.frames(inst, req, self.stall_timeout)
-            async with contextlib.aclosing(frames) as fs:
-                async for f in fs:
-                    if type(f) is Tokens:
-                        try:
-                            delta = state.accept(f)
-                        except BadFrame as e:
-                            raise Failure(e.reason, inst) from None
-                        if delta is not None:
-                            yield delta
-                    elif type(f) is Final:
-                        yield state.finish(f)
-                        return
-                    elif type(f) is not KeepAlive:
-                        raise failure_of_frame(f, inst)
+        """One call: yields the tokens the client does not have yet, then the finish. A
+        traced request's attempt span records how the call ended: finished, failed and
+        why, or closed by its consumer (the client left, or a stop string)."""
+        req, span = state.open_attempt(inst.id, inst.role.value, req)
+        outcome = "closed"
+        try:
+            with self.router.track(inst, len(req.token_ids)):
+                frames = self.plane.frames(inst, req, self.stall_timeout)
+                async with contextlib.aclosing(frames) as fs:
+                    async for f in fs:
+                        if type(f) is Tokens:
+                            try:
+                                delta = state.accept(f)
+                            except BadFrame as e:
+                                raise Failure(e.reason, inst) from None
+                            if delta is not None:
+                                if span is not None and state.trace is not None:
+                                    state.trace.token()
+                                yield delta
+                        elif type(f) is Final:
+                            outcome = f"finished: {f.finish_reason}"
+                            yield state.finish(f)
+                            return
+                        elif type(f) is not KeepAlive:
+                            raise failure_of_frame(f, inst)
+        except Failure as e:
+            outcome = f"failed: {e.label}"
+            if span is not None:
+                tracing.fail(span, e.label)
+            raise
+        finally:
+            if span is not None:
+                span.set_attribute("segue.attempt.outcome", outcome)
+                span.end()

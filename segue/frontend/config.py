@@ -65,6 +65,11 @@ class FrontendConfig:
         16, help="max_tokens of a completion request without one"
     )
     shutdown_grace: float = option(30.0, help="seconds open streams may finish on SIGTERM")
+    otlp_traces_endpoint: str | None = option(
+        None,
+        help="export OpenTelemetry traces here (OTLP over HTTP, e.g. "
+        "http://127.0.0.1:4318/v1/traces); off when unset",
+    )
     max_connections: int = option(1024, help="open connections to workers, at most")
     max_client_connections: int = option(
         10000,

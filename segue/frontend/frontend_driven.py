@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import AsyncGenerator
 from typing import Protocol
 
+from segue import tracing
 from segue.disagg import PrefillFallback
 from segue.discovery import Instance
 from segue.failures import Failure, FailureReason, failure_of_frame
@@ -63,10 +64,9 @@ async def remote_prefill(client: Caller, state: RequestState, exclude: set[str])
             return None
         raise NoWorkerError("no prefill worker available (and no local prefill fallback)")
     refused: Failure | None = None
+    req, span = state.open_attempt(inst.id, inst.role.value, state.engine_request(Phase.PREFILL))
     try:
-        frames = client.plane.frames(
-            inst, state.engine_request(Phase.PREFILL), client.stall_timeout
-        )
+        frames = client.plane.frames(inst, req, client.stall_timeout)
         async with contextlib.aclosing(frames) as fs:
             async for f in fs:
                 if type(f) is Prefilled:
@@ -76,5 +76,11 @@ async def remote_prefill(client: Caller, state: RequestState, exclude: set[str])
                     break
     except Failure as e:  # the transport failed: counted as prefill_stall, ...
         e.stage = "prefill"
+        refused = e
         raise
+    finally:
+        if span is not None:
+            if refused is not None:
+                tracing.fail(span, refused.label)
+            span.end()
     raise refused or Failure(FailureReason.STREAM_ENDED, inst, stage="prefill")

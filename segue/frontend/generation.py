@@ -18,10 +18,11 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncGenerator, Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 
+from segue import tracing
 from segue.api import openai as oai
 from segue.frontend.client import ResilientClient
 from segue.frontend.config import FrontendConfig
@@ -107,6 +108,15 @@ class Generations:
         request_id_var.set(rid)
         headers = {"X-Request-Id": rid}
         status = 200
+        span = prep = None
+        if tracing.tracer is not None:  # the client's trace context, if it sent one
+            span = tracing.start(
+                "segue.request",
+                request.headers,
+                {"gen_ai.request.id": rid, "segue.endpoint": endpoint},
+                server=True,
+            )
+            tracing.current.set(span)
         self.metrics.inflight.inc()
         self._inflight += 1
         try:
@@ -125,6 +135,8 @@ class Generations:
             model = self.models.require(body.model)
             prep = model.preprocess(body, chat, rid)
             await model.check(prep)
+            if span is not None:
+                _trace(span, prep)
             if prep.stream:
                 return await self._respond_stream(request, prep, model.output, headers)
             return await self._respond_whole(prep, model.output, headers)
@@ -140,6 +152,8 @@ class Generations:
             if not self.shutting_down:
                 self.metrics.cancellations.inc()
                 log.info("Cancelled Request ID: %s", rid)
+            if span is not None:
+                span.add_event("cancelled", {"reason": "the client went away"})
             if isinstance(e, asyncio.CancelledError):
                 raise
             raise asyncio.CancelledError() from e
@@ -147,6 +161,8 @@ class Generations:
             self._inflight -= 1
             self.metrics.inflight.dec()
             self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            if span is not None:
+                _end(span, prep, status)
 
     def _text_deltas(
         self, prep: PreparedRequest, output: OutputProcessor, state: RequestState
@@ -304,3 +320,32 @@ class Generations:
             await resp.write_eof(sse(err.body()) + SSE_DONE)
         assert resp is not None
         return resp
+
+
+def _trace(span: Any, prep: PreparedRequest) -> None:
+    """The request's attributes (vLLM's gen_ai names), and its choices traced under it."""
+    sp = prep.state.sampling
+    span.set_attributes(
+        {
+            "gen_ai.request.model": prep.state.model,
+            "gen_ai.request.max_tokens": prep.state.max_tokens,
+            "gen_ai.request.temperature": sp.temperature,
+            "gen_ai.request.top_p": sp.top_p,
+            "gen_ai.request.n": len(prep.states),
+            "gen_ai.usage.prompt_tokens": len(prep.state.prompt_ids),
+        }
+    )
+    for state in prep.states:
+        state.trace = tracing.RequestTrace(span)
+
+
+def _end(span: Any, prep: PreparedRequest | None, status: int) -> None:
+    span.set_attribute("http.response.status_code", status)
+    if prep is not None:
+        span.set_attribute(
+            "gen_ai.usage.completion_tokens", sum(len(s.generated) for s in prep.states)
+        )
+        span.set_attribute("segue.migrations", sum(s.migrations for s in prep.states))
+    if status >= 400:
+        tracing.fail(span, "cancelled" if status == 499 else f"HTTP {status}")
+    span.end()

@@ -10,11 +10,16 @@ has (dropped here) but never skip any (a gap: the attempt is broken).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+import msgspec
+
+from segue import tracing
 from segue.failures import FailureReason
 from segue.protocol import EngineRequest, Final, FinishReason, KvHandle, Logprob, Phase, Tokens
 from segue.sampling import GREEDY, SamplingParams
 from segue.stopping import finish_reason
+from segue.tracing import RequestTrace
 
 
 @dataclass(slots=True)
@@ -55,6 +60,15 @@ class RequestState:
     detach: bool = False
     worker: str = ""  # the worker of the latest attempt
     prefer: str = ""
+    trace: RequestTrace | None = None  # with --otlp-traces-endpoint
+
+    def open_attempt(self, worker: str, role: str, req: EngineRequest) -> tuple[EngineRequest, Any]:
+        """`req` carrying the trace context of a new attempt span (and the span), when
+        the request is traced; else `req` and None."""
+        if self.trace is None:
+            return req, None
+        span = self.trace.attempt(worker, role, req.phase.value)
+        return msgspec.structs.replace(req, traceparent=tracing.traceparent(span)), span
 
     @property
     def context(self) -> list[int]:

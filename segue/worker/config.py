@@ -36,6 +36,11 @@ class WorkerConfig:
     drain_timeout: float = option(
         30.0, help="seconds in-flight requests may finish on SIGTERM before they are handed back"
     )
+    otlp_traces_endpoint: str | None = option(
+        None,
+        help="export OpenTelemetry traces here (OTLP over HTTP, e.g. "
+        "http://127.0.0.1:4318/v1/traces); off when unset",
+    )
     detach_grace: float = option(
         10.0,
         help="seconds a request that may be re-attached (a background response) keeps "

@@ -23,13 +23,13 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from segue import health
+from segue import health, tracing
 from segue.auth import HEADER, token_ok
 from segue.disagg import Strategy
 from segue.engines.base import Engine
@@ -240,16 +240,47 @@ class Routes:
         self._calls += 1
         self._kv_tokens += need
         self.idle.clear()
+        span = None
+        if tracing.tracer is not None and req.traceparent:
+            span, req = self._trace(req)
         try:
             await self._dispatch(req, sink)
         except StageError as e:
             log.warning("request %s failed: %s", req.request_id, e)
+            if span is not None:
+                tracing.fail(span, str(e))
             await sink.write_eof(encode_frame(e.frame))
+        except asyncio.CancelledError:
+            if span is not None:
+                span.add_event("cancelled", {"reason": "the caller left"})
+                tracing.fail(span, "cancelled")
+            raise
         finally:
             self._calls -= 1
             self._kv_tokens -= need
             if self._calls == 0:
                 self.idle.set()
+            if span is not None:
+                span.end()
+
+    def _trace(self, req: EngineRequest) -> tuple[Any, EngineRequest]:
+        """This call's span under its caller's, and the request carrying it on (to the
+        remote stage this worker may call)."""
+        span = tracing.start(
+            "segue.worker.call",
+            req.traceparent,
+            {
+                "gen_ai.request.id": req.request_id,
+                "segue.worker.id": self.id,
+                "segue.worker.role": self.cfg.role.value,
+                "segue.phase": req.phase.value,
+                "segue.context_tokens": len(req.token_ids),
+                "gen_ai.request.max_tokens": req.max_tokens,
+            },
+            server=True,
+        )
+        tracing.current.set(span)
+        return span, msgspec.structs.replace(req, traceparent=tracing.traceparent(span))
 
     def _over_limit(self, need: int) -> str | None:
         """Why a new call needing `need` tokens of KV is refused, if it is: past the calls

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TypeVar
 
+from segue import tracing
 from segue.engines.base import (
     ConstraintRejected,
     Engine,
@@ -214,6 +215,7 @@ class EngineSessions:
         timer = loop.call_later(self.detach_grace, self._expire, rid, "nobody attached")
         self.detached[rid] = Detached(stream, known, shift, timer, time.monotonic())
         self.metrics.detached.inc()
+        tracing.event("detached", {"reason": "its caller's connection broke"})
         log.info("Detached Request ID: %s (its caller's connection broke)", rid)
 
     def _expire(self, rid: str, why: str) -> None:
@@ -261,6 +263,7 @@ class EngineSessions:
         del self.detached[req.request_id]
         d.timer.cancel()
         self.metrics.attached.inc()
+        tracing.event("attached", {"segue.offset": req.start_offset})
         log.info(
             "Attached Request ID: %s at token %d (detached %.0f ms)",
             req.request_id,
@@ -272,6 +275,7 @@ class EngineSessions:
     async def _stream_frames(
         self, offset: int, stream: RequestStream, resp: FrameSink, sent: list[int] | None = None
     ) -> str | None:
+        first = True
         while True:
             out = await stream.get(self.keepalive)
             if out is None:
@@ -291,11 +295,19 @@ class EngineSessions:
                     log.warning("fault injection: exiting after token %d", crash_at)
                     os._exit(9)
                 data = encode_frame(Tokens(offset, ids, out.logprobs, out.prompt_logprobs))
+                if first:
+                    first = False
+                    tracing.event("first_token", {"segue.offset": offset})
                 offset += len(ids)
                 if sent is not None:
                     sent += ids
                 self.metrics.output_tokens.inc(len(ids))
             reason = out.finish_reason
+            if reason is not None:
+                tracing.event(
+                    "engine_finished",
+                    {"reason": reason.value, "segue.cached_tokens": stream.cached_tokens},
+                )
             if reason == EngineFinish.PREFILLED:
                 if data:
                     await resp.write(data)

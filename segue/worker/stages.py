@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, Iterator
 
 import msgspec
 
+from segue import tracing
 from segue.discovery import Instance
 from segue.engines.base import EngineTask
 from segue.failures import Failure, FailureReason
@@ -83,6 +84,7 @@ class Stages:
             raise StageError(ErrorCode.BAD_REQUEST, "a decode needs a KV handle", False)
         if kv.num_tokens != len(req.token_ids) or kv.digest != token_digest(req.token_ids):
             raise StageError(ErrorCode.KV_MISMATCH, "KV handle is for other tokens", True)
+        start = time.perf_counter()
         try:
             payload = await with_keepalive(
                 self.keepalive, resp, pull_kv(self.session, kv.url, kv.kv_id, self.stall_timeout)
@@ -95,6 +97,11 @@ class Stages:
             # Our caller left mid-transfer: the holder may not have served the pull yet.
             drop_kv_soon(self.session, kv.url, kv.kv_id)
             raise
+        tracing.event(
+            "kv_transfer",
+            {"segue.kv.bytes": len(payload), "segue.kv.seconds": time.perf_counter() - start,
+             "segue.kv.source": kv.url},
+        )  # fmt: skip
         req = msgspec.structs.replace(req, phase=Phase.DECODE, kv=kv)
         await self.sessions.run(req, resp, EngineTask.DECODE, payload)
 
