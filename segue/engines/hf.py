@@ -35,8 +35,9 @@ from segue.engines.base import (
     RequestStream,
 )
 from segue.engines.constrained import EngineGrammars, mask_logits
+from segue.engines.hf_sequence import Sequence
+from segue.engines.loop_bridge import LoopEvents, deliver
 from segue.engines.seqtable import SeqTable
-from segue.grammar import Matcher
 from segue.protocol import FinishReason, Logprob
 from segue.stopping import finish_reason
 
@@ -56,65 +57,6 @@ class HFConfig:
     cuda_graphs: bool = True
     prefix_caching: bool = True
     kernels: str = "auto"  # auto, torch or triton (PagedModel)
-
-
-class _Seq:
-    __slots__ = (
-        "req",
-        "stream",
-        "blocks",
-        "kv",
-        "table",
-        "ctx",
-        "computed",
-        "gen",
-        "out",
-        "done",
-        "imported",
-        "prompt_lps",
-        "matcher",
-    )
-
-    def __init__(self, req: EngineInput, stream: RequestStream, blocks: int) -> None:
-        self.req, self.stream, self.blocks = req, stream, blocks
-        self.table: list[int] = []  # block ids, from admission on
-        self.gen = req.task is not EngineTask.PREFILL  # makes tokens (else: KV only)
-        # the tokens whose KV this sequence computes: a prefill stops before the last
-        self.ctx: list[int] = list(req.token_ids if self.gen else req.token_ids[:-1])
-        self.computed = 0  # leading ctx tokens whose KV is in the blocks
-        self.out: list[int] = []  # tokens generated
-        self.done = False
-        self.imported: list[Any] | None = None  # a DECODE's pulled K/V, written at admission
-        # the prompt's logprobs as they are computed (the first token has none)
-        self.prompt_lps: list[Logprob | None] | None = (
-            [None] if req.prompt_logprobs is not None and self.gen else None
-        )
-        self.matcher: Matcher | None = None  # a constrained request's grammar state
-
-    @property
-    def pending(self) -> int:
-        return len(self.ctx) - self.computed
-
-
-class _LoopEvents:
-    """A KV-event sink on the event loop, fed from the engine thread (in order)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, events: KvEvents) -> None:
-        self.loop, self.events = loop, events
-
-    def start(self, block_size: int, capacity: int, blocks: list[int]) -> None:
-        self.loop.call_soon_threadsafe(self.events.start, block_size, capacity, blocks)
-
-    def stored(self, hashes: list[int]) -> None:
-        self.loop.call_soon_threadsafe(self.events.stored, hashes)
-
-    def removed(self, hashes: list[int]) -> None:
-        self.loop.call_soon_threadsafe(self.events.removed, hashes)
-
-
-def _deliver(pushed: list[tuple[RequestStream, int, Logprob | None]]) -> None:
-    for stream, tok, lp in pushed:
-        stream.push(tok, lp)
 
 
 class HFEngine(Engine):
@@ -205,7 +147,7 @@ class HFEngine(Engine):
         loop = asyncio.get_running_loop()
         with self._lock:
             events.start(self.cfg.block_size, self.cfg.kv_blocks, self.table.cached_hashes())
-            self.table.events = _LoopEvents(loop, events)
+            self.table.events = LoopEvents(loop, events)
         return True
 
     # -- event-loop side: requests -------------------------------------------------------
@@ -221,7 +163,7 @@ class HFEngine(Engine):
             )
         matcher = self.grammars.matcher(req)
         stream = RequestStream(req.request_id)
-        seq = _Seq(req, stream, blocks)
+        seq = Sequence(req, stream, blocks)
         seq.matcher = matcher
         if req.task is EngineTask.DECODE:
             seq.imported = kv_codec.decode(
@@ -287,7 +229,7 @@ class HFEngine(Engine):
 
     # -- scheduler thread ----------------------------------------------------------------
 
-    def _finish_locked(self, seq: _Seq, reason: EngineFinish, error: str | None = None) -> None:
+    def _finish_locked(self, seq: Sequence, reason: EngineFinish, error: str | None = None) -> None:
         if seq.done:
             return
         seq.done = True
@@ -329,9 +271,9 @@ class HFEngine(Engine):
                     n = len(seq.ctx) - 1
                     self._prompt_tokens["external_kv_transfer"] += n
                     seq.computed, seq.imported = n, None
-            running: list[_Seq] = list(self.table.running.values())
-        chunks: list[tuple[_Seq, int]] = []  # (sequence, prompt tokens this step)
-        decodes: list[_Seq] = []
+            running: list[Sequence] = list(self.table.running.values())
+        chunks: list[tuple[Sequence, int]] = []  # (sequence, prompt tokens this step)
+        decodes: list[Sequence] = []
         budget = self.cfg.max_batched_tokens
         for seq in running:
             if seq.done:
@@ -351,7 +293,7 @@ class HFEngine(Engine):
             self._advance([(s, 1) for s in decodes], self.paged.decode(batch))
         return True
 
-    def _prefill(self, chunks: list[tuple[_Seq, int]]) -> None:
+    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> None:
         work = [(s, n) for s, n in chunks if n > 0]
         logits = None
         if work:
@@ -371,7 +313,7 @@ class HFEngine(Engine):
                     seq.stream.kv_key = key
                     self._call(seq.stream.finish, EngineFinish.PREFILLED)
 
-    def _advance(self, work: list[tuple[_Seq, int]], logits: Any) -> None:
+    def _advance(self, work: list[tuple[Sequence, int]], logits: Any) -> None:
         """Counts each sequence's computed tokens; one that reached the end of its context
         samples its next token from its row of `logits`."""
         if not work:
@@ -386,7 +328,7 @@ class HFEngine(Engine):
         )
         greedy = self.torch.argmax(logits, dim=-1).tolist()
         pushed: list[tuple[RequestStream, int, Logprob | None]] = []
-        finished: list[tuple[_Seq, EngineFinish]] = []
+        finished: list[tuple[Sequence, EngineFinish]] = []
         caching, bs = self.table.prefix_caching, self.cfg.block_size
         with self._lock:
             for row, (seq, n) in enumerate(work):
@@ -423,11 +365,11 @@ class HFEngine(Engine):
             # writes to the loop's self-pipe: one per token cost a syscall each), queued
             # before the finishes.
             if pushed:
-                self._call(_deliver, pushed)
+                self._call(deliver, pushed)
             for seq, reason in finished:
                 self._finish_locked(seq, reason)
 
-    def _prompt_logprobs(self, seq: _Seq, n: int, logits: Any) -> None:
+    def _prompt_logprobs(self, seq: Sequence, n: int, logits: Any) -> None:
         """The logprobs of the prompt tokens this chunk's logits predict (position p's
         logits predict token p + 1); once the prompt is done they go to the stream, before
         its first token."""

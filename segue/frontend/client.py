@@ -189,7 +189,7 @@ class ResilientClient:
         """One call: yields the tokens the client does not have yet, then the finish. A
         traced request's attempt span records how the call ended: finished, failed and
         why, or closed by its consumer (the client left, or a stop string)."""
-        req, span = state.open_attempt(inst.id, inst.role.value, req)
+        req, span = state.open_attempt(inst.id, inst.role, req)
         outcome = "closed"
         try:
             with self.router.track(inst, len(req.token_ids)):

@@ -64,7 +64,7 @@ async def remote_prefill(client: Caller, state: RequestState, exclude: set[str])
             return None
         raise NoWorkerError("no prefill worker available (and no local prefill fallback)")
     refused: Failure | None = None
-    req, span = state.open_attempt(inst.id, inst.role.value, state.engine_request(Phase.PREFILL))
+    req, span = state.open_attempt(inst.id, inst.role, state.engine_request(Phase.PREFILL))
     try:
         frames = client.plane.frames(inst, req, client.stall_timeout)
         async with contextlib.aclosing(frames) as fs:
