@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from segue import tracing
+from segue.engines.config import EngineName
 from segue.frontend.config import FrontendConfig
 from segue.log import LogFormat, setup_logging
 from segue.options import add_flags, from_args
@@ -113,12 +114,16 @@ async def _worker(cfg: WorkerConfig) -> int:
     stop = asyncio.Event()
     install_signal_handlers(stop)
     tok = load_tokenizer(cfg.model)
-    engine = create_engine(cfg, tok)
     card = card_for(tok, cfg.served_model_name, cfg.model)
     disc = open_discovery(cfg.discovery, cfg.namespace)
     tracing.setup(cfg.otlp_traces_endpoint, "segue-worker")
     try:
-        return await Worker(engine, disc, cfg, card).run(stop)
+        if cfg.replicas > 1:
+            from segue.worker.fleet import run_fleet
+
+            engines = [create_engine(cfg, tok) for _ in range(cfg.replicas)]
+            return await run_fleet(engines, disc, cfg, card, stop)
+        return await Worker(create_engine(cfg, tok), disc, cfg, card).run(stop)
     finally:
         await asyncio.to_thread(tracing.shutdown)
 
@@ -184,7 +189,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(run_frontend_processes(cfg))
         _run(_frontend(cfg))
     else:
-        _run(_worker(from_args(WorkerConfig, args)))
+        wcfg = from_args(WorkerConfig, args)
+        if wcfg.replicas < 1 or (wcfg.replicas > 1 and wcfg.engine is not EngineName.MOCKER):
+            ap.error("--replicas: at least 1, and more than 1 only with --engine mocker")
+        _run(_worker(wcfg))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ class ServeConfig:
 
 # `serve` sets these itself: one discovery directory for all, workers on free local ports.
 SERVE_SKIP_FRONTEND = frozenset({"discovery", "namespace"})
-SERVE_SKIP_WORKER = frozenset({"discovery", "namespace", "host", "port", "role"})
+SERVE_SKIP_WORKER = frozenset({"discovery", "namespace", "host", "port", "role", "replicas"})
 
 
 def child_argvs(

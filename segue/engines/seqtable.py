@@ -46,7 +46,11 @@ class SeqTable:
         self.max_num_seqs = max_num_seqs
         self.prefix_caching = prefix_caching
         self.events = events
-        self.free_ids = list(range(kv_blocks - 1, -1, -1))  # no content, no owner
+        # Blocks with no content and no owner: those given back, and every id from
+        # `_fresh` up (never handed out; a counter, not a list, so an idle engine of a
+        # simulated fleet holds no list of its whole pool).
+        self.free_ids: list[int] = []
+        self._fresh = 0
         self.cache: dict[int, int] = {}  # block hash -> sequences using it
         self.block_of: dict[int, int] = {}  # block hash -> the block holding it
         self.lru: OrderedDict[int, None] = OrderedDict()  # cached and unused, oldest first
@@ -57,12 +61,12 @@ class SeqTable:
 
     @property
     def unused(self) -> int:
-        return len(self.free_ids)
+        return len(self.free_ids) + self.total - self._fresh
 
     @property
     def free(self) -> int:
         """Blocks a new sequence can have (cached-but-unused ones are evicted for it)."""
-        return len(self.free_ids) + len(self.lru)
+        return self.unused + len(self.lru)
 
     def blocks_for(self, req: EngineInput) -> int:
         """Blocks the request will reserve; refuses what can never run."""
@@ -125,8 +129,12 @@ class SeqTable:
     def _take(self, n: int) -> list[int]:
         """`n` blocks for new content: unused ones first, then the least recently used
         cached ones, evicted."""
-        from_unused = min(n, len(self.free_ids))
-        ids = [self.free_ids.pop() for _ in range(from_unused)]
+        from_unused = min(n, self.unused)
+        back = min(from_unused, len(self.free_ids))
+        ids = [self.free_ids.pop() for _ in range(back)]
+        fresh = from_unused - back
+        ids += range(self._fresh, self._fresh + fresh)
+        self._fresh += fresh
         evicted = [self.lru.popitem(last=False)[0] for _ in range(n - from_unused)]
         for h in evicted:
             del self.cache[h]

@@ -33,6 +33,11 @@ class WorkerConfig:
         "$SEGUE_CLUSTER_TOKEN)",
     )
     port: int = option(0, help="port to bind (0: any free port)")
+    replicas: int = option(
+        1,
+        help="mocker workers this process runs, each a worker of its own to everything "
+        "outside (id, lease, card, port, engine): a simulated fleet on one machine",
+    )
     drain_timeout: float = option(
         30.0, help="seconds in-flight requests may finish on SIGTERM before they are handed back"
     )

@@ -27,7 +27,7 @@ from segue.worker.config import WorkerConfig
 from segue.worker.kv_events import KvEventLog
 from segue.worker.kv_store import KvStore
 from segue.worker.metrics import WorkerMetrics
-from segue.worker.monitor import monitor_engine
+from segue.worker.monitor import monitor_engines
 from segue.worker.routes import Routes
 from segue.worker.session import EngineSessions
 from segue.worker.stages import Stages
@@ -42,11 +42,17 @@ class Worker:
     loop); `run` serves until stopped."""
 
     def __init__(
-        self, engine: Engine, discovery: Discovery, cfg: WorkerConfig, card: ModelCard | None = None
+        self,
+        engine: Engine,
+        discovery: Discovery,
+        cfg: WorkerConfig,
+        card: ModelCard | None = None,
+        owns_discovery: bool = True,
     ) -> None:
         self.engine = engine
         self.card = card or ModelCard()
         self.discovery = discovery
+        self.owns_discovery = owns_discovery  # closes it on exit (a fleet's is shared)
         self.cfg = cfg
         self.id = f"{cfg.role[0]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         log_fields.worker_id = self.id  # on every JSON log line of this process
@@ -105,15 +111,16 @@ class Worker:
         async for instances in self.discovery.watch():
             self.router.update({k: v for k, v in instances.items() if k != self.id})
 
-    async def run(self, stop: asyncio.Event) -> int:
-        """Serves until `stop`; returns the exit code."""
+    async def run(self, stop: asyncio.Event, monitored: bool = False) -> int:
+        """Serves until `stop`; returns the exit code. `monitored`: a fleet watches this
+        worker's engine (segue.worker.fleet), else the worker does."""
         await self.engine.start()
         self.routes.publishes_kv_events = self.engine.publish_kv_events(self.kv_events)
-        tasks = [
-            asyncio.create_task(
-                monitor_engine(self.engine, self.sessions, self.cfg.engine_stall_timeout, stop)
-            )
-        ]
+        tasks = []
+        if not monitored:
+            watched = [(self.engine, self.sessions, stop)]
+            stall = self.cfg.engine_stall_timeout
+            tasks.append(asyncio.create_task(monitor_engines(watched, stall)))
         if self.cfg.role is not Role.AGGREGATED:
             tasks.append(asyncio.create_task(self._watch_peers()))
         runner = web.AppRunner(self.routes.app(), handler_cancellation=True, access_log=None)
@@ -163,7 +170,8 @@ class Worker:
             return ENGINE_FAILED_EXIT
         self.kv.clear()
         await self.engine.stop()
-        await self.discovery.close()
+        if self.owns_discovery:
+            await self.discovery.close()
         log.info("worker %s stopped", self.id)
         return 0
 

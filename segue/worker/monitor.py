@@ -36,19 +36,28 @@ def check_engine(
     return None
 
 
-async def monitor_engine(
-    engine: Engine, sessions: EngineSessions, stall_limit: float, stop: asyncio.Event
+async def monitor_engines(
+    watched: list[tuple[Engine, EngineSessions, asyncio.Event]], stall_limit: float
 ) -> None:
-    """Checks the engine a few times a second until it fails; then sets `stop`."""
-    while True:
+    """Checks each (engine, sessions, stop) a few times a second until its engine fails;
+    then sets its `stop`. One task for every worker of a process: a fleet of idle replicas
+    wakes four times a second, not four times a second each."""
+    watched = list(watched)
+    while watched:
         await asyncio.sleep(min(0.25, stall_limit / 4) if stall_limit > 0 else 0.25)
-        why = check_engine(engine, sessions, stall_limit, time.monotonic())
-        if why is None:
-            continue
-        log.error(
-            "%s with %d requests: failing them over, leaving discovery, exiting",
-            why,
-            len(sessions.active),
-        )
-        stop.set()
-        return
+        now = time.monotonic()
+        for item in list(watched):
+            engine, sessions, stop = item
+            if stop.is_set():  # stopping anyway
+                watched.remove(item)
+                continue
+            why = check_engine(engine, sessions, stall_limit, now)
+            if why is None:
+                continue
+            log.error(
+                "%s with %d requests: failing them over, leaving discovery, exiting",
+                why,
+                len(sessions.active),
+            )
+            stop.set()
+            watched.remove(item)
