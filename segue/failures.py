@@ -52,13 +52,15 @@ class Action:
     exclude: bool = True  # do not re-send to the same worker
     down: bool = True  # take the worker out of rotation until a health probe answers
     counted: bool = True  # the retry counts against the migration limit
+    process_gone: bool = False  # the worker's process is likely gone, with its siblings
 
 
 _BROKEN = Action(Verdict.RETRY)
+_GONE = Action(Verdict.RETRY, process_gone=True)  # refused, or the connection broke
 
 ACTIONS: dict[FailureReason, Action] = {
-    FailureReason.CONNECTION_REFUSED: _BROKEN,
-    FailureReason.STREAM_BROKEN: _BROKEN,
+    FailureReason.CONNECTION_REFUSED: _GONE,
+    FailureReason.STREAM_BROKEN: _GONE,
     FailureReason.STREAM_ENDED: _BROKEN,
     FailureReason.STALL: _BROKEN,
     FailureReason.BAD_FRAME: _BROKEN,

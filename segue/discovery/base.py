@@ -29,6 +29,9 @@ class Instance(msgspec.Struct, frozen=True):
     pid: int
     host: str
     card: ModelCard = ModelCard()
+    # The process this worker runs in, when it shares it with others (`segue worker
+    # --replicas`): a failed connection to one takes its siblings out of rotation too.
+    process: str = ""
 
 
 class Lease(abc.ABC):

@@ -5,10 +5,10 @@ Keys: `segue/<namespace>/instances/<id>` -> the JSON `Instance`, attached to the
 lease. A worker grants a lease, puts its key, and keeps the lease alive every ttl/3; if etcd
 is unreachable it keeps serving and, once etcd answers again, re-registers (a new lease if the
 old one expired). A watcher reads the whole prefix once (a snapshot at revision R), then
-watches from R+1 and resumes from the last revision it saw after any reconnect, so no event is
-lost; if that revision was compacted away it takes a new snapshot. While etcd is down a
-watcher keeps its last known view: the router's own failure handling covers workers that
-died meanwhile.
+watches from R+1; after a reconnect (or a compaction past its revision) it takes a new
+snapshot, so no change is lost even when etcd came back without its data. While etcd is down
+a watcher keeps its last known view (a new snapshot replaces it once etcd answers): the
+router's own failure handling covers workers that died meanwhile.
 """
 
 from __future__ import annotations
@@ -211,6 +211,10 @@ class EtcdDiscovery(Discovery):
                     warned = False
                 raise EtcdUnavailable("watch stream ended")
             except EtcdUnavailable as e:
+                # Start again from a snapshot, not from our revision: an etcd restarted
+                # without its data counts revisions from 1 again, and a watch from ours
+                # would miss every registration until the counter caught up.
+                live = None
                 if not warned:
                     log.warning("etcd unreachable (%s): keeping the last known workers", e)
                     warned = True

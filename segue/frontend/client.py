@@ -107,7 +107,7 @@ class ResilientClient:
             if action.exclude:
                 exclude.add(f.instance.id)
             if action.down:
-                self.router.mark_down(f.instance, f.label)
+                self.router.mark_down(f.instance, f.label, action.process_gone)
         if state.trace is not None:
             state.trace.span.add_event(
                 "migration" if action.counted else "retry",

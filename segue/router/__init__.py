@@ -52,7 +52,14 @@ class Router:
         )
         self._session = session
         self._probes: dict[str, asyncio.Task[None]] = {}
+        # (roles, model) -> the workers in rotation for it: a pick reads a list made once
+        # per change of the routable set, not a scan of every worker.
+        self._cands: dict[tuple[frozenset[Role], str | None], list[Instance]] = {}
         self.on_change: Callable[[], None] = lambda: None  # the routable set changed
+
+    def _changed(self) -> None:
+        self._cands.clear()
+        self.on_change()
 
     def update(self, instances: dict[str, Instance]) -> None:
         for gone in self.instances.keys() - instances.keys():
@@ -69,7 +76,7 @@ class Router:
         self.instances = instances
         if self._follower is not None:
             self._follower.sync(instances)
-        self.on_change()
+        self._changed()
 
     @property
     def wants_tokens(self) -> bool:
@@ -94,15 +101,20 @@ class Router:
     ) -> Instance | None:
         """A worker of one of `roles` (serving `model`, when given) that is in rotation and
         not in `exclude`; `tokens` (the call's context) for the kv policy."""
-        wanted = set(roles)
-        cands = [
-            i
-            for i in self.instances.values()
-            if i.role in wanted
-            and i.id not in self.down
-            and i.id not in exclude
-            and (model is None or i.card.name == model)
-        ]
+        key = (frozenset(roles), model)
+        cands = self._cands.get(key)
+        if cands is None:
+            wanted = key[0]
+            cands = self._cands[key] = [
+                i
+                for i in self.instances.values()
+                if i.role in wanted
+                and i.id not in self.down
+                and (model is None or i.card.name == model)
+            ]
+        if exclude:
+            skip = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
+            cands = [i for i in cands if i.id not in skip]
         if not cands:
             return None
         return self._chooser.choose(cands, tokens if self._wants_tokens else None)
@@ -122,14 +134,27 @@ class Router:
             if not self.inflight[wid] and wid not in self.instances:  # it left meanwhile
                 del self.inflight[wid], self.load_tokens[wid]
 
-    def mark_down(self, instance: Instance, reason: str) -> None:
+    def mark_down(self, instance: Instance, reason: str, process_gone: bool = False) -> None:
+        """Out of rotation until a health probe answers; `process_gone` (its connection was
+        refused or broke): its siblings in the same process too (a host of a simulated
+        fleet dies as one)."""
         if instance.id in self.down or instance.id not in self.instances:
             return
         log.warning("worker %s out of rotation: %s", instance.id, reason)
-        self.down.add(instance.id)
-        self.on_change()
-        if self._session is not None:
-            self._probes[instance.id] = asyncio.create_task(self._probe(instance))
+        struck = [instance]
+        if process_gone and instance.process:
+            struck += [
+                i
+                for i in self.instances.values()
+                if i.process == instance.process and i.id not in self.down and i is not instance
+            ]
+            if len(struck) > 1:
+                log.warning("%d workers of its process out of rotation too", len(struck) - 1)
+        for i in struck:
+            self.down.add(i.id)
+            if self._session is not None:
+                self._probes[i.id] = asyncio.create_task(self._probe(i))
+        self._changed()
 
     async def _probe(self, instance: Instance) -> None:
         assert self._session is not None
@@ -145,7 +170,7 @@ class Router:
             if ok and instance.id in self.instances:
                 log.info("worker %s back in rotation", instance.id)
                 self.down.discard(instance.id)
-                self.on_change()
+                self._changed()
         self._probes.pop(instance.id, None)
 
     async def close(self) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
+import uuid
 
 from segue.discovery import Discovery, ModelCard
 from segue.engines.base import Engine
@@ -32,6 +34,7 @@ async def run_fleet(
 ) -> int:
     """Serves one worker per engine until `stop`; returns the process's exit code."""
     workers = [Worker(e, discovery, cfg, card, owns_discovery=False) for e in engines]
+    process = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     log_fields.worker_id = f"fleet-{os.getpid()}"  # the lines of many workers
     stops = [asyncio.Event() for _ in workers]
 
@@ -46,9 +49,8 @@ async def run_fleet(
         asyncio.create_task(monitor_engines(watched, cfg.engine_stall_timeout)),
     ]
     try:
-        codes = await asyncio.gather(
-            *(w.run(s, monitored=True) for w, s in zip(workers, stops, strict=True))
-        )
+        runs = [w.run(s, True, process) for w, s in zip(workers, stops, strict=True)]
+        codes = await asyncio.gather(*runs)
     finally:
         for t in helpers:
             t.cancel()

@@ -111,9 +111,10 @@ class Worker:
         async for instances in self.discovery.watch():
             self.router.update({k: v for k, v in instances.items() if k != self.id})
 
-    async def run(self, stop: asyncio.Event, monitored: bool = False) -> int:
+    async def run(self, stop: asyncio.Event, monitored: bool = False, process: str = "") -> int:
         """Serves until `stop`; returns the exit code. `monitored`: a fleet watches this
-        worker's engine (segue.worker.fleet), else the worker does."""
+        worker's engine (segue.worker.fleet), else the worker does; `process`: the fleet's
+        process id, published with the worker."""
         await self.engine.start()
         self.routes.publishes_kv_events = self.engine.publish_kv_events(self.kv_events)
         tasks = []
@@ -138,6 +139,7 @@ class Worker:
             pid=os.getpid(),
             host=socket.gethostname(),
             card=self.card,
+            process=process,
         )
         lease = await self.discovery.register(inst, self.cfg.lease_ttl)
         print(f"segue worker ready id={self.id} role={self.cfg.role} url={self.url}", flush=True)

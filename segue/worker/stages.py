@@ -110,7 +110,7 @@ class Stages:
         if type(f) is Error and f.code in (ErrorCode.BAD_REQUEST, ErrorCode.UNAVAILABLE):
             return StageError(f.code, f.message, False)
         if isinstance(f, Failure):
-            self.router.mark_down(inst, f.label)
+            self.router.mark_down(inst, f.label, f.action.process_gone)
             why = f.label
         else:
             why = f"answered {type(f).__name__}" + (f" {f.code}" if type(f) is Error else "")
