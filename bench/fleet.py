@@ -287,21 +287,38 @@ def measure(args: argparse.Namespace, n: int, f: int) -> dict:
             row.update(host_kill(args, fleet))
     finally:
         fleet.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep:
+            print(f"logs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     return row
 
 
 def host_kill(args: argparse.Namespace, fleet: Fleet) -> dict:
     """SIGKILL one worker process (a host of --host-size workers) under streamed load."""
-    ids = list(range(10_000, 10_000 + args.kill_requests))
+    # enough requests that round-robin sends some to every worker, the victim's included
+    ids = list(range(10_000, 10_000 + max(args.kill_requests, 2 * fleet.n)))
     reference = asyncio.run(streamed(fleet.urls, ids, 64, args.kill_tokens))
     victim = fleet.workers[-1]
     before = routable(fleet.urls[0])
     out: dict[int, str] = {}
 
+    with urllib.request.urlopen(fleet.urls[0] + "/health", timeout=5) as r:
+        urls = [w["url"] for w in json.loads(r.read())["workers"] if w["pid"] == victim.pid]
+
+    async def running(s: aiohttp.ClientSession) -> int:
+        """Requests running on the victim's workers now."""
+        n = 0
+        for u in urls:
+            async with s.get(u + "/health") as r:
+                n += (await r.json())["engine"]["running"]
+        return n
+
     async def run() -> float:
         task = asyncio.create_task(streamed(fleet.urls, ids, 128, args.kill_tokens))
-        await asyncio.sleep(args.kill_after)  # the load is under way (a schedule, not a race)
+        async with aiohttp.ClientSession() as s:  # strike while the host holds requests
+            while not await running(s) and not task.done():
+                await asyncio.sleep(0.05)
         os.killpg(victim.pid, signal.SIGKILL)
         t_kill = time.monotonic()
         gone = n_left = len(before)
@@ -400,12 +417,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=8)
-    ap.add_argument("--kill-requests", type=int, default=400)
+    ap.add_argument("--kill-requests", type=int, default=400, help="at least 2 per worker")
     ap.add_argument("--kill-tokens", type=int, default=100)
-    ap.add_argument("--kill-after", type=float, default=1.0)
     ap.add_argument("--frontend-args", default="", help="extra flags for every frontend")
     ap.add_argument("--skip-servers", action="store_true", help="only the in-process parts")
     ap.add_argument("--json", help="write every row here too")
+    ap.add_argument("--keep", action="store_true", help="keep the logs (and etcd's data)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     picks = router_picks(sizes)

@@ -184,6 +184,14 @@ class Etcd:
                     return int(_post(m.client_url + "/v3/kv/range", body).get("count", 0))
         return 0
 
+    def count_leases(self) -> int:
+        """Leases granted and not yet expired or revoked (0 when no member answers)."""
+        for m in self.members:
+            if m.running and not m.stopped:
+                with contextlib.suppress(OSError, ValueError, urllib.error.URLError):
+                    return len(_post(m.client_url + "/v3/lease/leases", {}).get("leases", []))
+        return 0
+
     def stop(self) -> None:
         for m in self.members:
             m.kill()

@@ -117,6 +117,11 @@ class Net:
         ip("addr", "add", f"10.213.{self.n}.1/24", "dev", self.bridge)
         ip("link", "set", self.bridge, "up")
 
+    @property
+    def gateway(self) -> str:
+        """The bridge's address in the root namespace: every host reaches it."""
+        return f"10.213.{self.n}.1"
+
     def host(self, name: str) -> Host:
         i = len(self.hosts) + 10
         ns, veth = f"{self.tag}{name}", f"{self.tag}v{i}"

@@ -23,11 +23,16 @@ class FaultKind(enum.StrEnum):
     PARTITION = "partition"  # the worker's host cut off for --hang-s (needs --netns)
     SLOW = "slow"  # 200 ms delay and 5 % loss on the worker's link for --hang-s (--netns)
     FRONTEND_KILL = "frontend-kill"  # SIGKILL a frontend (--frontends 2 or more)
+    # SIGKILL an etcd member, by turns the leader and a follower; started again (same
+    # data) after --hang-s, as its supervisor would
+    ETCD_KILL = "etcd-kill"
+    ETCD_STOP = "etcd-stop"  # SIGSTOP every etcd member for --hang-s: etcd gone a while
 
 
 # Faults that take a worker away until a supervisor restarts it.
 RESTARTING = frozenset({FaultKind.KILL, FaultKind.TERM, FaultKind.ENGINE_KILL})
 NEEDS_NETNS = frozenset({FaultKind.PARTITION, FaultKind.SLOW})
+ETCD_FAULTS = frozenset({FaultKind.ETCD_KILL, FaultKind.ETCD_STOP})
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,11 @@ class ChaosConfig:
         1,
         help="frontends to start, sharing discovery and the response store; clients spread "
         "over them (not with --url)",
+    )
+    etcd: int = option(
+        0,
+        help="discovery through an etcd cluster of this many members that the run starts "
+        "(0: a shared directory; etcd faults start 3 without it; not with --url)",
     )
     requests: int = option(200, help="requests to send under faults")
     duration: float = option(
@@ -76,7 +86,7 @@ class ChaosConfig:
     faults: str = option(
         "kill,term,stop,disconnect",
         help="fault kinds, taken in turn: kill, term, stop, engine-kill, disconnect, "
-        "partition, slow, frontend-kill",
+        "partition, slow, frontend-kill, etcd-kill, etcd-stop",
     )
     fault_every: float = option(2.0, help="seconds between faults (0: none)")
     fault_jitter: float = option(
@@ -106,6 +116,10 @@ class ChaosConfig:
 
     def fault_kinds(self) -> list[FaultKind]:
         return [FaultKind(k.strip()) for k in self.faults.split(",") if k.strip()]
+
+    def etcd_members(self) -> int:
+        """Members of the etcd cluster the run starts (0: directory discovery)."""
+        return self.etcd or (3 if ETCD_FAULTS & set(self.fault_kinds()) else 0)
 
     def mix_kinds(self) -> list[str]:
         return [k.strip() for k in self.mix.split(",") if k.strip()]
@@ -155,6 +169,12 @@ def validate(cfg: ChaosConfig) -> None:
         raise ValueError("--frontends starts frontends: not with --url")
     if FaultKind.FRONTEND_KILL in kinds and cfg.frontends < 2:
         raise ValueError("frontend-kill faults need --frontends 2 or more (one must serve)")
+    if cfg.etcd < 0:
+        raise ValueError("--etcd must not be negative")
+    if cfg.url is not None and (cfg.etcd or ETCD_FAULTS & set(kinds)):
+        raise ValueError("--etcd and etcd faults strike the etcd the run starts: not with --url")
+    if FaultKind.ETCD_KILL in kinds and cfg.etcd_members() < 3:
+        raise ValueError("etcd-kill faults need --etcd 3 or more (a quorum must survive)")
     if not 0.0 <= cfg.sampled <= 1.0:
         raise ValueError("--sampled is a share between 0 and 1")
 

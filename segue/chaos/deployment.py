@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import IO
 
 from segue.chaos.config import CHAOS_SKIP_FRONTEND, CHAOS_SKIP_WORKER
+from segue.disagg import Strategy
+from segue.etcd_cluster import Etcd
 from segue.frontend.config import FrontendConfig
 from segue.lifetime import die_with_parent
 from segue.netsim import Host, Net
 from segue.options import to_argv
+from segue.protocol import Role
 from segue.worker.config import WorkerConfig
 
 _READY_RE = re.compile(rb"segue frontend ready url=(\S+)")
@@ -85,6 +88,7 @@ class Slot:
 
     index: int
     host: Host | None
+    role: Role = Role.AGGREGATED
     popen: subprocess.Popen[bytes] | None = None
     log: IO[bytes] | None = None
     restarts: int = 0
@@ -127,6 +131,8 @@ class Deployment:
     slots: list[Slot]
     frontends: list[FrontendSlot]
     expected_workers: int = 0
+    replicas: int = 1  # workers per worker process (`segue worker --replicas`)
+    etcd: Etcd | None = None  # the etcd cluster the run started, if any
 
     def urls(self) -> list[str]:
         """Every frontend serving now, for the clients to spread over."""
@@ -176,14 +182,32 @@ class LocalDeployment(Deployment):
         netns: bool = False,
         restart: bool = True,
         frontends: int = 1,
+        etcd_members: int = 0,
     ) -> None:
-        self.expected_workers = workers
+        self.replicas = worker.replicas
+        self.expected_workers = workers * worker.replicas
         self.restart = restart
         self.log_dir = log_dir
         self.disc = tempfile.mkdtemp(prefix="segue-chaos-discovery-")
         self.net = Net() if netns else None
-        self.slots = [Slot(i, self.net.host(f"w{i}") if self.net else None) for i in range(workers)]
+        # Disaggregated: the first half of the workers prefill, the rest decode.
+        disagg = frontend.disagg_strategy is not Strategy.NONE
+        roles = [
+            (Role.PREFILL if i < workers // 2 else Role.DECODE) if disagg else Role.AGGREGATED
+            for i in range(workers)
+        ]
+        self.slots = [
+            Slot(i, self.net.host(f"w{i}") if self.net else None, roles[i]) for i in range(workers)
+        ]
         d = f"file:{self.disc}"
+        if etcd_members:
+            try:
+                host = self.net.gateway if self.net else "127.0.0.1"
+                self.etcd = Etcd(Path(self.disc), etcd_members, host)
+            except Exception:
+                self._close_net()
+                raise
+            d = self.etcd.spec
         # every frontend shares the response store (a resumed stream reads it)
         store = [] if frontend.store else ["--store", f"sqlite:{self.disc}/responses.db"]
         self.frontend_argv = [
@@ -215,7 +239,8 @@ class LocalDeployment(Deployment):
         if slot.log is None:
             slot.log = open(self.log_dir / f"worker{slot.index}.log", "ab")  # noqa: SIM115
         host_args = ["--host", slot.host.addr] if slot.host else []
-        slot.popen = self._spawn([*self.worker_argv, *host_args], slot.log, slot.host)
+        argv = [*self.worker_argv, "--role", slot.role.value, *host_args]
+        slot.popen = self._spawn(argv, slot.log, slot.host)
         slot.pids.append(slot.popen.pid)
 
     def _start_frontend(self, f: FrontendSlot) -> None:
@@ -293,6 +318,11 @@ class LocalDeployment(Deployment):
                 s.log.close()
         for log in self._fe_logs:
             log.close()
+        if self.etcd is not None:
+            self.etcd.stop()
+        self._close_net()
+
+    def _close_net(self) -> None:
         if self.net:
             self.net.close()
         shutil.rmtree(self.disc, ignore_errors=True)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from segue.chaos.config import RESTARTING, FaultKind
+from segue.chaos.config import ETCD_FAULTS, RESTARTING, FaultKind
 from segue.chaos.deployment import Deployment, children, descendants
 
 
@@ -24,6 +24,7 @@ class WorkerView(msgspec.Struct):
     pid: int
     url: str
     routable: bool
+    role: str = "aggregated"
 
 
 class FaultEvent(msgspec.Struct):
@@ -87,7 +88,8 @@ class Injector:
             return ev
         if kind == FaultKind.FRONTEND_KILL:
             return self._kill_frontend(ev)
-        routable = sum(w.routable for w in workers)
+        if kind in ETCD_FAULTS:
+            return self._strike_etcd(ev, kind)
         candidates = self.targets(workers)
         if kind == FaultKind.ENGINE_KILL:
             candidates = [w for w in candidates if children(w.pid)]
@@ -97,8 +99,11 @@ class Injector:
         if not candidates:
             ev.skipped = "no routable worker this run may signal"
             return ev
-        if routable - 1 < self.min_routable:
-            ev.skipped = f"would leave fewer than {self.min_routable} routable workers"
+        # A fault takes the struck worker's whole process (a host of a simulated fleet);
+        # at least --min-routable workers of each role must stay.
+        candidates = [w for w in candidates if self._leaves_enough(w, workers)]
+        if not candidates:
+            ev.skipped = f"would leave fewer than {self.min_routable} routable workers of a role"
             return ev
         w = self.rng.choice(candidates)
         ev.target, ev.pid, ev.slot = w.id, w.pid, self.dep.slot_of(w.pid)
@@ -132,6 +137,48 @@ class Injector:
             self._later(loop, lambda pid=w.pid, h=heal: self._heal(pid, h))  # type: ignore[misc]
         if kind not in RESTARTING:
             ev.ends = now + self.hang_s
+        return ev
+
+    def _leaves_enough(self, w: WorkerView, workers: list[WorkerView]) -> bool:
+        left = sum(1 for o in workers if o.routable and o.role == w.role and o.pid != w.pid)
+        return left >= self.min_routable
+
+    def _strike_etcd(self, ev: FaultEvent, kind: FaultKind) -> FaultEvent:
+        etcd = self.dep.etcd
+        if etcd is None:
+            ev.skipped = "no etcd started by this run"
+            return ev
+        loop = asyncio.get_running_loop()
+        if any(not m.running or m.stopped for m in etcd.members):
+            ev.skipped = "etcd not whole yet"
+            return ev
+        if kind == FaultKind.ETCD_STOP:
+            for m in etcd.members:
+                m.signal(signal.SIGSTOP)
+            ev.target, ev.detail = "etcd", f"{len(etcd.members)} members stopped"
+
+            def cont() -> None:
+                for m in etcd.members:
+                    m.signal(signal.SIGCONT)
+
+            self._later(loop, cont)
+        else:
+            # by turns the leader and a follower
+            lead = etcd.leader()
+            n = len(etcd.members)
+            kills = sum(e.kind == FaultKind.ETCD_KILL and not e.skipped for e in self.events)
+            if lead is None:
+                i, role = self.rng.randrange(n), "a member (no leader seen)"
+            elif kills % 2 == 1:  # this event is already in self.events
+                i, role = lead, "the leader"
+            else:
+                i, role = (lead + 1 + self.rng.randrange(n - 1)) % n, "a follower"
+            m = etcd.members[i]
+            ev.target, ev.detail = f"etcd{i}", role
+            ev.pid = m.proc.pid if m.proc else None
+            m.kill()
+            self._later(loop, lambda i=i: etcd.restart(i, wait=False))  # type: ignore[misc]
+        ev.ends = ev.t + self.hang_s
         return ev
 
     def _kill_frontend(self, ev: FaultEvent) -> FaultEvent:
@@ -179,11 +226,18 @@ class Injector:
         after the fault ended (its replacement, for faults that end a process)."""
         routable = {w.pid for w in workers if w.routable}
         for ev in self.events:
-            if ev.recovered is not None or ev.skipped or ev.pid is None:
+            if ev.recovered is not None or ev.skipped:
+                continue
+            if ev.pid is None and ev.kind not in ETCD_FAULTS:
                 continue
             if ev.ends is not None and now < ev.ends:
                 continue
-            if ev.kind == FaultKind.FRONTEND_KILL:  # its place serves again, a new process
+            if ev.kind in ETCD_FAULTS:  # every member back and answering
+                etcd = self.dep.etcd
+                ok = etcd is not None and all(
+                    m.running and not m.stopped and m.healthy() for m in etcd.members
+                )
+            elif ev.kind == FaultKind.FRONTEND_KILL:  # its place serves again, a new process
                 ok = any(f.pid != ev.pid and f.url and ev.pid in f.pids for f in self.dep.frontends)
             elif ev.kind in RESTARTING:
                 if ev.slot is not None:

@@ -100,6 +100,7 @@ def run_chaos(
                 cfg.netns,
                 cfg.restart,
                 cfg.frontends,
+                cfg.etcd_members(),
             )
         except RuntimeError as e:  # network namespaces refused (not root)
             print(f"segue chaos: {e}", file=sys.stderr)

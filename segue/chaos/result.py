@@ -35,6 +35,13 @@ class WorkerState(msgspec.Struct):
         return not (self.running or self.waiting or self.kv_blocks_used or self.held)
 
 
+class EtcdAfter(msgspec.Struct):
+    """The run's etcd after it: a lease per live worker, no more."""
+
+    leases: int
+    keys: int  # registered workers
+
+
 class RunResult(msgspec.Struct):
     reference: list[Outcome]
     outcomes: list[Outcome]
@@ -46,6 +53,8 @@ class RunResult(msgspec.Struct):
     metrics_delta: dict[str, float]
     duration_s: float
     restarts: int
+    expected_workers: int = 0  # routable after the run (0: whatever a target has)
+    etcd_after: EtcdAfter | None = None
 
 
 def judge_all(result: RunResult) -> None:

@@ -20,12 +20,13 @@ from segue import health
 from segue.chaos.config import ChaosConfig
 from segue.chaos.deployment import Deployment, DeploymentError, LocalDeployment, rss_mib
 from segue.chaos.faults import Injector, WorkerView
-from segue.chaos.result import RunResult, Sample, WorkerState
+from segue.chaos.result import EtcdAfter, RunResult, Sample, WorkerState
 from segue.chaos.workload import Outcome, RequestSpec, Status, make_specs, send
 from segue.engines.base import EngineStats
 from segue.promtext import read_samples
 
 SAMPLE_EVERY = 0.5
+SAMPLED_PER_S = 128  # worker /health reads per second at most, for a large fleet
 
 
 class Probe:
@@ -50,7 +51,7 @@ class Probe:
         body = None if got is None else health.decode_frontend(got[1])
         if body is None:
             return None
-        return [WorkerView(w.id, w.pid, w.url, w.routable) for w in body.workers]
+        return [WorkerView(w.id, w.pid, w.url, w.routable, w.role.value) for w in body.workers]
 
     async def metrics(self, url: str) -> dict[str, float]:
         got = await self._get(url + "/metrics")
@@ -62,6 +63,11 @@ class Probe:
         return None if body is None else body.engine
 
     def name(self, w: WorkerView) -> str:
+        """The worker's place (`worker3`), and which replica of it in a fleet process."""
+        slot = self.slot_name(w)
+        return slot if self.dep.replicas == 1 else f"{slot}/{w.id}"
+
+    def slot_name(self, w: WorkerView) -> str:
         slot = self.dep.slot_of(w.pid)
         return f"worker{slot}" if slot is not None else f"worker {w.id[:8]}"
 
@@ -244,7 +250,8 @@ async def chaos(cfg: ChaosConfig, dep: Deployment, api_key: str | None = None) -
             while True:
                 now = time.monotonic() - t0
                 samples.append(await _sample(probe, dep, workers, now, mig0))
-                await asyncio.sleep(max(0.0, SAMPLE_EVERY - (time.monotonic() - t0 - now)))
+                every = max(SAMPLE_EVERY, len(workers) / SAMPLED_PER_S)  # a fleet: less often
+                await asyncio.sleep(max(0.0, every - (time.monotonic() - t0 - now)))
 
         sampling = asyncio.create_task(sampler())
         bar = _progress(
@@ -300,9 +307,12 @@ async def chaos(cfg: ChaosConfig, dep: Deployment, api_key: str | None = None) -
                 routable >= dep.expected_workers or not isinstance(dep, LocalDeployment)
             )
             answered = len(states) == routable  # a worker too slow to answer is not idle yet
-            if (whole and answered and all(s.idle() for s in states) and not inflight) or (
-                time.monotonic() > deadline
-            ):
+            etcd_after = None
+            if dep.etcd is not None:  # the leases of killed workers expire
+                etcd_after = EtcdAfter(*await asyncio.to_thread(_etcd_counts, dep))
+            clean = etcd_after is None or etcd_after.leases == etcd_after.keys == routable
+            idle = all(s.idle() for s in states) and not inflight
+            if (whole and answered and clean and idle) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.2)
         m1 = fe
@@ -318,7 +328,15 @@ async def chaos(cfg: ChaosConfig, dep: Deployment, api_key: str | None = None) -
             metrics_delta=delta,
             duration_s=duration,
             restarts=restarts,
+            expected_workers=dep.expected_workers,
+            etcd_after=etcd_after,
         )
+
+
+def _etcd_counts(dep: Deployment) -> tuple[int, int]:
+    """Leases and registered workers in the run's etcd."""
+    assert dep.etcd is not None
+    return dep.etcd.count_leases(), dep.etcd.count_keys("segue/")
 
 
 async def _worker_states(probe: Probe, workers: list[WorkerView]) -> list[WorkerState]:
@@ -336,11 +354,11 @@ async def _sample(
 ) -> Sample:
     fe = await probe.metrics(dep.url)
     engines = await asyncio.gather(*(probe.engine(w.url) for w in workers))
-    load = {
-        probe.name(w): float(e.running)
-        for w, e in zip(workers, engines, strict=True)
-        if e is not None
-    }
+    load: dict[str, float] = {}  # by place: a fleet process's replicas summed
+    for w, e in zip(workers, engines, strict=True):
+        if e is not None:
+            name = probe.slot_name(w)
+            load[name] = load.get(name, 0.0) + e.running
     mig = {k: v - mig0.get(k, 0.0) for k, v in _migrations(fe).items()}
     return Sample(
         t=round(now, 3),

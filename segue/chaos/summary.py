@@ -144,6 +144,11 @@ def summarize(cfg: ChaosConfig, r: RunResult) -> Summary:
         problems.append(f"the frontend still counts {r.frontend_inflight_after:g} in flight")
     if r.routable_after < expected_workers(r, cfg):
         problems.append(f"only {r.routable_after} workers routable after the run")
+    e = r.etcd_after
+    if e is not None and (e.leases != e.keys or e.keys != r.routable_after):
+        problems.append(
+            f"etcd holds {e.leases} leases and {e.keys} workers for {r.routable_after} routable"
+        )
     failures = [
         FailedRequest(o.seq, o.spec, o.status.value, o.verdict, o.error)
         for o in outs
@@ -197,7 +202,7 @@ def summarize(cfg: ChaosConfig, r: RunResult) -> Summary:
 def expected_workers(r: RunResult, cfg: ChaosConfig) -> int:
     """Workers that should be routable after the run: those the run started (restarted
     when killed); for a targeted deployment, whatever its supervisor brings back."""
-    return cfg.workers if cfg.url is None and cfg.restart else 0
+    return r.expected_workers if cfg.url is None and cfg.restart else 0
 
 
 def render_text(s: Summary, report_dir: Path) -> str:
