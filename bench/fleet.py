@@ -2,7 +2,8 @@
 --replicas`) over a real etcd, behind 1 to 4 frontend processes.
 
 For each fleet size and frontend count, in one run:
-  storm      all worker processes started at once -> every frontend routes to every worker
+  storm      all worker processes started at once -> all registered in etcd -> every
+             frontend routes to every worker
   etcd       etcd SIGKILLed and started again (same data) -> every frontend routes to all;
              then a fresh etcd (data lost) -> every worker registered again
   memory     frontend RSS per worker (after a round that sent every worker a request, so
@@ -242,6 +243,8 @@ def measure(args: argparse.Namespace, n: int, f: int) -> dict:
         # storm
         t0 = time.monotonic()
         fleet.start_workers()
+        wait(lambda: fleet.etcd.count_keys(PREFIX) >= n, 120, "all registered", 0.05)
+        row["registered_s"] = time.monotonic() - t0
         wait(fleet.all_routable, 120, "every frontend routes to every worker", 0.05)
         row["storm_s"] = time.monotonic() - t0
         # memory and connections, after every worker served a request through each frontend
@@ -391,7 +394,7 @@ def kv_index_memory(sizes: list[int], blocks: int = 1000) -> list[dict]:
     return rows
 
 
-TIMES = ["workers", "frontends", "storm_s", "etcd_restart_s", "etcd_lost_reregistered_s",
+TIMES = ["workers", "frontends", "registered_s", "storm_s", "etcd_restart_s", "etcd_lost_reregistered_s",
          "etcd_lost_routable_s", "frontend_ready_s", "frontend_routable_s"]  # fmt: skip
 COSTS = ["workers", "frontends", "frontend_rss_mib", "rss_kib_per_worker", "sockets_per_worker",
          "cpu_ms_per_request", "p50_ms", "etcd_puts_per_s", "etcd_events_per_s",

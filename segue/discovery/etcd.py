@@ -71,8 +71,10 @@ class EtcdClient:
 
     async def watch(
         self, key: str, range_end: str, start_revision: int
-    ) -> AsyncIterator[dict[str, Any]]:
-        """The watch stream's results (one JSON object per message) from one endpoint."""
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The watch stream's results (JSON objects, one per message) from one endpoint, in
+        batches of what has arrived together: a registration storm of a thousand workers
+        is a few batches, not a thousand views of the fleet to rebuild."""
         url = self.endpoints[self._current]
         body = {
             "create_request": {
@@ -84,9 +86,12 @@ class EtcdClient:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=1.0)
         try:
             async with self.session.post(url + "/v3/watch", json=body, timeout=timeout) as r:
-                async for line in r.content:
-                    if line.strip():
-                        yield json.loads(line)
+                rest = b""
+                async for chunk in r.content.iter_any():
+                    *lines, rest = (rest + chunk).split(b"\n")
+                    batch = [json.loads(line) for line in lines if line.strip()]
+                    if batch:
+                        yield batch
         except (aiohttp.ClientError, ValueError) as e:
             self._current = (self._current + 1) % len(self.endpoints)
             raise EtcdUnavailable(f"watch on {url} broke: {e}") from None
@@ -190,22 +195,16 @@ class EtcdDiscovery(Discovery):
                 if live is None:
                     live, rev = await self.snapshot()
                     yield dict(live)
-                async for msg in self.client.watch(self.prefix, _prefix_end(self.prefix), rev + 1):
-                    result = msg.get("result", {})
-                    if int(result.get("compact_revision", 0) or 0) > rev:
-                        live = None  # our revision is gone: start from a new snapshot
-                        break
+                stream = self.client.watch(self.prefix, _prefix_end(self.prefix), rev + 1)
+                async for batch in stream:
                     changed = False
-                    for ev in result.get("events", []):
-                        kv = ev["kv"]
-                        iid = base64.b64decode(kv["key"]).decode()[len(self.prefix) :]
-                        rev = max(rev, int(kv.get("mod_revision", rev)))
-                        if ev.get("type") == "DELETE":
-                            changed |= live.pop(iid, None) is not None
-                        else:
-                            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                                live[iid] = _dec.decode(base64.b64decode(kv["value"]))
-                                changed = True
+                    for msg in batch:
+                        result = msg.get("result", {})
+                        if int(result.get("compact_revision", 0) or 0) > rev:
+                            raise EtcdUnavailable("our revision was compacted away")
+                        for ev in result.get("events", []):
+                            changed |= self._apply(live, ev)
+                            rev = max(rev, int(ev["kv"].get("mod_revision", rev)))
                     if changed:
                         yield dict(live)
                     warned = False
@@ -219,6 +218,18 @@ class EtcdDiscovery(Discovery):
                     log.warning("etcd unreachable (%s): keeping the last known workers", e)
                     warned = True
                 await asyncio.sleep(RETRY_S)
+
+    def _apply(self, live: dict[str, Instance], ev: dict[str, Any]) -> bool:
+        """One watch event applied to `live`; whether it changed."""
+        kv = ev["kv"]
+        iid = base64.b64decode(kv["key"]).decode()[len(self.prefix) :]
+        if ev.get("type") == "DELETE":
+            return live.pop(iid, None) is not None
+        try:
+            live[iid] = _dec.decode(base64.b64decode(kv["value"]))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False
+        return True
 
     async def close(self) -> None:
         await self.client.close()
