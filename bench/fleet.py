@@ -394,8 +394,9 @@ def kv_index_memory(sizes: list[int], blocks: int = 1000) -> list[dict]:
     return rows
 
 
-TIMES = ["workers", "frontends", "registered_s", "storm_s", "etcd_restart_s", "etcd_lost_reregistered_s",
-         "etcd_lost_routable_s", "frontend_ready_s", "frontend_routable_s"]  # fmt: skip
+TIMES = ["workers", "frontends", "registered_s", "storm_s", "etcd_restart_s",
+         "etcd_lost_reregistered_s", "etcd_lost_routable_s", "frontend_ready_s",
+         "frontend_routable_s"]  # fmt: skip
 COSTS = ["workers", "frontends", "frontend_rss_mib", "rss_kib_per_worker", "sockets_per_worker",
          "cpu_ms_per_request", "p50_ms", "etcd_puts_per_s", "etcd_events_per_s",
          "etcd_keepalives_per_s", "etcd_ranges_per_s"]  # fmt: skip
