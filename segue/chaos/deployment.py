@@ -262,7 +262,12 @@ class LocalDeployment(Deployment):
             self.url, self.frontend_pid = serving[0].url, serving[0].pid
 
     def whole(self) -> bool:
-        """Every frontend place serves (a killed one's replacement is ready)."""
+        """Every frontend place serves (a killed one's replacement is ready), and every
+        etcd member is back and answering."""
+        if self.etcd is not None and not all(
+            m.running and not m.stopped and m.healthy() for m in self.etcd.members
+        ):
+            return False
         return len(self.urls()) == len(self.frontends)
 
     def start(self, timeout: float = 120.0) -> None:

@@ -39,6 +39,11 @@ class FaultEvent(msgspec.Struct):
     skipped: str = ""  # why it struck nothing
 
     @property
+    def recoverable(self) -> bool:
+        """A fault whose end is watched for: one that struck a process or etcd."""
+        return not self.skipped and (self.pid is not None or self.kind in ETCD_FAULTS)
+
+    @property
     def recovery_s(self) -> float | None:
         return None if self.recovered is None else self.recovered - self.t
 
@@ -69,6 +74,7 @@ class Injector:
         self.events: list[FaultEvent] = []
         self._pending: dict[int, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
         self._stopped: set[int] = set()
+        self._role_turn = 0
 
     def targets(self, workers: list[WorkerView]) -> list[WorkerView]:
         """Workers a fault may strike: routable, on this machine, not already struck."""
@@ -105,6 +111,11 @@ class Injector:
         if not candidates:
             ev.skipped = f"would leave fewer than {self.min_routable} routable workers of a role"
             return ev
+        roles = sorted({w.role for w in candidates})
+        if len(roles) > 1:  # disaggregated: prefill and decode workers struck by turns
+            role = roles[self._role_turn % len(roles)]
+            self._role_turn += 1
+            candidates = [w for w in candidates if w.role == role]
         w = self.rng.choice(candidates)
         ev.target, ev.pid, ev.slot = w.id, w.pid, self.dep.slot_of(w.pid)
         loop = asyncio.get_running_loop()
@@ -226,9 +237,7 @@ class Injector:
         after the fault ended (its replacement, for faults that end a process)."""
         routable = {w.pid for w in workers if w.routable}
         for ev in self.events:
-            if ev.recovered is not None or ev.skipped:
-                continue
-            if ev.pid is None and ev.kind not in ETCD_FAULTS:
+            if ev.recovered is not None or not ev.recoverable:
                 continue
             if ev.ends is not None and now < ev.ends:
                 continue

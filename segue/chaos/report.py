@@ -30,6 +30,8 @@ FAULT_COLORS = {
     FaultKind.PARTITION: "#1f77b4",
     FaultKind.SLOW: "#7f7f7f",
     FaultKind.FRONTEND_KILL: "#000080",
+    FaultKind.ETCD_KILL: "#ffd92f",
+    FaultKind.ETCD_STOP: "#a6761d",
 }
 DATA_COLORS = ["#2ca02c", "#17becf", "#bcbd22", "#006d2c", "#5e3c99", "#b35806", "#01665e"]
 INK = "#222222"  # latency lines, failed requests

@@ -315,6 +315,7 @@ async def chaos(cfg: ChaosConfig, dep: Deployment, api_key: str | None = None) -
             if (whole and answered and clean and idle) or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.2)
+        injector.note_health(time.monotonic() - t0, workers)  # what came back last
         m1 = fe
         delta = {k: v - m0.get(k, 0.0) for k, v in m1.items() if v != m0.get(k, 0.0)}
         return RunResult(

@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 
 from segue.chaos.config import ChaosConfig
-from segue.chaos.result import RunResult, WorkerState
+from segue.chaos.result import EtcdAfter, RunResult, WorkerState
 from segue.chaos.workload import Status
 
 
@@ -78,6 +78,7 @@ class Summary(msgspec.Struct):
     frontend_inflight_after: float
     routable_after: int
     frontend_rss_mib: dict[str, RssMib]  # each frontend process sampled twice or more
+    etcd_after: EtcdAfter | None  # the etcd the run started: leases and workers left
     failures: list[FailedRequest]  # the first 50
 
 
@@ -100,9 +101,9 @@ def summarize(cfg: ChaosConfig, r: RunResult) -> Summary:
     ref_failed = [o for o in r.reference if o.status != Status.OK]
     struck = [e for e in r.faults if not e.skipped]
     recovery: dict[str, Recovery] = {}
-    for kind in sorted({e.kind for e in struck if e.pid is not None}):
+    for kind in sorted({e.kind for e in struck if e.recoverable}):
         rec = [e.recovery_s for e in struck if e.kind == kind and e.recovery_s is not None]
-        n = sum(e.kind == kind for e in struck if e.pid is not None)
+        n = sum(e.kind == kind for e in struck if e.recoverable)
         recovery[kind] = Recovery(
             None if not rec else round(pct(rec, 0.5) or 0.0, 2),
             None if not rec else round(max(rec), 2),
@@ -196,6 +197,7 @@ def summarize(cfg: ChaosConfig, r: RunResult) -> Summary:
             if len(v) >= 2
         },
         failures=failures[:50],
+        etcd_after=r.etcd_after,
     )
 
 
@@ -254,7 +256,12 @@ def render_text(s: Summary, report_dir: Path) -> str:
                 for w in s.leaks
             )
         )
-        + f"; frontend in flight {s.frontend_inflight_after:g}",
+        + f"; frontend in flight {s.frontend_inflight_after:g}"
+        + (
+            f"; etcd leases {s.etcd_after.leases} for {s.etcd_after.keys} registered workers"
+            if s.etcd_after
+            else ""
+        ),
     ]
     if s.frontend_rss_mib:
         rss = s.frontend_rss_mib
