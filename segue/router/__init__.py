@@ -18,6 +18,7 @@ import aiohttp
 from segue import health
 from segue.discovery import Instance
 from segue.protocol import Role, Route
+from segue.router.candidates import Candidates
 from segue.router.kv_follow import KvFollower
 from segue.router.kv_index import KvIndex
 from segue.router.loads import Loads
@@ -54,7 +55,7 @@ class Router:
         self._probes: dict[str, asyncio.Task[None]] = {}
         # (roles, model) -> the workers in rotation for it: a pick reads a list made once
         # per change of the routable set, not a scan of every worker.
-        self._cands: dict[tuple[frozenset[Role], str | None], list[Instance]] = {}
+        self._cands: dict[tuple[frozenset[Role], str | None], Candidates | None] = {}
         self.on_change: Callable[[], None] = lambda: None  # the routable set changed
 
     def _changed(self) -> None:
@@ -65,9 +66,6 @@ class Router:
         for gone in self.instances.keys() - instances.keys():
             log.info("worker %s left discovery", gone)
             self.down.discard(gone)
-            if not self.inflight.get(gone):  # else the last call out removes it
-                self.inflight.pop(gone, None)
-                self.load_tokens.pop(gone, None)
             task = self._probes.pop(gone, None)
             if task:
                 task.cancel()
@@ -102,20 +100,24 @@ class Router:
         """A worker of one of `roles` (serving `model`, when given) that is in rotation and
         not in `exclude`; `tokens` (the call's context) for the kv policy."""
         key = (frozenset(roles), model)
-        cands = self._cands.get(key)
-        if cands is None:
+        if key in self._cands:
+            cands = self._cands[key]
+        else:
             wanted = key[0]
-            cands = self._cands[key] = [
+            items = [
                 i
                 for i in self.instances.values()
                 if i.role in wanted
                 and i.id not in self.down
                 and (model is None or i.card.name == model)
             ]
-        if exclude:
+            cands = self._cands[key] = Candidates.of(items) if items else None
+        if cands is not None and exclude:  # a retry: rare, so made afresh
             skip = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
-            cands = [i for i in cands if i.id not in skip]
-        if not cands:
+            if not skip.isdisjoint(cands.by_id):
+                items = [i for i in cands.items if i.id not in skip]
+                cands = Candidates.of(items) if items else None
+        if cands is None:
             return None
         return self._chooser.choose(cands, tokens if self._wants_tokens else None)
 
@@ -129,9 +131,12 @@ class Router:
         try:
             yield
         finally:
-            self.inflight[wid] -= 1
-            self.load_tokens[wid] -= tokens
-            if not self.inflight[wid] and wid not in self.instances:  # it left meanwhile
+            # Only busy workers have entries: the policies' work grows with them.
+            left = self.inflight[wid] - 1
+            if left:
+                self.inflight[wid] = left
+                self.load_tokens[wid] -= tokens
+            else:
                 del self.inflight[wid], self.load_tokens[wid]
 
     def mark_down(self, instance: Instance, reason: str, process_gone: bool = False) -> None:

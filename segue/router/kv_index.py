@@ -34,6 +34,8 @@ class KvIndex:
     def __init__(self) -> None:
         self.holders: dict[int, int] = {}  # block hash -> bit mask of workers
         self.workers: dict[str, _Worker] = {}
+        self._names: dict[int, str] = {}  # bit -> worker id
+        self._sizes: dict[int, int] = {}  # block size -> bit mask of the workers with it
         self._free_bits: list[int] = []
         self._next_bit = 0
 
@@ -51,6 +53,8 @@ class KvIndex:
             bit, self._next_bit = self._next_bit, self._next_bit + 1
         w = _Worker(bit, snap.block_size, snap.capacity, snap.seq)
         self.workers[wid] = w
+        self._names[bit] = wid
+        self._sizes[w.block_size] = self._sizes.get(w.block_size, 0) | 1 << bit
         self._store(w, snap.blocks)
 
     def apply(self, wid: str, ev: KvEvents) -> bool:
@@ -96,6 +100,12 @@ class KvIndex:
         if w is None:
             return
         mask = ~(1 << w.bit)
+        del self._names[w.bit]
+        left = self._sizes[w.block_size] & mask
+        if left:
+            self._sizes[w.block_size] = left
+        else:
+            del self._sizes[w.block_size]
         holders = self.holders
         for h in w.blocks:
             left = holders[h] & mask
@@ -107,29 +117,28 @@ class KvIndex:
 
     def overlap(self, token_ids: list[int], wids: list[str]) -> dict[str, int]:
         """For each of `wids`, how many leading tokens of `token_ids` it caches."""
-        out = dict.fromkeys(wids, 0)
-        by_size: dict[int, list[_Worker]] = {}
-        names: dict[int, str] = {}
-        for wid in wids:
-            w = self.workers.get(wid)
-            if w is not None:
-                by_size.setdefault(w.block_size, []).append(w)
-                names[w.bit] = wid
+        cached = self.cached(token_ids)
+        return {w: cached.get(w, 0) for w in wids}
+
+    def cached(self, token_ids: list[int]) -> dict[str, int]:
+        """How many leading tokens of `token_ids` each worker caches, for the workers that
+        cache any: the work is the prompt's blocks and the workers that hold them, never a
+        pass over every worker (one bit mask stands for all of them)."""
+        out: dict[str, int] = {}
         holders = self.holders
-        for bs, ws in by_size.items():
-            live = 0
-            for w in ws:
-                live |= 1 << w.bit
+        for bs, live in self._sizes.items():
             n = 0
             for h in block_hashes(token_ids, bs):
                 still = live & holders.get(h, 0)
                 if still != live:
-                    self._settle(live & ~still, n * bs, names, out)
+                    if n:
+                        self._settle(live & ~still, n * bs, self._names, out)
                     live = still
                     if not live:
                         break
                 n += 1
-            self._settle(live, n * bs, names, out)
+            if live and n:
+                self._settle(live, n * bs, self._names, out)
         return out
 
     @staticmethod

@@ -16,20 +16,22 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
 from segue.discovery import Instance
+from segue.router.candidates import Candidates
 from segue.router.loads import Loads
 from segue.router.power_of_two import PowerOfTwo
 
 
 class Chooser(Protocol):
-    def choose(self, cands: list[Instance], tokens: list[int] | None) -> Instance:
-        """One of `cands` (never empty); `tokens`: the call's context, when the policy
-        wants it."""
+    def choose(self, cands: Candidates, tokens: list[int] | None) -> Instance:
+        """One of `cands`; `tokens`: the call's context, when the policy wants it. A fleet
+        has many idle workers: a policy's work should grow with the calls in flight and the
+        workers that cache the prompt, not with the fleet."""
         ...
 
 
@@ -48,46 +50,82 @@ class RoundRobin:
     def __init__(self, loads: Loads) -> None:
         self._next: dict[str, itertools.count[int]] = {}
 
-    def choose(self, cands: list[Instance], tokens: list[int] | None) -> Instance:
-        turn = self._next.setdefault(cands[0].role, itertools.count())
-        return cands[next(turn) % len(cands)]
+    def turn(self, cands: list[Instance]) -> int:
+        return next(self._next.setdefault(cands[0].role, itertools.count()))
+
+    def choose(self, cands: Candidates, tokens: list[int] | None) -> Instance:
+        return cands.items[self.turn(cands.items) % len(cands.items)]
 
 
 class Random:
     def __init__(self, loads: Loads) -> None:
         pass
 
-    def choose(self, cands: list[Instance], tokens: list[int] | None) -> Instance:
-        return random.choice(cands)
+    def choose(self, cands: Candidates, tokens: list[int] | None) -> Instance:
+        return random.choice(cands.items)
 
 
 class LeastLoaded(RoundRobin):
+    """`loads.inflight` holds only the workers with calls in flight, so an idle candidate
+    is found by walking the list from this turn's place past the busy ones: as many steps
+    as there are busy workers at most, whatever the fleet's size."""
+
     def __init__(self, loads: Loads) -> None:
         super().__init__(loads)
         self.loads = loads
+        self._after: dict[str, int] = {}  # role -> the place after its last idle pick
 
-    def choose(self, cands: list[Instance], tokens: list[int] | None) -> Instance:
+    def choose(self, cands: Candidates, tokens: list[int] | None) -> Instance:
+        idle = self.idle(cands.items, ())
+        return idle if idle is not None else self.fewest(cands.items)
+
+    def idle(self, cands: list[Instance], skip: Container[str]) -> Instance | None:
+        """The next candidate in turn with no call in flight (and not in `skip`)."""
+        inflight = self.loads.inflight
+        n = len(cands)
+        role = cands[0].role
+        start = self._after.get(role, 0)
+        for k in range(n):
+            j = (start + k) % n
+            i = cands[j]
+            if i.id not in inflight and i.id not in skip:
+                self._after[role] = j + 1
+                return i
+        return None
+
+    def fewest(self, cands: list[Instance]) -> Instance:
+        """Fewest calls in flight, ties in turn (every candidate busy: as many as calls)."""
         inflight = self.loads.inflight
         low = min(inflight.get(i.id, 0) for i in cands)
-        return super().choose([i for i in cands if inflight.get(i.id, 0) == low], tokens)
+        ties = [i for i in cands if inflight.get(i.id, 0) == low]
+        return ties[self.turn(cands) % len(ties)]
 
 
 class KvCost(LeastLoaded):
-    def choose(self, cands: list[Instance], tokens: list[int] | None) -> Instance:
-        if tokens is not None and len(cands) > 1:
-            cands = self._cheapest(cands, tokens)
-        return super().choose(cands, tokens)
+    """Costs only the workers that cache part of the prompt, the busy ones, and one idle
+    worker that caches nothing (every such worker costs the same: the whole prompt)."""
 
-    def _cheapest(self, cands: list[Instance], tokens: list[int]) -> list[Instance]:
+    def choose(self, cands: Candidates, tokens: list[int] | None) -> Instance:
+        if tokens is None or len(cands.items) == 1:
+            return super().choose(cands, tokens)
         loads = self.loads
-        cached = loads.kv_index.overlap(tokens, [i.id for i in cands])
+        cached = loads.kv_index.cached(tokens)
+        by_id = cands.by_id
+        costed = [by_id[w] for w in {**cached, **loads.inflight} if w in by_id]
+        spare = self.idle(cands.items, cached)
+        if spare is not None:
+            costed.append(spare)
+        elif len(costed) < len(cands.items):  # no idle one caching nothing: cost them all
+            costed = cands.items
         w_prefill, w_load = loads.kv_weights
         n = len(tokens)
         costs = [
-            w_prefill * (n - cached[i.id]) + w_load * loads.load_tokens.get(i.id, 0) for i in cands
+            w_prefill * (n - cached.get(i.id, 0)) + w_load * loads.load_tokens.get(i.id, 0)
+            for i in costed
         ]
         low = min(costs)
-        return [i for i, c in zip(cands, costs, strict=True) if c == low]
+        cheapest = [i for i, c in zip(costed, costs, strict=True) if c == low]
+        return cheapest[0] if len(cheapest) == 1 else self.fewest(cheapest)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 from segue.discovery import Instance
+from segue.router.candidates import Candidates
 from segue.router.loads import Loads
 
 
@@ -16,9 +17,10 @@ class PowerOfTwo:
         self.loads = loads
         self.rng = rng or random.Random()
 
-    def choose(self, cands: list[Instance], tokens: list[int] | None) -> Instance:
-        if len(cands) == 1:
-            return cands[0]
-        a, b = self.rng.sample(cands, 2)
+    def choose(self, cands: Candidates, tokens: list[int] | None) -> Instance:
+        items = cands.items
+        if len(items) == 1:
+            return items[0]
+        a, b = self.rng.sample(items, 2)
         inflight = self.loads.inflight
         return b if inflight.get(b.id, 0) < inflight.get(a.id, 0) else a

@@ -164,6 +164,7 @@ def run_result(**changes) -> RunResult:
         metrics_delta={'segue_frontend_migrations_total{reason="stream_broken"}': 4.0},
         duration_s=4.0,
         restarts=1,
+        expected_workers=2,
     )
     base.update(changes)
     r = RunResult(**base)

@@ -83,3 +83,20 @@ def test_kv_policy_ties_go_to_fewer_calls_in_flight():
     with r.track(r.instances["a"]):
         for _ in range(3):
             assert r.pick([Role.AGGREGATED], tokens=[1, 2, 3]).id == "b"  # type: ignore[union-attr]
+
+
+def test_kv_policy_over_a_fleet_costs_holders_busy_workers_and_one_idle_one():
+    """Among 64 workers: the prefix holder wins; a prompt nobody caches goes to the idle
+    workers in turn; when the holder is busier than its cache saves, an idle one wins."""
+    r = _router(*(f"w{i}" for i in range(64)), load_weight=1.0)
+    h = block_hashes(DOC, BS)
+    r.kv_index.snapshot("w40", snap(h))
+    prompt = DOC + [1, 2]
+    assert r.kv_index.cached(prompt) == {"w40": len(h) * BS}
+    assert all(r.pick([Role.AGGREGATED], tokens=prompt).id == "w40" for _ in range(3))  # type: ignore[union-attr]
+    other = [9999] * len(DOC)
+    picks = {r.pick([Role.AGGREGATED], tokens=other).id for _ in range(64)}  # type: ignore[union-attr]
+    assert len(picks) == 64
+    with r.track(r.instances["w40"], tokens=30):
+        got = r.pick([Role.AGGREGATED], tokens=prompt)
+        assert got is not None and got.id != "w40"

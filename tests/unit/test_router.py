@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 
 from segue.discovery import Instance
 from segue.router import Router
@@ -38,7 +39,20 @@ def test_least_loaded_prefers_idle_worker():
     r.update({i: inst(i) for i in "ab"})
     with r.track(inst("a")):
         assert all(r.pick(["aggregated"]).id == "b" for _ in range(5))
-    assert r.inflight["a"] == 0
+    assert "a" not in r.inflight  # only busy workers are counted
+
+
+def test_least_loaded_over_a_fleet_takes_idle_workers_in_turn_then_the_fewest():
+    r = Router("least-loaded")
+    r.update({f"w{i}": inst(f"w{i}") for i in range(64)})
+    with r.track(inst("w0")), r.track(inst("w1")), r.track(inst("w1")):
+        picks = [r.pick(["aggregated"]).id for _ in range(62)]
+        assert sorted(picks) == sorted(f"w{i}" for i in range(2, 64))  # each idle one once
+        with contextlib.ExitStack() as busy:  # now every worker is busy but w0 (1 call)
+            for i in range(2, 64):
+                busy.enter_context(r.track(inst(f"w{i}")))
+                busy.enter_context(r.track(inst(f"w{i}")))
+            assert {r.pick(["aggregated"]).id for _ in range(5)} == {"w0"}
 
 
 def test_random_policy_and_discovery_removal():
@@ -59,7 +73,7 @@ def test_workers_that_left_are_forgotten():
         r.update({"b": inst("b")})  # a leaves while its call is in flight
         assert r.inflight["a"] == 1
     assert "a" not in r.inflight and "a" not in r.load_tokens
-    assert r.inflight == {"b": 0}
+    assert r.inflight == {} and r.load_tokens == {}
     r.update({})
     assert r.inflight == {} and r.load_tokens == {}
 
@@ -88,3 +102,26 @@ def test_every_policy_has_a_row_and_a_cli_choice():
     assert set(POLICIES) == set(Policy)
     (router_flag,) = [f for f in flags(FrontendConfig) if f.dest == "router"]
     assert set(router_flag.choices or ()) == {p.value for p in Policy}
+
+
+def test_a_broken_connection_takes_the_workers_of_its_process_out_with_it():
+    """Workers of one fleet process (`--replicas`) publish the process they share: a
+    connection refused or broken by one takes its siblings out of rotation too (a killed
+    host is gone at once, not one failed pick at a time); a failure that does not say the
+    process is gone, or a worker of a process of its own, takes only itself."""
+    r = Router("round-robin")
+    fleet = {
+        f"{p}{k}": Instance(
+            id=f"{p}{k}", role="aggregated", url="http://x", pid=1, host="h", process=f"h:1:{p}"
+        )  # fmt: skip
+        for p in "ab"
+        for k in range(3)
+    }
+    r.update({**fleet, "solo": inst("solo")})
+    r.mark_down(fleet["a0"], "stall")
+    assert r.down == {"a0"}
+    r.mark_down(fleet["a1"], "stream_broken", process_gone=True)
+    assert r.down == {"a0", "a1", "a2"}
+    r.mark_down(inst("solo"), "connection_refused", process_gone=True)
+    assert r.down == {"a0", "a1", "a2", "solo"}
+    assert {r.pick(["aggregated"]).id for _ in range(6)} == {"b0", "b1", "b2"}
