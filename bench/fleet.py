@@ -11,9 +11,9 @@ For each fleet size and frontend count, in one run:
   cpu        frontend CPU per request (completions, --tokens each, round-robin over all
              workers, --concurrency at once), and etcd's puts, watch events and lease
              renewals per second while it runs
-  host kill  a host of --host-size workers (one process) SIGKILLed under streamed load: time
-             until no frontend routes there, requests failed, answers differing from a
-             fault-free run
+  host kill  a host of --host-size workers (one process) SIGKILLed under streamed load, and
+             with --netns (root) a host's network cut: time until no frontend routes
+             there, requests failed, answers differing from a fault-free run
   restart    a frontend SIGKILLed and started again: time until it serves all workers
 In-process (no servers): the router's time per pick for each policy, and the KV index's
 memory per indexed block, against the number of workers.
@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import cpu_seconds, spawn, stop  # noqa: E402
 
 from segue.etcd_cluster import Etcd  # noqa: E402
+from segue.netsim import Net  # noqa: E402
 
 MODEL = "segue-mocker"
 PREFIX = "segue/default/instances/"
@@ -116,9 +117,15 @@ def etcd_counters(etcd: Etcd) -> dict[str, float]:
 class Fleet:
     """etcd, F frontends and N workers in processes of `per` replicas."""
 
-    def __init__(self, tmp: Path, n: int, frontends: int, per: int, extra: list[str]) -> None:
+    def __init__(
+        self, tmp: Path, n: int, frontends: int, per: int, extra: list[str], netns: bool
+    ) -> None:
         self.tmp, self.n, self.per, self.extra = tmp, n, per, extra
-        self.etcd = Etcd(tmp)
+        # With netns, the last worker process runs on a simulated host of its own (its
+        # network can be cut); etcd then listens on the bridge, which every host reaches.
+        self.net = Net() if netns else None
+        self.host = self.net.host("fleet") if self.net else None
+        self.etcd = Etcd(tmp, host=self.net.gateway if self.net else "127.0.0.1")
         self.fe_logs = [tmp / f"frontend{i}.log" for i in range(frontends)]
         self.frontends: list[subprocess.Popen[bytes]] = []
         self.urls: list[str] = []
@@ -148,8 +155,14 @@ class Fleet:
         args = ["worker", "--discovery", self.etcd.spec, "--mocker-step-ms", "5"]
         with open(self.tmp / "workers.log", "a") as log:
             for k in range(0, self.n, self.per):
-                reps = min(self.per, self.n - k)
-                self.workers.append(spawn([*args, "--replicas", str(reps)], log))
+                argv = [*args, "--replicas", str(min(self.per, self.n - k))]
+                if self.host is not None and k + self.per >= self.n:  # the last one
+                    argv = ["ip", "netns", "exec", self.host.name, sys.executable, "-m",
+                            "segue", *argv, "--host", self.host.addr]  # fmt: skip
+                    p = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+                    self.workers.append(p)
+                else:
+                    self.workers.append(spawn(argv, log))
 
     def all_routable(self, urls: list[str] | None = None) -> bool:
         return all(len(routable(u)) >= self.n for u in (urls or self.urls))
@@ -169,6 +182,8 @@ class Fleet:
     def close(self) -> None:
         stop(self.workers + self.frontends, timeout=20)
         self.etcd.stop()
+        if self.net is not None:
+            self.net.close()
 
 
 async def _post(session: aiohttp.ClientSession, url: str, body: dict) -> dict:
@@ -238,7 +253,8 @@ async def streamed(urls: list[str], ids: list[int], conc: int, tokens: int) -> d
 def measure(args: argparse.Namespace, n: int, f: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="segue-fleet-"))
     row: dict = {"workers": n, "frontends": f}
-    fleet = Fleet(tmp, n, f, min(args.host_size, n), args.frontend_args.split())
+    netns = args.netns and n > args.host_size
+    fleet = Fleet(tmp, n, f, min(args.host_size, n), args.frontend_args.split(), netns)
     try:
         fe_rss0 = [rss_kib(p.pid) for p in fleet.frontends]
         # storm
@@ -287,8 +303,10 @@ def measure(args: argparse.Namespace, n: int, f: int) -> dict:
         row["etcd_lost_routable_s"] = time.monotonic() - t0
         # frontend restarted
         row["frontend_ready_s"], row["frontend_routable_s"] = fleet.restart_frontend(0)
+        if netns:
+            row.update(host_fault(args, fleet, "cut"))
         if n > args.host_size:
-            row.update(host_kill(args, fleet))
+            row.update(host_fault(args, fleet, "kill"))
     finally:
         fleet.close()
         if args.keep:
@@ -298,12 +316,14 @@ def measure(args: argparse.Namespace, n: int, f: int) -> dict:
     return row
 
 
-def host_kill(args: argparse.Namespace, fleet: Fleet) -> dict:
-    """SIGKILL one worker process (a host of --host-size workers) under streamed load."""
+def host_fault(args: argparse.Namespace, fleet: Fleet, how: str) -> dict:
+    """A host of --host-size workers (one process) SIGKILLed (`kill`: the second-to-last
+    process when the last is on a simulated host) or its network cut (`cut`: the last,
+    healed after) under streamed load."""
     # enough requests that round-robin sends some to every worker, the victim's included
     ids = list(range(10_000, 10_000 + max(args.kill_requests, 2 * fleet.n)))
     reference = asyncio.run(streamed(fleet.urls, ids, 64, args.kill_tokens))
-    victim = fleet.workers[-1]
+    victim = fleet.workers[-2 if how == "kill" and fleet.host else -1]
     before = routable(fleet.urls[0])
     out: dict[int, str] = {}
 
@@ -323,7 +343,11 @@ def host_kill(args: argparse.Namespace, fleet: Fleet) -> dict:
         async with aiohttp.ClientSession() as s:  # strike while the host holds requests
             while not await running(s) and not task.done():
                 await asyncio.sleep(0.05)
-        os.killpg(victim.pid, signal.SIGKILL)
+        if how == "cut":
+            assert fleet.host is not None
+            fleet.host.partition()
+        else:
+            os.killpg(victim.pid, signal.SIGKILL)
         t_kill = time.monotonic()
         gone = n_left = len(before)
         while n_left > len(before) - args.host_size:
@@ -334,11 +358,15 @@ def host_kill(args: argparse.Namespace, fleet: Fleet) -> dict:
         return gone
 
     gone_s = asyncio.run(run())
-    victim.wait()
+    if how == "cut":
+        assert fleet.host is not None
+        fleet.host.heal()
+    else:
+        victim.wait()
     failed = sum(1 for v in out.values() if v.startswith("ERROR"))
     wrong = sum(1 for i in ids if not out[i].startswith("ERROR") and out[i] != reference[i])
-    return {"host_gone_s": gone_s, "host_kill_failed": failed, "host_kill_wrong": wrong,
-            "host_kill_requests": len(ids)}  # fmt: skip
+    return {f"host_{how}_gone_s": gone_s, f"host_{how}_failed": failed,
+            f"host_{how}_wrong": wrong, "host_requests": len(ids)}  # fmt: skip
 
 
 def router_picks(sizes: list[int]) -> list[dict]:
@@ -405,8 +433,8 @@ TIMES = ["workers", "frontends", "registered_s", "storm_s", "etcd_restart_s",
 COSTS = ["workers", "frontends", "frontend_rss_mib", "rss_kib_per_worker", "sockets_per_worker",
          "cpu_ms_per_request", "p50_ms", "etcd_puts_per_s", "etcd_events_per_s",
          "etcd_keepalives_per_s", "etcd_ranges_per_s"]  # fmt: skip
-HOST_KILL = ["workers", "frontends", "host_gone_s", "host_kill_requests", "host_kill_failed",
-             "host_kill_wrong"]  # fmt: skip
+HOST_KILL = ["workers", "frontends", "host_requests", "host_kill_gone_s", "host_kill_failed",
+             "host_kill_wrong", "host_cut_gone_s", "host_cut_failed", "host_cut_wrong"]  # fmt: skip
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
@@ -430,6 +458,9 @@ def main() -> None:
     ap.add_argument("--kill-tokens", type=int, default=100)
     ap.add_argument("--frontend-args", default="", help="extra flags for every frontend")
     ap.add_argument("--skip-servers", action="store_true", help="only the in-process parts")
+    ap.add_argument(
+        "--netns", action="store_true", help="also cut a host's network (root: a namespace)"
+    )
     ap.add_argument("--json", help="write every row here too")
     ap.add_argument("--keep", action="store_true", help="keep the logs (and etcd's data)")
     args = ap.parse_args()
@@ -450,7 +481,7 @@ def main() -> None:
         print(table(rows, TIMES))
         print()
         print(table(rows, COSTS))
-        killed = [r for r in rows if "host_gone_s" in r]
+        killed = [r for r in rows if "host_requests" in r]
         if killed:
             print()
             print(table(killed, HOST_KILL))

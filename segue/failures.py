@@ -56,13 +56,13 @@ class Action:
 
 
 _BROKEN = Action(Verdict.RETRY)
-_GONE = Action(Verdict.RETRY, process_gone=True)  # refused, or the connection broke
+_GONE = Action(Verdict.RETRY, process_gone=True)  # refused, broken, silent
 
 ACTIONS: dict[FailureReason, Action] = {
     FailureReason.CONNECTION_REFUSED: _GONE,
     FailureReason.STREAM_BROKEN: _GONE,
     FailureReason.STREAM_ENDED: _BROKEN,
-    FailureReason.STALL: _BROKEN,
+    FailureReason.STALL: _GONE,  # a hung or cut-off process stalls every worker in it
     FailureReason.BAD_FRAME: _BROKEN,
     FailureReason.HTTP_ERROR: _BROKEN,
     FailureReason.TOKEN_GAP: _BROKEN,
