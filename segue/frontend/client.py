@@ -54,7 +54,7 @@ class ResilientClient:
 
     def can_route(self, model: str) -> bool:
         """Whether some worker could take a new request for `model` now."""
-        return bool(self.router.routable(self.strategy.first_role, model))
+        return self.router.can_pick(self.strategy.first_role, model)
 
     async def generate(self, state: RequestState) -> AsyncGenerator[TokenDelta, None]:
         """Yields the client's new tokens as they arrive, then a delta with the finish."""

@@ -90,6 +90,23 @@ class Router:
             and (model is None or i.card.name == model)
         ]
 
+    def _candidates(self, roles: frozenset[Role], model: str | None) -> Candidates | None:
+        """The workers in rotation of `roles` (serving `model`), made once per change."""
+        key = (roles, model)
+        if key in self._cands:
+            return self._cands[key]
+        items = [
+            i
+            for i in self.instances.values()
+            if i.role in roles and i.id not in self.down and (model is None or i.card.name == model)
+        ]
+        cands = self._cands[key] = Candidates.of(items) if items else None
+        return cands
+
+    def can_pick(self, role: Role, model: str | None = None) -> bool:
+        """Whether a worker of `role` serving `model` is in rotation (no scan per call)."""
+        return self._candidates(frozenset((role,)), model) is not None
+
     def pick(
         self,
         roles: Iterable[Role],
@@ -99,19 +116,7 @@ class Router:
     ) -> Instance | None:
         """A worker of one of `roles` (serving `model`, when given) that is in rotation and
         not in `exclude`; `tokens` (the call's context) for the kv policy."""
-        key = (frozenset(roles), model)
-        if key in self._cands:
-            cands = self._cands[key]
-        else:
-            wanted = key[0]
-            items = [
-                i
-                for i in self.instances.values()
-                if i.role in wanted
-                and i.id not in self.down
-                and (model is None or i.card.name == model)
-            ]
-            cands = self._cands[key] = Candidates.of(items) if items else None
+        cands = self._candidates(frozenset(roles), model)
         if cands is not None and exclude:  # a retry: rare, so made afresh
             skip = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
             if not skip.isdisjoint(cands.by_id):
