@@ -28,6 +28,10 @@ from segue.discovery.base import Discovery, Instance, Lease
 
 log = logging.getLogger("segue.discovery")
 RETRY_S = 0.5  # between attempts while etcd is unreachable
+TICK_S = 1.0  # a watcher's clock while no event comes
+# How long workers stay in view after etcd came back without its data: they register again
+# at their next renewal (every --lease-ttl/3, 3.3 s by default).
+STALE_GRACE_S = 15.0
 _TIMEOUT = aiohttp.ClientTimeout(total=3.0, sock_connect=1.0)
 
 
@@ -70,11 +74,12 @@ class EtcdClient:
         raise EtcdUnavailable(f"no etcd endpoint answered ({last})")
 
     async def watch(
-        self, key: str, range_end: str, start_revision: int
+        self, key: str, range_end: str, start_revision: int, tick: float = TICK_S
     ) -> AsyncIterator[list[dict[str, Any]]]:
         """The watch stream's results (JSON objects, one per message) from one endpoint, in
         batches of what has arrived together: a registration storm of a thousand workers
-        is a few batches, not a thousand views of the fleet to rebuild."""
+        is a few batches, not a thousand views of the fleet to rebuild. An empty batch
+        every `tick` seconds without any (the caller's clock)."""
         url = self.endpoints[self._current]
         body = {
             "create_request": {
@@ -87,7 +92,14 @@ class EtcdClient:
         try:
             async with self.session.post(url + "/v3/watch", json=body, timeout=timeout) as r:
                 rest = b""
-                async for chunk in r.content.iter_any():
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(r.content.readany(), tick)
+                    except TimeoutError:
+                        yield []
+                        continue
+                    if not chunk:  # the stream ended
+                        return
                     *lines, rest = (rest + chunk).split(b"\n")
                     batch = [json.loads(line) for line in lines if line.strip()]
                     if batch:
@@ -169,6 +181,7 @@ class EtcdDiscovery(Discovery):
     def __init__(self, endpoints: list[str], namespace: str) -> None:
         self.client = EtcdClient(endpoints)
         self.prefix = f"segue/{namespace}/instances/"
+        self._known: dict[str, Instance] = {}  # the last snapshot's workers
 
     async def register(self, instance: Instance, ttl: float) -> Lease:
         lease = _EtcdLease(self.client, self.prefix + instance.id, instance, ttl)
@@ -188,25 +201,51 @@ class EtcdDiscovery(Discovery):
 
     async def watch(self) -> AsyncIterator[dict[str, Instance]]:
         live: dict[str, Instance] | None = None
-        rev = 0
+        rev = 0  # of the last change under our prefix: where a watch resumes
+        seen = 0  # the highest store revision etcd has told us of
         warned = False
+        # Workers of a view from before etcd lost its data, kept until they register again
+        # or until `stale_until`: without them the fleet would vanish until every worker's
+        # next renewal found its lease gone (503s meanwhile).
+        stale: dict[str, Instance] = {}
+        stale_until = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 if live is None:
+                    before, before_rev = self._known, max(rev, seen)
                     live, rev = await self.snapshot()
-                    yield dict(live)
+                    seen = rev
+                    if before and rev < before_rev:  # its revisions started again
+                        stale = {k: v for k, v in before.items() if k not in live}
+                        stale_until = loop.time() + STALE_GRACE_S
+                        log.warning(
+                            "etcd came back without its data (revision %d after %d): "
+                            "keeping %d workers for %g s while they register again",
+                            rev,
+                            before_rev,
+                            len(stale),
+                            STALE_GRACE_S,
+                        )
+                    self._known = live
+                    yield {**stale, **live}
                 stream = self.client.watch(self.prefix, _prefix_end(self.prefix), rev + 1)
                 async for batch in stream:
                     changed = False
+                    if stale and loop.time() >= stale_until:
+                        log.info("dropping %d workers that did not register again", len(stale))
+                        stale, changed = {}, True
                     for msg in batch:
                         result = msg.get("result", {})
                         if int(result.get("compact_revision", 0) or 0) > rev:
                             raise EtcdUnavailable("our revision was compacted away")
+                        # the store's revision then: what a store without its data is below
+                        seen = max(seen, int(result.get("header", {}).get("revision", 0)))
                         for ev in result.get("events", []):
-                            changed |= self._apply(live, ev)
+                            changed |= self._apply(live, ev, stale)
                             rev = max(rev, int(ev["kv"].get("mod_revision", rev)))
                     if changed:
-                        yield dict(live)
+                        yield {**stale, **live}
                     warned = False
                 raise EtcdUnavailable("watch stream ended")
             except EtcdUnavailable as e:
@@ -219,10 +258,14 @@ class EtcdDiscovery(Discovery):
                     warned = True
                 await asyncio.sleep(RETRY_S)
 
-    def _apply(self, live: dict[str, Instance], ev: dict[str, Any]) -> bool:
-        """One watch event applied to `live`; whether it changed."""
+    def _apply(
+        self, live: dict[str, Instance], ev: dict[str, Any], stale: dict[str, Instance]
+    ) -> bool:
+        """One watch event applied to `live` (a worker seen again is no longer stale);
+        whether it changed."""
         kv = ev["kv"]
         iid = base64.b64decode(kv["key"]).decode()[len(self.prefix) :]
+        stale.pop(iid, None)
         if ev.get("type") == "DELETE":
             return live.pop(iid, None) is not None
         try:

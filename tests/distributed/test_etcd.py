@@ -3,7 +3,10 @@ frontends watch with revision resume, and an etcd outage under load fails nothin
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
+import json
+import shutil
 import signal
 import threading
 
@@ -123,3 +126,44 @@ def test_one_member_of_three_killed_has_no_effect(tmp_path):
     finally:
         d.stop()
         cluster.stop()
+
+
+def test_etcd_back_without_its_data_fails_nothing(edeploy, etcd):
+    """etcd restarted empty (its data lost): the frontend keeps the workers it knew until
+    they register again (each at its next renewal), so requests sent meanwhile all succeed,
+    and etcd ends up holding both workers again."""
+    edeploy.start_frontend()
+    # renewals every 2 s: the workers are back in etcd up to 2 s after it is
+    a = edeploy.start_worker("--lease-ttl", "6")
+    b = edeploy.start_worker("--lease-ttl", "6")
+    want = complete(edeploy.url, "completions", body("completions", PROMPT, 8, False))
+    member = etcd.members[0]
+    # etcd's revision well past what the new one reaches meanwhile, as a fleet's history
+    # of comings and goings makes it (not workers' records: the frontend ignores them)
+    for i in range(50):
+        key = base64.b64encode(f"segue/default/instances/junk{i}".encode()).decode()
+        httpx.post(member.client_url + "/v3/kv/put", json={"key": key, "value": key})
+    # then a record the frontend shows, and its removal: once it is gone from the
+    # frontend's view, every put before it has reached the frontend
+    key = base64.b64encode(b"segue/default/instances/sentinel").decode()
+    rec = {"id": "sentinel", "role": "aggregated", "url": "http://127.0.0.1:9", "pid": 0,
+           "host": "h"}  # fmt: skip
+    value = base64.b64encode(json.dumps(rec).encode()).decode()
+    httpx.post(member.client_url + "/v3/kv/put", json={"key": key, "value": value})
+    wait_until(lambda: rec["url"] in worker_ids(edeploy), 10, what="the sentinel seen")
+    httpx.post(member.client_url + "/v3/kv/deleterange", json={"key": key})
+    wait_until(lambda: rec["url"] not in worker_ids(edeploy), 10, what="the sentinel gone")
+    member.kill()
+    shutil.rmtree(member.tmp / f"{member.name}.data")
+    member.start(etcd.cluster)  # a new cluster: nothing registered, revision 1
+    etcd.wait_healthy()
+    wait_until(lambda: "came back without its data" in edeploy.frontend.log(), 10, what="log")
+    prefix = "segue/default/instances/"
+    seen, views = [], []
+    while etcd.count_keys(prefix) < 2:  # until both registered again
+        views.append(worker_ids(edeploy))
+        seen.append(complete(edeploy.url, "completions", body("completions", PROMPT, 8, False)))
+        assert len(seen) < 500, "the workers did not register again"
+    assert all(v == {a.url, b.url} for v in views), views
+    assert all(r.status == 200 and r.token_ids == want.token_ids for r in seen)
+    assert worker_ids(edeploy) == {a.url, b.url}
