@@ -4,7 +4,6 @@ directory the caller owns. Debian's etcd-server (`etcd` on PATH)."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -17,6 +16,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from segue.discovery.etcd import b64, prefix_end
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -151,18 +152,16 @@ class Etcd:
         return "etcd://" + self.endpoints
 
     def leader(self) -> int | None:
-        """The index of the member that leads now, as a running member sees it."""
-        for m in self.members:
-            if not m.running or m.stopped:
-                continue
-            st = m.status()
-            if st is None or st[1] in ("", "0"):
-                continue
-            for i, other in enumerate(self.members):
-                o = other.status() if other.running and not other.stopped else None
-                if o is not None and o[0] == st[1]:
-                    return i
-        return None
+        """The index of the member that leads now, as the running members see it."""
+        ids = {}
+        lead = None
+        for i, m in enumerate(self.members):
+            st = m.status() if m.running and not m.stopped else None
+            if st is not None:
+                ids[st[0]] = i
+                if st[1] not in ("", "0"):
+                    lead = st[1]
+        return ids.get(lead) if lead is not None else None
 
     def restart(self, i: int = 0, wait: bool = True) -> None:
         self.members[i].start(self.cluster, state="existing", prefix=self.prefix)
@@ -171,13 +170,7 @@ class Etcd:
 
     def count_keys(self, prefix: str) -> int:
         """Keys under `prefix` (0 when no member answers)."""
-        b = bytearray(prefix.encode())
-        b[-1] += 1
-        body = {
-            "key": base64.b64encode(prefix.encode()).decode(),
-            "range_end": base64.b64encode(bytes(b)).decode(),
-            "count_only": True,
-        }
+        body = {"key": b64(prefix), "range_end": prefix_end(prefix), "count_only": True}
         for m in self.members:
             if m.running and not m.stopped:
                 with contextlib.suppress(OSError, ValueError, urllib.error.URLError):

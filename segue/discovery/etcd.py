@@ -35,15 +35,15 @@ STALE_GRACE_S = 15.0
 _TIMEOUT = aiohttp.ClientTimeout(total=3.0, sock_connect=1.0)
 
 
-def _b64(s: str | bytes) -> str:
+def b64(s: str | bytes) -> str:
     return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
 
 
-def _prefix_end(prefix: str) -> str:
+def prefix_end(prefix: str) -> str:
     """The range end that selects every key starting with `prefix`."""
     b = bytearray(prefix.encode())
     b[-1] += 1
-    return _b64(bytes(b))
+    return b64(bytes(b))
 
 
 class EtcdUnavailable(Exception):
@@ -83,7 +83,7 @@ class EtcdClient:
         url = self.endpoints[self._current]
         body = {
             "create_request": {
-                "key": _b64(key),
+                "key": b64(key),
                 "range_end": range_end,
                 "start_revision": str(start_revision),
             }
@@ -128,8 +128,8 @@ class _EtcdLease(Lease):
         await self.client.call(
             "/v3/kv/put",
             {
-                "key": _b64(self.key),
-                "value": _b64(_enc.encode(self.instance)),
+                "key": b64(self.key),
+                "value": b64(_enc.encode(self.instance)),
                 "lease": self.lease_id,
             },
         )
@@ -181,7 +181,6 @@ class EtcdDiscovery(Discovery):
     def __init__(self, endpoints: list[str], namespace: str) -> None:
         self.client = EtcdClient(endpoints)
         self.prefix = f"segue/{namespace}/instances/"
-        self._known: dict[str, Instance] = {}  # the last snapshot's workers
 
     async def register(self, instance: Instance, ttl: float) -> Lease:
         lease = _EtcdLease(self.client, self.prefix + instance.id, instance, ttl)
@@ -190,7 +189,7 @@ class EtcdDiscovery(Discovery):
 
     async def snapshot(self) -> tuple[dict[str, Instance], int]:
         res = await self.client.call(
-            "/v3/kv/range", {"key": _b64(self.prefix), "range_end": _prefix_end(self.prefix)}
+            "/v3/kv/range", {"key": b64(self.prefix), "range_end": prefix_end(self.prefix)}
         )
         live: dict[str, Instance] = {}
         for kv in res.get("kvs", []):
@@ -209,11 +208,12 @@ class EtcdDiscovery(Discovery):
         # next renewal found its lease gone (503s meanwhile).
         stale: dict[str, Instance] = {}
         stale_until = 0.0
+        known: dict[str, Instance] = {}  # the view before the last reconnect
         loop = asyncio.get_running_loop()
         while True:
             try:
                 if live is None:
-                    before, before_rev = self._known, max(rev, seen)
+                    before, before_rev = known, max(rev, seen)
                     live, rev = await self.snapshot()
                     seen = rev
                     if before and rev < before_rev:  # its revisions started again
@@ -227,9 +227,9 @@ class EtcdDiscovery(Discovery):
                             len(stale),
                             STALE_GRACE_S,
                         )
-                    self._known = live
+                    known = live
                     yield {**stale, **live}
-                stream = self.client.watch(self.prefix, _prefix_end(self.prefix), rev + 1)
+                stream = self.client.watch(self.prefix, prefix_end(self.prefix), rev + 1)
                 async for batch in stream:
                     changed = False
                     if stale and loop.time() >= stale_until:
