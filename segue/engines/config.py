@@ -55,6 +55,13 @@ class HFOptions:
         help="segue's Triton kernels (decode attention reading the paged KV pool in place, "
         "fused norms, rotary and activation), PyTorch's ops, or auto (Triton on a GPU)",
     )
+    overlap: str = option(
+        "auto",
+        choices=("auto", "on", "off"),
+        help="launch each step before handling the one before it, so the GPU never waits "
+        "for the CPU (steps of greedy requests without logprobs, penalties or grammars); "
+        "auto: on a GPU",
+    )
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,23 @@ class HFConfig:
     cuda_graphs: bool = True
     prefix_caching: bool = True
     kernels: str = "auto"  # auto, torch or triton (PagedModel)
+    # launch a step before handling the one before it (steps of plain sequences): auto,
+    # on a GPU, where the GPU then never waits for the CPU; on, off
+    overlap: str = "auto"
+
+
+@dataclass
+class _Step:
+    """A launched step: its rows, and what completing it needs."""
+
+    decodes: list[Sequence]
+    chunks: list[tuple[Sequence, int]]  # prompt chunks, those of 0 tokens included
+    work: list[tuple[Sequence, int]] = field(default_factory=list)  # chunks computed
+    decode_logits: Any = None
+    prefill_logits: Any = None
+    prompt_rows: dict[int, Any] = field(default_factory=dict)  # every position's logits
+    ids: int = 0  # the `PagedModel.fetch_ids` copy holding its argmax
+    plain: bool = True  # every row's token is its argmax: it may complete later
 
 
 class HFEngine(Engine):
@@ -78,6 +95,8 @@ class HFEngine(Engine):
         self._exports: set[str] = set()  # requests to export at the next step
         self.max_blocks = min(cfg.kv_blocks, -(-cfg.max_model_len // cfg.block_size) + 1)
         self._thread: threading.Thread | None = None
+        self._inflight: _Step | None = None  # launched, not completed (scheduler thread)
+        self.overlap = cfg.overlap == "on"
         self._loop: Any = None  # the worker's event loop, from start()
         self._failed: str | None = None
         self._prompt_tokens = dict.fromkeys(
@@ -105,6 +124,9 @@ class HFEngine(Engine):
         )
         # the logits may be wider than the tokenizer's vocabulary (padded embeddings)
         self.grammars = EngineGrammars(self.tokenizer, model.config.vocab_size)
+        self.overlap = self.cfg.overlap == "on" or (
+            self.cfg.overlap == "auto" and device.startswith("cuda")
+        )
         self.paged = PagedModel(
             model.to(device).eval(),
             self.cfg.kv_blocks,
@@ -257,6 +279,11 @@ class HFEngine(Engine):
                     self._finish_locked(seq, EngineFinish.ERROR, f"engine failed: {e!r}")
 
     def _step(self) -> bool:
+        """Plans and launches one step, then completes the step before it (still on the
+        GPU until now) and, unless every row of this one is plain, this one too."""
+        if self._inflight is not None and self._exports:
+            self._complete(self._inflight)  # an export needs the context's KV exactly
+            self._inflight = None
         with self._lock:
             if self._exports:
                 self._take_exports()
@@ -271,87 +298,152 @@ class HFEngine(Engine):
                     n = len(seq.ctx) - 1
                     self._prompt_tokens["external_kv_transfer"] += n
                     seq.computed, seq.imported = n, None
+                seq.fed = seq.computed
             running: list[Sequence] = list(self.table.running.values())
+        step = self._launch(running)
+        if step is None:
+            if self._inflight is None:
+                return False
+            self._complete(self._inflight)
+            self._inflight = None
+            return True
+        if self._inflight is not None:
+            self._complete(self._inflight)
+        self._inflight = None
+        if self.overlap and step.plain:
+            self._inflight = step  # completed after the next launch, while the GPU runs it
+        else:
+            self._complete(step)
+        return True
+
+    def _launch(self, running: list[Sequence]) -> _Step | None:
+        """The next step's rows: a decode row for each sequence whose next token is known
+        (on the CPU, or still on the GPU from the step in flight: `src`), prompt chunks
+        for the others within `max_batched_tokens`; runs them (on a GPU: queues them)."""
         chunks: list[tuple[Sequence, int]] = []  # (sequence, prompt tokens this step)
         decodes: list[Sequence] = []
+        src: list[int] = []
         budget = self.cfg.max_batched_tokens
+        inflight = self._inflight is not None
         for seq in running:
             if seq.done:
                 continue
-            if seq.gen and seq.pending == 1:
+            known = len(seq.ctx) - seq.fed  # tokens the CPU has that no step was given
+            if known == 1 and seq.gen:
                 decodes.append(seq)
-            elif budget > 0 and (seq.pending > 0 or not seq.gen):
-                n = min(seq.pending, budget)
-                budget -= n
-                chunks.append((seq, n))
+                src.append(-1)
+            elif known > 0:
+                if budget > 0:
+                    n = min(known, budget)
+                    budget -= n
+                    chunks.append((seq, n))
+            elif seq.fed == seq.computed:
+                if not seq.gen:  # a PREFILL whose context was all cached: done
+                    chunks.append((seq, 0))
+            elif (
+                inflight
+                and seq.gen
+                and seq.plain
+                and known == 0
+                and len(seq.out) + 2 <= seq.req.max_tokens
+            ):  # its next token is still on the GPU: the step reads it there
+                decodes.append(seq)
+                src.append(seq.row)
         if not chunks and not decodes:
-            return False
-        if chunks:
-            self._prefill(chunks)
+            return None
+        step = _Step(decodes, chunks)
         if decodes:
-            batch = [(s.ctx[-1], len(s.ctx) - 1, s.table) for s in decodes]
-            self._advance([(s, 1) for s in decodes], self.paged.decode(batch))
-        return True
-
-    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> None:
+            batch = [
+                (s.ctx[-1] if i < 0 else 0, s.fed, s.table)
+                for s, i in zip(decodes, src, strict=True)
+            ]
+            step.decode_logits = self.paged.decode(batch, src)
+            for row, seq in enumerate(decodes):
+                seq.fed += 1
+                seq.row = row
+                step.plain = step.plain and seq.plain
         work = [(s, n) for s, n in chunks if n > 0]
-        logits = None
         if work:
-            batch = [(s.ctx[s.computed : s.computed + n], s.computed, s.table) for s, n in work]
+            chunk = [(s.ctx[s.fed : s.fed + n], s.fed, s.table) for s, n in work]
             self._prompt_tokens["computed"] += sum(n for _, n in work)
             every = frozenset(i for i, (s, _) in enumerate(work) if s.prompt_lps is not None)
-            logits, rows = self.paged.prefill(batch, every)
-            for i, all_logits in rows.items():
-                seq, n = work[i]
-                self._prompt_logprobs(seq, n, all_logits)
-        self._advance(work, logits)
+            step.prefill_logits, step.prompt_rows = self.paged.prefill(chunk, every)
+            base = self.paged.prefill_base
+            for row, (seq, n) in enumerate(work):
+                seq.fed += n
+                seq.row = base + row
+                step.plain = step.plain and seq.plain
+        step.work = work
+        step.ids = self.paged.fetch_ids()
+        return step
+
+    def _complete(self, step: _Step) -> None:
+        """What a launched step computed: counts each row's tokens, hands on the tokens
+        it sampled, holds the KV of prefills that are done."""
+        ids = self.paged.ids(step.ids)
+        for i, all_logits in step.prompt_rows.items():
+            seq, n = step.work[i]
+            self._prompt_logprobs(seq, n, all_logits)
+        if step.decodes:
+            work = [(s, 1) for s in step.decodes]
+            self._advance(work, ids, 0, step.decode_logits)
+        if step.work:
+            self._advance(step.work, ids, self.paged.prefill_base, step.prefill_logits)
         with self._lock:  # prefills whose context is done: hold their KV for the decode side
-            for seq, _ in chunks:
-                if not seq.gen and not seq.done and seq.pending == 0:
+            for seq, _ in step.chunks:
+                if not seq.gen and not seq.done and seq.computed == len(seq.ctx):
                     seq.done = True
                     key = self.table.hold(seq, list(seq.req.token_ids))
                     seq.stream.kv_key = key
                     self._call(seq.stream.finish, EngineFinish.PREFILLED)
 
-    def _advance(self, work: list[tuple[Sequence, int]], logits: Any) -> None:
+    def _advance(
+        self, work: list[tuple[Sequence, int]], ids: list[int], base: int, logits: Any
+    ) -> None:
         """Counts each sequence's computed tokens; one that reached the end of its context
-        samples its next token from its row of `logits`."""
-        if not work:
-            return
-        mask_logits(
-            logits,
-            [
-                (row, seq.matcher)
-                for row, (seq, n) in enumerate(work)
-                if seq.matcher is not None and seq.gen and not seq.done and seq.pending == n
-            ],
-        )
-        greedy = self.torch.argmax(logits, dim=-1).tolist()
+        takes its next token: a plain one the step's argmax (`ids[base + row]`), another
+        one chosen from its row of `logits` (valid: such a step completes at once)."""
+        chosen = [
+            row
+            for row, (seq, n) in enumerate(work)
+            if not seq.plain and seq.gen and not seq.done and seq.computed + n == len(seq.ctx)
+        ]
+        greedy: list[int] = []
+        if chosen:
+            matchers = [(row, work[row][0].matcher) for row in chosen]
+            mask_logits(logits, [(row, m) for row, m in matchers if m is not None])
+            greedy = self.torch.argmax(logits, dim=-1).tolist()
         pushed: list[tuple[RequestStream, int, Logprob | None]] = []
         finished: list[tuple[Sequence, EngineFinish]] = []
         caching, bs = self.table.prefix_caching, self.cfg.block_size
+        eos = self.eos
         with self._lock:
             for row, (seq, n) in enumerate(work):
-                if seq.done:  # aborted during the forward pass
+                if seq.done:  # aborted, or finished by a token of the step before
                     continue
                 seq.computed += n
                 if caching and seq.computed // bs != (seq.computed - n) // bs:
                     self.table.computed(seq, seq.ctx[: seq.computed])  # new full blocks
-                if not seq.gen or seq.pending:
+                if not seq.gen or seq.computed < len(seq.ctx):
                     continue
                 req = seq.req
                 sp = req.sampling
-                generated = req.token_ids[len(req.token_ids) - req.generated :] + seq.out
-                position = len(req.token_ids) + len(seq.out)
-                tok = sampler.choose(
-                    self.torch, logits[row], greedy[row], sp, seq.ctx, generated, self.eos, position
-                )
+                lp = None
+                if seq.plain:
+                    tok = ids[base + row]
+                else:
+                    generated = req.token_ids[len(req.token_ids) - req.generated :] + seq.out
+                    position = len(req.token_ids) + len(seq.out)
+                    tok = sampler.choose(
+                        self.torch, logits[row], greedy[row], sp, seq.ctx, generated, eos, position
+                    )
+                    if sp.logprobs is not None:
+                        lp = self._logprob(logits[row], tok, sp.logprobs)
                 seq.ctx.append(tok)
                 seq.out.append(tok)
-                lp = None if sp.logprobs is None else self._logprob(logits[row], tok, sp.logprobs)
                 pushed.append((seq.stream, tok, lp))
                 done = finish_reason(
-                    tok, len(seq.out), req.max_tokens, sp.stop_token_ids, self.eos, sp.ignore_eos
+                    tok, len(seq.out), req.max_tokens, sp.stop_token_ids, eos, sp.ignore_eos
                 )
                 if seq.matcher is not None:
                     if not seq.matcher.accept(tok):  # masked: only a bug gets here

@@ -20,6 +20,9 @@ class Sequence:
         "table",
         "ctx",
         "computed",
+        "fed",
+        "row",
+        "plain",
         "gen",
         "out",
         "done",
@@ -35,6 +38,21 @@ class Sequence:
         # the tokens whose KV this sequence computes: a prefill stops before the last
         self.ctx: list[int] = list(req.token_ids if self.gen else req.token_ids[:-1])
         self.computed = 0  # leading ctx tokens whose KV is in the blocks
+        # positions whose KV a launched step computes (>= computed; one past the context
+        # while a step feeds the token the step before it samples, still on the GPU)
+        self.fed = 0
+        self.row = 0  # where the last launched step left this sequence's sampled token
+        # its tokens are the model's argmax, nothing else: chosen on the GPU, so a step
+        # of only such sequences can run while the CPU still handles the one before
+        sp = req.sampling
+        self.plain = not self.gen or (
+            sp.greedy
+            and not sp.penalized
+            and sp.logprobs is None
+            and sp.min_tokens <= req.generated
+            and req.prompt_logprobs is None
+            and sp.constraint is None
+        )
         self.out: list[int] = []  # tokens generated
         self.done = False
         self.imported: list[Any] | None = None  # a DECODE's pulled K/V, written at admission

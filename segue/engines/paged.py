@@ -99,10 +99,23 @@ class PagedModel:
         self.block_buckets.append(self.max_blocks)
         self._graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
         self._pool: Any = None
+        # Each step's argmax per row stays on the device: decode rows at [0, max_batch),
+        # prefill rows from `prefill_base`. The next step reads a row's token there (its
+        # `src`) when the CPU has not seen it yet, and each step's ids reach the host by
+        # one asynchronous copy into one of two pinned buffers (`fetch_ids`, `ids`).
+        self.prefill_base = max_batch
+        pinned = self.device.type == "cuda"
+        self.last_ids = torch.zeros(2 * max_batch, dtype=torch.long, device=self.device)
+        self._host = [
+            torch.zeros(2 * max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)
+        ]
+        self._events = [torch.cuda.Event() if pinned else None for _ in range(2)]
+        self._flip = 0
         if self.graphs_on:
-            # The captured steps' inputs: per row token, position, slot, then the block
-            # table; filled through one pinned staging copy per step, sliced per bucket.
-            width = 3 + self.max_blocks
+            # The captured steps' inputs: per row token, position, slot, source of the
+            # token, then the block table; filled through one pinned staging copy per
+            # step, sliced per bucket.
+            width = 4 + self.max_blocks
             self._stage = torch.zeros(max_batch, width, dtype=torch.long, pin_memory=True)
             self._stage_np = self._stage.numpy()
             self._static = torch.zeros(max_batch, width, dtype=torch.long, device=self.device)
@@ -258,7 +271,8 @@ class PagedModel:
     ) -> tuple[Any, dict[int, Any]]:
         """Runs chunks: (token ids, position of the first, the sequence's block table) each.
         Returns the logits of each chunk's last token, [B, V], and for the rows in `every`
-        the logits at every position of the chunk, [len(chunk), V] (prompt logprobs)."""
+        the logits at every position of the chunk, [len(chunk), V] (prompt logprobs); their
+        argmax goes to `last_ids` from `prefill_base`."""
         torch = self.torch
         qmax = max(len(ids) for ids, _, _ in batch)
         nb = max(-(-(start + len(ids)) // self.block_size) for ids, start, _ in batch)
@@ -274,10 +288,15 @@ class PagedModel:
         hidden = self._forward(*t)
         last = torch.tensor([len(ids) - 1 for ids, _, _ in batch], device=self.device)
         rows = {r: self.logits(hidden[r, : len(batch[r][0])]) for r in every}
-        return self.logits(hidden[torch.arange(len(batch), device=self.device), last]), rows
+        logits = self.logits(hidden[torch.arange(len(batch), device=self.device), last])
+        base = self.prefill_base
+        self.last_ids[base : base + len(batch)].copy_(logits.argmax(-1))
+        return logits, rows
 
-    def decode(self, batch: list[tuple[int, int, list[int]]]) -> Any:
-        """One token each: (token id, its position, block table). Returns logits [B, V]."""
+    def decode(self, batch: list[tuple[int, int, list[int]]], src: list[int] | None = None) -> Any:
+        """One token each: (token id, its position, block table). Returns logits [B, V];
+        their argmax goes to `last_ids[:B]`. A row whose `src` is not negative takes its
+        token from `last_ids[src]` instead (sampled by the step before, not yet read)."""
         torch = self.torch
         n = len(batch)
         nb = max(pos // self.block_size + 1 for _, pos, _ in batch)
@@ -292,43 +311,71 @@ class PagedModel:
         pos = [p for _, p, _ in batch] + [0] * (bsz - n)
         slot = [tb[p // bs] * bs + p % bs for _, p, tb in batch]
         slot += [self.scratch * bs] * (bsz - n)
+        srcs = (src or [-1] * n) + [-1] * (bsz - n)
         table = [(tb[:nb] + pad_table)[:nb] for _, _, tb in batch] + [pad_table] * (bsz - n)
         if not self.graphs_on:
             t = [
                 torch.tensor(x, dtype=torch.long, device=self.device).view(bsz, -1)
-                for x in (tok, pos, slot)
+                for x in (tok, pos, slot, srcs)
             ]
             tt = torch.tensor(table, dtype=torch.long, device=self.device)
-            return self.logits(self._forward(t[0], t[1], t[2], tt)[:, 0])
+            return self._decode_step(t[0], t[1], t[2], t[3], tt)
         st = self._stage_np
-        st[:bsz, 0], st[:bsz, 1], st[:bsz, 2] = tok, pos, slot
-        st[:bsz, 3 : 3 + nb] = table
+        st[:bsz, 0], st[:bsz, 1], st[:bsz, 2], st[:bsz, 3] = tok, pos, slot, srcs
+        st[:bsz, 4 : 4 + nb] = table
         self._static[:bsz].copy_(self._stage[:bsz], non_blocking=True)
         graph, out = self._graph(bsz, nb)
         graph.replay()
         return out[:n]
 
+    def _decode_step(self, tok: Any, pos: Any, slot: Any, src: Any, table: Any) -> Any:
+        """A decode step from its inputs to its logits and argmax (what a graph captures)."""
+        torch = self.torch
+        tok = torch.where(src >= 0, self.last_ids[src.clamp(min=0)], tok)
+        logits = self.logits(self._forward(tok, pos, slot, table)[:, 0])
+        self.last_ids[: logits.shape[0]].copy_(logits.argmax(-1))
+        return logits
+
+    def fetch_ids(self) -> int:
+        """Starts copying the steps' argmax (`last_ids`) to the host; `ids` waits for it."""
+        k = self._flip = 1 - self._flip
+        self._host[k].copy_(self.last_ids, non_blocking=True)
+        event = self._events[k]
+        if event is not None:
+            event.record()
+        return k
+
+    def ids(self, k: int) -> list[int]:
+        event = self._events[k]
+        if event is not None:
+            event.synchronize()
+        return self._host[k].tolist()
+
     def _graph(self, bsz: int, nb: int) -> tuple[Any, Any]:
         """The captured decode step for this bucket, captured on first use. Capturing runs
         the step on the current inputs (twice to warm up, once recorded): each run writes the
-        same K/V to the same slots, so it is harmless."""
+        same K/V to the same slots, so it is harmless, and `last_ids`, which the step reads,
+        is put back as it was."""
         found = self._graphs.get((bsz, nb))
         if found is not None:
             return found
         torch = self.torch
         s = self._static[:bsz]
-        args = (s[:, 0:1], s[:, 1:2], s[:, 2:3], s[:, 3 : 3 + nb])
+        args = (s[:, 0:1], s[:, 1:2], s[:, 2:3], s[:, 3:4], s[:, 4 : 4 + nb])
+        saved = self.last_ids.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.logits(self._forward(*args)[:, 0])
+                self.last_ids.copy_(saved)
+                self._decode_step(*args)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self.logits(self._forward(*args)[:, 0])
+            out = self._decode_step(*args)
+        self.last_ids.copy_(saved)
         self._graphs[(bsz, nb)] = (graph, out)
         log.info("captured a decode graph for batch %d, %d blocks", bsz, nb)
         return graph, out

@@ -35,6 +35,7 @@ def _hf(cfg: WorkerConfig, tok: Tokenizer) -> Engine:
             max_batched_tokens=opts.max_num_batched_tokens or 2048,
             cuda_graphs=hf.cuda_graphs,
             kernels=hf.kernels,
+            overlap=hf.overlap,
             prefix_caching=hf.prefix_caching,
         ),
         tok,

@@ -98,16 +98,47 @@ def test_paged_forward_matches_transformers(model_dir, reference):
             torch.testing.assert_close(dec[i], want[-1], rtol=1e-4, atol=1e-4)
 
 
-def test_batched_greedy_equals_generate_and_frees_blocks(model_dir, reference):
+# "on": each step launched before the one before it is handled (a GPU's default), which
+# feeds a token still on the device to the next step and runs one step past a stop token
+OVERLAP = pytest.mark.parametrize("overlap", ["off", "on"])
+
+
+@OVERLAP
+def test_batched_greedy_equals_generate_and_frees_blocks(model_dir, reference, overlap):
     """Twelve ragged requests, eight running at once, prompts chunked 16 tokens per step:
     each one's tokens equal `generate()` of it alone; all blocks back after."""
     ps = prompts(12)
     reqs = [EngineInput(f"r{i}", p, max_tokens=20, sampling=NO_EOS) for i, p in enumerate(ps)]
-    out, stats = asyncio.run(run_engine(model_dir, reqs, max_num_seqs=8, max_batched_tokens=16))
+    out, stats = asyncio.run(
+        run_engine(model_dir, reqs, max_num_seqs=8, max_batched_tokens=16, overlap=overlap)
+    )
     for i, p in enumerate(ps):
         toks, reason = out[f"r{i}"]
         assert reason is EngineFinish.LENGTH
         assert toks == generate(reference, p, 20), f"request {i}"
+    assert (stats.running, stats.waiting, stats.kv_blocks_used) == (0, 0, 0)
+
+
+@OVERLAP
+def test_a_stop_token_ends_the_request_where_generate_has_it(model_dir, reference, overlap):
+    """Each request stops at the first token of its own that it was told to stop at: with
+    overlap the step after it already runs and its token must not reach the stream; a
+    greedy request beside them that asks for logprobs (its token chosen on the CPU, so its
+    steps complete at once) is unchanged."""
+    ps = prompts(6, base=11)
+    reqs, wants = [], {}
+    for i, p in enumerate(ps[:5]):
+        full = generate(reference, p, 16)
+        stop = full[3 + i]  # a token it makes, stopped at its first occurrence
+        wants[f"s{i}"] = full[: full.index(stop) + 1]
+        sp = SamplingParams(ignore_eos=True, stop_token_ids=[stop])
+        reqs.append(EngineInput(f"s{i}", p, 16, sp))
+    plain = generate(reference, ps[5], 12)
+    reqs.append(EngineInput("g", ps[5], 12, SamplingParams(ignore_eos=True, logprobs=2)))
+    out, stats = asyncio.run(run_engine(model_dir, reqs, max_num_seqs=8, overlap=overlap))
+    for rid, want in wants.items():
+        assert out[rid] == (want, EngineFinish.STOP), rid
+    assert out["g"] == (plain, EngineFinish.LENGTH)
     assert (stats.running, stats.waiting, stats.kv_blocks_used) == (0, 0, 0)
 
 
@@ -175,12 +206,14 @@ def test_prefix_cache_reuses_blocks_and_the_output_is_unchanged(model_dir, refer
         assert sink.removed_ == []
 
 
-def test_abort_frees_blocks_at_once(model_dir):
+@OVERLAP
+def test_abort_frees_blocks_at_once(model_dir, overlap):
     from segue.engines.hf import HFConfig, HFEngine
     from segue.tokenizer import HFTokenizer
 
     async def go():
-        engine = HFEngine(HFConfig(model_dir=model_dir, device=DEVICE), HFTokenizer(model_dir))
+        cfg = HFConfig(model_dir=model_dir, device=DEVICE, overlap=overlap)
+        engine = HFEngine(cfg, HFTokenizer(model_dir))
         await engine.start()
         try:
             a = engine.add_request(EngineInput("a", prompts(1)[0], 1500, NO_EOS))
@@ -202,7 +235,8 @@ def test_abort_frees_blocks_at_once(model_dir):
     asyncio.run(go())
 
 
-def test_kv_moves_between_pools_exactly(model_dir, reference):
+@OVERLAP
+def test_kv_moves_between_pools_exactly(model_dir, reference, overlap):
     """A PREFILL on one engine, its payload pulled into a DECODE on another: the tokens
     equal generate(); a running request exported mid-stream continues exactly too."""
     from segue.engines.hf import HFConfig, HFEngine
@@ -222,8 +256,8 @@ def test_kv_moves_between_pools_exactly(model_dir, reference):
 
     async def go():
         tok = HFTokenizer(model_dir)
-        a = HFEngine(HFConfig(model_dir=model_dir, device=DEVICE), tok)
-        b = HFEngine(HFConfig(model_dir=model_dir, device=DEVICE), tok)
+        a = HFEngine(HFConfig(model_dir=model_dir, device=DEVICE, overlap=overlap), tok)
+        b = HFEngine(HFConfig(model_dir=model_dir, device=DEVICE, overlap=overlap), tok)
         await a.start()
         await b.start()
         try:
