@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -34,3 +35,13 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+
+
+def freeze_startup_objects() -> None:
+    """Call once a server is up: what exists then (modules, a model's Python objects)
+    lives as long as the process, and moved to the permanent generation the collector
+    stops walking it. A full collection in a worker with transformers loaded took 170 ms
+    here, and the collector ran every few engine steps: an hf engine's step at 256
+    sequences took 2.3 ms of CPU before, 1.15 ms after (bench/engine_cpu_step.py)."""
+    gc.collect()
+    gc.freeze()

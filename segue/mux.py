@@ -132,6 +132,13 @@ class MuxSink:
     async def write_eof(self, data: bytes = b"") -> None:
         await self.write(data)  # the end record goes out when the call's task ends
 
+    def has_room(self) -> bool:
+        return self.out.size <= _HIGH_WATER and not self.out.closed
+
+    def write_now(self, data: bytes) -> None:
+        if not (self.cancelled or self.lost or self.out.closed):
+            self.out.put(CALL_RECORD.pack(self.sid, len(data)), data)
+
     async def flush(self) -> None:
         await self.out.drained()
 

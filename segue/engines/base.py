@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -110,7 +111,9 @@ def _wake(waiter: asyncio.Future[bool], value: bool) -> None:
 class RequestStream:
     """Single-producer, single-consumer token channel; coalesces tokens produced between
     reads so a fast engine sends fewer, larger frames. The reader waits on a bare future with
-    a timer for its timeout: `asyncio.wait_for` would make a task per token."""
+    a timer for its timeout: `asyncio.wait_for` would make a task per token. A reader may
+    set `direct`, which takes each token as it is pushed (True: taken; False: queue it):
+    a worker writes it to its caller in the same callback, with no wake-up of its task."""
 
     __slots__ = (
         "request_id",
@@ -123,6 +126,7 @@ class RequestStream:
         "kv_key",
         "kv_tokens",
         "cached_tokens",
+        "direct",
     )
 
     def __init__(self, request_id: str) -> None:
@@ -136,8 +140,12 @@ class RequestStream:
         self.kv_key: str | None = None  # a finished PREFILL's KV, for `Engine.kv_payload`
         self.kv_tokens: list[int] = []  # the context an EXPORTED request's KV covers
         self.cached_tokens = 0  # leading context tokens the engine found in its KV cache
+        self.direct: Callable[[int, Logprob | None], bool] | None = None
 
     def push(self, token_id: int, logprob: Logprob | None = None) -> None:
+        direct = self.direct
+        if direct is not None and not self._pending and direct(token_id, logprob):
+            return
         self._pending.append(token_id)
         if logprob is not None:
             if self._logprobs is None:

@@ -99,17 +99,16 @@ class PagedModel:
         self.block_buckets.append(self.max_blocks)
         self._graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
         self._pool: Any = None
-        # Each step's argmax per row stays on the device: decode rows at [0, max_batch),
-        # prefill rows from `prefill_base`. The next step reads a row's token there (its
-        # `src`) when the CPU has not seen it yet, and each step's ids reach the host by
-        # one asynchronous copy into one of two pinned buffers (`fetch_ids`, `ids`).
+        # Each step's argmax per row stays on the device (decode rows first, prefill rows
+        # from `prefill_base`), for the next step to read a token the CPU has not seen
+        # (`src`); it reaches the host by one asynchronous copy (`fetch_ids`, `ids`).
         self.prefill_base = max_batch
         pinned = self.device.type == "cuda"
         self.last_ids = torch.zeros(2 * max_batch, dtype=torch.long, device=self.device)
         self._host = [
             torch.zeros(2 * max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)
         ]
-        self._events = [torch.cuda.Event() if pinned else None for _ in range(2)]
+        self._events: list[Any] = [torch.cuda.Event() if pinned else None for _ in range(2)]
         self._flip = 0
         if self.graphs_on:
             # The captured steps' inputs: per row token, position, slot, source of the
@@ -314,12 +313,10 @@ class PagedModel:
         srcs = (src or [-1] * n) + [-1] * (bsz - n)
         table = [(tb[:nb] + pad_table)[:nb] for _, _, tb in batch] + [pad_table] * (bsz - n)
         if not self.graphs_on:
-            t = [
-                torch.tensor(x, dtype=torch.long, device=self.device).view(bsz, -1)
-                for x in (tok, pos, slot, srcs)
-            ]
-            tt = torch.tensor(table, dtype=torch.long, device=self.device)
-            return self._decode_step(t[0], t[1], t[2], t[3], tt)
+            t = [torch.tensor(x, device=self.device) for x in (tok, pos, slot, srcs)]
+            cols = [x[:, None] for x in t]  # [B, 1] each
+            tt = torch.tensor(table, device=self.device)
+            return self._decode_step(cols[0], cols[1], cols[2], cols[3], tt)
         st = self._stage_np
         st[:bsz, 0], st[:bsz, 1], st[:bsz, 2], st[:bsz, 3] = tok, pos, slot, srcs
         st[:bsz, 4 : 4 + nb] = table
@@ -340,15 +337,13 @@ class PagedModel:
         """Starts copying the steps' argmax (`last_ids`) to the host; `ids` waits for it."""
         k = self._flip = 1 - self._flip
         self._host[k].copy_(self.last_ids, non_blocking=True)
-        event = self._events[k]
-        if event is not None:
-            event.record()
+        if self._events[k] is not None:
+            self._events[k].record()
         return k
 
     def ids(self, k: int) -> list[int]:
-        event = self._events[k]
-        if event is not None:
-            event.synchronize()
+        if self._events[k] is not None:
+            self._events[k].synchronize()
         return self._host[k].tolist()
 
     def _graph(self, bsz: int, nb: int) -> tuple[Any, Any]:

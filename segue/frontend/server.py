@@ -18,6 +18,7 @@ from segue.frontend.app import Frontend
 from segue.frontend.config import FrontendConfig
 from segue.frontend.connections import GuardedRunner
 from segue.frontend.system import PUBLISH_S, SystemServer
+from segue.lifetime import freeze_startup_objects
 from segue.tokenizer import Tokenizer
 
 DETACH_BEFORE_S = 1.0  # background responses are let go this long before the drain deadline
@@ -49,6 +50,7 @@ async def run_frontend(
         port = runner.addresses[0][1]
         print(f"segue frontend ready url=http://{cfg.host}:{port}", flush=True)
     log.info("frontend listening on http://%s:%d", cfg.host, port)
+    freeze_startup_objects()
     if fe.keys is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, fe.keys.load)
     system, publisher = None, None

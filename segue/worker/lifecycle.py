@@ -19,6 +19,7 @@ from aiohttp import web
 from segue.auth import client_headers, load_cluster_token
 from segue.discovery import Discovery, Instance, ModelCard
 from segue.engines.base import Engine
+from segue.lifetime import freeze_startup_objects
 from segue.log import fields as log_fields
 from segue.protocol import Role
 from segue.router import Router
@@ -141,6 +142,8 @@ class Worker:
             card=self.card,
             process=process,
         )
+        if not monitored:  # a fleet's replicas share the process: its objects are few
+            freeze_startup_objects()
         lease = await self.discovery.register(inst, self.cfg.lease_ttl)
         print(f"segue worker ready id={self.id} role={self.cfg.role} url={self.url}", flush=True)
         log.info("worker %s ready at %s", self.id, self.url)

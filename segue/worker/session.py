@@ -45,7 +45,7 @@ from segue.protocol import (
 )
 from segue.worker.kv_store import KvStore
 from segue.worker.metrics import WorkerMetrics
-from segue.worker.sink import FrameSink, StageError
+from segue.worker.sink import DirectTokens, FrameSink, StageError
 
 log = logging.getLogger("segue.worker")
 KEEPALIVE_FRAME = encode_frame(KeepAlive())
@@ -272,18 +272,33 @@ class EngineSessions:
         )
         return d.stream, d.known[n:]
 
+    def _written(self, tokens: int) -> None:
+        self.progress = time.monotonic()
+        self.metrics.output_tokens.inc(tokens)
+
     async def _stream_frames(
         self, offset: int, stream: RequestStream, resp: FrameSink, sent: list[int] | None = None
+    ) -> str | None:
+        call = DirectTokens(resp, offset, sent, self._written)
+        try:
+            return await self._frames(call, stream, resp)
+        finally:
+            stream.direct = None  # nothing is written for this call after it ends
+
+    async def _frames(
+        self, call: DirectTokens, stream: RequestStream, resp: FrameSink
     ) -> str | None:
         first = True
         while True:
             out = await stream.get(self.keepalive)
+            call.flush()
             if out is None:
                 await resp.write(KEEPALIVE_FRAME)
                 continue
             self.progress = time.monotonic()
             data = b""
             ids = out.token_ids
+            offset = call.offset
             if ids:
                 crash_at = self.exit_after_tokens
                 if crash_at is not None and offset + len(ids) >= crash_at:
@@ -298,9 +313,11 @@ class EngineSessions:
                 if first:
                     first = False
                     tracing.event("first_token", {"segue.offset": offset})
-                offset += len(ids)
-                if sent is not None:
-                    sent += ids
+                    if crash_at is None:  # the next tokens go out as the engine gives them
+                        stream.direct = call
+                call.offset = offset = offset + len(ids)
+                if call.sent is not None:
+                    call.sent += ids
                 self.metrics.output_tokens.inc(len(ids))
             reason = out.finish_reason
             if reason is not None:
