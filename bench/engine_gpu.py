@@ -8,9 +8,11 @@ For each dtype: `segue serve --engine hf --workers 1` on a random-weight Llama b
 `segue make-model`, driven by `segue bench --ignore-eos` (streaming completions, closed loop)
 at each concurrency; then `generate()` of a batch of the same prompt, as many rows as the
 concurrency, greedy, `--max-tokens` new tokens (the model's EOS never wins: make-model zeroes
-its row). `--baseline-tree DIR` serves with the segue source in DIR too (an older engine,
-e.g. a `git worktree` of an earlier commit; float32 only). Prints tokens/s and TTFT p50 per
-level; `--json FILE` writes every number.
+its row). `--baseline-tree DIR` serves with the segue source in DIR too, each dtype right
+after this tree's (an older engine, e.g. a `git worktree` of an earlier commit; it must take
+`--dtype` and `--hf-kernels`). Prints tokens/s, TTFT and ITL p50 per level; `--json FILE`
+writes every number. A long prompt's TTFT: `--prompt-words 4000 --context-length 8192
+--concurrency 1`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from _common import free_port, spawn, stop, wait_workers  # noqa: E402
 
 def serve_and_bench(args, model: str, dtype: str, tree: str | None, tmp: Path) -> list[dict]:
     port = free_port()
-    extra = [] if tree else ["--dtype", dtype, "--hf-kernels", args.kernels]
+    extra = ["--dtype", dtype, "--hf-kernels", args.kernels]
     log = open(tmp / f"serve-{dtype}-{'base' if tree else 'new'}.log", "w")
     argv = [
         "serve", "--engine", "hf", "--model", model, "--workers", "1",
@@ -92,6 +94,7 @@ def main() -> int:
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--intermediate-size", type=int, default=None)
     p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--context-length", type=int, default=2048, help="make-model's")
     p.add_argument("--kernels", default="auto", help="the hf engine's --hf-kernels")
     p.add_argument("--concurrency", default="1,16,64,256")
     p.add_argument("--dtypes", default="float32,bfloat16")
@@ -119,6 +122,7 @@ def main() -> int:
                     sys.executable, "-m", "segue", "make-model", model,
                     "--hidden-size", str(args.hidden_size), "--layers", str(args.layers),
                     "--heads", str(args.heads), "--vocab-size", str(args.vocab_size),
+                    "--context-length", str(args.context_length),
                     *(["--kv-heads", str(args.kv_heads)] if args.kv_heads else []),
                     *(["--intermediate-size", str(args.intermediate_size)]
                       if args.intermediate_size else []),
@@ -134,7 +138,7 @@ def main() -> int:
         results: dict = {"prompt_tokens": len(ids), "runs": {}}
         runs = [(dt, None) for dt in args.dtypes.split(",")]
         if args.baseline_tree:
-            runs.append(("float32", args.baseline_tree))
+            runs = [r for dt, _ in runs for r in ((dt, None), (dt, args.baseline_tree))]
         for dtype, tree in runs:
             name = f"{'baseline' if tree else 'segue'} {dtype}"
             levels = serve_and_bench(args, model, dtype, tree, tmp)

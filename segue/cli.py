@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--intermediate-size", type=int, default=None, help="MLP width; default 2x --hidden-size"
     )
+    m.add_argument(
+        "--context-length", type=int, default=2048, help="positions the model and tokenizer take"
+    )
 
     a = sub.add_parser("worker-admin", help="operator calls to one worker (move requests)")
     from segue.admin import add_admin_args
@@ -154,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             heads=args.heads,
             kv_heads=args.kv_heads,
             intermediate_size=args.intermediate_size,
+            max_positions=args.context_length,
         )
         print(f"tiny model written to {path}")
         return

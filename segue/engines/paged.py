@@ -105,25 +105,23 @@ class PagedModel:
         self.prefill_base = max_batch
         pinned = self.device.type == "cuda"
         self.last_ids = torch.zeros(2 * max_batch, dtype=torch.long, device=self.device)
-        self._host = [
-            torch.zeros(2 * max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)
-        ]
-        self._events: list[Any] = [torch.cuda.Event() if pinned else None for _ in range(2)]
+        self._host = [torch.zeros(2 * max_batch, dtype=torch.long, pin_memory=pinned) for _ in "ab"]
+        self._events: list[Any] = [torch.cuda.Event() if pinned else None for _ in "ab"]
         self._flip = 0
         if self.graphs_on:
             # The captured steps' inputs: per row token, position, slot, source of the
-            # token, then the block table; filled through one pinned staging copy per
-            # step, sliced per bucket.
+            # token, then the block table; filled through a pinned staging copy per step,
+            # sliced per bucket. Two, by turns: a step is launched before the one before it
+            # is done, so that one's copy may not have been made yet.
             width = 4 + self.max_blocks
-            self._stage = torch.zeros(max_batch, width, dtype=torch.long, pin_memory=True)
-            self._stage_np = self._stage.numpy()
+            stage = (max_batch, width)
+            self._stages = [torch.zeros(stage, dtype=torch.long, pin_memory=True) for _ in "ab"]
+            self._turn = 0
             self._static = torch.zeros(max_batch, width, dtype=torch.long, device=self.device)
 
     @property
     def bytes_per_token(self) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.k.element_size()
-
-    # -- the forward pass -------------------------------------------------------------------
 
     def _forward(self, tok: Any, pos: Any, slot: Any, table: Any) -> Any:
         """tok, pos, slot: [B, Q]; table: [B, NB] block ids. Returns hidden states [B, Q, H]
@@ -317,10 +315,12 @@ class PagedModel:
             cols = [x[:, None] for x in t]  # [B, 1] each
             tt = torch.tensor(table, device=self.device)
             return self._decode_step(cols[0], cols[1], cols[2], cols[3], tt)
-        st = self._stage_np
+        self._turn ^= 1  # the stage of the decode 2 launches ago: its step is done
+        stage = self._stages[self._turn]
+        st = stage.numpy()
         st[:bsz, 0], st[:bsz, 1], st[:bsz, 2], st[:bsz, 3] = tok, pos, slot, srcs
         st[:bsz, 4 : 4 + nb] = table
-        self._static[:bsz].copy_(self._stage[:bsz], non_blocking=True)
+        self._static[:bsz].copy_(stage[:bsz], non_blocking=True)
         graph, out = self._graph(bsz, nb)
         graph.replay()
         return out[:n]

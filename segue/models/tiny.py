@@ -35,7 +35,7 @@ CHAT_TEMPLATE = (
 SPECIALS = ["<unk>", "<s>", "</s>"]
 
 
-def build_tokenizer(out: Path, vocab_size: int) -> int:
+def build_tokenizer(out: Path, vocab_size: int, max_positions: int = 2048) -> int:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -65,7 +65,7 @@ def build_tokenizer(out: Path, vocab_size: int) -> int:
                 "bos_token": "<s>",
                 "eos_token": "</s>",
                 "unk_token": "<unk>",
-                "model_max_length": 2048,
+                "model_max_length": max_positions,
                 "chat_template": CHAT_TEMPLATE,
                 "tokenizer_class": "PreTrainedTokenizerFast",
             },
@@ -91,7 +91,7 @@ def build_tiny_llama(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vocab = build_tokenizer(out, vocab_size)
+    vocab = build_tokenizer(out, vocab_size, max_positions)
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden_size,

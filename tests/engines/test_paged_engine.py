@@ -432,15 +432,21 @@ def test_constrained_decoding_is_valid_and_resumes_exactly(model_dir):
 
 
 def test_make_model_builds_the_shape_asked_for(tmp_path):
-    """--kv-heads, --intermediate-size, and a --vocab-size beyond what the tokenizer's
-    corpus yields: the model has that many rows, and each extra id decodes to text."""
+    """--kv-heads, --intermediate-size, --context-length, and a --vocab-size beyond what
+    the tokenizer's corpus yields: the model has that many rows, and each extra id decodes
+    to text."""
     import json
 
     from segue.models.tiny import build_tiny_llama
     from segue.tokenizer import HFTokenizer
 
     path = build_tiny_llama(
-        tmp_path / "m", vocab_size=3000, heads=4, kv_heads=2, intermediate_size=96
+        tmp_path / "m",
+        vocab_size=3000,
+        heads=4,
+        kv_heads=2,
+        intermediate_size=96,
+        max_positions=5000,
     )
     cfg = json.loads((path / "config.json").read_text())
     assert (cfg["vocab_size"], cfg["num_key_value_heads"], cfg["intermediate_size"]) == (
@@ -449,6 +455,7 @@ def test_make_model_builds_the_shape_asked_for(tmp_path):
         96,
     )
     tok = HFTokenizer(str(path))
-    assert tok.vocab_size == 3000
+    assert (tok.vocab_size, tok.context_length) == (3000, 5000)
+    assert cfg["max_position_embeddings"] == 5000
     assert tok.decode([2999]) == "<x2999>"
     assert max(tok.encode("the river and the sea")) < 1100  # no merge makes an extra id
