@@ -35,10 +35,7 @@ def _pow2(n: int) -> bool:
 
 
 def _bucket(n: int, buckets: list[int]) -> int:
-    for b in buckets:
-        if b >= n:
-            return b
-    return n
+    return next((b for b in buckets if b >= n), n)
 
 
 class PagedModel:
@@ -281,9 +278,9 @@ class PagedModel:
             pos.append(list(range(start, start + len(ids))) + [start] * pad)
             slot.append(self._slots(blocks, start, len(ids)) + [scratch] * pad)
             table.append(blocks[:nb] + [self.scratch] * (nb - min(nb, len(blocks))))
-        t = [torch.tensor(x, dtype=torch.long, device=self.device) for x in (tok, pos, slot, table)]
+        t = [self._upload(x) for x in (tok, pos, slot, table)]
         hidden = self._forward(*t)
-        last = torch.tensor([len(ids) - 1 for ids, _, _ in batch], device=self.device)
+        last = self._upload([len(ids) - 1 for ids, _, _ in batch])
         rows = {r: self.logits(hidden[r, : len(batch[r][0])]) for r in every}
         logits = self.logits(hidden[torch.arange(len(batch), device=self.device), last])
         base = self.prefill_base
@@ -294,7 +291,6 @@ class PagedModel:
         """One token each: (token id, its position, block table). Returns logits [B, V];
         their argmax goes to `last_ids[:B]`. A row whose `src` is not negative takes its
         token from `last_ids[src]` instead (sampled by the step before, not yet read)."""
-        torch = self.torch
         n = len(batch)
         nb = max(pos // self.block_size + 1 for _, pos, _ in batch)
         if self.graphs_on:
@@ -311,10 +307,8 @@ class PagedModel:
         srcs = (src or [-1] * n) + [-1] * (bsz - n)
         table = [(tb[:nb] + pad_table)[:nb] for _, _, tb in batch] + [pad_table] * (bsz - n)
         if not self.graphs_on:
-            t = [torch.tensor(x, device=self.device) for x in (tok, pos, slot, srcs)]
-            cols = [x[:, None] for x in t]  # [B, 1] each
-            tt = torch.tensor(table, device=self.device)
-            return self._decode_step(cols[0], cols[1], cols[2], cols[3], tt)
+            t = [self._upload(x)[:, None] for x in (tok, pos, slot, srcs)]  # [B, 1] each
+            return self._decode_step(t[0], t[1], t[2], t[3], self._upload(table))
         self._turn ^= 1  # the stage of the decode 2 launches ago: its step is done
         stage = self._stages[self._turn]
         st = stage.numpy()
@@ -324,6 +318,12 @@ class PagedModel:
         graph, out = self._graph(bsz, nb)
         graph.replay()
         return out[:n]
+
+    def _upload(self, x: list[Any]) -> Any:
+        """A step's input on the device, from pinned memory: queued behind the step in
+        flight, where a copy from pageable memory would wait for it."""
+        torch, cuda = self.torch, self.device.type == "cuda"
+        return torch.tensor(x, dtype=torch.long, pin_memory=cuda).to(self.device, non_blocking=True)
 
     def _decode_step(self, tok: Any, pos: Any, slot: Any, src: Any, table: Any) -> Any:
         """A decode step from its inputs to its logits and argmax (what a graph captures)."""
@@ -348,9 +348,8 @@ class PagedModel:
 
     def _graph(self, bsz: int, nb: int) -> tuple[Any, Any]:
         """The captured decode step for this bucket, captured on first use. Capturing runs
-        the step on the current inputs (twice to warm up, once recorded): each run writes the
-        same K/V to the same slots, so it is harmless, and `last_ids`, which the step reads,
-        is put back as it was."""
+        the step on the current inputs (twice to warm up, once recorded): each writes the same
+        K/V to the same slots, harmless, and `last_ids`, which it reads, is put back."""
         found = self._graphs.get((bsz, nb))
         if found is not None:
             return found
