@@ -59,7 +59,7 @@ class HFOptions:
         "auto",
         choices=("auto", "on", "off"),
         help="launch each step before handling the one before it, so the GPU never waits "
-        "for the CPU (steps of greedy requests without logprobs, penalties or grammars); "
+        "for the CPU (steps of requests without logprobs, penalties or grammars); "
         "auto: on a GPU",
     )
 

@@ -42,12 +42,11 @@ class Sequence:
         # while a step feeds the token the step before it samples, still on the GPU)
         self.fed = 0
         self.row = 0  # where the last launched step left this sequence's sampled token
-        # its tokens are the model's argmax, nothing else: chosen on the GPU, so a step
-        # of only such sequences can run while the CPU still handles the one before
+        # its tokens are the model's argmax or a seeded draw, nothing else: chosen on the
+        # GPU, so a step of only such sequences can run while the CPU handles the one before
         sp = req.sampling
         self.plain = not self.gen or (
-            sp.greedy
-            and not sp.penalized
+            not sp.penalized
             and sp.logprobs is None
             and sp.min_tokens <= req.generated
             and req.prompt_logprobs is None

@@ -3,12 +3,13 @@ step's rows (decodes, prompt chunks) on the model, and complete a launched step:
 each sequence's computed tokens, take its next token, hand the tokens to the event loop,
 finish what is done.
 
-With `overlap` (a GPU's default) a step of plain rows (greedy, no logprobs, penalties or
-grammar) completes only after the next step is launched: each step's argmax stays on the
-device and reaches the host by an asynchronous copy, and a sequence whose token the CPU has
-not seen yet is fed it there (`PagedModel.decode`'s `src`), so the GPU never waits for
-Python. A sequence that stopped at a token of the step in flight had one more step
-computed, which is dropped.
+With `overlap` (a GPU's default) a step of plain rows (greedy or sampled, no logprobs,
+penalties or grammar) completes only after the next step is launched: each step's tokens are
+chosen on the device (the argmax in the captured graph, a seeded draw for rows with a
+temperature: `sampler.sample_rows`), reach the host by an asynchronous copy, and a sequence
+whose token the CPU has not seen yet is fed it there (`PagedModel.decode`'s `src`), so the
+GPU never waits for Python. A sequence that stopped at a token of the step in flight had one
+more step computed, which is dropped.
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ class HFSteps:
                 seq.fed += 1
                 seq.row = row
                 step.plain = step.plain and seq.plain
+            self._draw(list(enumerate(decodes)), step.decode_logits, 0)
         work = [(s, n) for s, n in chunks if n > 0]
         if work:
             chunk = [(s.ctx[s.fed : s.fed + n], s.fed, s.table) for s, n in work]
@@ -171,9 +173,33 @@ class HFSteps:
                 seq.fed += n
                 seq.row = base + row
                 step.plain = step.plain and seq.plain
+            ends = [(row, s) for row, (s, _) in enumerate(work) if s.gen and s.fed == len(s.ctx)]
+            self._draw(ends, step.prefill_logits, base)
         step.work = work
         step.ids = self.paged.fetch_ids()
         return step
+
+    def _draw(self, rows: list[tuple[int, Sequence]], logits: Any, base: int) -> None:
+        """The tokens of the plain rows that sample (a temperature), drawn on the device
+        into `last_ids` in place of the step's argmax; `rows`: (row, sequence) whose next
+        token this step makes, at position `sequence.fed`."""
+        rows = [(r, s) for r, s in rows if s.plain and not s.req.sampling.greedy]
+        if not rows:
+            return
+        torch, dev = self.torch, logits.device
+        pinned = dev.type == "cuda"
+
+        def up(xs: list[Any], dtype: Any) -> Any:
+            return torch.tensor(xs, dtype=dtype, pin_memory=pinned).to(dev, non_blocking=True)
+
+        sps = [s.req.sampling for _, s in rows]
+        idx = up([r for r, _ in rows], torch.long)
+        keys = sampler.row_keys(torch, [sp.seed for sp in sps], [s.fed for _, s in rows], dev)
+        temps = up([sp.temperature for sp in sps], torch.float32)
+        top_ps = up([sp.top_p for sp in sps], torch.float32)
+        cut = any(sp.top_p < 1.0 for sp in sps)
+        toks = sampler.sample_rows(torch, logits.index_select(0, idx), temps, top_ps, keys, cut)
+        self.paged.last_ids.index_copy_(0, idx + base, toks)
 
     def _complete(self, step: Step) -> None:
         """What a launched step computed: counts each row's tokens, hands on the tokens
@@ -199,8 +225,9 @@ class HFSteps:
         self, work: list[tuple[Sequence, int]], ids: list[int], base: int, logits: Any
     ) -> None:
         """Counts each sequence's computed tokens; one that reached the end of its context
-        takes its next token: a plain one the step's argmax (`ids[base + row]`), another
-        one chosen from its row of `logits` (valid: such a step completes at once)."""
+        takes its next token: a plain one what the step chose on the device (`ids[base +
+        row]`: its argmax, or its draw), another one chosen from its row of `logits` (valid:
+        such a step completes at once)."""
         chosen = [
             row
             for row, (seq, n) in enumerate(work)

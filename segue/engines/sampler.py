@@ -1,5 +1,10 @@
 """Token choice from one sequence's logits, for the hf engine: penalties and min_tokens as
-vLLM applies them, seeded sampling, logprobs. Pure functions of torch tensors."""
+vLLM applies them, seeded sampling, logprobs. Pure functions of torch tensors.
+
+Sampling draws by the Gumbel-max trick with noise that is a hash of (request seed, position,
+token id): one draw from softmax(logits / temperature), cut to top_p, the same on any worker
+and in any batch, so a migrated request samples as the first worker would have, and a batch
+of rows samples in a few tensor operations on the logits' device (no copy to the host)."""
 
 from __future__ import annotations
 
@@ -54,15 +59,58 @@ def choose(
     return greedy if sp.greedy else sample(torch, logits, sp, position)
 
 
+M32 = 0xFFFFFFFF
+
+
+def _mul32(x: Any, c: int) -> Any:
+    """(x * c) mod 2**32 for x < 2**32 without leaving int64's range."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & M32
+
+
+def _mix(x: Any) -> Any:
+    """A 32-bit integer hash (Wellons' lowbias32) over int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def row_keys(torch: Any, seeds: list[int], positions: list[int], device: Any) -> Any:
+    """Each row's 32-bit key from its request's seed (any int) and the token's position."""
+    vals = []
+    for seed, pos in zip(seeds, positions, strict=True):
+        seed &= 2**64 - 1
+        vals.append((seed & M32, seed >> 32, pos & M32))
+    pinned = torch.device(device).type == "cuda"  # queued behind the GPU's work, not after it
+    t = torch.tensor(vals, dtype=torch.long, pin_memory=pinned).to(device, non_blocking=True)
+    return _mix(t[:, 0] ^ _mix(t[:, 1] ^ _mix((t[:, 2] + 0x9E3779B9) & M32)))
+
+
+def sample_rows(torch: Any, logits: Any, temps: Any, top_ps: Any, keys: Any, cut: bool) -> Any:
+    """One token per row of `logits` [R, V]: `temps`, `top_ps` [R] (float), `keys` [R]
+    (`row_keys`); `cut`: some row has top_p < 1. Stays on the logits' device."""
+    x = logits.float() / temps[:, None]
+    if cut:  # keep the most likely tokens whose probabilities before them sum below top_p
+        p, order = torch.sort(torch.softmax(x, dim=-1), dim=-1, descending=True)
+        keep = torch.cumsum(p, -1) - p < top_ps[:, None]
+        x = x.masked_fill(~torch.zeros_like(keep).scatter(-1, order, keep), float("-inf"))
+    vocab = torch.arange(x.shape[-1], device=x.device, dtype=torch.long)
+    bits = _mix(_mix(vocab)[None, :] ^ keys[:, None]) >> 8  # 24 random bits per token
+    u = (bits.float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1)
+    return torch.argmax(x - torch.log(-torch.log(u)), dim=-1)
+
+
 def sample(torch: Any, logits: Any, sp: SamplingParams, position: int) -> int:
-    """Seeded per (request seed, position), so a migrated request samples the same."""
-    g = torch.Generator(device="cpu").manual_seed((sp.seed * 1_000_003 + position) % 2**63)
-    probs = torch.softmax(logits.cpu() / sp.temperature, dim=-1)
-    if sp.top_p < 1.0:
-        p, i = torch.sort(probs, descending=True)
-        keep = torch.cumsum(p, 0) - p < sp.top_p
-        probs = torch.zeros_like(probs).scatter(0, i[keep], p[keep])
-    return int(torch.multinomial(probs, 1, generator=g))
+    """One sequence's draw (`sample_rows` of one row): the same token the batched path
+    gives it."""
+    dev = logits.device
+    temps = torch.tensor([sp.temperature], device=dev)
+    top_ps = torch.tensor([sp.top_p], device=dev)
+    keys = row_keys(torch, [sp.seed], [position], dev)
+    return int(sample_rows(torch, logits[None], temps, top_ps, keys, sp.top_p < 1.0)[0])
 
 
 def logprob(torch: Any, logits: Any, tok: int, k: int) -> Logprob:

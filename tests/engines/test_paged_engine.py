@@ -394,6 +394,57 @@ def test_penalties_and_min_tokens_hold_across_a_migration(model_dir, reference):
     assert head + rest == full
 
 
+def test_sampled_requests_draw_the_same_in_any_batch_and_after_a_migration(model_dir):
+    """Requests with a temperature (and top_p) are drawn on the device, seeded by request
+    and position: the same tokens alone, batched with others, with steps overlapped or not,
+    with min_tokens (chosen on the CPU) and continued from their 6th token; a top_p too small
+    to keep more than the likeliest token gives the greedy answer; different seeds differ."""
+    ps = prompts(6, base=21)
+
+    def sp(i: int, **kw) -> SamplingParams:
+        return SamplingParams(temperature=0.9, top_p=0.95, seed=1000 + i, ignore_eos=True, **kw)
+
+    reqs = [EngineInput(f"s{i}", p, 14, sp(i)) for i, p in enumerate(ps)]
+    alone = {
+        r.request_id: asyncio.run(run_engine(model_dir, [r], max_num_seqs=1, overlap="off"))[0][
+            r.request_id
+        ][0]
+        for r in reqs[:2]
+    }
+    for overlap in ("off", "on"):
+        out, stats = asyncio.run(run_engine(model_dir, reqs, max_num_seqs=8, overlap=overlap))
+        assert {rid: out[rid][0] for rid in alone} == alone, overlap
+        assert len({tuple(t) for t, _ in out.values()}) == len(reqs)  # seeds differ
+        assert (stats.running, stats.kv_blocks_used) == (0, 0)
+    # min_tokens of 3 (already reached after the 3rd token): the CPU's choice, same draw
+    cpu = asyncio.run(run_engine(model_dir, [EngineInput("c", ps[0], 14, sp(0, min_tokens=3))]))
+    assert cpu[0]["c"][0] == alone["s0"]
+    head = alone["s1"][:6]
+    moved = EngineInput("m", ps[1] + head, 8, sp(1), generated=6)
+    rest = asyncio.run(run_engine(model_dir, [moved], overlap="on"))[0]["m"][0]
+    assert head + rest == alone["s1"]
+    greedy = asyncio.run(run_engine(model_dir, [EngineInput("g", ps[2], 14, NO_EOS)]))[0]["g"][0]
+    tight = EngineInput("t", ps[2], 14, SamplingParams(temperature=2.0, top_p=1e-6, seed=5))
+    assert asyncio.run(run_engine(model_dir, [tight], overlap="on"))[0]["t"][0] == greedy
+
+
+def test_a_seeded_draw_follows_the_softmax():
+    """4,000 draws over four logits with 4,000 seeds land in proportion to softmax(x / T)
+    and, cut to top_p, only among the likeliest tokens whose mass reaches it."""
+    from segue.engines import sampler
+
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0]] * 4000)
+    keys = sampler.row_keys(torch, list(range(4000)), [17] * 4000, "cpu")
+    ones = torch.ones(4000)
+    for temp in (1.0, 2.0):
+        toks = sampler.sample_rows(torch, x, ones * temp, ones, keys, False)
+        freq = torch.bincount(toks, minlength=4).float() / 4000
+        torch.testing.assert_close(freq, torch.softmax(x[0] / temp, 0), atol=0.03, rtol=0)
+    # softmax: 0.03, 0.09, 0.24, 0.64; top_p 0.8: 0.64 < 0.8, so the 3rd is kept, not the 2nd
+    toks = sampler.sample_rows(torch, x, ones, ones * 0.8, keys, True)
+    assert set(toks.tolist()) == {2, 3}
+
+
 def test_constrained_decoding_is_valid_and_resumes_exactly(model_dir):
     """The grammar masks the whole batch's logits (random weights: only the mask makes
     the output JSON); a request resumed after k of its tokens (a migration) makes the
