@@ -38,8 +38,8 @@ class Step:
     decode_logits: Any = None
     prefill_logits: Any = None
     prompt_rows: dict[int, Any] = field(default_factory=dict)  # every position's logits
-    ids: int = 0  # the `PagedModel.fetch_ids` copy holding its argmax
-    plain: bool = True  # every row's token is its argmax: it may complete later
+    ids: int = 0  # the `PagedModel.fetch_ids` copy holding its tokens
+    plain: bool = True  # every row's token was chosen on the device: it may complete later
 
 
 class HFSteps:
@@ -186,15 +186,12 @@ class HFSteps:
         rows = [(r, s) for r, s in rows if s.plain and not s.req.sampling.greedy]
         if not rows:
             return
-        torch, dev = self.torch, logits.device
-        pinned = dev.type == "cuda"
-
-        def up(xs: list[Any], dtype: Any) -> Any:
-            return torch.tensor(xs, dtype=dtype, pin_memory=pinned).to(dev, non_blocking=True)
-
+        torch, up = self.torch, self.paged.upload
         sps = [s.req.sampling for _, s in rows]
-        idx = up([r for r, _ in rows], torch.long)
-        keys = sampler.row_keys(torch, [sp.seed for sp in sps], [s.fed for _, s in rows], dev)
+        idx = up([r for r, _ in rows])
+        keys = sampler.row_keys(
+            up(sampler.key_parts([sp.seed for sp in sps], [s.fed for _, s in rows]))
+        )
         temps = up([sp.temperature for sp in sps], torch.float32)
         top_ps = up([sp.top_p for sp in sps], torch.float32)
         cut = any(sp.top_p < 1.0 for sp in sps)

@@ -100,7 +100,7 @@ class PagedModel:
         # from `prefill_base`), for the next step to read a token the CPU has not seen
         # (`src`); it reaches the host by one asynchronous copy (`fetch_ids`, `ids`).
         self.prefill_base = max_batch
-        pinned = self.device.type == "cuda"
+        self.cuda = pinned = self.device.type == "cuda"
         self.last_ids = torch.zeros(2 * max_batch, dtype=torch.long, device=self.device)
         self._host = [torch.zeros(2 * max_batch, dtype=torch.long, pin_memory=pinned) for _ in "ab"]
         self._events: list[Any] = [torch.cuda.Event() if pinned else None for _ in "ab"]
@@ -278,9 +278,9 @@ class PagedModel:
             pos.append(list(range(start, start + len(ids))) + [start] * pad)
             slot.append(self._slots(blocks, start, len(ids)) + [scratch] * pad)
             table.append(blocks[:nb] + [self.scratch] * (nb - min(nb, len(blocks))))
-        t = [self._upload(x) for x in (tok, pos, slot, table)]
+        t = [self.upload(x) for x in (tok, pos, slot, table)]
         hidden = self._forward(*t)
-        last = self._upload([len(ids) - 1 for ids, _, _ in batch])
+        last = self.upload([len(ids) - 1 for ids, _, _ in batch])
         rows = {r: self.logits(hidden[r, : len(batch[r][0])]) for r in every}
         logits = self.logits(hidden[torch.arange(len(batch), device=self.device), last])
         base = self.prefill_base
@@ -307,8 +307,8 @@ class PagedModel:
         srcs = (src or [-1] * n) + [-1] * (bsz - n)
         table = [(tb[:nb] + pad_table)[:nb] for _, _, tb in batch] + [pad_table] * (bsz - n)
         if not self.graphs_on:
-            t = [self._upload(x)[:, None] for x in (tok, pos, slot, srcs)]  # [B, 1] each
-            return self._decode_step(t[0], t[1], t[2], t[3], self._upload(table))
+            t = [self.upload(x)[:, None] for x in (tok, pos, slot, srcs)]  # [B, 1] each
+            return self._decode_step(t[0], t[1], t[2], t[3], self.upload(table))
         self._turn ^= 1  # the stage of the decode 2 launches ago: its step is done
         stage = self._stages[self._turn]
         st = stage.numpy()
@@ -319,11 +319,11 @@ class PagedModel:
         graph.replay()
         return out[:n]
 
-    def _upload(self, x: list[Any]) -> Any:
-        """A step's input on the device, from pinned memory: queued behind the step in
-        flight, where a copy from pageable memory would wait for it."""
-        torch, cuda = self.torch, self.device.type == "cuda"
-        return torch.tensor(x, dtype=torch.long, pin_memory=cuda).to(self.device, non_blocking=True)
+    def upload(self, x: list[Any], dtype: Any = None) -> Any:
+        """A step's input (long unless `dtype`) on the device, from pinned memory: queued
+        behind the step in flight, where a copy from pageable memory would wait for it."""
+        t = self.torch.tensor(x, dtype=dtype or self.torch.long, pin_memory=self.cuda)
+        return t.to(self.device, non_blocking=True)
 
     def _decode_step(self, tok: Any, pos: Any, slot: Any, src: Any, table: Any) -> Any:
         """A decode step from its inputs to its logits and argmax (what a graph captures)."""

@@ -78,15 +78,19 @@ def _mix(x: Any) -> Any:
     return x ^ (x >> 16)
 
 
-def row_keys(torch: Any, seeds: list[int], positions: list[int], device: Any) -> Any:
-    """Each row's 32-bit key from its request's seed (any int) and the token's position."""
-    vals = []
+def key_parts(seeds: list[int], positions: list[int]) -> list[tuple[int, int, int]]:
+    """What a row's key is made of: its request's seed (any int) in two 32-bit halves and
+    the token's position; for `row_keys`, as a long tensor on the logits' device."""
+    out = []
     for seed, pos in zip(seeds, positions, strict=True):
         seed &= 2**64 - 1
-        vals.append((seed & M32, seed >> 32, pos & M32))
-    pinned = torch.device(device).type == "cuda"  # queued behind the GPU's work, not after it
-    t = torch.tensor(vals, dtype=torch.long, pin_memory=pinned).to(device, non_blocking=True)
-    return _mix(t[:, 0] ^ _mix(t[:, 1] ^ _mix((t[:, 2] + 0x9E3779B9) & M32)))
+        out.append((seed & M32, seed >> 32, pos & M32))
+    return out
+
+
+def row_keys(parts: Any) -> Any:
+    """Each row's 32-bit key from its `key_parts` ([R, 3])."""
+    return _mix(parts[:, 0] ^ _mix(parts[:, 1] ^ _mix((parts[:, 2] + 0x9E3779B9) & M32)))
 
 
 def sample_rows(torch: Any, logits: Any, temps: Any, top_ps: Any, keys: Any, cut: bool) -> Any:
@@ -109,7 +113,7 @@ def sample(torch: Any, logits: Any, sp: SamplingParams, position: int) -> int:
     dev = logits.device
     temps = torch.tensor([sp.temperature], device=dev)
     top_ps = torch.tensor([sp.top_p], device=dev)
-    keys = row_keys(torch, [sp.seed], [position], dev)
+    keys = row_keys(torch.tensor(key_parts([sp.seed], [position]), device=dev))
     return int(sample_rows(torch, logits[None], temps, top_ps, keys, sp.top_p < 1.0)[0])
 
 
