@@ -56,7 +56,7 @@ def step_ms(torch, paged, batch: int, context: int, replays: int) -> float:
     rows = [(7, context, list(range(i * per, (i + 1) * per))) for i in range(batch)]
     paged.decode(rows)  # captures this bucket's graph
     nb = _bucket(context // bs + 1, paged.block_buckets)
-    graph, _ = paged._graph(_bucket(batch, paged.batch_buckets), nb)
+    graph = paged._decodes.graph((_bucket(batch, paged.batch_buckets), nb))
     for _ in range(3):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -73,7 +73,7 @@ def profile(torch, paged, batch: int, context: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
-    paged.graphs_on = False
+    paged.bucketed = False
     per = -(-(context + 1) // paged.block_size)
     rows = [(7, context, list(range(i * per, (i + 1) * per))) for i in range(batch)]
     with torch.inference_mode():
@@ -85,7 +85,7 @@ def profile(torch, paged, batch: int, context: int) -> None:
     events = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     print(f"    {len(events)} kernels in one step at batch {batch}")
     print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12))
-    paged.graphs_on = True
+    paged.bucketed = True
 
 
 def main() -> None:

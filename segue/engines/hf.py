@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ from segue.engines.loop_bridge import LoopEvents
 from segue.engines.seqtable import SeqTable
 
 log = logging.getLogger("segue.hf")
+
+SWITCH_INTERVAL_S = 0.0005  # the GIL's, in a worker whose steps overlap (start)
 
 
 @dataclass
@@ -92,6 +95,12 @@ class HFEngine(HFSteps, Engine):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._load)
+        if self.overlap:
+            # The scheduler thread now rarely waits (the GPU runs behind it), so it holds
+            # the GIL but for moments, and the event loop (uvloop takes the GIL once per
+            # I/O callback) waited up to the 5 ms switch interval each time it wanted it:
+            # new requests crossed the loop in bursts. Hand it over within 0.5 ms.
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._run, name="hf-engine", daemon=True)
         self._thread.start()
 

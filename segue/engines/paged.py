@@ -6,28 +6,28 @@ and the KV of its token at position p lives in slot `table[p // bs] * bs + p % b
 runs every sequence it is given in one forward pass: each layer writes the new tokens' K/V
 into their slots, gathers every sequence's context from its blocks and runs PyTorch's SDPA
 with a mask that lets query i of a sequence see its positions up to its own. Batches are
-padded to rectangles (queries to the longest chunk, contexts to the longest table), so shapes
-depend only on (batch, query length, blocks): on a GPU, decode steps (one query each) replay
-a CUDA graph captured once per (batch bucket, block bucket). On a GPU (or when asked), the
-layers run through segue's Triton kernels instead (`_forward_triton`): decode attention that
-reads each sequence's blocks in place (`paged_attention`: no gather, no mask) and the
-element-wise work fused (`fused_ops`).
-
-The model's own weights, rotary embedding and activation do the arithmetic, with fewer kernels
-than transformers launches (q/k/v and gate/up fused into one matrix product each, one-kernel
-RMSNorm, rotary on q and k at once), so the results are those of transformers up to
-floating-point summation order.
-"""
+padded to rectangles; on a GPU to shape buckets (rows, query length, blocks), and each
+bucket's step, decodes or prompt chunks, replays a CUDA graph (`step_graphs`). On a GPU (or
+when asked) the layers run through segue's Triton kernels (`_forward_triton`): decode
+attention reading each sequence's blocks in place (`paged_attention`) and the element-wise
+work fused (`fused_ops`). The model's own weights, rotary embedding and activation do the
+arithmetic (q/k/v and gate/up fused: `fused_weights`), so the results are those of
+transformers up to floating-point summation order."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
+from segue.engines.fused_weights import fuse_projections
+
 log = logging.getLogger("segue.paged")
 
 # Architectures whose decoder layers are Llama's (pre-norm, rotary q/k, SDPA-compatible).
 SUPPORTED = {"llama", "mistral", "qwen2"}
+# Prompt chunks whose padded batch (chunks x longest chunk) is at most this many tokens run
+# as captured graphs (longer ones: few, each long enough to hide the launches)
+PREFILL_GRAPH_TOKENS = 2048
 
 
 def _pow2(n: int) -> bool:
@@ -65,7 +65,8 @@ class PagedModel:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.layers = len(self.inner.layers)
-        self._fuse()
+        # q/k/v and gate/up as one matrix each (the model's parameters become views of them)
+        self._qkv, self._gu = fuse_projections(torch, self.inner.layers)
         # segue's Triton kernels ("triton"; "auto": on a GPU, for the shapes they take) or
         # PyTorch's ops with SDPA over gathered blocks ("torch")
         fits = _pow2(block_size) and _pow2(self.head_dim) and self.head_dim >= 16
@@ -94,8 +95,7 @@ class PagedModel:
         self.batch_buckets.append(max_batch)
         self.block_buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < self.max_blocks]
         self.block_buckets.append(self.max_blocks)
-        self._graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
-        self._pool: Any = None
+        self.query_buckets = [1 << i for i in range(4, 12)]  # 16 to 2048 prompt tokens
         # Each step's argmax per row stays on the device (decode rows first, prefill rows
         # from `prefill_base`), for the next step to read a token the CPU has not seen
         # (`src`); it reaches the host by one asynchronous copy (`fetch_ids`, `ids`).
@@ -105,16 +105,25 @@ class PagedModel:
         self._host = [torch.zeros(2 * max_batch, dtype=torch.long, pin_memory=pinned) for _ in "ab"]
         self._events: list[Any] = [torch.cuda.Event() if pinned else None for _ in "ab"]
         self._flip = 0
+        self.bucketed = False
+        self._max_batch = max_batch
         if self.graphs_on:
-            # The captured steps' inputs: per row token, position, slot, source of the
-            # token, then the block table; filled through a pinned staging copy per step,
-            # sliced per bucket. Two, by turns: a step is launched before the one before it
-            # is done, so that one's copy may not have been made yet.
-            width = 4 + self.max_blocks
-            stage = (max_batch, width)
-            self._stages = [torch.zeros(stage, dtype=torch.long, pin_memory=True) for _ in "ab"]
-            self._turn = 0
-            self._static = torch.zeros(max_batch, width, dtype=torch.long, device=self.device)
+            self.bucket_steps(capture=True)
+
+    def bucket_steps(self, capture: bool) -> None:
+        """Steps padded to shape buckets, their inputs in fixed device buffers: captured as
+        CUDA graphs (`capture`), or run eagerly the same way (a test of the padding on CPU)."""
+        from segue.engines.step_graphs import StepGraphs
+
+        torch, rows = self.torch, self._max_batch
+        pool: list[Any] = []  # one graph memory pool for both kinds
+        self.bucketed = True
+        # decodes: per row token, position, slot, source of the token, then the tables
+        size = rows * (4 + self.max_blocks)
+        self._decodes = StepGraphs(torch, self.device, size, pool, "decode", capture)
+        # prompt chunks: tokens, positions, slots, last row of each chunk, tables
+        size = 3 * PREFILL_GRAPH_TOKENS + rows * (1 + self.max_blocks)
+        self._prefills = StepGraphs(torch, self.device, size, pool, "prefill", capture)
 
     @property
     def bytes_per_token(self) -> int:
@@ -223,34 +232,6 @@ class PagedModel:
     def _linear(self, x: Any, wb: tuple[Any, Any]) -> Any:
         return self.torch.nn.functional.linear(x, *wb)
 
-    def _fuse(self) -> None:
-        """One weight for q, k and v and one for the MLP's gate and up projections (one
-        matrix product each instead of three and two); the model's own parameters become
-        views into them, so nothing is stored twice. The MLP's fused output is split by a
-        view: gate and up as `[..., 2, I]`."""
-        torch = self.torch
-        self._qkv: list[tuple[Any, Any]] = []
-        self._gu: list[tuple[Any, Any]] = []
-        for layer in self.inner.layers:
-            a, m = layer.self_attn, layer.mlp
-            projs = (a.q_proj, a.k_proj, a.v_proj)
-            w = torch.cat([p.weight.data for p in projs])
-            bias = None
-            if a.q_proj.bias is not None:
-                bias = torch.cat([p.bias.data for p in projs])
-            at = 0
-            for p in projs:
-                n = p.weight.shape[0]
-                p.weight.data = w[at : at + n]
-                if bias is not None:
-                    p.bias.data = bias[at : at + n]
-                at += n
-            self._qkv.append((w, bias))
-            inter = m.gate_proj.weight.shape[0]
-            gu = torch.cat([m.gate_proj.weight.data, m.up_proj.weight.data])
-            m.gate_proj.weight.data, m.up_proj.weight.data = gu[:inter], gu[inter:]
-            self._gu.append((gu, None))
-
     def logits(self, hidden: Any) -> Any:
         return self.model.lm_head(hidden).float()
 
@@ -266,26 +247,71 @@ class PagedModel:
         """Runs chunks: (token ids, position of the first, the sequence's block table) each.
         Returns the logits of each chunk's last token, [B, V], and for the rows in `every`
         the logits at every position of the chunk, [len(chunk), V] (prompt logprobs); their
-        argmax goes to `last_ids` from `prefill_base`."""
-        torch = self.torch
+        argmax goes to `last_ids` from `prefill_base`. On a GPU, without `every`, a captured
+        graph per (chunks, longest chunk, blocks) bucket runs them."""
+        n = len(batch)
         qmax = max(len(ids) for ids, _, _ in batch)
         nb = max(-(-(start + len(ids)) // self.block_size) for ids, start, _ in batch)
+        rows, width, graph = n, qmax, False
+        if self.bucketed and not every:
+            b, w = _bucket(n, self.batch_buckets), _bucket(qmax, self.query_buckets)
+            if b * w <= PREFILL_GRAPH_TOKENS:
+                rows, width, nb, graph = b, w, _bucket(nb, self.block_buckets), True
         scratch = self.scratch * self.block_size
-        tok, pos, slot, table = [], [], [], []
+        tok: list[list[int]] = []
+        pos: list[list[int]] = []
+        slot: list[list[int]] = []
+        table: list[list[int]] = []
         for ids, start, blocks in batch:
-            pad = qmax - len(ids)
+            pad = width - len(ids)
             tok.append(ids + [0] * pad)
             pos.append(list(range(start, start + len(ids))) + [start] * pad)
             slot.append(self._slots(blocks, start, len(ids)) + [scratch] * pad)
             table.append(blocks[:nb] + [self.scratch] * (nb - min(nb, len(blocks))))
-        t = [self.upload(x) for x in (tok, pos, slot, table)]
-        hidden = self._forward(*t)
-        last = self.upload([len(ids) - 1 for ids, _, _ in batch])
-        rows = {r: self.logits(hidden[r, : len(batch[r][0])]) for r in every}
-        logits = self.logits(hidden[torch.arange(len(batch), device=self.device), last])
+        last = [len(ids) - 1 for ids, _, _ in batch]
+        for _ in range(rows - n):  # padding rows: write to the scratch block, read nothing
+            tok.append([0] * width)
+            pos.append([0] * width)
+            slot.append([scratch] * width)
+            table.append([self.scratch] * nb)
+            last.append(0)
+        if graph:
+            return self._prefill_graph(tok, pos, slot, table, last)[:n], {}
+        t = [self.upload(x) for x in (tok, pos, slot, table, last)]
+        if not every:
+            return self._prefill_step(*t), {}
+        hidden = self._forward(*t[:4])
+        logits_rows = {r: self.logits(hidden[r, : len(batch[r][0])]) for r in every}
+        return self._last_logits(hidden, t[4]), logits_rows
+
+    def _prefill_graph(self, tok: list, pos: list, slot: list, table: list, last: list) -> Any:
+        rows, width, nb = len(tok), len(tok[0]), len(table[0])
+        st, cells = self._prefills.stage(), rows * width
+        for i, x in enumerate((tok, pos, slot)):
+            st[i * cells : (i + 1) * cells].reshape(rows, width)[:] = x
+        at = 3 * cells
+        st[at : at + rows] = last
+        st[at + rows : at + rows + rows * nb].reshape(rows, nb)[:] = table
+
+        def inputs(s: Any) -> tuple[Any, ...]:
+            grid = [s[i * cells : (i + 1) * cells].view(rows, width) for i in range(3)]
+            return (*grid, s[at + rows : at + rows + rows * nb].view(rows, nb), s[at : at + rows])
+
+        n = at + rows + rows * nb
+        key = (rows, width, nb)
+        return self._prefills.replay(key, n, inputs, self._prefill_step, self.last_ids)
+
+    def _prefill_step(self, tok: Any, pos: Any, slot: Any, table: Any, last: Any) -> Any:
+        """Prompt chunks from their inputs to their last tokens' logits and argmax (what a
+        prefill graph captures)."""
+        return self._last_logits(self._forward(tok, pos, slot, table), last)
+
+    def _last_logits(self, hidden: Any, last: Any) -> Any:
+        rows = self.torch.arange(hidden.shape[0], device=self.device)
+        logits = self.logits(hidden[rows, last])
         base = self.prefill_base
-        self.last_ids[base : base + len(batch)].copy_(logits.argmax(-1))
-        return logits, rows
+        self.last_ids[base : base + logits.shape[0]].copy_(logits.argmax(-1))
+        return logits
 
     def decode(self, batch: list[tuple[int, int, list[int]]], src: list[int] | None = None) -> Any:
         """One token each: (token id, its position, block table). Returns logits [B, V];
@@ -293,7 +319,7 @@ class PagedModel:
         token from `last_ids[src]` instead (sampled by the step before, not yet read)."""
         n = len(batch)
         nb = max(pos // self.block_size + 1 for _, pos, _ in batch)
-        if self.graphs_on:
+        if self.bucketed:
             nb = _bucket(nb, self.block_buckets)
             bsz = _bucket(n, self.batch_buckets)
         else:
@@ -306,17 +332,20 @@ class PagedModel:
         slot += [self.scratch * bs] * (bsz - n)
         srcs = (src or [-1] * n) + [-1] * (bsz - n)
         table = [(tb[:nb] + pad_table)[:nb] for _, _, tb in batch] + [pad_table] * (bsz - n)
-        if not self.graphs_on:
+        if not self.bucketed:
             t = [self.upload(x)[:, None] for x in (tok, pos, slot, srcs)]  # [B, 1] each
             return self._decode_step(t[0], t[1], t[2], t[3], self.upload(table))
-        self._turn ^= 1  # the stage of the decode 2 launches ago: its step is done
-        stage = self._stages[self._turn]
-        st = stage.numpy()
-        st[:bsz, 0], st[:bsz, 1], st[:bsz, 2], st[:bsz, 3] = tok, pos, slot, srcs
-        st[:bsz, 4 : 4 + nb] = table
-        self._static[:bsz].copy_(stage[:bsz], non_blocking=True)
-        graph, out = self._graph(bsz, nb)
-        graph.replay()
+        st = self._decodes.stage()
+        for i, x in enumerate((tok, pos, slot, srcs)):
+            st[i * bsz : (i + 1) * bsz] = x
+        st[4 * bsz : (4 + nb) * bsz].reshape(bsz, nb)[:] = table
+
+        def inputs(s: Any) -> tuple[Any, ...]:
+            cols = [s[i * bsz : (i + 1) * bsz].view(bsz, 1) for i in range(4)]
+            return (*cols, s[4 * bsz : (4 + nb) * bsz].view(bsz, nb))
+
+        key = (bsz, nb)
+        out = self._decodes.replay(key, (4 + nb) * bsz, inputs, self._decode_step, self.last_ids)
         return out[:n]
 
     def upload(self, x: list[Any], dtype: Any = None) -> Any:
@@ -345,34 +374,6 @@ class PagedModel:
         if self._events[k] is not None:
             self._events[k].synchronize()
         return self._host[k].tolist()
-
-    def _graph(self, bsz: int, nb: int) -> tuple[Any, Any]:
-        """The captured decode step for this bucket, captured on first use. Capturing runs
-        the step on the current inputs (twice to warm up, once recorded): each writes the same
-        K/V to the same slots, harmless, and `last_ids`, which it reads, is put back."""
-        found = self._graphs.get((bsz, nb))
-        if found is not None:
-            return found
-        torch = self.torch
-        s = self._static[:bsz]
-        args = (s[:, 0:1], s[:, 1:2], s[:, 2:3], s[:, 3:4], s[:, 4 : 4 + nb])
-        saved = self.last_ids.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.last_ids.copy_(saved)
-                self._decode_step(*args)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self._decode_step(*args)
-        self.last_ids.copy_(saved)
-        self._graphs[(bsz, nb)] = (graph, out)
-        log.info("captured a decode graph for batch %d, %d blocks", bsz, nb)
-        return graph, out
 
     # -- moving KV in and out ---------------------------------------------------------------
 

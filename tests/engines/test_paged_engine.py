@@ -53,12 +53,23 @@ def generate(reference, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-async def run_engine(model_dir, reqs: list[EngineInput], **cfg) -> tuple[dict, object]:
+async def started(model_dir, overlap: str = "auto", **cfg):
+    """An hf engine, started. `overlap` "buckets": on, and every step padded to its shape
+    bucket and fed from fixed buffers as a GPU's CUDA graphs are (run eagerly on a CPU)."""
     from segue.engines.hf import HFConfig, HFEngine
     from segue.tokenizer import HFTokenizer
 
-    engine = HFEngine(HFConfig(model_dir=model_dir, device=DEVICE, **cfg), HFTokenizer(model_dir))
+    how = "on" if overlap == "buckets" else overlap
+    cfg = HFConfig(model_dir=model_dir, device=DEVICE, overlap=how, **cfg)
+    engine = HFEngine(cfg, HFTokenizer(model_dir))
     await engine.start()
+    if overlap == "buckets" and not engine.paged.bucketed:
+        engine.paged.bucket_steps(capture=False)  # before any request: the thread idles
+    return engine
+
+
+async def run_engine(model_dir, reqs: list[EngineInput], **cfg) -> tuple[dict, object]:
+    engine = await started(model_dir, **cfg)
     try:
         streams = {r.request_id: engine.add_request(r) for r in reqs}
         out: dict[str, tuple[list[int], EngineFinish | None]] = {}
@@ -77,12 +88,16 @@ async def run_engine(model_dir, reqs: list[EngineInput], **cfg) -> tuple[dict, o
         await engine.stop()
 
 
-def test_paged_forward_matches_transformers(model_dir, reference):
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_paged_forward_matches_transformers(model_dir, reference, bucketed):
     """Logits of a ragged batch (prefill chunks at different offsets, then decode steps)
-    equal transformers' forward of each sequence alone."""
+    equal transformers' forward of each sequence alone; also with steps padded to shape
+    buckets from fixed buffers (3 rows -> 4, chunks -> 16 or 32 tokens, 2-4 blocks -> 8)."""
     from segue.engines.paged import PagedModel
 
     paged = PagedModel(reference, 64, 16, 8, 4, cuda_graphs=False)
+    if bucketed:
+        paged.bucket_steps(capture=False)
     seqs = prompts(3)
     tables = [[i * 8 + b for b in range(8)] for i in range(3)]
     with torch.inference_mode():
@@ -100,7 +115,7 @@ def test_paged_forward_matches_transformers(model_dir, reference):
 
 # "on": each step launched before the one before it is handled (a GPU's default), which
 # feeds a token still on the device to the next step and runs one step past a stop token
-OVERLAP = pytest.mark.parametrize("overlap", ["off", "on"])
+OVERLAP = pytest.mark.parametrize("overlap", ["off", "on", "buckets"])
 
 
 @OVERLAP
@@ -208,13 +223,8 @@ def test_prefix_cache_reuses_blocks_and_the_output_is_unchanged(model_dir, refer
 
 @OVERLAP
 def test_abort_frees_blocks_at_once(model_dir, overlap):
-    from segue.engines.hf import HFConfig, HFEngine
-    from segue.tokenizer import HFTokenizer
-
     async def go():
-        cfg = HFConfig(model_dir=model_dir, device=DEVICE, overlap=overlap)
-        engine = HFEngine(cfg, HFTokenizer(model_dir))
-        await engine.start()
+        engine = await started(model_dir, overlap)
         try:
             a = engine.add_request(EngineInput("a", prompts(1)[0], 1500, NO_EOS))
             b = engine.add_request(EngineInput("b", prompts(2)[1], 8, NO_EOS))
@@ -239,9 +249,6 @@ def test_abort_frees_blocks_at_once(model_dir, overlap):
 def test_kv_moves_between_pools_exactly(model_dir, reference, overlap):
     """A PREFILL on one engine, its payload pulled into a DECODE on another: the tokens
     equal generate(); a running request exported mid-stream continues exactly too."""
-    from segue.engines.hf import HFConfig, HFEngine
-    from segue.tokenizer import HFTokenizer
-
     ids = prompts(5)[4]
     want = generate(reference, ids, 24)
 
@@ -255,11 +262,8 @@ def test_kv_moves_between_pools_exactly(model_dir, reference, overlap):
                 return toks, o.finish_reason
 
     async def go():
-        tok = HFTokenizer(model_dir)
-        a = HFEngine(HFConfig(model_dir=model_dir, device=DEVICE, overlap=overlap), tok)
-        b = HFEngine(HFConfig(model_dir=model_dir, device=DEVICE, overlap=overlap), tok)
-        await a.start()
-        await b.start()
+        a = await started(model_dir, overlap)
+        b = await started(model_dir, overlap)
         try:
             s = a.add_request(EngineInput("p", ids, 24, NO_EOS, task=EngineTask.PREFILL))
             assert await drain(s) == ([], EngineFinish.PREFILLED)
