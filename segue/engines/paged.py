@@ -8,11 +8,11 @@ into their slots, gathers every sequence's context from its blocks and runs PyTo
 with a mask that lets query i of a sequence see its positions up to its own. Batches are
 padded to rectangles; on a GPU to shape buckets (rows, query length, blocks), and each
 bucket's step, decodes or prompt chunks, replays a CUDA graph (`step_graphs`). On a GPU (or
-when asked) the layers run through segue's Triton kernels (`_forward_triton`): decode
-attention reading each sequence's blocks in place (`paged_attention`) and the element-wise
-work fused (`fused_ops`). The model's own weights, rotary embedding and activation do the
-arithmetic (q/k/v and gate/up fused: `fused_weights`), so the results are those of
-transformers up to floating-point summation order."""
+when asked) the layers run through segue's Triton kernels (`_forward_triton`): attention
+reading each sequence's blocks in place (`paged_attention` for decodes, `paged_prefill` for
+prompt chunks) and the element-wise work fused (`fused_ops`). The model's own weights, rotary
+embedding and activation do the arithmetic (q/k/v and gate/up fused: `fused_weights`), so
+the results are those of transformers up to floating-point summation order."""
 
 from __future__ import annotations
 
@@ -77,11 +77,13 @@ class PagedModel:
         )
         self._attn: Any = None
         self._ops: Any = None
+        self._prefill_attn: Any = None
         self.sms = 1
         if self.kernel:
-            from segue.engines import fused_ops, paged_attention
+            from segue.engines import fused_ops, paged_attention, paged_prefill
 
             self._attn, self._ops = paged_attention, fused_ops
+            self._prefill_attn = paged_prefill.prefill_attention
             if self.device.type == "cuda":
                 self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.block_size = block_size
@@ -174,12 +176,10 @@ class PagedModel:
 
     def _forward_triton(self, tok: Any, pos: Any, slot: Any, table: Any) -> Any:
         """`_forward` through segue's Triton kernels: each residual add fused with the norm
-        after it, rotary fused with the K/V write, SiLU(gate) * up in one kernel, and a
-        decode step's attention reading the pool in place (a prefill chunk's still runs SDPA
-        over its gathered blocks)."""
-        from torch.nn.functional import scaled_dot_product_attention as sdpa
-
-        torch, ops, attn_ops = self.torch, self._ops, self._attn
+        after it, rotary fused with the K/V write, SiLU(gate) * up in one kernel, and
+        attention reading the pool in place: `paged_attention` for a decode step's single
+        queries, `paged_prefill` for prompt chunks."""
+        ops, attn_ops = self._ops, self._attn
         b, q = tok.shape
         bs, nb = self.block_size, table.shape[1]
         nh, kvh, hd = self.heads, self.kv_heads, self.head_dim
@@ -190,10 +190,6 @@ class PagedModel:
         if q == 1:
             lens = pos[:, 0] + 1
             splits = attn_ops.splits_for(b, kvh, nb * bs, self.sms)
-        else:
-            keys = torch.arange(nb * bs, device=self.device)
-            mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, Q, L]
-            blocks = table.reshape(-1)
         pending = None  # the last MLP's output, added to h by the next norm
         for i, layer in enumerate(self.inner.layers):
             ln = layer.input_layernorm
@@ -208,11 +204,7 @@ class PagedModel:
             if q == 1:
                 o = attn_ops.decode_attention(qs, kpool, vpool, table, lens, splits)
             else:
-                ctx = (b, nb * bs, kvh, hd)
-                kc = kpool.index_select(0, blocks).view(ctx).transpose(1, 2)
-                vc = vpool.index_select(0, blocks).view(ctx).transpose(1, 2)
-                qt = qs.view(b, q, nh, hd).transpose(1, 2)
-                o = sdpa(qt, kc, vc, attn_mask=mask, enable_gqa=kvh != nh).transpose(1, 2)
+                o = self._prefill_attn(qs.view(b, q, nh, hd), kpool, vpool, table, pos)
             out = layer.self_attn.o_proj(o.reshape(b, q, nh * hd))
             ln = layer.post_attention_layernorm
             y = ops.add_norm(h, out, ln.weight, ln.variance_epsilon)

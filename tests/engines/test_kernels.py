@@ -126,3 +126,40 @@ def test_a_model_through_the_kernels_equals_the_pytorch_path(tmp_path, graphs):
         logits[kernels], tokens[kernels] = torch.stack(out), seqs
     torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-4, atol=1e-4)
     assert tokens["triton"] == tokens["torch"]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2), (6, 2)])
+def test_prefill_attention_equals_sdpa_over_gathered_blocks(heads, kv_heads):
+    """Ragged prompt chunks, each at an offset of its sequence (earlier chunks and cached
+    blocks already in the pool), padded to one query length: every real query's output
+    equals causal SDPA over its sequence's gathered positions."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from segue.engines.paged_prefill import prefill_attention
+
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads + 1)
+    bs, d, blocks = 8, 16, 80
+    chunks = [(0, 1), (0, 20), (5, 3), (64, 17), (130, 40)]  # (start, length)
+    k_pool = torch.randn(blocks, bs, kv_heads, d, generator=g).to(DEV)
+    v_pool = torch.randn(blocks, bs, kv_heads, d, generator=g).to(DEV)
+    order = torch.randperm(blocks, generator=g).tolist()
+    ql = max(n for _, n in chunks)
+    nb = max(-(-(s + n) // bs) for s, n in chunks)
+    tables, pos, at = [], [], 0
+    for s, n in chunks:
+        own = order[at : at + -(-(s + n) // bs)]
+        at += len(own)
+        tables.append(own + [blocks - 1] * (nb - len(own)))
+        pos.append(list(range(s, s + n)) + [s] * (ql - n))  # padding: at the chunk's first
+    q = torch.randn(len(chunks), ql, heads, d, generator=g).to(DEV)
+    got = prefill_attention(
+        q, k_pool, v_pool, torch.tensor(tables, device=DEV), torch.tensor(pos, device=DEV)
+    )
+    for i, (s, n) in enumerate(chunks):
+        k = k_pool[tables[i]].flatten(0, 1)[: s + n].transpose(0, 1)  # [KVH, L, D]
+        v = v_pool[tables[i]].flatten(0, 1)[: s + n].transpose(0, 1)
+        mask = (
+            torch.arange(s + n, device=DEV)[None, :] <= torch.arange(s, s + n, device=DEV)[:, None]
+        )
+        want = sdpa(q[i, :n].transpose(0, 1), k, v, attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(got[i, :n], want.transpose(0, 1), rtol=1e-5, atol=1e-5)

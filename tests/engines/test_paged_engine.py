@@ -88,14 +88,18 @@ async def run_engine(model_dir, reqs: list[EngineInput], **cfg) -> tuple[dict, o
         await engine.stop()
 
 
-@pytest.mark.parametrize("bucketed", [False, True])
-def test_paged_forward_matches_transformers(model_dir, reference, bucketed):
+@pytest.mark.parametrize(
+    ("bucketed", "kernels"), [(False, "torch"), (True, "torch"), (True, "triton")]
+)
+def test_paged_forward_matches_transformers(model_dir, reference, bucketed, kernels):
     """Logits of a ragged batch (prefill chunks at different offsets, then decode steps)
     equal transformers' forward of each sequence alone; also with steps padded to shape
-    buckets from fixed buffers (3 rows -> 4, chunks -> 16 or 32 tokens, 2-4 blocks -> 8)."""
+    buckets from fixed buffers (3 rows -> 4, chunks -> 16 or 32 tokens, 2-4 blocks -> 8),
+    and through segue's kernels (the second chunks read the first ones' blocks in place)."""
     from segue.engines.paged import PagedModel
 
-    paged = PagedModel(reference, 64, 16, 8, 4, cuda_graphs=False)
+    paged = PagedModel(reference, 64, 16, 8, 4, cuda_graphs=False, kernels=kernels)
+    assert paged.kernel == (kernels == "triton")
     if bucketed:
         paged.bucket_steps(capture=False)
     seqs = prompts(3)
