@@ -12,7 +12,7 @@ its row). `--baseline-tree DIR` serves with the segue source in DIR too, each dt
 after this tree's (an older engine, e.g. a `git worktree` of an earlier commit; it must take
 `--dtype` and `--hf-kernels`). Prints tokens/s, TTFT and ITL p50 per level; `--json FILE`
 writes every number. A long prompt's TTFT: `--prompt-words 4000 --context-length 8192
---concurrency 1`.
+--concurrency 1`; sampled load (drawn on the GPU): `--temperature 0.8`.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def serve_and_bench(args, model: str, dtype: str, tree: str | None, tmp: Path) -
                 "--concurrency", ",".join(map(str, args.levels)), "--ignore-eos",
                 "--duration", str(args.duration), "--warmup", str(args.warmup),
                 "--max-tokens", str(args.max_tokens), "--prompt-tokens", str(args.prompt_words),
+                *(["--temperature", str(args.temperature)] if args.temperature else []),
             ],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
@@ -103,6 +104,9 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt-words", type=int, default=100)
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampled load (segue bench's flag)"
+    )
     p.add_argument("--kv-blocks", type=int, default=8192)
     p.add_argument(
         "--frontend-processes", type=int, default=1, help="frontend processes (serve's flag)"

@@ -39,6 +39,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--no-stream", action="store_true")
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (vLLM, segue)")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)"
+    )
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument("--no-progress", action="store_true")
 
@@ -176,7 +180,9 @@ async def _bench(args) -> list[LevelResult]:
         async with aiohttp.ClientSession() as s, s.get(base + "/v1/models") as r:
             model = (await r.json())["data"][0]["id"]
     prompt = " ".join(_WORDS[i % len(_WORDS)] for i in range(args.prompt_tokens))
-    body: dict = {"model": model, "max_tokens": args.max_tokens, "temperature": 0}
+    body: dict = {"model": model, "max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.top_p != 1.0:
+        body["top_p"] = args.top_p
     if args.endpoint == "chat":
         url = base + "/v1/chat/completions"
         body["messages"] = [{"role": "user", "content": prompt}]

@@ -23,6 +23,7 @@ class Sequence:
         "fed",
         "row",
         "plain",
+        "draws",
         "gen",
         "out",
         "done",
@@ -52,6 +53,8 @@ class Sequence:
             and req.prompt_logprobs is None
             and sp.constraint is None
         )
+        # a plain sequence that samples: its tokens are drawn on the device each step
+        self.draws = self.gen and self.plain and not sp.greedy
         self.out: list[int] = []  # tokens generated
         self.done = False
         self.imported: list[Any] | None = None  # a DECODE's pulled K/V, written at admission

@@ -183,7 +183,7 @@ class HFSteps:
         """The tokens of the plain rows that sample (a temperature), drawn on the device
         into `last_ids` in place of the step's argmax; `rows`: (row, sequence) whose next
         token this step makes, at position `sequence.fed`."""
-        rows = [(r, s) for r, s in rows if s.plain and not s.req.sampling.greedy]
+        rows = [(r, s) for r, s in rows if s.draws]
         if not rows:
             return
         torch, up = self.torch, self.paged.upload
