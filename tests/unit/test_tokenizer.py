@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from tokenizers import Tokenizer
+
 from segue.frontend.output import IncrementalDetokenizer, StopChecker
 from segue.tokenizer import BuiltinTokenizer, HFTokenizer
 
@@ -45,6 +47,11 @@ def test_hf_tokenizer_directory(hf_dir):
     text = tok.apply_chat_template([{"role": "user", "content": "the fox"}])
     assert text == "<s>[user] the fox\n[assistant] "
     ids = tok.encode("the lazy dog 🎉")
+    lib = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))  # its plain encode, offsets and all
+    for text in ("the lazy dog 🎉", "", "<s>the fox</s> over", "  spaced\n\tout  "):
+        for special in (True, False):
+            want = lib.encode(text, add_special_tokens=special).ids
+            assert tok.encode(text, add_special_tokens=special) == want
     d = IncrementalDetokenizer(tok)
     out = "".join(d.add([i]) for i in ids) + d.flush()
     assert out == "the lazy dog 🎉"
