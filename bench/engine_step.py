@@ -1,6 +1,7 @@
 """The hf engine's decode step on a GPU, alone: its captured CUDA graph replayed, against
 the floor (the model's weight bytes over the GPU's measured copy bandwidth), for PyTorch's ops
-(SDPA over gathered blocks) and segue's Triton kernels side by side.
+(SDPA over gathered blocks) and segue's Triton kernels side by side (`triton-unfused`: without
+the products that fold norms and SiLU in, which decode batches of up to 4 rows take).
 
     python bench/engine_step.py                     # the issue's models, bf16
     python bench/engine_step.py --models 1b-mha --batches 1,64 --context 150
@@ -94,7 +95,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,64,256")
     p.add_argument("--context", type=int, default=150)
     p.add_argument("--replays", type=int, default=50)
-    p.add_argument("--kernels", default="torch,triton")
+    p.add_argument("--kernels", default="torch,triton-unfused,triton")
     p.add_argument("--profile", action="store_true", help="also list one step's kernels")
     a = p.parse_args()
     import torch
@@ -115,12 +116,14 @@ def main() -> None:
         per = -(-(a.context + 1) // 16)
         for kernels in a.kernels.split(","):
             paged = PagedModel(model, per * max(batches), 16, per + 1, max(batches), True,
-                               kernels=kernels)  # fmt: skip
+                               kernels=kernels.removesuffix("-unfused"))  # fmt: skip
+            if kernels.endswith("-unfused"):
+                paged.gemv_rows = 0
             with torch.inference_mode():
                 times = [step_ms(torch, paged, b, a.context, a.replays) for b in batches]
             pairs = zip(batches, times, strict=True)
             cells = ", ".join(f"batch {b} {t:.3f} ms ({t / floor:.1f}x)" for b, t in pairs)
-            print(f"  {kernels:>7}: {cells}")
+            print(f"  {kernels:>14}: {cells}")
             if a.profile:
                 profile(torch, paged, min(batches), a.context)
             del paged

@@ -8,7 +8,7 @@ into their slots, gathers every sequence's context from its blocks and runs PyTo
 with a mask that lets query i of a sequence see its positions up to its own. Batches are
 padded to rectangles; on a GPU to shape buckets (rows, query length, blocks), and each
 bucket's step, decodes or prompt chunks, replays a CUDA graph (`step_graphs`). On a GPU (or
-when asked) the layers run through segue's Triton kernels (`_forward_triton`): attention
+when asked) the layers run through segue's Triton kernels (`triton_forward`): attention
 reading each sequence's blocks in place (`paged_attention` for decodes, `paged_prefill` for
 prompt chunks) and the element-wise work fused (`fused_ops`). The model's own weights, rotary
 embedding and activation do the arithmetic (q/k/v and gate/up fused: `fused_weights`), so
@@ -28,6 +28,7 @@ SUPPORTED = {"llama", "mistral", "qwen2"}
 # Prompt chunks whose padded batch (chunks x longest chunk) is at most this many tokens run
 # as captured graphs (longer ones: few, each long enough to hide the launches)
 PREFILL_GRAPH_TOKENS = 2048
+GEMV_ROWS = 4  # decode batches up to this size take segue's fused products (triton_forward)
 
 
 def _pow2(n: int) -> bool:
@@ -75,17 +76,20 @@ class PagedModel:
         self.kernel = kernels == "triton" or (
             kernels == "auto" and fits and self.device.type == "cuda"
         )
-        self._attn: Any = None
-        self._ops: Any = None
-        self._prefill_attn: Any = None
+        self._triton: Any = None
         self.sms = 1
         if self.kernel:
-            from segue.engines import fused_ops, paged_attention, paged_prefill
+            from segue.engines import triton_forward
 
-            self._attn, self._ops = paged_attention, fused_ops
-            self._prefill_attn = paged_prefill.prefill_attention
+            self._triton = triton_forward
             if self.device.type == "cuda":
                 self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        # decode steps of at most this many rows fold norms and SiLU into their products
+        # (triton_forward; not with biases, which those products do not add)
+        biased = any(w[1] is not None for w in self._qkv) or any(
+            layer.mlp.down_proj.bias is not None for layer in self.inner.layers
+        )
+        self.gemv_rows = 0 if biased or not self.kernel else GEMV_ROWS
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
         self.scratch = num_blocks  # the extra block padding writes into
@@ -142,7 +146,7 @@ class PagedModel:
         nb = table.shape[1]
         blocks = table.reshape(-1)
         if self.kernel:
-            return self._forward_triton(tok, pos, slot, table)
+            return self._triton.forward(self, tok, pos, slot, table)
         keys = torch.arange(nb * bs, device=self.device)
         mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, Q, L]
         flat = slot.reshape(-1)
@@ -173,47 +177,6 @@ class PagedModel:
             gate, up = gu.view(b, q, 2, -1).unbind(2)
             h = h + mlp.down_proj(mlp.act_fn(gate) * up)
         return self._norm(self.inner.norm, h)
-
-    def _forward_triton(self, tok: Any, pos: Any, slot: Any, table: Any) -> Any:
-        """`_forward` through segue's Triton kernels: each residual add fused with the norm
-        after it, rotary fused with the K/V write, SiLU(gate) * up in one kernel, and
-        attention reading the pool in place: `paged_attention` for a decode step's single
-        queries, `paged_prefill` for prompt chunks."""
-        ops, attn_ops = self._ops, self._attn
-        b, q = tok.shape
-        bs, nb = self.block_size, table.shape[1]
-        nh, kvh, hd = self.heads, self.kv_heads, self.head_dim
-        flat = slot.reshape(-1).contiguous()  # a graph's slots are a strided column
-        h = self.inner.embed_tokens(tok)
-        cos, sin = self.inner.rotary_emb(h, pos)
-        cos, sin = cos.reshape(b * q, hd), sin.reshape(b * q, hd)
-        if q == 1:
-            lens = pos[:, 0] + 1
-            splits = attn_ops.splits_for(b, kvh, nb * bs, self.sms)
-        pending = None  # the last MLP's output, added to h by the next norm
-        for i, layer in enumerate(self.inner.layers):
-            ln = layer.input_layernorm
-            if pending is None:
-                x = self._norm(ln, h)
-            else:
-                x = ops.add_norm(h, pending, ln.weight, ln.variance_epsilon)
-            qkv = self._linear(x, self._qkv[i]).view(b * q, nh + 2 * kvh, hd)
-            kpool, vpool = self.k[i], self.v[i]  # [blocks, bs, KVH, D]
-            flat_k, flat_v = kpool.view(-1, kvh, hd), vpool.view(-1, kvh, hd)
-            qs = ops.rotary_kv(qkv, cos, sin, flat, flat_k, flat_v, nh)  # [B*Q, NH, D]
-            if q == 1:
-                o = attn_ops.decode_attention(qs, kpool, vpool, table, lens, splits)
-            else:
-                o = self._prefill_attn(qs.view(b, q, nh, hd), kpool, vpool, table, pos)
-            out = layer.self_attn.o_proj(o.reshape(b, q, nh * hd))
-            ln = layer.post_attention_layernorm
-            y = ops.add_norm(h, out, ln.weight, ln.variance_epsilon)
-            gu = self._linear(y, self._gu[i])
-            pending = layer.mlp.down_proj(ops.silu_mul(gu))
-        final = self.inner.norm
-        if pending is None:
-            return self._norm(final, h)
-        return ops.add_norm(h, pending, final.weight, final.variance_epsilon)
 
     def _norm(self, norm: Any, x: Any) -> Any:
         """RMSNorm in one kernel (the model's module takes several)."""

@@ -26,6 +26,48 @@ TILE = 64  # positions per inner step (a multiple of the block size, or gathered
 
 
 @triton.jit
+def attend_tile(
+    q,  # [R, D] queries (scaled), in the pool's dtype
+    m,  # [R] running max of the scores
+    l_sum,  # [R] running sum of exp(score - m)
+    acc,  # [R, D] fp32: running sum of exp(score - m) * v
+    k_ptr,
+    v_ptr,
+    table_row,  # the sequence's block table
+    pos,  # [TILE_N] the positions of this tile
+    live,  # [TILE_N] positions the sequence has
+    seen,  # [R or 1, TILE_N] positions each row attends to
+    head_off,  # the KV head's offset in the pool
+    stride_kb,
+    stride_ks,
+    BS: tl.constexpr,
+    D: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 weights: exact products, not tf32
+):
+    """One tile of positions, gathered through the block table, folded into the rows'
+    online softmax (fp32). Every row must see a position in its first tile."""
+    d = tl.arange(0, D)
+    block = tl.load(table_row + pos // BS, mask=live, other=0).to(tl.int64)
+    offs = block[:, None] * stride_kb + (pos % BS)[:, None] * stride_ks + head_off + d[None, :]
+    k = tl.load(k_ptr + offs, mask=live[:, None], other=0.0)  # [TILE_N, D]
+    v = tl.load(v_ptr + offs, mask=live[:, None], other=0.0)
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))  # [R, TILE_N]
+    scores = tl.where(seen, scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    p = tl.exp(scores - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    l_sum = l_sum * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_sum, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _partial_kernel(
     q_ptr,  # [B, NH, D]
     k_ptr,  # [blocks, BS, KVH, D]
@@ -71,29 +113,14 @@ def _partial_kernel(
     m = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_sum = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, D], tl.float32)
+    table_row = table_ptr + b * stride_tb
     for j in range(first, last):
         pos = j * TILE_N + t
         live = pos < n
-        block = tl.load(table_ptr + b * stride_tb + pos // BS, mask=live, other=0).to(tl.int64)
-        offs = block[:, None] * stride_kb + (pos % BS)[:, None] * stride_ks + kvh * stride_kh
-        offs = offs + d[None, :]
-        k = tl.load(k_ptr + offs, mask=live[:, None], other=0.0)  # [TILE_N, D]
-        v = tl.load(v_ptr + offs, mask=live[:, None], other=0.0)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))  # [GROUP_P, TILE_N]
-        scores = tl.where(live[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m = m_new
+        m, l_sum, acc = attend_tile(
+            q, m, l_sum, acc, k_ptr, v_ptr, table_row, pos, live, live[None, :],
+            kvh * stride_kh, stride_kb, stride_ks, BS, D, IEEE,
+        )  # fmt: skip
     row = (b * tl.num_programs(1) * GROUP + heads) * splits + split
     tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=gmask[:, None])
     tl.store(lse_ptr + row * 2, m, mask=gmask)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from segue.engines.paged_attention import TILE
+from segue.engines.paged_attention import TILE, attend_tile
 
 M = 16  # queries per program
 
@@ -70,32 +70,16 @@ def _prefill_kernel(
     m = tl.full([M * GROUP_P], float("-inf"), tl.float32)
     l_sum = tl.zeros([M * GROUP_P], tl.float32)
     acc = tl.zeros([M * GROUP_P, D], tl.float32)
+    table_row = table_ptr + b * stride_tb
     for j in range(0, tl.cdiv(n, TILE_N)):
         kpos = j * TILE_N + t
         live = kpos < n
-        block = tl.load(table_ptr + b * stride_tb + kpos // BS, mask=live, other=0).to(tl.int64)
-        offs = block[:, None] * stride_kb + (kpos % BS)[:, None] * stride_ks + kvh * stride_kh
-        offs = offs + d[None, :]
-        k = tl.load(k_ptr + offs, mask=live[:, None], other=0.0)  # [TILE_N, D]
-        v = tl.load(v_ptr + offs, mask=live[:, None], other=0.0)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))  # [R, TILE_N]
-        seen = (kpos[None, :] <= pos[:, None]) & live[None, :]
-        scores = tl.where(seen, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a row that sees nothing yet
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m = m_new
-    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+        seen = (kpos[None, :] <= pos[:, None]) & live[None, :]  # causal
+        m, l_sum, acc = attend_tile(
+            q, m, l_sum, acc, k_ptr, v_ptr, table_row, kpos, live, seen,
+            kvh * stride_kh, stride_kb, stride_ks, BS, D, IEEE,
+        )  # fmt: skip
+    out = acc / l_sum[:, None]  # every row saw position 0
     o_off = b * stride_qb + qi[:, None] * stride_qq + head[:, None] * stride_qh + d[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=live_row[:, None])
 

@@ -1,0 +1,63 @@
+"""A paged model's forward pass through segue's Triton kernels (`PagedModel` with kernels
+on): each residual add fused with the norm after it, rotary fused with the K/V write,
+SiLU(gate) * up in one kernel, and attention reading the pool in place (`paged_attention`
+for a decode step's single queries, `paged_prefill` for prompt chunks). A decode step of at
+most `PagedModel.gemv_rows` rows also folds the norms and SiLU into the matrix products
+(`fused_gemv`): seven kernels a layer instead of ten, where a batch of one is bound by its
+weights read once plus a gap per kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from segue.engines import fused_gemv, fused_ops, paged_attention, paged_prefill
+
+
+def forward(m: Any, tok: Any, pos: Any, slot: Any, table: Any) -> Any:
+    """`PagedModel._forward`'s contract: tok, pos, slot [B, Q]; table [B, NB]. Returns the
+    hidden states after the final norm, [B, Q, H]; writes each token's K/V to its slot."""
+    b, q = tok.shape
+    nh, kvh, hd = m.heads, m.kv_heads, m.head_dim
+    flat = slot.reshape(-1).contiguous()  # a graph's slots are a strided column
+    h = m.inner.embed_tokens(tok)
+    cos, sin = m.inner.rotary_emb(h, pos)
+    cos, sin = cos.reshape(b * q, hd), sin.reshape(b * q, hd)
+    few = q == 1 and b <= m.gemv_rows
+    if q == 1:
+        lens = pos[:, 0] + 1
+        splits = paged_attention.splits_for(b, kvh, table.shape[1] * m.block_size, m.sms)
+    if few:
+        h = h.view(b, -1)
+    pending = None  # the last MLP's output, added to h by the next norm
+    for i, layer in enumerate(m.inner.layers):
+        ln = layer.input_layernorm
+        if few:
+            w = m._qkv[i][0]
+            qkv, h = fused_gemv.norm_gemv(h, pending, ln.weight, ln.variance_epsilon, w)
+        elif pending is None:
+            qkv = m._linear(m._norm(ln, h), m._qkv[i])
+        else:
+            x = fused_ops.add_norm(h, pending, ln.weight, ln.variance_epsilon)
+            qkv = m._linear(x, m._qkv[i])
+        qkv = qkv.view(b * q, nh + 2 * kvh, hd)
+        kpool, vpool = m.k[i], m.v[i]  # [blocks, bs, KVH, D]
+        flat_k, flat_v = kpool.view(-1, kvh, hd), vpool.view(-1, kvh, hd)
+        qs = fused_ops.rotary_kv(qkv, cos, sin, flat, flat_k, flat_v, nh)  # [B*Q, NH, D]
+        if q == 1:
+            o = paged_attention.decode_attention(qs, kpool, vpool, table, lens, splits)
+        else:
+            o = paged_prefill.prefill_attention(qs.view(b, q, nh, hd), kpool, vpool, table, pos)
+        ln = layer.post_attention_layernorm
+        if few:
+            out = layer.self_attn.o_proj(o.reshape(b, nh * hd))
+            gu, h = fused_gemv.norm_gemv(h, out, ln.weight, ln.variance_epsilon, m._gu[i][0])
+            pending = fused_gemv.silu_gemv(gu, layer.mlp.down_proj.weight)
+        else:
+            out = layer.self_attn.o_proj(o.reshape(b, q, nh * hd))
+            y = fused_ops.add_norm(h, out, ln.weight, ln.variance_epsilon)
+            pending = layer.mlp.down_proj(fused_ops.silu_mul(m._linear(y, m._gu[i])))
+    final = m.inner.norm
+    if pending is None:
+        return m._norm(final, h).view(b, q, -1)
+    return fused_ops.add_norm(h, pending, final.weight, final.variance_epsilon).view(b, q, -1)
