@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from segue import tracing
 from segue.api import openai as oai
@@ -257,9 +257,20 @@ class Generations:
 
         transport = request.transport
         bound = self.cfg.max_client_buffer
+        # HTTP/1.1: each token's event goes straight to the socket as one chunk of the
+        # chunked body (aiohttp's write costs a coroutine and two copies an event)
+        direct = transport is not None and request.version >= HttpVersion11
+
+        def send(data: bytes) -> None:
+            assert transport is not None
+            if transport.is_closing():
+                raise ConnectionResetError("the client went away")
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
         async def start() -> web.StreamResponse:
             r = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+            if direct:
+                r.enable_chunked_encoding()  # the framing `send` writes
             await r.prepare(request)
             if transport is not None:  # writes must not wait on a reader: we watch the buffer
                 transport.set_write_buffer_limits(high=2 * bound)
@@ -304,7 +315,10 @@ class Generations:
                         if chunk:
                             await resp.write(chunk)
                         continue
-                    await resp.write(render.chunk(k, text, d))
+                    if direct:
+                        send(render.chunk(k, text, d))
+                    else:
+                        await resp.write(render.chunk(k, text, d))
             if resp is None:
                 resp = await start()
             if prep.include_usage:

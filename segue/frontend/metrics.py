@@ -8,6 +8,7 @@ of them answers /metrics with the sum over all: one view, whichever process a sc
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -110,3 +111,39 @@ class FrontendMetrics:
             MultiProcessCollector(merged)
             return generate_latest(merged)
         return generate_latest(self.registry)
+
+
+class Tally:
+    """Observations of one histogram gathered here and added to it in one go (every
+    `every` observations and at `flush`): a stream's inter-token latencies cost a bisect
+    each instead of a histogram observation (two locked increments, a file write with
+    several processes) per token. Adds through the histogram's own bucket values
+    (prometheus-client 0.26: non-cumulative, one per bound, then the sum)."""
+
+    __slots__ = ("_hist", "_bounds", "_counts", "_sum", "_n", "_every")
+
+    def __init__(self, hist: Histogram, every: int = 256) -> None:
+        self._hist = hist
+        self._bounds = list(hist._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._n = 0
+        self._every = every
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+        self._n += 1
+        if self._n >= self._every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._n:
+            return
+        buckets = self._hist._buckets
+        for i, c in enumerate(self._counts):
+            if c:
+                buckets[i].inc(c)
+                self._counts[i] = 0
+        self._hist._sum.inc(self._sum)
+        self._sum, self._n = 0.0, 0

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Histogram
 
+from segue.frontend.metrics import Tally
 from segue.frontend.request import TokenDelta
 from segue.protocol import FinishReason, Logprob
 from segue.tokenizer import Tokenizer
@@ -125,42 +126,45 @@ class OutputProcessor:
         stopper = StopChecker(stops)
         start = last = time.perf_counter()
         first = True
-        ttft, itl = self.ttft, self.itl
+        ttft, itl = self.ttft, Tally(self.itl)
         pos = 0
-        async with contextlib.aclosing(deltas) as stream:
-            async for d in stream:
-                ids, finish = d.token_ids, d.finish_reason
-                if ids:
-                    now = time.perf_counter()
-                    if first:
-                        ttft.observe(now - start)
-                        first = False
-                    else:
-                        itl.observe(now - last)
-                    last = now
-                if per_token and len(ids) > 1:
-                    lps = d.logprobs
-                    for i, t in enumerate(ids[:-1]):
-                        text, hit = stopper.feed(detok.add([t]))
-                        at, pos = pos, pos + 1
-                        one = lps[i : i + 1] if lps else None
-                        plps = d.prompt_logprobs if i == 0 else None
-                        if hit:
-                            yield TextDelta(text, [t], FinishReason.STOP, at, one, plps)
-                            return
-                        yield TextDelta(text, [t], None, at, one, plps)
-                    last_lps = lps[-1:] if lps else None
-                    d = TokenDelta(ids[-1:], finish, last_lps, None, d.cached_tokens)
-                    ids = d.token_ids
-                text, hit = stopper.feed(detok.add(ids))
-                at, pos = pos, pos + len(ids)
-                lps, plps = d.logprobs, d.prompt_logprobs
-                if hit:
-                    yield TextDelta(text, ids, FinishReason.STOP, at, lps, plps)
-                    return
-                if finish is not None:
-                    text += stopper.feed(detok.flush())[0] + stopper.flush()
-                    yield TextDelta(text, ids, finish, at, lps, plps, d.cached_tokens)
-                    return
-                if text or ids:
-                    yield TextDelta(text, ids, None, at, lps, plps)
+        try:
+            async with contextlib.aclosing(deltas) as stream:
+                async for d in stream:
+                    ids, finish = d.token_ids, d.finish_reason
+                    if ids:
+                        now = time.perf_counter()
+                        if first:
+                            ttft.observe(now - start)
+                            first = False
+                        else:
+                            itl.observe(now - last)
+                        last = now
+                    if per_token and len(ids) > 1:
+                        lps = d.logprobs
+                        for i, t in enumerate(ids[:-1]):
+                            text, hit = stopper.feed(detok.add([t]))
+                            at, pos = pos, pos + 1
+                            one = lps[i : i + 1] if lps else None
+                            plps = d.prompt_logprobs if i == 0 else None
+                            if hit:
+                                yield TextDelta(text, [t], FinishReason.STOP, at, one, plps)
+                                return
+                            yield TextDelta(text, [t], None, at, one, plps)
+                        last_lps = lps[-1:] if lps else None
+                        d = TokenDelta(ids[-1:], finish, last_lps, None, d.cached_tokens)
+                        ids = d.token_ids
+                    text, hit = stopper.feed(detok.add(ids))
+                    at, pos = pos, pos + len(ids)
+                    lps, plps = d.logprobs, d.prompt_logprobs
+                    if hit:
+                        yield TextDelta(text, ids, FinishReason.STOP, at, lps, plps)
+                        return
+                    if finish is not None:
+                        text += stopper.feed(detok.flush())[0] + stopper.flush()
+                        yield TextDelta(text, ids, finish, at, lps, plps, d.cached_tokens)
+                        return
+                    if text or ids:
+                        yield TextDelta(text, ids, None, at, lps, plps)
+        finally:
+            itl.flush()  # what the stream observed, into the histogram

@@ -70,3 +70,44 @@ async def test_held_back_text_is_released_at_the_end():
     out, _, _ = await collect(text, ["and"])  # "an" may start "and": held until the end
     assert "".join(d.text for d in out) == text
     assert out[-1].finish_reason == FinishReason.LENGTH
+
+
+async def test_inter_token_latency_reaches_the_histogram_when_the_stream_ends():
+    """One gap per token after the first, observed once the stream is done (or cut by a
+    stop string), none lost."""
+    proc, reg = processor()
+    up = Upstream(TOK.encode("the cat sat on the mat", add_special_tokens=False))
+    [d async for d in proc.text_deltas(up.gen(), [])]
+    first = len(up.ids) - 1
+    assert reg.get_sample_value("itl_count") == first
+    assert reg.get_sample_value("ttft_count") == 1
+    up = Upstream(TOK.encode("one two three four", add_special_tokens=False))
+    [d async for d in proc.text_deltas(up.gen(), [" three"])]  # stops at the 3rd token
+    assert up.sent == 3 and reg.get_sample_value("itl_count") == first + 2
+
+
+def test_a_tally_adds_what_the_histogram_would_have_observed():
+    from segue.frontend.metrics import Tally
+
+    values = [0.0001, 0.0005, 0.0007, 0.003, 0.003, 0.02, 0.3, 7.0, 0.0005, 1e-9]
+    r = CollectorRegistry()
+    direct = Histogram("direct", "", registry=r, buckets=(0.0005, 0.001, 0.005, 0.1, 1))
+    tallied = Histogram("tallied", "", registry=r, buckets=(0.0005, 0.001, 0.005, 0.1, 1))
+    tally = Tally(tallied, every=4)
+    for v in values:
+        direct.observe(v)
+        tally.observe(v)
+    assert r.get_sample_value("tallied_count") == 8  # flushed every 4
+    tally.flush()
+    tally.flush()  # nothing left: adds nothing
+
+    def samples(name: str) -> dict:
+        return {
+            (s.name.removeprefix(name), tuple(sorted(s.labels.items()))): round(s.value, 12)
+            for m in r.collect()
+            if m.name == name
+            for s in m.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples("tallied") == samples("direct")
