@@ -7,8 +7,12 @@ tokens only when it reads them, releasing the GIL). The callers are the worker's
 handlers (`EngineSessions.run`) writing to a mux connection whose socket is a no-op.
 
 Prints output tokens/s, engine steps/s, the mean decode batch and TTFT p50/p90 (call start
-to its first token frame queued), with the GIL's default switch interval and with the
-worker's (`segue.engines.hf.SWITCH_INTERVAL_S`): where the worker, not the GPU, sets the pace.
+to its first token frame queued) for three workers: prompt steps launched eagerly (the
+scheduler thread spends `--eager-prefill-ms` of Python launching a 16-layer forward's kernels,
+holding the GIL) with the GIL's default 5 ms switch interval, as before December 2026; the
+same with the worker's interval (`segue.engines.hf.SWITCH_INTERVAL_S`); and prompt steps
+replayed as graphs (no launch cost) with it, as now: where the worker, not the GPU, sets
+the pace.
 
     python bench/worker_emulated.py                         # 256 streams, 128 tokens each
     python bench/worker_emulated.py --streams 64 --decode-ms 0 --per-row-us 0   # CPU ceiling
@@ -54,6 +58,9 @@ class VirtualGPU:
             return logits[: tok.shape[0]]
 
         def prefill_step(tok, pos, slot, table, last):
+            spin = time.perf_counter() + args.launch_ms / 1e3
+            while time.perf_counter() < spin:  # Python launching kernels, with the GIL
+                pass
             run((args.prefill_ms + args.per_token_us / 1e3 * tok.numel()) / 1e3)
             return logits[: tok.shape[0]]
 
@@ -185,7 +192,11 @@ def main() -> None:
     p.add_argument("--per-row-us", type=float, default=3.4, help="and per row")
     p.add_argument("--prefill-ms", type=float, default=0.9, help="a prompt step's fixed time")
     p.add_argument("--per-token-us", type=float, default=6.0, help="and per (padded) token")
+    p.add_argument(
+        "--eager-prefill-ms", type=float, default=2.0, help="CPU to launch an eager prompt step"
+    )
     p.add_argument("--switch-interval", type=float, help=argparse.SUPPRESS)  # one case
+    p.add_argument("--launch-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.switch_interval is not None:
@@ -202,15 +213,20 @@ def main() -> None:
              "--layers", "1", "--heads", "2"],
             check=True, capture_output=True, cwd=HERE.parent,
         )  # fmt: skip
-        head = ("GIL switch", "tok/s", "steps/s", "batch", "TTFT p50", "p90")
-        print("{:>11} {:>9} {:>8} {:>6} {:>9} {:>7}".format(*head))
-        for interval in (0.005, SWITCH_INTERVAL_S):
+        head = ("prompt steps", "GIL switch", "tok/s", "steps/s", "batch", "TTFT p50", "p90")
+        print("{:>13} {:>11} {:>9} {:>8} {:>6} {:>9} {:>7}".format(*head))
+        cases = [
+            ("eager", 0.005, args.eager_prefill_ms),
+            ("eager", SWITCH_INTERVAL_S, args.eager_prefill_ms),
+            ("graphs", SWITCH_INTERVAL_S, 0.0),
+        ]
+        for how, interval, launch in cases:
             argv = [sys.executable, __file__, "--model", model, "--switch-interval", str(interval)]
-            argv += sys.argv[1:]
+            argv += ["--launch-ms", str(launch), *sys.argv[1:]]
             res = subprocess.run(argv, check=True, capture_output=True, text=True, env=os.environ)
             r = json.loads(res.stdout.strip().splitlines()[-1])
             print(
-                f"{interval * 1e3:>9.1f}ms {r['tokens_per_s']:>9.0f}"
+                f"{how:>13} {interval * 1e3:>9.1f}ms {r['tokens_per_s']:>9.0f}"
                 f" {r['decode_steps_per_s']:>8.0f} {r['mean_batch']:>6.1f}"
                 f" {r['ttft_ms_p50']:>8.1f}ms {r['ttft_ms_p90']:>6.1f}ms"
             )
