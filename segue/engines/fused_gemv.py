@@ -75,8 +75,9 @@ def _norm_gemv_kernel(
         k = k0 + kk
         m = rlive[:, None] & (k < K)[None, :]
         h = _residual(h_ptr, x_ptr, r, k, m, K, HAS_ADD)
-        if HAS_ADD and pid == 0:
-            tl.store(s_ptr + r[:, None] * K + k[None, :], h, mask=m)
+        if HAS_ADD:
+            if pid == 0:  # one program writes the residual stream's sum
+                tl.store(s_ptr + r[:, None] * K + k[None, :], h, mask=m)
         hf = h.to(tl.float32)
         ss += tl.sum(hf * hf, axis=1)
     rstd = tl.rsqrt(ss / K + eps)
