@@ -50,14 +50,11 @@ def copy_bandwidth(torch) -> float:
 
 
 def step_ms(torch, paged, batch: int, context: int, replays: int) -> float:
-    from segue.engines.paged import _bucket
-
     bs = paged.block_size
     per = -(-(context + 1) // bs)
     rows = [(7, context, list(range(i * per, (i + 1) * per))) for i in range(batch)]
     paged.decode(rows)  # captures this bucket's graph
-    nb = _bucket(context // bs + 1, paged.block_buckets)
-    graph = paged._decodes.graph((_bucket(batch, paged.batch_buckets), nb))
+    graph = paged._decodes.graph(paged.layout.decode_shape(rows))
     for _ in range(3):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -74,7 +71,7 @@ def profile(torch, paged, batch: int, context: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
-    paged.bucketed = False
+    paged.layout.bucketed = False
     per = -(-(context + 1) // paged.block_size)
     rows = [(7, context, list(range(i * per, (i + 1) * per))) for i in range(batch)]
     with torch.inference_mode():
@@ -86,7 +83,7 @@ def profile(torch, paged, batch: int, context: int) -> None:
     events = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     print(f"    {len(events)} kernels in one step at batch {batch}")
     print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12))
-    paged.bucketed = True
+    paged.layout.bucketed = True
 
 
 def main() -> None:

@@ -20,23 +20,17 @@ import logging
 from typing import Any
 
 from segue.engines.fused_weights import fuse_projections
+from segue.engines.step_inputs import StepLayout
 
 log = logging.getLogger("segue.paged")
 
 # Architectures whose decoder layers are Llama's (pre-norm, rotary q/k, SDPA-compatible).
 SUPPORTED = {"llama", "mistral", "qwen2"}
-# Prompt chunks whose padded batch (chunks x longest chunk) is at most this many tokens run
-# as captured graphs (longer ones: few, each long enough to hide the launches)
-PREFILL_GRAPH_TOKENS = 2048
 GEMV_ROWS = 4  # decode batches up to this size take segue's fused products (triton_forward)
 
 
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
-
-
-def _bucket(n: int, buckets: list[int]) -> int:
-    return next((b for b in buckets if b >= n), n)
 
 
 class PagedModel:
@@ -97,11 +91,7 @@ class PagedModel:
         self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.graphs_on = cuda_graphs and self.device.type == "cuda"
-        self.batch_buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b < max_batch]
-        self.batch_buckets.append(max_batch)
-        self.block_buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < self.max_blocks]
-        self.block_buckets.append(self.max_blocks)
-        self.query_buckets = [1 << i for i in range(4, 12)]  # 16 to 2048 prompt tokens
+        self.layout = StepLayout(block_size, num_blocks, max_batch, max_blocks_per_seq)
         # Each step's argmax per row stays on the device (decode rows first, prefill rows
         # from `prefill_base`), for the next step to read a token the CPU has not seen
         # (`src`); it reaches the host by one asynchronous copy (`fetch_ids`, `ids`).
@@ -111,8 +101,6 @@ class PagedModel:
         self._host = [torch.zeros(2 * max_batch, dtype=torch.long, pin_memory=pinned) for _ in "ab"]
         self._events: list[Any] = [torch.cuda.Event() if pinned else None for _ in "ab"]
         self._flip = 0
-        self.bucketed = False
-        self._max_batch = max_batch
         if self.graphs_on:
             self.bucket_steps(capture=True)
 
@@ -121,15 +109,14 @@ class PagedModel:
         CUDA graphs (`capture`), or run eagerly the same way (a test of the padding on CPU)."""
         from segue.engines.step_graphs import StepGraphs
 
-        torch, rows = self.torch, self._max_batch
-        pool: list[Any] = []  # one graph memory pool for both kinds
-        self.bucketed = True
-        # decodes: per row token, position, slot, source of the token, then the tables
-        size = rows * (4 + self.max_blocks)
-        self._decodes = StepGraphs(torch, self.device, size, pool, "decode", capture)
-        # prompt chunks: tokens, positions, slots, last row of each chunk, tables
-        size = 3 * PREFILL_GRAPH_TOKENS + rows * (1 + self.max_blocks)
-        self._prefills = StepGraphs(torch, self.device, size, pool, "prefill", capture)
+        torch, lay = self.torch, self.layout
+        pool: list[Any] = []  # one graph memory pool for every kind
+        lay.bucketed = True
+        dsize, csize = lay.decode_size, lay.chunk_size
+        self._decodes = StepGraphs(torch, self.device, dsize, pool, "decode", capture)
+        self._prefills = StepGraphs(torch, self.device, csize, pool, "prefill", capture)
+        # both in one pass (`mixed`), one after the other in one buffer
+        self._mixes = StepGraphs(torch, self.device, dsize + csize, pool, "mixed", capture)
 
     @property
     def bytes_per_token(self) -> int:
@@ -192,10 +179,6 @@ class PagedModel:
 
     # -- batches ----------------------------------------------------------------------------
 
-    def _slots(self, table: list[int], start: int, n: int) -> list[int]:
-        bs = self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-
     def prefill(
         self, batch: list[tuple[list[int], int, list[int]]], every: frozenset[int] = frozenset()
     ) -> tuple[Any, dict[int, Any]]:
@@ -205,56 +188,17 @@ class PagedModel:
         argmax goes to `last_ids` from `prefill_base`. On a GPU, without `every`, a captured
         graph per (chunks, longest chunk, blocks) bucket runs them."""
         n = len(batch)
-        qmax = max(len(ids) for ids, _, _ in batch)
-        nb = max(-(-(start + len(ids)) // self.block_size) for ids, start, _ in batch)
-        rows, width, graph = n, qmax, False
-        if self.bucketed and not every:
-            b, w = _bucket(n, self.batch_buckets), _bucket(qmax, self.query_buckets)
-            if b * w <= PREFILL_GRAPH_TOKENS:
-                rows, width, nb, graph = b, w, _bucket(nb, self.block_buckets), True
-        scratch = self.scratch * self.block_size
-        tok: list[list[int]] = []
-        pos: list[list[int]] = []
-        slot: list[list[int]] = []
-        table: list[list[int]] = []
-        for ids, start, blocks in batch:
-            pad = width - len(ids)
-            tok.append(ids + [0] * pad)
-            pos.append(list(range(start, start + len(ids))) + [start] * pad)
-            slot.append(self._slots(blocks, start, len(ids)) + [scratch] * pad)
-            table.append(blocks[:nb] + [self.scratch] * (nb - min(nb, len(blocks))))
-        last = [len(ids) - 1 for ids, _, _ in batch]
-        for _ in range(rows - n):  # padding rows: write to the scratch block, read nothing
-            tok.append([0] * width)
-            pos.append([0] * width)
-            slot.append([scratch] * width)
-            table.append([self.scratch] * nb)
-            last.append(0)
+        shape, graph = self.layout.chunk_shape(batch, bool(every))
         if graph:
-            return self._prefill_graph(tok, pos, slot, table, last)[:n], {}
-        t = [self.upload(x) for x in (tok, pos, slot, table, last)]
+            at, inputs = self.layout.stage_chunks(self._prefills.stage(), 0, batch, shape)
+            out = self._prefills.replay(shape, at, inputs, self._prefill_step, self.last_ids)
+            return out[:n], {}
+        t = [self.upload(x) for x in self.layout.chunk_inputs(batch, shape)]
         if not every:
             return self._prefill_step(*t), {}
         hidden = self._forward(*t[:4])
         logits_rows = {r: self.logits(hidden[r, : len(batch[r][0])]) for r in every}
         return self._last_logits(hidden, t[4]), logits_rows
-
-    def _prefill_graph(self, tok: list, pos: list, slot: list, table: list, last: list) -> Any:
-        rows, width, nb = len(tok), len(tok[0]), len(table[0])
-        st, cells = self._prefills.stage(), rows * width
-        for i, x in enumerate((tok, pos, slot)):
-            st[i * cells : (i + 1) * cells].reshape(rows, width)[:] = x
-        at = 3 * cells
-        st[at : at + rows] = last
-        st[at + rows : at + rows + rows * nb].reshape(rows, nb)[:] = table
-
-        def inputs(s: Any) -> tuple[Any, ...]:
-            grid = [s[i * cells : (i + 1) * cells].view(rows, width) for i in range(3)]
-            return (*grid, s[at + rows : at + rows + rows * nb].view(rows, nb), s[at : at + rows])
-
-        n = at + rows + rows * nb
-        key = (rows, width, nb)
-        return self._prefills.replay(key, n, inputs, self._prefill_step, self.last_ids)
 
     def _prefill_step(self, tok: Any, pos: Any, slot: Any, table: Any, last: Any) -> Any:
         """Prompt chunks from their inputs to their last tokens' logits and argmax (what a
@@ -272,36 +216,56 @@ class PagedModel:
         """One token each: (token id, its position, block table). Returns logits [B, V];
         their argmax goes to `last_ids[:B]`. A row whose `src` is not negative takes its
         token from `last_ids[src]` instead (sampled by the step before, not yet read)."""
-        n = len(batch)
-        nb = max(pos // self.block_size + 1 for _, pos, _ in batch)
-        if self.bucketed:
-            nb = _bucket(nb, self.block_buckets)
-            bsz = _bucket(n, self.batch_buckets)
-        else:
-            bsz = n
-        bs = self.block_size
-        pad_table = [self.scratch] * nb
-        tok = [t for t, _, _ in batch] + [0] * (bsz - n)
-        pos = [p for _, p, _ in batch] + [0] * (bsz - n)
-        slot = [tb[p // bs] * bs + p % bs for _, p, tb in batch]
-        slot += [self.scratch * bs] * (bsz - n)
-        srcs = (src or [-1] * n) + [-1] * (bsz - n)
-        table = [(tb[:nb] + pad_table)[:nb] for _, _, tb in batch] + [pad_table] * (bsz - n)
-        if not self.bucketed:
+        shape = self.layout.decode_shape(batch)
+        if not self.layout.bucketed:
+            tok, pos, slot, srcs, table = self.layout.decode_inputs(batch, src, shape)
             t = [self.upload(x)[:, None] for x in (tok, pos, slot, srcs)]  # [B, 1] each
             return self._decode_step(t[0], t[1], t[2], t[3], self.upload(table))
-        st = self._decodes.stage()
-        for i, x in enumerate((tok, pos, slot, srcs)):
-            st[i * bsz : (i + 1) * bsz] = x
-        st[4 * bsz : (4 + nb) * bsz].reshape(bsz, nb)[:] = table
+        at, inputs = self.layout.stage_decodes(self._decodes.stage(), batch, src, shape)
+        out = self._decodes.replay(shape, at, inputs, self._decode_step, self.last_ids)
+        return out[: len(batch)]
 
-        def inputs(s: Any) -> tuple[Any, ...]:
-            cols = [s[i * bsz : (i + 1) * bsz].view(bsz, 1) for i in range(4)]
-            return (*cols, s[4 * bsz : (4 + nb) * bsz].view(bsz, nb))
+    def mixed(self, decodes: list, src: list[int], chunks: list) -> tuple[Any, Any]:
+        """`decode(decodes, src)` and `prefill(chunks)` in one pass through the kernels
+        (`triton_forward.forward_groups`: the weights read once, not twice); as two when
+        the kernels are off or the chunks too long for a graph. Returns both logits."""
+        lay = self.layout
+        dshape, (cshape, graph) = lay.decode_shape(decodes), lay.chunk_shape(chunks, False)
+        if not self.kernel or (lay.bucketed and not graph):
+            return self.decode(decodes, src), self.prefill(chunks)[0]
+        n = dshape[0]
+        if lay.bucketed:
+            st = self._mixes.stage()
+            at, dinputs = lay.stage_decodes(st, decodes, src, dshape)
+            end, cinputs = lay.stage_chunks(st, at, chunks, cshape)
+            out = self._mixes.replay(
+                (dshape, cshape),
+                end,
+                lambda s: (*dinputs(s), *cinputs(s)),
+                self._mixed_step,
+                self.last_ids,
+            )
+        else:
+            d, c = lay.decode_inputs(decodes, src, dshape), lay.chunk_inputs(chunks, cshape)
+            cols = [self.upload(x)[:, None] for x in d[:4]]
+            out = self._mixed_step(*cols, self.upload(d[4]), *[self.upload(x) for x in c])
+        return out[: len(decodes)], out[n : n + len(chunks)]
 
-        key = (bsz, nb)
-        out = self._decodes.replay(key, (4 + nb) * bsz, inputs, self._decode_step, self.last_ids)
-        return out[:n]
+    def _mixed_step(self, *args: Any) -> Any:
+        """A mixed step from its inputs (the decode step's, then the prefill step's) to the
+        logits of the decode rows, then of the chunks' last tokens; their argmax goes to
+        `last_ids` where each kind's step puts it."""
+        tok, pos, slot, src, table, ctok, cpos, cslot, ctable, last = args
+        torch, base = self.torch, self.prefill_base
+        tok = torch.where(src >= 0, self.last_ids[src.clamp(min=0)], tok)
+        groups = [(tok, pos, slot, table), (ctok, cpos, cslot, ctable)]
+        hd, hc = self._triton.forward_groups(self, groups)
+        rows = torch.arange(hc.shape[0], device=self.device)
+        logits = self.logits(torch.cat((hd[:, 0], hc[rows, last])))
+        ids, n = logits.argmax(-1), hd.shape[0]
+        self.last_ids[:n].copy_(ids[:n])
+        self.last_ids[base : base + hc.shape[0]].copy_(ids[n:])
+        return logits
 
     def upload(self, x: list[Any], dtype: Any = None) -> Any:
         """A step's input (long unless `dtype`) on the device, from pinned memory: queued
@@ -335,7 +299,7 @@ class PagedModel:
     def read(self, blocks: list[int], n: int) -> list[Any]:
         """The K and V of positions [0, n) of a sequence, per layer ([n, KVH, D] each)."""
         torch = self.torch
-        idx = torch.tensor(self._slots(blocks, 0, n), dtype=torch.long, device=self.device)
+        idx = torch.tensor(self.layout.slots(blocks, 0, n), dtype=torch.long, device=self.device)
         out = []
         shape = (-1, self.kv_heads, self.head_dim)
         for i in range(self.layers):
@@ -347,7 +311,7 @@ class PagedModel:
         """Puts K/V read by `read` (from this or another engine) into `blocks`."""
         torch = self.torch
         n = tensors[0].shape[0]
-        idx = torch.tensor(self._slots(blocks, 0, n), dtype=torch.long, device=self.device)
+        idx = torch.tensor(self.layout.slots(blocks, 0, n), dtype=torch.long, device=self.device)
         shape = (-1, self.kv_heads, self.head_dim)
         for i in range(self.layers):
             self.k[i].view(shape).index_copy_(0, idx, tensors[2 * i].to(self.device))
