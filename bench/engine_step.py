@@ -1,7 +1,6 @@
 """The hf engine's decode step on a GPU, alone: its captured CUDA graph replayed, against
 the floor (the model's weight bytes over the GPU's measured copy bandwidth), for PyTorch's ops
-(SDPA over gathered blocks) and segue's Triton kernels side by side (`triton-unfused`: without
-the products that fold norms and SiLU in, which decode batches of up to 4 rows take).
+(SDPA over gathered blocks) and segue's Triton kernels side by side.
 
     python bench/engine_step.py                     # the issue's models, bf16
     python bench/engine_step.py --models 1b-mha --batches 1,64 --context 150
@@ -92,7 +91,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,64,256")
     p.add_argument("--context", type=int, default=150)
     p.add_argument("--replays", type=int, default=50)
-    p.add_argument("--kernels", default="torch,triton-unfused,triton")
+    p.add_argument("--kernels", default="torch,triton")
     p.add_argument("--profile", action="store_true", help="also list one step's kernels")
     a = p.parse_args()
     import torch
@@ -113,9 +112,7 @@ def main() -> None:
         per = -(-(a.context + 1) // 16)
         for kernels in a.kernels.split(","):
             paged = PagedModel(model, per * max(batches), 16, per + 1, max(batches), True,
-                               kernels=kernels.removesuffix("-unfused"))  # fmt: skip
-            if kernels.endswith("-unfused"):
-                paged.gemv_rows = 0
+                               kernels=kernels)  # fmt: skip
             with torch.inference_mode():
                 times = [step_ms(torch, paged, b, a.context, a.replays) for b in batches]
             pairs = zip(batches, times, strict=True)

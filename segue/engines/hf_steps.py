@@ -151,27 +151,23 @@ class HFSteps:
         if not chunks and not decodes:
             return None
         step = Step(decodes, chunks)
-        work = [(s, n) for s, n in chunks if n > 0]
-        every = frozenset(i for i, (s, _) in enumerate(work) if s.prompt_lps is not None)
-        batch = [
-            (s.ctx[-1] if i < 0 else 0, s.fed, s.table) for s, i in zip(decodes, src, strict=True)
-        ]
-        chunk = [(s.ctx[s.fed : s.fed + n], s.fed, s.table) for s, n in work]
-        if batch and chunk and not every:  # one pass where the kernels take both
-            step.decode_logits, step.prefill_logits = self.paged.mixed(batch, src, chunk)
-        else:
-            if batch:
-                step.decode_logits = self.paged.decode(batch, src)
-            if chunk:
-                step.prefill_logits, step.prompt_rows = self.paged.prefill(chunk, every)
         if decodes:
+            batch = [
+                (s.ctx[-1] if i < 0 else 0, s.fed, s.table)
+                for s, i in zip(decodes, src, strict=True)
+            ]
+            step.decode_logits = self.paged.decode(batch, src)
             for row, seq in enumerate(decodes):
                 seq.fed += 1
                 seq.row = row
                 step.plain = step.plain and seq.plain
             self._draw(list(enumerate(decodes)), step.decode_logits, 0)
+        work = [(s, n) for s, n in chunks if n > 0]
         if work:
+            chunk = [(s.ctx[s.fed : s.fed + n], s.fed, s.table) for s, n in work]
             self._prompt_tokens["computed"] += sum(n for _, n in work)
+            every = frozenset(i for i, (s, _) in enumerate(work) if s.prompt_lps is not None)
+            step.prefill_logits, step.prompt_rows = self.paged.prefill(chunk, every)
             base = self.paged.prefill_base
             for row, (seq, n) in enumerate(work):
                 seq.fed += n

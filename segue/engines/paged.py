@@ -26,7 +26,6 @@ log = logging.getLogger("segue.paged")
 
 # Architectures whose decoder layers are Llama's (pre-norm, rotary q/k, SDPA-compatible).
 SUPPORTED = {"llama", "mistral", "qwen2"}
-GEMV_ROWS = 4  # decode batches up to this size take segue's fused products (triton_forward)
 
 
 def _pow2(n: int) -> bool:
@@ -78,12 +77,6 @@ class PagedModel:
             self._triton = triton_forward
             if self.device.type == "cuda":
                 self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        # decode steps of at most this many rows fold norms and SiLU into their products
-        # (triton_forward; not with biases, which those products do not add)
-        biased = any(w[1] is not None for w in self._qkv) or any(
-            layer.mlp.down_proj.bias is not None for layer in self.inner.layers
-        )
-        self.gemv_rows = 0 if biased or not self.kernel else GEMV_ROWS
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
         self.scratch = num_blocks  # the extra block padding writes into
@@ -115,8 +108,6 @@ class PagedModel:
         dsize, csize = lay.decode_size, lay.chunk_size
         self._decodes = StepGraphs(torch, self.device, dsize, pool, "decode", capture)
         self._prefills = StepGraphs(torch, self.device, csize, pool, "prefill", capture)
-        # both in one pass (`mixed`), one after the other in one buffer
-        self._mixes = StepGraphs(torch, self.device, dsize + csize, pool, "mixed", capture)
 
     @property
     def bytes_per_token(self) -> int:
@@ -224,48 +215,6 @@ class PagedModel:
         at, inputs = self.layout.stage_decodes(self._decodes.stage(), batch, src, shape)
         out = self._decodes.replay(shape, at, inputs, self._decode_step, self.last_ids)
         return out[: len(batch)]
-
-    def mixed(self, decodes: list, src: list[int], chunks: list) -> tuple[Any, Any]:
-        """`decode(decodes, src)` and `prefill(chunks)` in one pass through the kernels
-        (`triton_forward.forward_groups`: the weights read once, not twice); as two when
-        the kernels are off or the chunks too long for a graph. Returns both logits."""
-        lay = self.layout
-        dshape, (cshape, graph) = lay.decode_shape(decodes), lay.chunk_shape(chunks, False)
-        if not self.kernel or (lay.bucketed and not graph):
-            return self.decode(decodes, src), self.prefill(chunks)[0]
-        n = dshape[0]
-        if lay.bucketed:
-            st = self._mixes.stage()
-            at, dinputs = lay.stage_decodes(st, decodes, src, dshape)
-            end, cinputs = lay.stage_chunks(st, at, chunks, cshape)
-            out = self._mixes.replay(
-                (dshape, cshape),
-                end,
-                lambda s: (*dinputs(s), *cinputs(s)),
-                self._mixed_step,
-                self.last_ids,
-            )
-        else:
-            d, c = lay.decode_inputs(decodes, src, dshape), lay.chunk_inputs(chunks, cshape)
-            cols = [self.upload(x)[:, None] for x in d[:4]]
-            out = self._mixed_step(*cols, self.upload(d[4]), *[self.upload(x) for x in c])
-        return out[: len(decodes)], out[n : n + len(chunks)]
-
-    def _mixed_step(self, *args: Any) -> Any:
-        """A mixed step from its inputs (the decode step's, then the prefill step's) to the
-        logits of the decode rows, then of the chunks' last tokens; their argmax goes to
-        `last_ids` where each kind's step puts it."""
-        tok, pos, slot, src, table, ctok, cpos, cslot, ctable, last = args
-        torch, base = self.torch, self.prefill_base
-        tok = torch.where(src >= 0, self.last_ids[src.clamp(min=0)], tok)
-        groups = [(tok, pos, slot, table), (ctok, cpos, cslot, ctable)]
-        hd, hc = self._triton.forward_groups(self, groups)
-        rows = torch.arange(hc.shape[0], device=self.device)
-        logits = self.logits(torch.cat((hd[:, 0], hc[rows, last])))
-        ids, n = logits.argmax(-1), hd.shape[0]
-        self.last_ids[:n].copy_(ids[:n])
-        self.last_ids[base : base + hc.shape[0]].copy_(ids[n:])
-        return logits
 
     def upload(self, x: list[Any], dtype: Any = None) -> Any:
         """A step's input (long unless `dtype`) on the device, from pinned memory: queued

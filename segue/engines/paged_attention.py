@@ -164,12 +164,11 @@ def splits_for(batch: int, kv_heads: int, max_len: int, sms: int) -> int:
 
 
 def decode_attention(
-    q: Any, k_pool: Any, v_pool: Any, table: Any, lens: Any, splits: int = 1, out: Any = None
+    q: Any, k_pool: Any, v_pool: Any, table: Any, lens: Any, splits: int = 1
 ) -> Any:
     """q [B, NH, D]; k_pool, v_pool [blocks, BS, KVH, D]; table [B, NB] (int); lens [B]:
     the positions each query attends to (at least one each); `splits`: programs per
-    (sequence, KV head). Returns [B, NH, D] in q's dtype (in `out` if given: a view with
-    unit stride in D). Block and head sizes are powers
+    (sequence, KV head). Returns [B, NH, D] in q's dtype. Block and head sizes are powers
     of two (Triton's ranges), the head size at least 16."""
     b, nh, d = q.shape
     bs, kvh = k_pool.shape[1], k_pool.shape[2]
@@ -186,7 +185,7 @@ def decode_attention(
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), BS=bs, D=d,
         TILE_N=max(TILE, bs), IEEE=k_pool.dtype == torch.float32,
     )  # fmt: skip
-    out = torch.empty_like(q) if out is None else out
+    out = torch.empty_like(q)
     _merge_kernel[(b * nh,)](
         acc, lse, out, splits, out.stride(0), out.stride(1),
         NH=nh, SPLITS_P=triton.next_power_of_2(splits), D=d,

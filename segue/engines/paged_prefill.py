@@ -84,21 +84,17 @@ def _prefill_kernel(
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=live_row[:, None])
 
 
-def prefill_attention(
-    q: Any, k_pool: Any, v_pool: Any, table: Any, pos: Any, out: Any = None
-) -> Any:
+def prefill_attention(q: Any, k_pool: Any, v_pool: Any, table: Any, pos: Any) -> Any:
     """q [B, Q, NH, D]; k_pool, v_pool [blocks, BS, KVH, D]; table [B, NB] (int); pos [B, Q]:
     each query's position (it sees its sequence's positions up to it). Returns [B, Q, NH, D]
-    in q's dtype (in `out` if given: contiguous). Block and head sizes are powers of two,
-    the head size at least 16."""
+    in q's dtype. Block and head sizes are powers of two, the head size at least 16."""
     b, ql, nh, d = q.shape
     bs, kvh = k_pool.shape[1], k_pool.shape[2]
     group = nh // kvh
     assert v_pool.stride() == k_pool.stride()  # one set of strides for both pools
     q = q.contiguous()
     pos = pos.contiguous()
-    out = torch.empty_like(q) if out is None else out
-    assert out.is_contiguous()  # the kernel writes it with q's strides
+    out = torch.empty_like(q)
     _prefill_kernel[(b, kvh, triton.cdiv(ql, M))](
         q, k_pool, v_pool, table, pos, out, d**-0.5, ql,
         q.stride(0), q.stride(1), q.stride(2),

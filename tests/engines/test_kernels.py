@@ -3,9 +3,8 @@ equals SDPA over each sequence's gathered blocks (multi-head and grouped-query, 
 is not a power of two, lengths inside one block and across many, blocks in any order, the
 context split over several programs); prefill attention equals causal SDPA over gathered
 blocks for chunks at offsets; the fused norm, rotary and activation equal PyTorch's ops in
-fp32 and bf16, and the products with norms and SiLU folded in equal the unfused kernels;
-and a model's prefill and decode steps through them equal the PyTorch path's, greedy tokens
-included."""
+fp32 and bf16; and a model's prefill and decode steps through them equal the PyTorch
+path's, greedy tokens included."""
 
 from __future__ import annotations
 
@@ -97,11 +96,8 @@ def test_fused_ops_equal_pytorchs(dtype):
     torch.testing.assert_close(fused_ops.silu_mul(gu), want, **tol)
 
 
-@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("graphs", [False, True])
-def test_a_model_through_the_kernels_equals_the_pytorch_path(tmp_path, graphs, fused):
-    """`fused`: decode steps of 2 rows take the products with norms and SiLU folded in
-    (`fused_gemv`); else the unfused kernels, as larger batches do."""
+def test_a_model_through_the_kernels_equals_the_pytorch_path(tmp_path, graphs):
     if graphs and DEV != "cuda":
         pytest.skip("CUDA graphs need a GPU")
     from transformers import AutoModelForCausalLM
@@ -115,9 +111,6 @@ def test_a_model_through_the_kernels_equals_the_pytorch_path(tmp_path, graphs, f
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEV)
         paged = PagedModel(model, 16, 16, 8, 4, graphs, kernels=kernels)
         assert paged.kernel == (kernels == "triton")
-        assert paged.gemv_rows == (4 if kernels == "triton" else 0)
-        if not fused:
-            paged.gemv_rows = 0
         prompts = [list(range(3, 40)), list(range(50, 64))]
         tables = [[0, 1, 2], [5, 6]]
         with torch.no_grad():
@@ -171,39 +164,3 @@ def test_prefill_attention_equals_sdpa_over_gathered_blocks(heads, kv_heads):
         )
         want = sdpa(q[i, :n].transpose(0, 1), k, v, attn_mask=mask, enable_gqa=True)
         torch.testing.assert_close(got[i, :n], want.transpose(0, 1), rtol=1e-5, atol=1e-5)
-
-
-# Triton's interpreter multiplies bf16 tensor-core products wrongly (numpy has no bf16)
-PRODUCT_DTYPES = ["float32", "bfloat16"] if DEV == "cuda" else ["float32"]
-
-
-@pytest.mark.parametrize("dtype", PRODUCT_DTYPES)
-@pytest.mark.parametrize("rows", [1, 3])
-def test_fused_products_equal_the_unfused_kernels(dtype, rows):
-    """A decode step's products with their element-wise work folded in equal the unfused
-    path (add_norm, then the product; SiLU(gate) * up, then the product), the residual sum
-    included, for sizes that are not multiples of the kernels' tiles."""
-    from segue.engines import fused_gemv, fused_ops
-
-    dt = getattr(torch, dtype)
-    tol = dict(rtol=1e-5, atol=1e-5) if dt == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    g = torch.Generator().manual_seed(rows)
-    k, n, inter = 96, 40, 72
-    h = torch.randn(rows, k, generator=g).to(DEV, dt)
-    x = torch.randn(rows, k, generator=g).to(DEV, dt)
-    nw = torch.randn(k, generator=g).to(DEV, dt)
-    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEV, dt)
-    y, s = fused_gemv.norm_gemv(h, x, nw, 1e-5, w)
-    h2 = h.clone()
-    want_y = torch.nn.functional.linear(fused_ops.add_norm(h2, x, nw, 1e-5), w)
-    torch.testing.assert_close(s, h2, **tol)  # the residual sum, h itself untouched
-    torch.testing.assert_close(y, want_y, **tol)
-    assert not torch.equal(h, h2)
-    y0, s0 = fused_gemv.norm_gemv(h, None, nw, 1e-5, w)  # the first layer: no sum
-    assert s0 is h
-    want0 = torch.nn.functional.linear(torch.nn.functional.rms_norm(h, (k,), nw, 1e-5), w)
-    torch.testing.assert_close(y0, want0, **tol)
-    gu = torch.randn(rows, 2 * inter, generator=g).to(DEV, dt)
-    wd = (torch.randn(n, inter, generator=g) / inter**0.5).to(DEV, dt)
-    want = torch.nn.functional.linear(fused_ops.silu_mul(gu), wd)
-    torch.testing.assert_close(fused_gemv.silu_gemv(gu, wd), want, **tol)

@@ -56,8 +56,7 @@ def generate(reference, ids: list[int], n: int) -> list[int]:
 async def started(model_dir, overlap: str = "auto", **cfg):
     """An hf engine, started. `overlap` "buckets": on, and every step padded to its shape
     bucket and fed from fixed buffers as a GPU's CUDA graphs are (run eagerly on a CPU);
-    "kernels": the same through segue's Triton kernels (a step's decode rows and prompt
-    chunks in one pass, `PagedModel.mixed`), as on a GPU."""
+    "kernels": the same through segue's Triton kernels, as on a GPU."""
     from segue.engines.hf import HFConfig, HFEngine
     from segue.tokenizer import HFTokenizer
 
@@ -122,47 +121,12 @@ def test_paged_forward_matches_transformers(model_dir, reference, bucketed, kern
             torch.testing.assert_close(dec[i], want[-1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("bucketed", [False, True])
-def test_a_mixed_step_matches_transformers(model_dir, reference, bucketed):
-    """Decode rows and prompt chunks in one pass through the kernels (`PagedModel.mixed`):
-    two sequences' next tokens beside a third one's second chunk (at an offset, over its
-    first chunk's blocks) and a fourth one's whole prompt; each logit row equals
-    transformers' forward of its sequence alone, each argmax lands in `last_ids`."""
-    from segue.engines.paged import PagedModel
-
-    paged = PagedModel(reference, 64, 16, 8, 4, cuda_graphs=False, kernels="triton")
-    if bucketed:
-        paged.bucket_steps(capture=False)
-    seqs = prompts(4)
-    tables = [[i * 8 + b for b in range(8)] for i in range(4)]
-    half = len(seqs[2]) // 2
-    with torch.inference_mode():
-        first, _ = paged.prefill([(seqs[0], 0, tables[0]), (seqs[1], 0, tables[1])])
-        paged.prefill([(seqs[2][:half], 0, tables[2])])
-        nxt = first.argmax(-1).tolist()
-        dec, chunks = paged.mixed(
-            [(nxt[i], len(seqs[i]), tables[i]) for i in range(2)],
-            [-1, -1],
-            [(seqs[2][half:], half, tables[2]), (seqs[3], 0, tables[3])],
-        )
-        ids = paged.ids(paged.fetch_ids())
-        base = paged.prefill_base
-        for i in range(2):
-            want = reference(torch.tensor([seqs[i] + [nxt[i]]], device=DEVICE)).logits[0, -1]
-            torch.testing.assert_close(dec[i], want.float(), rtol=1e-4, atol=1e-4)
-            assert ids[i] == int(want.argmax())
-        for row, s in enumerate(seqs[2:]):
-            want = reference(torch.tensor([s], device=DEVICE)).logits[0, -1].float()
-            torch.testing.assert_close(chunks[row], want, rtol=1e-4, atol=1e-4)
-            assert ids[base + row] == int(want.argmax())
-
-
 # "on": each step launched before the one before it is handled (a GPU's default), which
 # feeds a token still on the device to the next step and runs one step past a stop token
-OVERLAP = pytest.mark.parametrize("overlap", ["off", "on", "buckets", "kernels"])
+OVERLAP = pytest.mark.parametrize("overlap", ["off", "on", "buckets"])
 
 
-@OVERLAP
+@pytest.mark.parametrize("overlap", ["off", "on", "buckets", "kernels"])
 def test_batched_greedy_equals_generate_and_frees_blocks(model_dir, reference, overlap):
     """Twelve ragged requests, eight running at once, prompts chunked 16 tokens per step:
     each one's tokens equal `generate()` of it alone; all blocks back after."""
