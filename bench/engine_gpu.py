@@ -12,7 +12,9 @@ its row). `--baseline-tree DIR` serves with the segue source in DIR too, each dt
 after this tree's (an older engine, e.g. a `git worktree` of an earlier commit; it must take
 `--dtype` and `--hf-kernels`). Prints tokens/s, TTFT and ITL p50 per level; `--json FILE`
 writes every number. A long prompt's TTFT: `--prompt-words 4000 --context-length 8192
---concurrency 1`; sampled load (drawn on the GPU): `--temperature 0.8`.
+--concurrency 1`; sampled load (drawn on the GPU): `--temperature 0.8`. Every request sends
+the same prompt unless `--distinct-prompts`: all but its last block is then a prefix-cache
+hit, and a request's prompt step computes a few tokens, not all.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def serve_and_bench(args, model: str, dtype: str, tree: str | None, tmp: Path) -
                 "--max-tokens", str(args.max_tokens), "--prompt-tokens", str(args.prompt_words),
                 *(["--temperature", str(args.temperature)] if args.temperature else []),
                 "--processes", str(args.bench_processes),
+                *(["--distinct-prompts"] if args.distinct_prompts else []),
             ],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
@@ -114,6 +117,11 @@ def main() -> int:
         default=4,
         help="segue bench's client processes (one reads ~80,000 streamed events/s on a "
         "fast core: at 256 fast streams one may be the limit)",
+    )
+    p.add_argument(
+        "--distinct-prompts",
+        action="store_true",
+        help="a fresh prompt per request (segue bench's flag): no prefix-cache hits",
     )
     p.add_argument("--kv-blocks", type=int, default=8192)
     p.add_argument(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=100,
         help="prompt length in words (one token each with the built-in tokenizer)",
+    )
+    p.add_argument(
+        "--distinct-prompts",
+        action="store_true",
+        help="a fresh prompt per request (words drawn at random), so no request finds "
+        "another's prefix in a server's cache; default: one prompt for all",
     )
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
@@ -161,9 +168,12 @@ async def _clients(args, url: str, body: dict, c: int, start: float, progress) -
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
         stats: _Stats | None = None
 
+        rng = random.Random() if args.distinct_prompts else None  # seeded from the OS
+
         async def client(deadline: float) -> None:
             while time.perf_counter() < deadline:
-                await _one(session, url, body, stream, stats)
+                sent = body if rng is None else _fresh(body, rng)
+                await _one(session, url, sent, stream, stats)
 
         if args.warmup > 0:
             end = time.perf_counter() + args.warmup
@@ -179,6 +189,15 @@ async def _clients(args, url: str, body: dict, c: int, start: float, progress) -
                 progress.set_postfix(c=c, req=stats.requests, err=len(stats.errors))
         stats.elapsed = time.perf_counter() - t0
     return stats
+
+
+def _fresh(body: dict, rng: random.Random) -> dict:
+    """`body` with its prompt's words drawn afresh (as many as it has)."""
+    if "prompt" in body:
+        n = len(body["prompt"].split())
+        return {**body, "prompt": " ".join(rng.choices(_WORDS, k=n))}
+    n = len(body["messages"][0]["content"].split())
+    return {**body, "messages": [{"role": "user", "content": " ".join(rng.choices(_WORDS, k=n))}]}
 
 
 def _process_clients(window: dict, url: str, body: dict, c: int, start: float) -> _Stats:
@@ -198,7 +217,8 @@ async def _level(args, url: str, body: dict, c: int, progress) -> LevelResult:
         ctx = multiprocessing.get_context("spawn")
         start = time.time() + 3.0  # every process has started by then
         shares = [c // n + (i < c % n) for i in range(n)]
-        window = {k: getattr(args, k) for k in ("duration", "warmup", "no_stream")}
+        keys = ("duration", "warmup", "no_stream", "distinct_prompts")
+        window = {k: getattr(args, k) for k in keys}
         with ProcessPoolExecutor(n, mp_context=ctx) as pool:
             parts = [
                 loop.run_in_executor(pool, _process_clients, window, url, body, k, start)

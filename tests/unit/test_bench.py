@@ -64,5 +64,12 @@ async def test_bench_sends_the_sampling_asked_for_and_counts_the_stream():
         [sampled] = await _bench(bench_args(url, "--temperature", "0.8", "--top-p", "0.9"))
         assert {(b["temperature"], b["top_p"]) for b in bodies} == {(0.8, 0.9)}
         assert "ignore_eos" not in bodies[-1] and sampled.errors == 0
+        assert len({b["prompt"] for b in bodies}) == 1  # one prompt for all by default
+        bodies.clear()
+        args = ("--distinct-prompts", "--prompt-tokens", "40", "--processes", "2")
+        [fresh] = await _bench(bench_args(url, *args))  # two client processes
+        prompts = [b["prompt"] for b in bodies]
+        assert fresh.requests > 1 and len(set(prompts)) == len(prompts)
+        assert {len(p.split()) for p in prompts} == {40}
     finally:
         await server.close()
