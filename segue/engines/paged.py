@@ -181,7 +181,7 @@ class PagedModel:
         n = len(batch)
         shape, graph = self.layout.chunk_shape(batch, bool(every))
         if graph:
-            at, inputs = self.layout.stage_chunks(self._prefills.stage(), 0, batch, shape)
+            at, inputs = self.layout.stage_chunks(self._prefills.stage(), batch, shape)
             out = self._prefills.replay(shape, at, inputs, self._prefill_step, self.last_ids)
             return out[:n], {}
         t = [self.upload(x) for x in self.layout.chunk_inputs(batch, shape)]

@@ -91,21 +91,21 @@ class StepLayout:
         return tok, pos, slot, table, last
 
     def stage_chunks(
-        self, st: Any, at: int, batch: list[Chunk], shape: tuple[int, int, int]
+        self, st: Any, batch: list[Chunk], shape: tuple[int, int, int]
     ) -> tuple[int, Inputs]:
-        """Puts the chunks' inputs into the stage `st` (numpy, flat) from `at`; returns where
-        they end and what views them in the static buffer (tok, pos, slot, table, last)."""
+        """Puts the chunks' inputs into the stage `st` (numpy, flat); returns where they end
+        and what views them in the static buffer: tok, pos, slot, table, last."""
         rows, width, nb = shape
         tok, pos, slot, table, last = self.chunk_inputs(batch, shape)
         cells = rows * width
         for i, x in enumerate((tok, pos, slot)):
-            st[at + i * cells : at + (i + 1) * cells].reshape(rows, width)[:] = x
-        o = at + 3 * cells
+            st[i * cells : (i + 1) * cells].reshape(rows, width)[:] = x
+        o = 3 * cells
         st[o : o + rows] = last
         st[o + rows : o + rows + rows * nb].reshape(rows, nb)[:] = table
 
         def inputs(s: Any) -> tuple[Any, ...]:
-            grid = [s[at + i * cells : at + (i + 1) * cells].view(rows, width) for i in range(3)]
+            grid = [s[i * cells : (i + 1) * cells].view(rows, width) for i in range(3)]
             return (*grid, s[o + rows : o + rows + rows * nb].view(rows, nb), s[o : o + rows])
 
         return o + rows + rows * nb, inputs
@@ -135,8 +135,8 @@ class StepLayout:
     def stage_decodes(
         self, st: Any, batch: list[Decode], src: list[int] | None, shape: tuple[int, int]
     ) -> tuple[int, Inputs]:
-        """As `stage_chunks`, for decode rows, from the stage's start: tok, pos, slot, src
-        as columns [rows, 1], then table."""
+        """As `stage_chunks`, for decode rows: tok, pos, slot, src as columns [rows, 1],
+        then table."""
         bsz, nb = shape
         tok, pos, slot, srcs, table = self.decode_inputs(batch, src, shape)
         for i, x in enumerate((tok, pos, slot, srcs)):
