@@ -141,8 +141,11 @@ class Stages:
         task = asyncio.create_task(pump())
         try:
             while True:
+                # not wait_for: on 3.11 it can swallow our caller's cancel when an item is
+                # ready in the same moment, and the relay would run on for nobody
                 try:
-                    item = await asyncio.wait_for(queue.get(), self.keepalive)
+                    async with asyncio.timeout(self.keepalive):
+                        item = await queue.get()
                 except TimeoutError:
                     await resp.write(KEEPALIVE_FRAME)
                     continue
