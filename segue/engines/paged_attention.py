@@ -7,8 +7,9 @@ split): the query heads of that group (grouped-query attention) as the rows of a
 matrix product, over tiles of TILE positions gathered through the block table, with an
 online softmax in fp32. The context is split over SPLITS programs (flash-decoding: a batch
 of one still fills the GPU); a second kernel merges their partial results by their
-log-sum-exp. Loop bounds are read from the lengths tensor on the GPU, so a captured CUDA
-graph replays the step for any lengths within its bucket.
+log-sum-exp (with one split, the first kernel writes the output). Loop bounds are read from
+the lengths tensor on the GPU, so a captured CUDA graph replays the step for any lengths
+within its bucket.
 
 On CPU the tests run the same kernels through Triton's interpreter (TRITON_INTERPRET=1,
 set before this module is imported) and compare them with SDPA over the gathered blocks.
@@ -76,6 +77,7 @@ def _partial_kernel(
     lens_ptr,  # [B] positions each query sees
     acc_ptr,  # [B, NH, SPLITS, D] fp32: unnormalised partial outputs
     lse_ptr,  # [B, NH, SPLITS, 2] fp32: running max and sum of each split
+    out_ptr,  # [B, NH, D]: the output itself, when one split covers the context (DIRECT)
     scale,
     splits,
     stride_qb,
@@ -84,6 +86,9 @@ def _partial_kernel(
     stride_ks,
     stride_kh,
     stride_tb,
+    stride_ob,
+    stride_oh,
+    DIRECT: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_P: tl.constexpr,  # rows of the product: GROUP padded to a power of two, >= 16
     BS: tl.constexpr,
@@ -121,6 +126,11 @@ def _partial_kernel(
             q, m, l_sum, acc, k_ptr, v_ptr, table_row, pos, live, live[None, :],
             kvh * stride_kh, stride_kb, stride_ks, BS, D, IEEE,
         )  # fmt: skip
+    if DIRECT:
+        out = acc / l_sum[:, None]
+        dst = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+        return
     row = (b * tl.num_programs(1) * GROUP + heads) * splits + split
     tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=gmask[:, None])
     tl.store(lse_ptr + row * 2, m, mask=gmask)
@@ -175,17 +185,20 @@ def decode_attention(
     group = nh // kvh
     assert v_pool.stride() == k_pool.stride()  # one set of strides for both pools
     q = q.contiguous()
-    acc = torch.empty(b * nh, splits, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b * nh, splits, 2, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    direct = splits == 1  # no partial results to merge: the one kernel writes the output
+    acc = torch.empty(0 if direct else b * nh * splits * d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(0 if direct else b * nh * splits * 2, dtype=torch.float32, device=q.device)
     _partial_kernel[(b, kvh, splits)](
-        q, k_pool, v_pool, table, lens, acc, lse, d**-0.5, splits,
+        q, k_pool, v_pool, table, lens, acc, lse, out, d**-0.5, splits,
         q.stride(0), q.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        table.stride(0),
+        table.stride(0), out.stride(0), out.stride(1), DIRECT=direct,
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), BS=bs, D=d,
         TILE_N=max(TILE, bs), IEEE=k_pool.dtype == torch.float32,
     )  # fmt: skip
-    out = torch.empty_like(q)
+    if direct:
+        return out
     _merge_kernel[(b * nh,)](
         acc, lse, out, splits, out.stride(0), out.stride(1),
         NH=nh, SPLITS_P=triton.next_power_of_2(splits), D=d,

@@ -3,8 +3,8 @@ equals SDPA over each sequence's gathered blocks (multi-head and grouped-query, 
 is not a power of two, lengths inside one block and across many, blocks in any order, the
 context split over several programs); prefill attention equals causal SDPA over gathered
 blocks for chunks at offsets; the fused norm, rotary and activation equal PyTorch's ops in
-fp32 and bf16; and a model's prefill and decode steps through them equal the PyTorch
-path's, greedy tokens included."""
+fp32 and bf16, as do one-row matrix-vector products; and a model's prefill and decode
+steps through them equal the PyTorch path's, greedy tokens included."""
 
 from __future__ import annotations
 
@@ -94,6 +94,29 @@ def test_fused_ops_equal_pytorchs(dtype):
     gu = torch.randn(2, 3, 2 * 40, generator=g).to(DEV, dt)
     want = torch.nn.functional.silu(gu[..., :40]) * gu[..., 40:]
     torch.testing.assert_close(fused_ops.silu_mul(gu), want, **tol)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_one_row_matrix_vector_products_equal_pytorch_linear(dt):
+    """A decode step's one-row products: with and without bias (K not a power of two, more
+    than one K chunk), and the output layer's straight to fp32, equal PyTorch's."""
+    from segue.engines import gemv
+
+    g = torch.Generator().manual_seed(3)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dt == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    w = torch.randn(70, 1100, generator=g).to(DEV, dt) / 30
+    bias = torch.randn(70, generator=g).to(DEV, dt)
+    x = torch.randn(1, 1, 1100, generator=g).to(DEV, dt)
+    lin = torch.nn.functional.linear
+    shapes = gemv.faster_shapes([w, w[:8]])  # timed on a GPU; on CPU every shape
+    assert shapes <= {(70, 1100), (8, 1100)} and (DEV == "cuda" or len(shapes) == 2)
+    assert gemv.serves(x, w, {(70, 1100)}) and not gemv.serves(x, w, {(8, 1100)})
+    assert not gemv.serves(torch.cat([x, x]), w, {(70, 1100)})  # two rows: cuBLAS's
+    torch.testing.assert_close(gemv.linear(x, w), lin(x, w), **tol)
+    torch.testing.assert_close(gemv.linear(x, w, bias), lin(x, w, bias), **tol)
+    logits = gemv.linear(x, w, None, torch.float32)
+    assert logits.dtype == torch.float32 and logits.shape == (1, 1, 70)
+    torch.testing.assert_close(logits, lin(x, w).float(), **tol)
 
 
 @pytest.mark.parametrize("graphs", [False, True])
