@@ -8,9 +8,9 @@ summed once at the end; thousands of programs in flight keep HBM busy. Which is 
 depends on the GPU (`bench/gemv.py`, Llama-3.2-1B's projections): on an H100 this kernel
 beat cuBLAS on all five (q/k/v 5.73 against 6.90 us, down 12.84 against 15.42, a 128k
 output layer 167 against 188); on an H200 only on the small ones (o 4.46 against 5.95,
-q/k/v 5.76 against 6.03; gate/up 22.2 against 18.0). So a model times both for each of
-its weight shapes when it loads (`faster_shapes`) and keeps the faster. The output layer's
-logits come out in fp32 directly (no cast kernel after).
+q/k/v 5.76 against 6.03; gate/up 22.2 against 18.0). So the small ones run here
+(`MAX_WEIGHTS`), the large ones through cuBLAS. The output layer's logits come out in fp32
+directly (no cast kernel after).
 
 Accumulation is fp32; results equal cuBLAS's up to summation order. On CPU the tests run
 the kernel through Triton's interpreter (TRITON_INTERPRET=1).
@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-Shape = tuple[int, int]
+# weights (elements) up to which a one-row product runs here: the shapes faster on both GPUs
+MAX_WEIGHTS = 8 << 20
 
 
 @triton.jit
@@ -56,47 +57,9 @@ def _gemv_kernel(
     tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=nlive)
 
 
-def serves(x: Any, w: Any, shapes: set[Shape]) -> bool:
-    """Whether x @ w.T runs here: one row, and a weight of a shape `faster_shapes` chose."""
-    return x.numel() == x.shape[-1] and tuple(w.shape) in shapes
-
-
-def faster_shapes(weights: list[Any]) -> set[Shape]:
-    """The weight shapes whose one-row product is faster here than cuBLAS's on this GPU:
-    each shape's weights (a model's layers, so each is read from HBM, not from L2) run
-    through both in a captured graph, twice over, timed by CUDA events. On CPU (Triton's
-    interpreter: the tests) every shape, so the tests cover the kernel."""
-    groups: dict[Shape, list[Any]] = {}
-    for w in weights:
-        groups.setdefault((w.shape[0], w.shape[1]), []).append(w)
-    if not weights or not weights[0].is_cuda:
-        return set(groups)
-    lin = torch.nn.functional.linear
-    faster = set()
-    for shape, ws in groups.items():
-        x = torch.zeros(1, shape[1], dtype=ws[0].dtype, device=ws[0].device)
-        ours = _graph_ms(lambda w, x=x: linear(x, w), ws)
-        if ours < _graph_ms(lambda w, x=x: lin(x, w), ws):
-            faster.add(shape)
-    return faster
-
-
-def _graph_ms(fn: Any, ws: list[Any]) -> float:
-    for w in ws:  # compiles, and lets cuBLAS pick its kernel, outside the capture
-        fn(w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(2):
-            for w in ws:
-                fn(w)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    return float(start.elapsed_time(end))
+def serves(x: Any, w: Any) -> bool:
+    """Whether x @ w.T runs here: one row, and a weight small enough that cuBLAS is slower."""
+    return x.numel() == x.shape[-1] and w.numel() <= MAX_WEIGHTS
 
 
 def linear(x: Any, w: Any, bias: Any | None = None, out_dtype: Any = None) -> Any:

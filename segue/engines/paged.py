@@ -71,13 +71,11 @@ class PagedModel:
         )
         self._triton: Any = None
         self._gemv: Any = None
-        self.gemv_shapes: set[tuple[int, int]] = set()  # one-row products through `gemv`
         self.sms = 1
         if self.kernel:
             from segue.engines import gemv, triton_forward
 
             self._triton, self._gemv = triton_forward, gemv
-            self.gemv_shapes = gemv.faster_shapes(self._weights())
             if self.device.type == "cuda":
                 self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.block_size = block_size
@@ -99,14 +97,6 @@ class PagedModel:
         self._flip = 0
         if self.graphs_on:
             self.bucket_steps(capture=True)
-
-    def _weights(self) -> list[Any]:
-        """Every matrix a decode step multiplies by."""
-        out = [self.model.lm_head.weight]
-        for i, layer in enumerate(self.inner.layers):
-            out += [self._qkv[i][0], layer.self_attn.o_proj.weight]
-            out += [self._gu[i][0], layer.mlp.down_proj.weight]
-        return out
 
     def bucket_steps(self, capture: bool) -> None:
         """Steps padded to shape buckets, their inputs in fixed device buffers: captured as
@@ -178,7 +168,7 @@ class PagedModel:
 
     def logits(self, hidden: Any) -> Any:
         head = self.model.lm_head
-        if self.kernel and self._gemv.serves(hidden, head.weight, self.gemv_shapes):
+        if self.kernel and self._gemv.serves(hidden, head.weight):
             return self._gemv.linear(hidden, head.weight, head.bias, self.torch.float32)
         return head(hidden).float()
 

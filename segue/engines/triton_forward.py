@@ -2,7 +2,7 @@
 on): each residual add fused with the norm after it, rotary fused with the K/V write,
 SiLU(gate) * up in one kernel, and attention reading the pool in place (`paged_attention`
 for a decode step's single queries, `paged_prefill` for prompt chunks). The matrix products
-are cuBLAS's, except a one-token step's where `gemv`'s measured faster on this GPU.
+are cuBLAS's, except a one-token step's small ones (q/k/v, o): `gemv`'s.
 """
 
 from __future__ import annotations
@@ -54,5 +54,5 @@ def forward(m: Any, tok: Any, pos: Any, slot: Any, table: Any) -> Any:
 
 
 def _linear(m: Any, x: Any, w: Any, bias: Any) -> Any:
-    """x @ w.T (+ bias): `gemv`'s for one row where it was faster, else cuBLAS's."""
-    return gemv.linear(x, w, bias) if gemv.serves(x, w, m.gemv_shapes) else m._linear(x, (w, bias))
+    """x @ w.T (+ bias): `gemv`'s for one row and a small weight, else cuBLAS's."""
+    return gemv.linear(x, w, bias) if gemv.serves(x, w) else m._linear(x, (w, bias))
