@@ -19,6 +19,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine_step import copy_bandwidth  # noqa: E402
+
 # q/k/v, o, gate/up, down, a 128k vocabulary's output layer
 SHAPES = "3072x2048,2048x2048,16384x2048,2048x8192,128256x2048"
 
@@ -40,22 +42,6 @@ def graph_us(torch: Any, fn: Any, calls: int, replays: int = 20) -> float:
     end.record()
     end.synchronize()
     return 1000 * start.elapsed_time(end) / (replays * calls)
-
-
-def copy_bandwidth(torch: Any) -> float:
-    """Bytes a second of a 1 GiB device-to-device copy (read + write), as
-    `bench/engine_step.py` measures it."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * (1 << 30) / (start.elapsed_time(end) / 1000 / 20)
 
 
 def main() -> None:
