@@ -62,6 +62,14 @@ def serves(x: Any, w: Any) -> bool:
     return x.numel() == x.shape[-1] and w.numel() <= MAX_WEIGHTS
 
 
+def product(x: Any, w: Any, bias: Any | None = None, out_dtype: Any = None) -> Any:
+    """x @ w.T (+ bias) in `out_dtype` (x's by default): here where `serves`, else cuBLAS's."""
+    if serves(x, w):
+        return linear(x, w, bias, out_dtype)
+    y = torch.nn.functional.linear(x, w, bias)
+    return y if out_dtype is None else y.to(out_dtype)
+
+
 def linear(x: Any, w: Any, bias: Any | None = None, out_dtype: Any = None) -> Any:
     """x [..., K] (one row), w [N, K] contiguous: x @ w.T (+ bias), [..., N], in
     `out_dtype` (x's by default)."""

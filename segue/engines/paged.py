@@ -168,8 +168,8 @@ class PagedModel:
 
     def logits(self, hidden: Any) -> Any:
         head = self.model.lm_head
-        if self.kernel and self._gemv.serves(hidden, head.weight):
-            return self._gemv.linear(hidden, head.weight, head.bias, self.torch.float32)
+        if self.kernel:
+            return self._gemv.product(hidden, head.weight, head.bias, self.torch.float32)
         return head(hidden).float()
 
     # -- batches ----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def forward(m: Any, tok: Any, pos: Any, slot: Any, table: Any) -> Any:
             x = m._norm(ln, h)
         else:
             x = fused_ops.add_norm(h, pending, ln.weight, ln.variance_epsilon)
-        qkv = _linear(m, x, *m._qkv[i])
+        qkv = gemv.product(x, *m._qkv[i])
         qkv = qkv.view(b * q, nh + 2 * kvh, hd)
         kpool, vpool = m.k[i], m.v[i]  # [blocks, bs, KVH, D]
         flat_k, flat_v = kpool.view(-1, kvh, hd), vpool.view(-1, kvh, hd)
@@ -42,17 +42,12 @@ def forward(m: Any, tok: Any, pos: Any, slot: Any, table: Any) -> Any:
             o = paged_prefill.prefill_attention(qs.view(b, q, nh, hd), kpool, vpool, table, pos)
         ln = layer.post_attention_layernorm
         o_proj = layer.self_attn.o_proj
-        out = _linear(m, o.reshape(b, q, nh * hd), o_proj.weight, o_proj.bias)
+        out = gemv.product(o.reshape(b, q, nh * hd), o_proj.weight, o_proj.bias)
         y = fused_ops.add_norm(h, out, ln.weight, ln.variance_epsilon)
         down = layer.mlp.down_proj
-        act = fused_ops.silu_mul(_linear(m, y, *m._gu[i]))
-        pending = _linear(m, act, down.weight, down.bias)
+        act = fused_ops.silu_mul(gemv.product(y, *m._gu[i]))
+        pending = gemv.product(act, down.weight, down.bias)
     final = m.inner.norm
     if pending is None:
         return m._norm(final, h).view(b, q, -1)
     return fused_ops.add_norm(h, pending, final.weight, final.variance_epsilon).view(b, q, -1)
-
-
-def _linear(m: Any, x: Any, w: Any, bias: Any) -> Any:
-    """x @ w.T (+ bias): `gemv`'s for one row and a small weight, else cuBLAS's."""
-    return gemv.linear(x, w, bias) if gemv.serves(x, w) else m._linear(x, (w, bias))
