@@ -56,6 +56,11 @@ def step_ms(torch, paged, batch: int, context: int, replays: int) -> float:
     graph = paged._decodes.graph(paged.layout.decode_shape(rows))
     for _ in range(3):
         graph.replay()
+    return replay_ms(torch, graph, replays)
+
+
+def replay_ms(torch, graph, replays: int) -> float:
+    """GPU milliseconds a replay of a captured graph, the mean of `replays` (CUDA events)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):

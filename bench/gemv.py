@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine_step import copy_bandwidth  # noqa: E402
+from engine_step import copy_bandwidth, replay_ms  # noqa: E402
 
 # q/k/v, o, gate/up, down, a 128k vocabulary's output layer
 SHAPES = "3072x2048,2048x2048,16384x2048,2048x8192,128256x2048"
@@ -35,13 +35,7 @@ def graph_us(torch: Any, fn: Any, calls: int, replays: int = 20) -> float:
         for i in range(calls):
             fn(i)
     g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        g.replay()
-    end.record()
-    end.synchronize()
-    return 1000 * start.elapsed_time(end) / (replays * calls)
+    return 1000 * replay_ms(torch, g, replays) / calls
 
 
 def main() -> None:
