@@ -77,11 +77,16 @@ def start_worker(d, model, *extra, tmpdir=None):
     # One core per engine, taken in turn, leaves room for the frontend, workers and tests.
     cores = sorted(os.sched_getaffinity(0))
     core = cores[-1 - len(d.workers) % len(cores)]
+    # Even so, CI saw a worker serving a 5,000-token request miss its lease renewals for
+    # 10 s and drop out of discovery. No test here is about the lease (a killed worker is
+    # dropped at once by its PID, a drained one revokes its lease): a long one keeps it out.
     return d.start_worker(
         "--engine",
         "vllm",
         "--model",
         model,
+        "--lease-ttl",
+        "30",
         *extra,
         fast=False,
         wait=False,
