@@ -11,6 +11,12 @@ log-sum-exp (with one split, the first kernel writes the output). Loop bounds ar
 the lengths tensor on the GPU, so a captured CUDA graph replays the step for any lengths
 within its bucket.
 
+`decode_attention_rope` also does the rotary embedding and the step's K/V write, one kernel
+a layer fewer: each program rotates its query rows from the fused q/k/v product; the one
+program of each (sequence, KV head) whose split holds the new position rotates the new key,
+stores key and value into the pool, and folds them into its softmax from registers, so no
+program reads a slot that another writes.
+
 On CPU the tests run the same kernels through Triton's interpreter (TRITON_INTERPRET=1,
 set before this module is imported) and compare them with SDPA over the gathered blocks.
 """
@@ -69,6 +75,21 @@ def attend_tile(
 
 
 @triton.jit
+def _rotated(rows, cos_ptr, sin_ptr, mask, D: tl.constexpr):
+    """Rows [R, 1] (or one row) of D values, rotated: x * cos + rotate_half(x) * sin with
+    rotate_half(x) = [-x2, x1], rounded where `fused_ops.rotary_kv` rounds."""
+    HALF: tl.constexpr = D // 2
+    d = tl.arange(0, D)
+    x = tl.load(rows + d, mask=mask, other=0.0)
+    partner = tl.load(rows + (d + HALF) % D, mask=mask, other=0.0).to(tl.float32)
+    dt = x.dtype
+    cos = tl.load(cos_ptr + d).to(tl.float32)
+    sin = tl.where(d < HALF, -1.0, 1.0) * tl.load(sin_ptr + d).to(tl.float32)
+    turned = (partner * sin).to(dt).to(tl.float32)
+    return ((x.to(tl.float32) * cos).to(dt).to(tl.float32) + turned).to(dt)
+
+
+@triton.jit
 def _partial_kernel(
     q_ptr,  # [B, NH, D]
     k_ptr,  # [blocks, BS, KVH, D]
@@ -78,6 +99,9 @@ def _partial_kernel(
     acc_ptr,  # [B, NH, SPLITS, D] fp32: unnormalised partial outputs
     lse_ptr,  # [B, NH, SPLITS, 2] fp32: running max and sum of each split
     out_ptr,  # [B, NH, D]: the output itself, when one split covers the context (DIRECT)
+    cos_ptr,  # [B, D] (ROPE)
+    sin_ptr,
+    slot_ptr,  # [B] the new position's pool slot (ROPE)
     scale,
     splits,
     stride_qb,
@@ -89,6 +113,7 @@ def _partial_kernel(
     stride_ob,
     stride_oh,
     DIRECT: tl.constexpr,
+    ROPE: tl.constexpr,  # q_ptr is the q/k/v product [B, NH + 2 KVH, D], not yet rotated
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_P: tl.constexpr,  # rows of the product: GROUP padded to a power of two, >= 16
     BS: tl.constexpr,
@@ -104,11 +129,13 @@ def _partial_kernel(
     t = tl.arange(0, TILE_N)
     heads = kvh * GROUP + g
     gmask = g < GROUP
-    q = tl.load(
-        q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-        mask=gmask[:, None],
-        other=0.0,
-    )
+    row_ptr = q_ptr + b * stride_qb
+    if ROPE:
+        q = _rotated(row_ptr + heads[:, None] * stride_qh, cos_ptr + b * D, sin_ptr + b * D,
+                     gmask[:, None], D)  # fmt: skip
+    else:
+        q = tl.load(row_ptr + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None],
+                    other=0.0)  # fmt: skip
     q = (q.to(tl.float32) * scale).to(k_ptr.dtype.element_ty)
     n = tl.load(lens_ptr + b)
     tiles = tl.cdiv(n, TILE_N)
@@ -118,10 +145,29 @@ def _partial_kernel(
     m = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_sum = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, D], tl.float32)
+    in_pool = n  # positions read from the pool
+    if ROPE:
+        # The new position (n - 1) is in the last tile; the split that holds it takes it
+        # from registers first (so every row's max is finite) and writes it to the pool.
+        in_pool = n - 1
+        owner = (first < tiles) & (tiles <= last)
+        nh = tl.num_programs(1) * GROUP
+        k_new = _rotated(row_ptr + (nh + kvh) * stride_qh, cos_ptr + b * D, sin_ptr + b * D,
+                         d >= 0, D)  # fmt: skip
+        v_new = tl.load(row_ptr + (nh + tl.num_programs(1) + kvh) * stride_qh + d)
+        score = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1)
+        m = tl.where(owner, score, m)
+        l_sum = tl.where(owner, 1.0, l_sum)
+        acc = tl.where(owner, acc + v_new.to(tl.float32)[None, :], acc)
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        at = (slot // BS) * stride_kb + (slot % BS) * stride_ks + kvh * stride_kh + d
+        keep = d < tl.where(owner, D, 0)  # (not `&`: the interpreter makes that int32)
+        tl.store(k_ptr + at, k_new.to(k_ptr.dtype.element_ty), mask=keep)
+        tl.store(v_ptr + at, v_new.to(v_ptr.dtype.element_ty), mask=keep)
     table_row = table_ptr + b * stride_tb
     for j in range(first, last):
         pos = j * TILE_N + t
-        live = pos < n
+        live = pos < in_pool
         m, l_sum, acc = attend_tile(
             q, m, l_sum, acc, k_ptr, v_ptr, table_row, pos, live, live[None, :],
             kvh * stride_kh, stride_kb, stride_ks, BS, D, IEEE,
@@ -180,21 +226,39 @@ def decode_attention(
     the positions each query attends to (at least one each); `splits`: programs per
     (sequence, KV head). Returns [B, NH, D] in q's dtype. Block and head sizes are powers
     of two (Triton's ranges), the head size at least 16."""
-    b, nh, d = q.shape
-    bs, kvh = k_pool.shape[1], k_pool.shape[2]
-    group = nh // kvh
-    assert v_pool.stride() == k_pool.stride()  # one set of strides for both pools
     q = q.contiguous()
-    out = torch.empty_like(q)
+    return _attend(q, q.shape[1], k_pool, v_pool, table, lens, splits, None)
+
+
+def decode_attention_rope(
+    qkv: Any, cos: Any, sin: Any, slot: Any, k_pool: Any, v_pool: Any, table: Any, lens: Any,
+    splits: int = 1,
+) -> Any:  # fmt: skip
+    """`fused_ops.rotary_kv` then `decode_attention`, in one kernel: qkv [B, NH + 2 KVH, D]
+    (contiguous) as the q/k/v product leaves it; cos, sin [B, D]; slot [B]: where each
+    sequence's new position (lens - 1) goes in the pools. Returns [B, NH, D]."""
+    nh = qkv.shape[1] - 2 * k_pool.shape[2]
+    return _attend(qkv, nh, k_pool, v_pool, table, lens, splits, (cos, sin, slot))
+
+
+def _attend(
+    q: Any, nh: int, k_pool: Any, v_pool: Any, table: Any, lens: Any, splits: int,
+    rope: tuple[Any, Any, Any] | None,
+) -> Any:  # fmt: skip
+    b, _, d = q.shape
+    bs, kvh = k_pool.shape[1], k_pool.shape[2]
+    assert v_pool.stride() == k_pool.stride()  # one set of strides for both pools
+    out = torch.empty(b, nh, d, dtype=q.dtype, device=q.device)
     direct = splits == 1  # no partial results to merge: the one kernel writes the output
     acc = torch.empty(0 if direct else b * nh * splits * d, dtype=torch.float32, device=q.device)
     lse = torch.empty(0 if direct else b * nh * splits * 2, dtype=torch.float32, device=q.device)
+    cos, sin, slot = (c.contiguous() for c in rope) if rope else (q, q, lens)
     _partial_kernel[(b, kvh, splits)](
-        q, k_pool, v_pool, table, lens, acc, lse, out, d**-0.5, splits,
+        q, k_pool, v_pool, table, lens, acc, lse, out, cos, sin, slot, d**-0.5, splits,
         q.stride(0), q.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        table.stride(0), out.stride(0), out.stride(1), DIRECT=direct,
-        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), BS=bs, D=d,
+        table.stride(0), out.stride(0), out.stride(1), DIRECT=direct, ROPE=rope is not None,
+        GROUP=nh // kvh, GROUP_P=max(16, triton.next_power_of_2(nh // kvh)), BS=bs, D=d,
         TILE_N=max(TILE, bs), IEEE=k_pool.dtype == torch.float32,
     )  # fmt: skip
     if direct:

@@ -1,5 +1,6 @@
 """A paged model's forward pass through segue's Triton kernels (`PagedModel` with kernels
-on): each residual add fused with the norm after it, rotary fused with the K/V write,
+on): each residual add fused with the norm after it, rotary fused with the K/V write (and,
+in a decode step, with the attention itself),
 SiLU(gate) * up in one kernel, and attention reading the pool in place (`paged_attention`
 for a decode step's single queries, `paged_prefill` for prompt chunks). The matrix products
 are cuBLAS's, except a one-token step's small ones (q/k/v, o): `gemv`'s.
@@ -34,11 +35,13 @@ def forward(m: Any, tok: Any, pos: Any, slot: Any, table: Any) -> Any:
         qkv = gemv.product(x, *m._qkv[i])
         qkv = qkv.view(b * q, nh + 2 * kvh, hd)
         kpool, vpool = m.k[i], m.v[i]  # [blocks, bs, KVH, D]
-        flat_k, flat_v = kpool.view(-1, kvh, hd), vpool.view(-1, kvh, hd)
-        qs = fused_ops.rotary_kv(qkv, cos, sin, flat, flat_k, flat_v, nh)  # [B*Q, NH, D]
-        if q == 1:
-            o = paged_attention.decode_attention(qs, kpool, vpool, table, lens, splits)
+        if q == 1:  # rotary and the K/V write inside the attention kernel
+            o = paged_attention.decode_attention_rope(
+                qkv, cos, sin, flat, kpool, vpool, table, lens, splits
+            )
         else:
+            flat_k, flat_v = kpool.view(-1, kvh, hd), vpool.view(-1, kvh, hd)
+            qs = fused_ops.rotary_kv(qkv, cos, sin, flat, flat_k, flat_v, nh)  # [B*Q, NH, D]
             o = paged_prefill.prefill_attention(qs.view(b, q, nh, hd), kpool, vpool, table, pos)
         ln = layer.post_attention_layernorm
         o_proj = layer.self_attn.o_proj

@@ -1,10 +1,11 @@
 """segue's Triton kernels, run on CPU through Triton's interpreter: paged decode attention
 equals SDPA over each sequence's gathered blocks (multi-head and grouped-query, a group that
 is not a power of two, lengths inside one block and across many, blocks in any order, the
-context split over several programs); prefill attention equals causal SDPA over gathered
-blocks for chunks at offsets; the fused norm, rotary and activation equal PyTorch's ops in
-fp32 and bf16, as do one-row matrix-vector products; and a model's prefill and decode
-steps through them equal the PyTorch path's, greedy tokens included."""
+context split over several programs), also with the step's rotary and K/V write inside;
+prefill attention equals causal SDPA over gathered blocks for chunks at offsets; the fused
+norm, rotary and activation equal PyTorch's ops in fp32 and bf16, as do one-row
+matrix-vector products; and a model's prefill and decode steps through them equal the
+PyTorch path's, greedy tokens included."""
 
 from __future__ import annotations
 
@@ -66,6 +67,50 @@ def test_the_kernel_equals_sdpa_over_gathered_blocks(heads, kv_heads, splits, dt
     want = reference(q, k_pool, v_pool, tables, lens)
     tol = 1e-5 if dt == torch.float32 else 2e-2  # bf16: the reference rounds elsewhere
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "splits"), [(4, 4, 1), (8, 2, 1), (6, 2, 3), (8, 2, 3), (4, 4, 8)]
+)
+def test_attention_with_rotary_equals_rotary_then_attention(heads, kv_heads, splits, dtype):
+    """A decode step's rotary, K/V write and attention in one kernel: the same output and
+    the same pools as `rotary_kv` then `decode_attention`, whichever split holds the new
+    position (lengths one past a tile: its tile holds no pool position), nothing else
+    written."""
+    from segue.engines import fused_ops
+    from segue.engines.paged_attention import decode_attention, decode_attention_rope
+
+    needs_real_bf16_dot(dtype)
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads + splits)
+    bs, d, blocks = 8, 16, 70
+    lens = [1, 2, 9, 64, 65, 129, 200]
+    pools = [torch.randn(blocks, bs, kv_heads, d, generator=g).to(DEV, dt) for _ in range(2)]
+    order = torch.randperm(blocks, generator=g).tolist()
+    nb = max(-(-n // bs) for n in lens)
+    tables, slots, at = [], [], 0
+    for n in lens:
+        own = order[at : at + -(-n // bs)]
+        at += len(own)
+        tables.append(own + [blocks - 1] * (nb - len(own)))
+        slots.append(own[(n - 1) // bs] * bs + (n - 1) % bs)
+    qkv = torch.randn(len(lens), heads + 2 * kv_heads, d, generator=g).to(DEV, dt)
+    ang = torch.randn(len(lens), d // 2, generator=g).to(DEV)
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)
+    table, n = torch.tensor(tables, device=DEV), torch.tensor(lens, device=DEV)
+    slot = torch.tensor(slots, device=DEV)
+    k1, v1 = (p.clone() for p in pools)
+    q = fused_ops.rotary_kv(qkv, cos, sin, slot, k1.view(-1, kv_heads, d),
+                            v1.view(-1, kv_heads, d), heads)  # fmt: skip
+    want = decode_attention(q, k1, v1, table, n, splits)
+    k2, v2 = (p.clone() for p in pools)
+    got = decode_attention_rope(qkv, cos, sin, slot, k2, v2, table, n, splits)
+    tol = 1e-5 if dt == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    exact = {"rtol": 1e-6, "atol": 1e-6} if dt == torch.float32 else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(k2, k1, **exact)  # the new keys; every other slot as it was
+    assert torch.equal(v2, v1)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
