@@ -23,9 +23,10 @@ shift
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-gqa=(--hidden-size 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate-size 8192)
-served=("${gqa[@]}" --frontend-processes 4 --no-generate --dtypes bfloat16 --duration 8
-    --warmup 3 --distinct-prompts)
+load=(--frontend-processes 4 --no-generate --dtypes bfloat16 --duration 8 --warmup 3
+    --distinct-prompts)
+served=(--hidden-size 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate-size 8192
+    "${load[@]}")
 
 run() {  # run NAME CMD...: the command's output on the terminal and in OUTDIR/NAME.log
     local name=$1
@@ -49,8 +50,7 @@ for stage in "$@"; do
         run wide-128k "$py" bench/engine_gpu.py "${served[@]}" --vocab-size 128256 \
             --concurrency 1,256
         run wide-mha "$py" bench/engine_gpu.py --hidden-size 2048 --layers 24 --heads 16 \
-            --frontend-processes 4 --no-generate --dtypes bfloat16 --duration 8 --warmup 3 \
-            --distinct-prompts --concurrency 1,256
+            "${load[@]}" --concurrency 1,256
         ;;
     long) run long "$py" bench/engine_gpu.py "${served[@]}" --prompt-words 4000 \
         --context-length 8192 --concurrency 1 --max-tokens 16 ;;

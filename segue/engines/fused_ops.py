@@ -44,6 +44,22 @@ def add_norm(h: Any, x: Any, weight: Any, eps: float) -> Any:
 
 
 @triton.jit
+def rotate(rows, cos_ptr, sin_ptr, mask, D: tl.constexpr):
+    """Rows of D values at `rows` ([R, 1] pointers, or one row), rotated: x * cos +
+    rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; products rounded to x's dtype before
+    the sum, as transformers' rotary rounds."""
+    HALF: tl.constexpr = D // 2
+    d = tl.arange(0, D)
+    x = tl.load(rows + d, mask=mask, other=0.0)
+    partner = tl.load(rows + (d + HALF) % D, mask=mask, other=0.0).to(tl.float32)
+    dt = x.dtype
+    cos = tl.load(cos_ptr + d).to(tl.float32)
+    sin = tl.where(d < HALF, -1.0, 1.0) * tl.load(sin_ptr + d).to(tl.float32)
+    turned = (partner * sin).to(dt).to(tl.float32)
+    return ((x.to(tl.float32) * cos).to(dt).to(tl.float32) + turned).to(dt)
+
+
+@triton.jit
 def _rotary_kv_kernel(
     qkv_ptr,  # [T, NH + 2 * KVH, D]
     cos_ptr,  # [T, D]
@@ -55,44 +71,26 @@ def _rotary_kv_kernel(
     NH: tl.constexpr,
     KVH: tl.constexpr,
     NH_P: tl.constexpr,
-    HALF: tl.constexpr,
+    D: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    D: tl.constexpr = 2 * HALF
     W: tl.constexpr = NH + 2 * KVH
     hh = tl.arange(0, NH_P)
-    c = tl.arange(0, HALF)
-    cos1 = tl.load(cos_ptr + t * D + c).to(tl.float32)
-    cos2 = tl.load(cos_ptr + t * D + HALF + c).to(tl.float32)
-    sin1 = tl.load(sin_ptr + t * D + c).to(tl.float32)
-    sin2 = tl.load(sin_ptr + t * D + HALF + c).to(tl.float32)
+    d = tl.arange(0, D)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    # q and k heads: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
-    rot = hh < NH + KVH
-    base = qkv_ptr + t * W * D + hh[:, None] * D
-    x1 = tl.load(base + c[None, :], mask=rot[:, None], other=0.0)
-    x2 = tl.load(base + HALF + c[None, :], mask=rot[:, None], other=0.0)
-    dt = x1.dtype
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    o1 = (x1f * cos1[None, :]).to(dt).to(tl.float32) - (x2f * sin1[None, :]).to(dt).to(tl.float32)
-    o2 = (x2f * cos2[None, :]).to(dt).to(tl.float32) + (x1f * sin2[None, :]).to(dt).to(tl.float32)
-    o1, o2 = o1.to(dt), o2.to(dt)
+    rot = hh < NH + KVH  # q and k heads
+    out = rotate(qkv_ptr + t * W * D + hh[:, None] * D, cos_ptr + t * D, sin_ptr + t * D,
+                 rot[:, None], D)  # fmt: skip
     isq = hh < NH
-    qrow = q_ptr + t * NH * D + hh[:, None] * D
-    tl.store(qrow + c[None, :], o1, mask=isq[:, None])
-    tl.store(qrow + HALF + c[None, :], o2, mask=isq[:, None])
+    tl.store(q_ptr + t * NH * D + hh[:, None] * D + d[None, :], out, mask=isq[:, None])
     isk = (hh >= NH) & rot
     krow = k_ptr + slot * KVH * D + (hh - NH)[:, None] * D
-    tl.store(krow + c[None, :], o1, mask=isk[:, None])
-    tl.store(krow + HALF + c[None, :], o2, mask=isk[:, None])
+    tl.store(krow + d[None, :], out, mask=isk[:, None])
     # v heads: copied as they are
     isv = hh < KVH
-    vsrc = qkv_ptr + t * W * D + (NH + KVH + hh)[:, None] * D
-    vrow = v_ptr + slot * KVH * D + hh[:, None] * D
-    v1 = tl.load(vsrc + c[None, :], mask=isv[:, None], other=0.0)
-    v2 = tl.load(vsrc + HALF + c[None, :], mask=isv[:, None], other=0.0)
-    tl.store(vrow + c[None, :], v1, mask=isv[:, None])
-    tl.store(vrow + HALF + c[None, :], v2, mask=isv[:, None])
+    v = tl.load(qkv_ptr + t * W * D + (NH + KVH + hh)[:, None] * D + d[None, :],
+                mask=isv[:, None], other=0.0)  # fmt: skip
+    tl.store(v_ptr + slot * KVH * D + hh[:, None] * D + d[None, :], v, mask=isv[:, None])
 
 
 def rotary_kv(qkv: Any, cos: Any, sin: Any, slot: Any, k_pool: Any, v_pool: Any, heads: int) -> Any:
@@ -103,7 +101,7 @@ def rotary_kv(qkv: Any, cos: Any, sin: Any, slot: Any, k_pool: Any, v_pool: Any,
     q = torch.empty(t, heads, d, dtype=qkv.dtype, device=qkv.device)
     _rotary_kv_kernel[(t,)](
         qkv, cos.contiguous(), sin.contiguous(), slot, q, k_pool, v_pool,
-        NH=heads, KVH=kvh, NH_P=triton.next_power_of_2(heads + kvh), HALF=d // 2,
+        NH=heads, KVH=kvh, NH_P=triton.next_power_of_2(heads + kvh), D=d,
     )  # fmt: skip
     return q
 

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from segue.engines.fused_ops import rotate
+
 TILE = 64  # positions per inner step (a multiple of the block size, or gathered across blocks)
 
 
@@ -75,21 +77,6 @@ def attend_tile(
 
 
 @triton.jit
-def _rotated(rows, cos_ptr, sin_ptr, mask, D: tl.constexpr):
-    """Rows [R, 1] (or one row) of D values, rotated: x * cos + rotate_half(x) * sin with
-    rotate_half(x) = [-x2, x1], rounded where `fused_ops.rotary_kv` rounds."""
-    HALF: tl.constexpr = D // 2
-    d = tl.arange(0, D)
-    x = tl.load(rows + d, mask=mask, other=0.0)
-    partner = tl.load(rows + (d + HALF) % D, mask=mask, other=0.0).to(tl.float32)
-    dt = x.dtype
-    cos = tl.load(cos_ptr + d).to(tl.float32)
-    sin = tl.where(d < HALF, -1.0, 1.0) * tl.load(sin_ptr + d).to(tl.float32)
-    turned = (partner * sin).to(dt).to(tl.float32)
-    return ((x.to(tl.float32) * cos).to(dt).to(tl.float32) + turned).to(dt)
-
-
-@triton.jit
 def _partial_kernel(
     q_ptr,  # [B, NH, D]
     k_ptr,  # [blocks, BS, KVH, D]
@@ -131,7 +118,7 @@ def _partial_kernel(
     gmask = g < GROUP
     row_ptr = q_ptr + b * stride_qb
     if ROPE:
-        q = _rotated(row_ptr + heads[:, None] * stride_qh, cos_ptr + b * D, sin_ptr + b * D,
+        q = rotate(row_ptr + heads[:, None] * stride_qh, cos_ptr + b * D, sin_ptr + b * D,
                      gmask[:, None], D)  # fmt: skip
     else:
         q = tl.load(row_ptr + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None],
@@ -152,7 +139,7 @@ def _partial_kernel(
         in_pool = n - 1
         owner = (first < tiles) & (tiles <= last)
         nh = tl.num_programs(1) * GROUP
-        k_new = _rotated(row_ptr + (nh + kvh) * stride_qh, cos_ptr + b * D, sin_ptr + b * D,
+        k_new = rotate(row_ptr + (nh + kvh) * stride_qh, cos_ptr + b * D, sin_ptr + b * D,
                          d >= 0, D)  # fmt: skip
         v_new = tl.load(row_ptr + (nh + tl.num_programs(1) + kvh) * stride_qh + d)
         score = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1)
@@ -252,13 +239,14 @@ def _attend(
     direct = splits == 1  # no partial results to merge: the one kernel writes the output
     acc = torch.empty(0 if direct else b * nh * splits * d, dtype=torch.float32, device=q.device)
     lse = torch.empty(0 if direct else b * nh * splits * 2, dtype=torch.float32, device=q.device)
+    group = nh // kvh
     cos, sin, slot = (c.contiguous() for c in rope) if rope else (q, q, lens)
     _partial_kernel[(b, kvh, splits)](
         q, k_pool, v_pool, table, lens, acc, lse, out, cos, sin, slot, d**-0.5, splits,
         q.stride(0), q.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
         table.stride(0), out.stride(0), out.stride(1), DIRECT=direct, ROPE=rope is not None,
-        GROUP=nh // kvh, GROUP_P=max(16, triton.next_power_of_2(nh // kvh)), BS=bs, D=d,
+        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), BS=bs, D=d,
         TILE_N=max(TILE, bs), IEEE=k_pool.dtype == torch.float32,
     )  # fmt: skip
     if direct:
